@@ -1,0 +1,1 @@
+"""gradflow's command line: thin Typer commands over the library."""

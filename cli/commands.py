@@ -1,0 +1,3 @@
+"""Imports every command module so that its commands register on the app."""
+
+from gradflow.cli import models_cmd  # noqa: F401

@@ -1,0 +1,23 @@
+"""The one error type gradflow raises for bad input, with close-match suggestions."""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+
+
+class GradflowError(Exception):
+    """A problem with the user's input or files, explained in one line.
+
+    The command line prints it as ``gradflow: error: <message>`` and exits with status 2,
+    never with a traceback.
+    """
+
+
+def unknown_name(kind: str, name: str, choices: Iterable[str]) -> GradflowError:
+    """An error for an unknown ``kind`` name that suggests the closest valid names."""
+    known = sorted(choices)
+    close = difflib.get_close_matches(name, known, n=3, cutoff=0.5)
+    hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+    listing = ", ".join(known) if len(known) <= 12 else ", ".join(known[:12]) + ", ..."
+    return GradflowError(f"unknown {kind} {name!r}{hint} (known: {listing})")
