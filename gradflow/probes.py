@@ -1,0 +1,274 @@
+"""What is measured where: layers, their parameters, their outputs and output gradients.
+
+Every probe computes only *reductions* on the device (sums, sums of squares, counts,
+see :mod:`gradflow.statistics`), never calls ``.item()``, and leaves them as tensors for
+the recorder to pack into one host copy per recorded step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from gradflow.errors import GradflowError
+from gradflow.store import Layer
+
+PARAM_REDUCTIONS = ("w_sq", "g_sq", "g_nonfinite", "d_sq", "d_abs", "d_max")
+ACTIVATION_REDUCTIONS = ("sum", "sum_sq", "nonzero", "nonfinite")
+
+_KINDS: tuple[tuple[type[nn.Module], str], ...] = (
+    (nn.modules.conv._ConvNd, "conv"),
+    (nn.Linear, "linear"),
+    (nn.modules.batchnorm._BatchNorm, "bn"),
+    (nn.GroupNorm, "gn"),
+    (nn.LayerNorm, "ln"),
+    (nn.modules.instancenorm._InstanceNorm, "in"),
+    (nn.Embedding, "embedding"),
+    (nn.MultiheadAttention, "attention"),
+)
+
+
+def layer_kind(module: nn.Module) -> str:
+    """A short kind for a module: conv, linear, bn, gn, ln, in, embedding, attention, other."""
+    for cls, kind in _KINDS:
+        if isinstance(module, cls):
+            return kind
+    return "other"
+
+
+@dataclass
+class LayerSpec:
+    """A module that directly owns trainable parameters, with those parameters."""
+
+    name: str
+    module: nn.Module
+    params: list[nn.Parameter]
+    reg_index: int
+    depth: int = -1
+
+    @property
+    def n_params(self) -> int:
+        return sum(p.numel() for p in self.params)
+
+    def info(self, index: int) -> Layer:
+        shape = "+".join("x".join(str(s) for s in p.shape) or "1" for p in self.params)
+        return Layer(
+            index=index,
+            name=self.name or "(root)",
+            kind=layer_kind(self.module),
+            type=type(self.module).__name__,
+            depth=self.depth,
+            n_params=self.n_params,
+            shape=shape,
+        )
+
+
+def discover_layers(model: nn.Module) -> list[LayerSpec]:
+    """Layers in registration order; a tied parameter belongs to its first owner only."""
+    seen: set[int] = set()
+    layers: list[LayerSpec] = []
+    for name, module in model.named_modules():
+        params = []
+        for p in module.parameters(recurse=False):
+            if p.requires_grad and id(p) not in seen:
+                seen.add(id(p))
+                params.append(p)
+        if params:
+            layers.append(LayerSpec(name, module, params, reg_index=len(layers)))
+    return layers
+
+
+def order_by_first_call(layers: Sequence[LayerSpec], call_order: dict[str, int]) -> list[LayerSpec]:
+    """Sort layers by the first call of themselves or, if never called, their nearest called
+    ancestor (so ``attn.out_proj``, used functionally, sits right after ``attn``)."""
+
+    def key(lay: LayerSpec) -> tuple[float, int]:
+        name = lay.name
+        while True:
+            if name in call_order:
+                own = name == lay.name
+                return (call_order[name] + (0.0 if own else 0.5), lay.reg_index)
+            if not name:
+                return (float("inf"), lay.reg_index)
+            name = name.rpartition(".")[0]
+
+    ordered = sorted(layers, key=key)
+    for depth, lay in enumerate(ordered):
+        lay.depth = depth
+    return ordered
+
+
+def first_tensor(output: Any) -> torch.Tensor | None:
+    """The first floating-point tensor in a module output (tensor, tuple, list or dict)."""
+    if isinstance(output, torch.Tensor):
+        return output if output.is_floating_point() else None
+    if isinstance(output, (tuple, list)):
+        items = list(output)
+    elif isinstance(output, dict):
+        items = list(output.values())
+    else:
+        return None
+    for item in items:
+        found = first_tensor(item)
+        if found is not None:
+            return found
+    return None
+
+
+@dataclass
+class CallLog:
+    """Per-call activation and output-gradient reductions of one recorded step."""
+
+    act_ids: list[int] = field(default_factory=list)
+    act_n: list[int] = field(default_factory=list)
+    act_float: list[torch.Tensor] = field(default_factory=list)  # sum, sum_sq per call
+    act_count: list[torch.Tensor] = field(default_factory=list)  # nonzero, nonfinite per call
+    gout_ids: list[int] = field(default_factory=list)
+    gout_n: list[int] = field(default_factory=list)
+    gout_sq: list[torch.Tensor] = field(default_factory=list)
+
+    def tensors(self) -> list[torch.Tensor]:
+        """The reductions as float64 vectors: activations [C, 4] then output grads [C']."""
+        out = []
+        if self.act_ids:
+            floats = torch.stack(self.act_float).reshape(-1, 2).double()
+            counts = torch.stack(self.act_count).reshape(-1, 2).double()
+            out.append(torch.cat([floats, counts], dim=1).reshape(-1))
+        if self.gout_ids:
+            out.append(torch.stack(self.gout_sq).double())
+        return out
+
+
+def activation_reductions(x: torch.Tensor, log: CallLog, layer_id: int) -> None:
+    """Append sum, sum of squares, nonzero and non-finite counts of ``x`` to ``log``."""
+    flat = x.detach().reshape(-1)
+    # x - x is 0 where finite and NaN elsewhere: one cheap pass counts non-finite entries.
+    log.act_float.append(torch.stack([flat.sum(), torch.dot(flat, flat)]))
+    log.act_count.append(torch.stack([torch.count_nonzero(flat), torch.count_nonzero(flat - flat)]))
+    log.act_ids.append(layer_id)
+    log.act_n.append(flat.numel())
+
+
+def grad_output_hook(log: Callable[[], CallLog], layer_id: int) -> Callable[[torch.Tensor], None]:
+    """A tensor hook appending the squared norm of the gradient w.r.t. a layer's output."""
+
+    def hook(grad: torch.Tensor) -> None:
+        flat = grad.detach().reshape(-1)
+        target = log()
+        target.gout_sq.append(torch.dot(flat, flat))
+        target.gout_ids.append(layer_id)
+        target.gout_n.append(flat.numel())
+
+    return hook
+
+
+class Snapshot:
+    """A float32 copy of a list of parameters in one flat buffer, allocated on first use."""
+
+    def __init__(self, params: Sequence[nn.Parameter], device: torch.device) -> None:
+        self.params = list(params)
+        self.device = device
+        self._views: list[torch.Tensor] = []
+
+    def take(self) -> torch.Tensor:
+        """Copy the parameters in; returns their per-tensor norms (float32 [P])."""
+        if not self._views:
+            sizes = [p.numel() for p in self.params]
+            flat = torch.empty(sum(sizes), dtype=torch.float32, device=self.device)
+            self._views = [
+                v.view(p.shape) for v, p in zip(flat.split(sizes), self.params, strict=True)
+            ]
+        current = [p.detach() for p in self.params]
+        torch._foreach_copy_(self._views, current)
+        return torch.stack(torch._foreach_norm(self._views)).float()
+
+    def delta(self) -> list[torch.Tensor]:
+        """Turn the copy into ``W_then - W_now`` in place; returns per-tensor
+        ``[||d||, sum |d|, max |d|]`` (float32 [3P]). Call :meth:`take` before reusing."""
+        torch._foreach_sub_(self._views, [p.detach() for p in self.params])
+        return [
+            torch.stack(torch._foreach_norm(self._views, order)).float()
+            for order in (2, 1, float("inf"))
+        ]
+
+
+def reduce_per_layer(
+    vec: np.ndarray, layer_starts: np.ndarray, layer_numel: np.ndarray
+) -> dict[str, np.ndarray]:
+    """Per-layer ``param``/``epoch`` reductions from the per-tensor vector [6P]
+    (``||W||, ||g||, non-finite g, ||d||, sum |d|, max |d|``)."""
+    w, g, nf, d, d1, dmax = vec.reshape(6, -1)
+    return {
+        "n": layer_numel,
+        "w_sq": np.add.reduceat(w * w, layer_starts),
+        "g_sq": np.add.reduceat(g * g, layer_starts),
+        "g_nonfinite": np.add.reduceat(nf, layer_starts),
+        "d_sq": np.add.reduceat(d * d, layer_starts),
+        "d_abs": np.add.reduceat(d1, layer_starts),
+        "d_max": np.maximum.reduceat(dmax, layer_starts),
+    }
+
+
+class ParamProbe:
+    """Gradient, weight and update reductions of every layer's trainable parameters.
+
+    One float32 snapshot of all trainable parameters, allocated at the first recorded step
+    and reused, holds ``W_before``; after the step it is turned into ``W_before - W_after``
+    in place, so measuring the update needs no second copy.
+    """
+
+    def __init__(self, layers: Sequence[LayerSpec]) -> None:
+        self.params: list[nn.Parameter] = [p for lay in layers for p in lay.params]
+        counts = [len(lay.params) for lay in layers]
+        self.layer_starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
+        self.layer_numel = np.array([lay.n_params for lay in layers], dtype=np.float64)
+        devices = {p.device for p in self.params}
+        if len(devices) > 1:
+            raise GradflowError(
+                f"parameters on several devices ({sorted(map(str, devices))}) are not supported"
+            )
+        self.device = next(iter(devices)) if devices else torch.device("cpu")
+        self.snapshot = Snapshot(self.params, self.device)
+        self._zero = torch.zeros((), device=self.device)
+        self._pre: list[torch.Tensor] = []
+
+    def before_step(self) -> None:
+        """Reduce gradients and weights, and snapshot the weights (call before ``step()``)."""
+        grads = [p.grad for p in self.params]
+        present = [g for g in grads if g is not None]
+        norms = iter(torch._foreach_norm(present) if present else [])
+        g_norm = torch.stack([next(norms) if g is not None else self._zero for g in grads]).float()
+        if self.device.type == "cpu":
+            # On the CPU a check costs no device sync; count exactly only when needed.
+            if torch.isfinite(g_norm).all():
+                nonfinite = torch.zeros_like(g_norm)
+            else:
+                nonfinite = torch.stack(
+                    [
+                        (~torch.isfinite(g)).sum().float() if g is not None else self._zero
+                        for g in grads
+                    ]
+                )
+        else:
+            # Elsewhere count unconditionally: 0 * g is NaN exactly at non-finite entries.
+            zeros = torch._foreach_mul(present, 0.0) if present else []
+            counts = iter(torch._foreach_norm(zeros, 0) if present else [])
+            nonfinite = torch.stack(
+                [next(counts).float() if g is not None else self._zero for g in grads]
+            )
+        w_norm = self.snapshot.take()
+        self._pre = [w_norm, g_norm, nonfinite]
+
+    def after_step(self, stepped: bool = True) -> torch.Tensor:
+        """Reduce ``W_after - W_before``; returns all reductions as one float64 vector [6P]."""
+        w_norm, g_norm, nonfinite = self._pre
+        if stepped:
+            deltas = self.snapshot.delta()
+        else:
+            deltas = [torch.zeros_like(w_norm)] * 3
+        return torch.cat([w_norm, g_norm, nonfinite, *deltas]).double()

@@ -1,0 +1,147 @@
+"""Registry of per-layer statistics, each a tiny function of per-layer reductions.
+
+The device computes only a few *reductions* per tensor (sums, sums of squares, counts);
+those travel to the host in one copy per recorded step and are combined per layer there.
+Every statistic in the run file is a function registered here of those per-layer
+reductions, evaluated on the host in float64 (so a statistic costs nothing on the device).
+
+Reductions per probe (numpy float64 arrays of length L):
+
+- ``param``: ``n`` (trainable elements), ``w_sq`` (sum of W^2 before the step), ``g_sq``
+  (sum of grad^2), ``g_nonfinite`` (non-finite grad entries), ``d_sq``, ``d_abs`` and
+  ``d_max`` (sum of squares, sum and max of |W_after - W_before|).
+- ``activation``: ``n`` (output elements), ``sum``, ``sum_sq``, ``nonzero``, ``nonfinite``.
+- ``grad_output``: ``n`` (elements of the output gradient), ``sum_sq``.
+- ``epoch``: like ``param`` but ``d_*`` is the change over the whole epoch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import numpy as np
+
+from gradflow.registry import Registry
+
+Reductions = Mapping[str, np.ndarray]
+
+
+@dataclass(frozen=True)
+class Statistic:
+    """A named per-layer statistic of one probe."""
+
+    probe: str
+    name: str
+    doc: str
+    compute: Callable[[Reductions], np.ndarray]
+
+    @property
+    def key(self) -> str:
+        return f"{self.probe}/{self.name}"
+
+
+STATISTICS: Registry[Statistic] = Registry("statistic")
+
+
+def statistic(
+    probe: str, name: str, doc: str
+) -> Callable[[Callable[[Reductions], np.ndarray]], Statistic]:
+    """Register ``compute(reductions) -> [L]`` as statistic ``probe/name``."""
+
+    def add(compute: Callable[[Reductions], np.ndarray]) -> Statistic:
+        stat = Statistic(probe, name, doc, compute)
+        STATISTICS.register(stat.key)(stat)
+        return stat
+
+    return add
+
+
+def _div(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.asarray(a, np.float64) / np.asarray(b, np.float64)
+
+
+def _sqrt(a: np.ndarray) -> np.ndarray:
+    with np.errstate(invalid="ignore"):
+        return np.sqrt(a)
+
+
+# -- parameters (at the optimizer step) -------------------------------------------------
+for _probe, _when in (("param", "the optimizer step"), ("epoch", "the epoch")):
+
+    @statistic(_probe, "update_norm", f"||W_after - W_before|| over {_when}")
+    def _update_norm(r: Reductions) -> np.ndarray:
+        return _sqrt(r["d_sq"])
+
+    @statistic(_probe, "update_ratio", f"||ΔW|| / ||W_before|| over {_when}")
+    def _update_ratio(r: Reductions) -> np.ndarray:
+        return _div(_sqrt(r["d_sq"]), _sqrt(r["w_sq"]))
+
+    @statistic(_probe, "update_abs_mean", f"mean |ΔW| over {_when} (the paper's quantity)")
+    def _update_abs_mean(r: Reductions) -> np.ndarray:
+        return _div(r["d_abs"], r["n"])
+
+    @statistic(_probe, "update_abs_max", f"max |ΔW| over {_when}")
+    def _update_abs_max(r: Reductions) -> np.ndarray:
+        return np.asarray(r["d_max"], np.float64)
+
+
+@statistic("param", "weight_norm", "||W|| before the optimizer step")
+def _weight_norm(r: Reductions) -> np.ndarray:
+    return _sqrt(r["w_sq"])
+
+
+@statistic("param", "grad_norm", "||grad|| at the optimizer step (accumulated, unscaled, reduced)")
+def _grad_norm(r: Reductions) -> np.ndarray:
+    return _sqrt(r["g_sq"])
+
+
+@statistic("param", "grad_nonfinite", "number of NaN/Inf gradient entries")
+def _grad_nonfinite(r: Reductions) -> np.ndarray:
+    return np.asarray(r["g_nonfinite"], np.float64)
+
+
+# -- activations (forward hooks, training mode) ------------------------------------------
+@statistic("activation", "mean", "mean of the layer's output")
+def _act_mean(r: Reductions) -> np.ndarray:
+    return _div(r["sum"], r["n"])
+
+
+@statistic("activation", "std", "standard deviation of the layer's output")
+def _act_std(r: Reductions) -> np.ndarray:
+    mean = _div(r["sum"], r["n"])
+    with np.errstate(invalid="ignore"):
+        var = np.maximum(_div(r["sum_sq"], r["n"]) - mean * mean, 0.0)
+    return _sqrt(np.where(np.isfinite(mean), var, np.nan))
+
+
+@statistic("activation", "zero_fraction", "fraction of exactly-zero outputs (dead units)")
+def _act_zero_fraction(r: Reductions) -> np.ndarray:
+    return 1.0 - _div(r["nonzero"], r["n"])
+
+
+@statistic("activation", "nonfinite", "number of NaN/Inf outputs")
+def _act_nonfinite(r: Reductions) -> np.ndarray:
+    return np.asarray(r["nonfinite"], np.float64)
+
+
+# -- gradient flowing back out of each layer (backward) ----------------------------------
+@statistic("grad_output", "norm", "||dL/d output|| of the layer: the gradient flow itself")
+def _gout_norm(r: Reductions) -> np.ndarray:
+    return _sqrt(r["sum_sq"])
+
+
+@statistic("grad_output", "rms", "root mean square of dL/d output")
+def _gout_rms(r: Reductions) -> np.ndarray:
+    return _sqrt(_div(r["sum_sq"], r["n"]))
+
+
+def names(probe: str) -> list[str]:
+    """Statistic names of one probe, in registration order."""
+    return [STATISTICS.get(k).name for k in STATISTICS if k.startswith(probe + "/")]
+
+
+def compute(probe: str, reductions: Reductions) -> dict[str, np.ndarray]:
+    """Every registered statistic of ``probe`` from its per-layer reductions."""
+    return {name: STATISTICS.get(f"{probe}/{name}").compute(reductions) for name in names(probe)}

@@ -1,0 +1,720 @@
+"""The run file (HDF5, schema v1) in one place: layout, writer, reader, validation.
+
+Schema v1 (all paths absolute inside the file)::
+
+    attrs            schema_version=1, gradflow_version, created (ISO 8601), config (JSON),
+                     torch_version, device, flush_every, flush_seconds
+    /layers          compound [L]: name, kind, type, depth, n_params, shape (forward order)
+    /steps           int64   [T]  optimizer step index (0-based) of each recorded row
+    /epoch           int32   [T]  epoch the step belongs to
+    /time            float64 [T]  seconds since the recorder started, at the end of the step
+    /loss            float32 [T]  loss logged for the step (NaN when none was logged)
+    /scale           float32 [T]  AMP grad-scaler scale used by the step (NaN without a scaler)
+    /skipped         uint8   [T]  1 when the grad scaler skipped the optimizer step
+    /overhead        float32 [T, 4]  seconds the recorder spent: hooks, stats, copy, writer
+    /scalars/names   S64 [32], /scalars/values float64 [T, 32]: other logged scalars
+    /stats/<probe>/<statistic>  float32 [T, L]
+    /epochs/index    int32 [E], /epochs/end_step int64 [E]
+    /epochs/<statistic>         float32 [E, L]  per-epoch update statistics
+    /epochs/metrics/names S64 [32], /epochs/metrics/values float64 [E, 32]
+    /events          compound [K]: step, epoch, time, kind, probe, layer, detail
+    /counts          int64 [3]: committed rows of steps, epochs, events
+
+Crash safety: the file is created complete (all datasets, no rows) under a temporary name
+and renamed into place, then written in HDF5 SWMR mode, which keeps the file structure
+valid at every moment. Rows count only once ``/counts`` says so; ``/counts`` is written
+after the rows and their flush, so a reader never sees a half-written row, also after the
+writer was killed. Readers open with ``swmr=True``, which also reads a killed writer's file.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+
+from gradflow.errors import GradflowError, unknown_name
+
+SCHEMA_VERSION = 1
+MAX_NAMED = 32  # capacity of /scalars and /epochs/metrics: SWMR cannot add datasets later
+OVERHEAD_COLUMNS = ("hooks", "stats", "copy", "writer")
+_HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+_COMPRESSION: dict[str, Any] = {"compression": "gzip", "compression_opts": 1, "shuffle": True}
+
+_LAYER_DTYPE = np.dtype(
+    [
+        ("name", "S256"),
+        ("kind", "S32"),
+        ("type", "S64"),
+        ("depth", "<i4"),
+        ("n_params", "<i8"),
+        ("shape", "S256"),
+    ]
+)
+_EVENT_DTYPE = np.dtype(
+    [
+        ("step", "<i8"),
+        ("epoch", "<i4"),
+        ("time", "<f8"),
+        ("kind", "S32"),
+        ("probe", "S32"),
+        ("layer", "S256"),
+        ("detail", "S512"),
+    ]
+)
+
+
+@dataclass(frozen=True)
+class Layer:
+    """One recorded layer: a module that directly owns trainable parameters."""
+
+    index: int
+    name: str
+    kind: str
+    type: str
+    depth: int
+    n_params: int
+    shape: str
+
+
+@dataclass(frozen=True)
+class Event:
+    """Something that happened at a step: ``nonfinite``, ``resume``, ``anomaly``..."""
+
+    step: int
+    epoch: int
+    time: float
+    kind: str
+    probe: str = ""
+    layer: str = ""
+    detail: str = ""
+
+
+@dataclass
+class StepRows:
+    """A block of recorded steps on the host, ready to append."""
+
+    steps: np.ndarray
+    epoch: np.ndarray
+    time: np.ndarray
+    loss: np.ndarray
+    scale: np.ndarray
+    skipped: np.ndarray
+    overhead: np.ndarray
+    stats: dict[tuple[str, str], np.ndarray]
+    scalars: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.steps)
+
+
+def _chunk_rows(n_cols: int) -> int:
+    return int(max(16, min(1024, 2**18 // max(n_cols, 1))))
+
+
+def _decode(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _names(ds: h5py.Dataset) -> list[str]:
+    return [_decode(v) for v in ds[()] if v]
+
+
+class RunWriter:
+    """Synchronous writer of one run file (the recorder drives it from its writer thread)."""
+
+    def __init__(self, path: Path, file: h5py.File) -> None:
+        self.path = path
+        self._f = file
+        counts = file["counts"][()]
+        self._n_steps, self._n_epochs, self._n_events = (int(c) for c in counts)
+        self._scalar_names = _names(file["scalars/names"])
+        self._metric_names = _names(file["epochs/metrics/names"])
+        self.n_layers = len(file["layers"])
+
+    # -- creation -------------------------------------------------------------------------
+    @classmethod
+    def create(
+        cls,
+        path: str | os.PathLike[str],
+        *,
+        layers: Sequence[Layer],
+        step_stats: Mapping[str, Sequence[str]],
+        epoch_stats: Sequence[str],
+        config: Mapping[str, Any],
+        attrs: Mapping[str, Any] | None = None,
+        overwrite: bool = False,
+    ) -> RunWriter:
+        """Create the complete (empty) run file atomically and open it for SWMR writing."""
+        target = Path(path)
+        check_writable(target, overwrite=overwrite)
+        tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+        try:
+            with h5py.File(tmp, "w", libver="latest") as f:
+                _write_layout(f, layers, step_stats, epoch_stats, config, attrs or {})
+            os.replace(tmp, target)
+        except OSError as err:
+            tmp.unlink(missing_ok=True)
+            raise GradflowError(
+                f"{target}: cannot write the run file ({err.strerror or err})"
+            ) from err
+        return cls._open_swmr(target)
+
+    @classmethod
+    def resume(
+        cls, path: str | os.PathLike[str], *, keep_steps_below: int, keep_epochs: int
+    ) -> RunWriter:
+        """Reopen a run for appending, dropping rows at or after ``keep_steps_below``.
+
+        A killed SWMR writer leaves its file marked as open; HDF5 then refuses to reopen it
+        for writing. The committed rows are copied into a fresh file that replaces it.
+        """
+        target = Path(path)
+        run = open_run(target)
+        n_steps = int(np.searchsorted(run.steps, keep_steps_below))
+        n_epochs = min(keep_epochs, run.n_epochs)
+        tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+        try:
+            with h5py.File(tmp, "w", libver="latest") as dst:
+                _copy_truncated(run, dst, n_steps, n_epochs)
+            run.close()
+            os.replace(tmp, target)
+        except OSError as err:
+            tmp.unlink(missing_ok=True)
+            raise GradflowError(f"{target}: cannot rewrite the run file ({err})") from err
+        finally:
+            run.close()
+        return cls._open_swmr(target)
+
+    @classmethod
+    def _open_swmr(cls, target: Path) -> RunWriter:
+        f = h5py.File(target, "r+", libver="latest")
+        f.swmr_mode = True
+        return cls(target, f)
+
+    # -- appending --------------------------------------------------------------------------
+    @property
+    def n_steps(self) -> int:
+        return self._n_steps
+
+    def append_steps(self, rows: StepRows) -> None:
+        """Append a block of step rows (made visible by the next :meth:`commit`)."""
+        n = len(rows)
+        if n == 0:
+            return
+        a, b = self._n_steps, self._n_steps + n
+        f = self._f
+        for key, values in (
+            ("steps", rows.steps),
+            ("epoch", rows.epoch),
+            ("time", rows.time),
+            ("loss", rows.loss),
+            ("scale", rows.scale),
+            ("skipped", rows.skipped),
+            ("overhead", rows.overhead),
+        ):
+            _put(f[key], a, b, values)
+        for (probe, stat), values in rows.stats.items():
+            _put(f[f"stats/{probe}/{stat}"], a, b, values)
+        scalars = np.full((n, MAX_NAMED), np.nan)
+        for name, values in rows.scalars.items():
+            scalars[:, self._column(self._scalar_names, "scalars/names", name)] = values
+        _put(f["scalars/values"], a, b, scalars)
+        self._n_steps = b
+
+    def append_epoch(
+        self,
+        epoch: int,
+        end_step: int,
+        stats: Mapping[str, np.ndarray],
+        metrics: Mapping[str, float],
+    ) -> None:
+        """Append one epoch row: per-layer update statistics and scalar metrics."""
+        f = self._f
+        a, b = self._n_epochs, self._n_epochs + 1
+        _put(f["epochs/index"], a, b, np.array([epoch], np.int32))
+        _put(f["epochs/end_step"], a, b, np.array([end_step], np.int64))
+        for name, values in stats.items():
+            _put(f[f"epochs/{name}"], a, b, np.asarray(values, np.float32)[None, :])
+        row = np.full((1, MAX_NAMED), np.nan)
+        for name, value in metrics.items():
+            row[0, self._column(self._metric_names, "epochs/metrics/names", name)] = value
+        _put(f["epochs/metrics/values"], a, b, row)
+        self._n_epochs = b
+
+    def add_event(self, event: Event) -> None:
+        """Append one event."""
+        rec = np.array(
+            [
+                (
+                    event.step,
+                    event.epoch,
+                    event.time,
+                    event.kind.encode()[:32],
+                    event.probe.encode()[:32],
+                    event.layer.encode()[:256],
+                    event.detail.encode()[:512],
+                )
+            ],
+            dtype=_EVENT_DTYPE,
+        )
+        _put(self._f["events"], self._n_events, self._n_events + 1, rec)
+        self._n_events += 1
+
+    def commit(self) -> None:
+        """Flush the rows, then publish their count, then flush again (see module doc)."""
+        self._f.flush()
+        self._f["counts"][:] = np.array([self._n_steps, self._n_epochs, self._n_events], np.int64)
+        self._f.flush()
+
+    def close(self) -> None:
+        """Commit and close the file (idempotent)."""
+        if self._f.id.valid:
+            self.commit()
+            self._f.close()
+
+    def _column(self, names: list[str], dataset: str, name: str) -> int:
+        if name in names:
+            return names.index(name)
+        if len(names) >= MAX_NAMED:
+            raise GradflowError(
+                f"{self.path}: more than {MAX_NAMED} distinct names in /{dataset}; "
+                f"cannot add {name!r}"
+            )
+        names.append(name)
+        self._f[dataset][len(names) - 1] = name.encode()[:64]
+        return len(names) - 1
+
+
+def _put(ds: h5py.Dataset, a: int, b: int, values: np.ndarray) -> None:
+    if ds.shape[0] < b:
+        ds.resize(b, axis=0)
+    ds[a:b] = values
+
+
+def _write_layout(
+    f: h5py.File,
+    layers: Sequence[Layer],
+    step_stats: Mapping[str, Sequence[str]],
+    epoch_stats: Sequence[str],
+    config: Mapping[str, Any],
+    attrs: Mapping[str, Any],
+) -> None:
+    import torch
+
+    from gradflow import __version__
+
+    n_layers = len(layers)
+    f.attrs["schema_version"] = SCHEMA_VERSION
+    f.attrs["gradflow_version"] = __version__
+    f.attrs["created"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    f.attrs["config"] = json.dumps(config, default=str)
+    f.attrs["torch_version"] = str(torch.__version__)
+    for key, value in attrs.items():
+        f.attrs[key] = value
+    table = np.array(
+        [
+            (
+                lay.name.encode()[:256],
+                lay.kind.encode()[:32],
+                lay.type.encode()[:64],
+                lay.depth,
+                lay.n_params,
+                lay.shape.encode()[:256],
+            )
+            for lay in layers
+        ],
+        dtype=_LAYER_DTYPE,
+    )
+    f.create_dataset("layers", data=table)
+
+    def series(name: str, dtype: Any, cols: int | None = None) -> h5py.Dataset:
+        shape = (0,) if cols is None else (0, cols)
+        rows = _chunk_rows(cols or 1)
+        chunks = (rows,) if cols is None else (rows, cols)
+        return f.create_dataset(
+            name,
+            shape=shape,
+            maxshape=(None, *shape[1:]),
+            dtype=dtype,
+            chunks=chunks,
+            fillvalue=np.nan if np.dtype(dtype).kind == "f" else 0,
+            **_COMPRESSION,
+        )
+
+    series("steps", np.int64)
+    series("epoch", np.int32)
+    series("time", np.float64)
+    series("loss", np.float32)
+    series("scale", np.float32)
+    series("skipped", np.uint8)
+    series("overhead", np.float32, len(OVERHEAD_COLUMNS)).attrs["columns"] = list(OVERHEAD_COLUMNS)
+    f.create_dataset("scalars/names", shape=(MAX_NAMED,), dtype="S64")
+    series("scalars/values", np.float64, MAX_NAMED)
+    for probe, names in step_stats.items():
+        for stat in names:
+            series(f"stats/{probe}/{stat}", np.float32, n_layers)
+    series("epochs/index", np.int32)
+    series("epochs/end_step", np.int64)
+    for stat in epoch_stats:
+        series(f"epochs/{stat}", np.float32, n_layers)
+    f.create_dataset("epochs/metrics/names", shape=(MAX_NAMED,), dtype="S64")
+    series("epochs/metrics/values", np.float64, MAX_NAMED)
+    f.create_dataset("events", shape=(0,), maxshape=(None,), dtype=_EVENT_DTYPE, chunks=(64,))
+    f.create_dataset("counts", data=np.zeros(3, np.int64))
+
+
+def _copy_truncated(run: Run, dst: h5py.File, n_steps: int, n_epochs: int) -> None:
+    src = run._f
+    for key, value in src.attrs.items():
+        dst.attrs[key] = value
+    block = 65536
+
+    def visit(name: str, obj: Any) -> None:
+        if not isinstance(obj, h5py.Dataset):
+            return
+        if name in ("layers", "counts", "scalars/names", "epochs/metrics/names"):
+            dst.create_dataset(name, data=obj[()])
+            return
+        if name == "events":
+            keep = [e for e in obj[: run.n_events] if e["step"] < run_steps_limit]
+            ds = dst.create_dataset(
+                name, shape=(len(keep),), maxshape=(None,), dtype=obj.dtype, chunks=(64,)
+            )
+            if keep:
+                ds[:] = np.array(keep, dtype=obj.dtype)
+            return
+        n = n_epochs if name.startswith("epochs/") else n_steps
+        ds = dst.create_dataset(
+            name,
+            shape=(n, *obj.shape[1:]),
+            maxshape=obj.maxshape,
+            dtype=obj.dtype,
+            chunks=obj.chunks,
+            fillvalue=obj.fillvalue,
+            **_COMPRESSION,
+        )
+        for k, v in obj.attrs.items():
+            ds.attrs[k] = v
+        for start in range(0, n, block):
+            stop = min(n, start + block)
+            ds[start:stop] = obj[start:stop]
+
+    run_steps_limit = int(run.steps[n_steps]) if n_steps < run.n_steps else np.iinfo(np.int64).max
+    src.visititems(visit)
+    n_events = len(dst["events"])
+    dst["counts"][:] = np.array([n_steps, n_epochs, n_events], np.int64)
+
+
+def check_writable(path: Path, *, overwrite: bool) -> None:
+    """Fail fast, in one line, when ``path`` cannot or must not be written."""
+    if path.exists() and not overwrite:
+        raise GradflowError(f"{path}: file exists; pass --force (overwrite=True) to replace it")
+    if path.is_dir():
+        raise GradflowError(f"{path}: is a directory, not a run file path")
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise GradflowError(f"{path}: directory {parent} does not exist")
+    if not os.access(parent, os.W_OK):
+        raise GradflowError(f"{path}: directory {parent} is not writable")
+
+
+# ---------------------------------------------------------------------------------------
+# Reading
+# ---------------------------------------------------------------------------------------
+class Run:
+    """A run file opened for reading; safe on files that are still being written.
+
+    Arrays are read on access. ``refresh()`` picks up rows a live writer added since.
+    """
+
+    def __init__(self, path: Path, file: h5py.File) -> None:
+        self.path = path
+        self._f = file
+        self.attrs: dict[str, Any] = {k: _attr(v) for k, v in file.attrs.items()}
+        try:
+            self.config: dict[str, Any] = json.loads(self.attrs.get("config", "{}"))
+        except json.JSONDecodeError as err:
+            raise GradflowError(f"{path}: damaged run file (config is not JSON)") from err
+        table = file["layers"][()]
+        self.layers: list[Layer] = [
+            Layer(
+                index=i,
+                name=_decode(r["name"]),
+                kind=_decode(r["kind"]),
+                type=_decode(r["type"]),
+                depth=int(r["depth"]),
+                n_params=int(r["n_params"]),
+                shape=_decode(r["shape"]),
+            )
+            for i, r in enumerate(table)
+        ]
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Re-read the committed row counts (for a run that is still being written)."""
+        for ds in self._f.values():
+            if isinstance(ds, h5py.Dataset):
+                ds.refresh()
+        counts = self._f["counts"]
+        counts.refresh()
+        self.n_steps, self.n_epochs, self.n_events = (int(c) for c in counts[()])
+
+    # -- description ------------------------------------------------------------------------
+    @property
+    def n_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    def layer_names(self) -> list[str]:
+        return [lay.name for lay in self.layers]
+
+    @property
+    def name(self) -> str:
+        """A short label for figures: the model name from the config, else the file stem."""
+        model = self.config.get("model")
+        if isinstance(model, dict):
+            model = model.get("name")
+        return str(model) if model else self.path.stem
+
+    def probes(self) -> dict[str, list[str]]:
+        """Per-step statistics stored, by probe (``{"param": ["grad_norm", ...], ...}``)."""
+        group = self._f.get("stats")
+        if group is None:
+            return {}
+        return {probe: sorted(group[probe]) for probe in group}
+
+    def epoch_stats(self) -> list[str]:
+        """Per-epoch per-layer statistics stored (e.g. ``update_abs_mean``)."""
+        skip = {"index", "end_step", "metrics"}
+        return sorted(k for k in self._f["epochs"] if k not in skip)
+
+    # -- per-step data ----------------------------------------------------------------------
+    def _series(self, key: str) -> np.ndarray:
+        return np.asarray(self._f[key][: self.n_steps])
+
+    @property
+    def steps(self) -> np.ndarray:
+        """int64 [T]: the optimizer step of each recorded row."""
+        return self._series("steps")
+
+    @property
+    def epoch(self) -> np.ndarray:
+        """int32 [T]: the epoch of each recorded row."""
+        return self._series("epoch")
+
+    @property
+    def time(self) -> np.ndarray:
+        """float64 [T]: seconds since the recorder started."""
+        return self._series("time")
+
+    @property
+    def loss(self) -> np.ndarray:
+        """float32 [T]: logged loss (NaN where none was logged)."""
+        return self._series("loss")
+
+    @property
+    def scale(self) -> np.ndarray:
+        """float32 [T]: AMP grad-scaler scale (NaN without a scaler)."""
+        return self._series("scale")
+
+    @property
+    def skipped(self) -> np.ndarray:
+        """bool [T]: steps the grad scaler skipped."""
+        return self._series("skipped").astype(bool)
+
+    @property
+    def overhead(self) -> dict[str, float]:
+        """Seconds the recorder spent in total, by part, plus the run's wall time."""
+        rows = self._series("overhead")
+        out = {col: float(rows[:, i].sum()) for i, col in enumerate(OVERHEAD_COLUMNS)}
+        t = self.time
+        out["wall"] = float(t[-1]) if len(t) else 0.0
+        return out
+
+    @property
+    def scalars(self) -> dict[str, np.ndarray]:
+        """Other logged per-step scalars by name, float64 [T]."""
+        names = _names(self._f["scalars/names"])
+        values = self._f["scalars/values"][: self.n_steps]
+        return {name: np.asarray(values[:, i]) for i, name in enumerate(names)}
+
+    def _dataset(self, probe: str, name: str) -> h5py.Dataset:
+        key = f"epochs/{name}" if probe == "epoch" else f"stats/{probe}/{name}"
+        if probe == "epoch" and name in ("index", "end_step", "metrics"):
+            key = ""
+        if not key or key not in self._f:
+            known = [f"epoch/{s}" for s in self.epoch_stats()] + [
+                f"{p}/{s}" for p, names in self.probes().items() for s in names
+            ]
+            raise unknown_name(f"statistic in {self.path}", f"{probe}/{name}", known)
+        return self._f[key]
+
+    def stat(
+        self,
+        probe: str,
+        name: str,
+        rows: slice | None = None,
+        layers: Sequence[int] | np.ndarray | None = None,
+    ) -> np.ndarray:
+        """float32 [T, L] for a step statistic, or [E, L] for ``probe="epoch"``.
+
+        ``rows`` selects recorded rows (a slice), ``layers`` layer indices.
+        """
+        ds = self._dataset(probe, name)
+        n = self.n_epochs if probe == "epoch" else self.n_steps
+        start, stop, step = (rows or slice(None)).indices(n)
+        data = (
+            np.asarray(ds[start:stop])[::step]
+            if stop > start
+            else np.zeros((0, ds.shape[1]), ds.dtype)
+        )
+        return data if layers is None else data[:, np.asarray(layers, dtype=np.int64)]
+
+    def stat_blocks(
+        self, probe: str, name: str, block_rows: int = 8192
+    ) -> Iterator[tuple[int, np.ndarray]]:
+        """Yield ``(first_row, block)`` pieces of a statistic, for runs too large for memory."""
+        ds = self._dataset(probe, name)
+        n = self.n_epochs if probe == "epoch" else self.n_steps
+        chunk = ds.chunks[0] if ds.chunks else block_rows
+        block_rows = max(chunk, block_rows // chunk * chunk)
+        for start in range(0, n, block_rows):
+            yield start, np.asarray(ds[start : min(n, start + block_rows)])
+
+    # -- per-epoch data ---------------------------------------------------------------------
+    @property
+    def epochs(self) -> np.ndarray:
+        """int32 [E]: the epoch numbers that were closed."""
+        return np.asarray(self._f["epochs/index"][: self.n_epochs])
+
+    @property
+    def epoch_end_step(self) -> np.ndarray:
+        """int64 [E]: the number of optimizer steps done when each epoch closed."""
+        return np.asarray(self._f["epochs/end_step"][: self.n_epochs])
+
+    @property
+    def metrics(self) -> dict[str, np.ndarray]:
+        """Per-epoch scalar metrics (``train_loss``, ``val_loss``, ``v_rand``, ...), [E]."""
+        names = _names(self._f["epochs/metrics/names"])
+        values = self._f["epochs/metrics/values"][: self.n_epochs]
+        return {name: np.asarray(values[:, i]) for i, name in enumerate(names)}
+
+    # -- events -------------------------------------------------------------------------------
+    @property
+    def events(self) -> list[Event]:
+        """Events in the order they were written."""
+        return [
+            Event(
+                step=int(r["step"]),
+                epoch=int(r["epoch"]),
+                time=float(r["time"]),
+                kind=_decode(r["kind"]),
+                probe=_decode(r["probe"]),
+                layer=_decode(r["layer"]),
+                detail=_decode(r["detail"]),
+            )
+            for r in self._f["events"][: self.n_events]
+        ]
+
+    @property
+    def first_nonfinite(self) -> Event | None:
+        """The first non-finite event (step, layer, probe), if any."""
+        return next((e for e in self.events if e.kind == "nonfinite"), None)
+
+    # -- export -------------------------------------------------------------------------------
+    def to_dataframe(self) -> Any:
+        """All per-step statistics in long format: step, layer, probe, stat, value."""
+        import pandas as pd
+
+        steps = self.steps
+        names = np.array(self.layer_names, dtype=object)
+        frames = []
+        for probe, stats in self.probes().items():
+            for stat in stats:
+                data = self.stat(probe, stat)
+                frames.append(
+                    pd.DataFrame(
+                        {
+                            "step": np.repeat(steps, self.n_layers),
+                            "layer": np.tile(names, len(steps)),
+                            "probe": probe,
+                            "stat": stat,
+                            "value": data.reshape(-1),
+                        }
+                    )
+                )
+        if not frames:
+            return pd.DataFrame(columns=["step", "layer", "probe", "stat", "value"])
+        return pd.concat(frames, ignore_index=True)
+
+    def close(self) -> None:
+        """Close the file (idempotent)."""
+        if self._f.id.valid:
+            self._f.close()
+
+    def __enter__(self) -> Run:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return (
+            f"Run({str(self.path)!r}, layers={self.n_layers}, steps={self.n_steps}, "
+            f"epochs={self.n_epochs})"
+        )
+
+
+def _attr(value: Any) -> Any:
+    if isinstance(value, bytes):
+        return value.decode()
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def open_run(path: str | os.PathLike[str]) -> Run:
+    """Open a run file for reading; any problem raises one clear :class:`GradflowError`."""
+    p = Path(path)
+    if not p.exists():
+        raise GradflowError(f"{p}: no such run file")
+    if p.is_dir():
+        raise GradflowError(f"{p}: is a directory, not a run file")
+    if p.stat().st_size == 0:
+        raise GradflowError(f"{p}: empty file, not a gradflow run")
+    with open(p, "rb") as fh:
+        if fh.read(8) != _HDF5_SIGNATURE:
+            raise GradflowError(f"{p}: not an HDF5 file, so not a gradflow run")
+    try:
+        f = h5py.File(p, "r", libver="latest", swmr=True)
+    except OSError as err:
+        raise GradflowError(f"{p}: damaged or truncated HDF5 file ({_first_line(err)})") from err
+    try:
+        version = f.attrs.get("schema_version")
+        if version is None or "layers" not in f or "counts" not in f:
+            raise GradflowError(f"{p}: an HDF5 file, but not a gradflow run (no schema_version)")
+        if int(version) > SCHEMA_VERSION:
+            raise GradflowError(
+                f"{p}: written with run-file schema v{int(version)}; this gradflow reads up to "
+                f"v{SCHEMA_VERSION} (upgrade gradflow)"
+            )
+        return Run(p, f)
+    except GradflowError:
+        f.close()
+        raise
+    except (OSError, KeyError, ValueError) as err:
+        f.close()
+        raise GradflowError(f"{p}: damaged run file ({_first_line(err)})") from err
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__

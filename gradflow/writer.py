@@ -1,0 +1,366 @@
+"""The recorder's writer thread: host-side statistics, non-finite detection, HDF5 I/O.
+
+The training thread hands over one packed tensor of reductions per recorded step (already
+on its way to the host); this thread waits for it, turns reductions into statistics
+(:mod:`gradflow.statistics`), locates the first non-finite value, buffers rows and appends
+them to the run file every ``flush_every`` rows or ``flush_seconds`` seconds.
+"""
+
+from __future__ import annotations
+
+import math
+import queue
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from gradflow import statistics
+from gradflow.errors import GradflowError
+from gradflow.probes import ACTIVATION_REDUCTIONS, reduce_per_layer
+from gradflow.store import OVERHEAD_COLUMNS, Event, Layer, RunWriter, StepRows
+
+STEP_PROBES = ("param", "activation", "grad_output")
+EPOCH_STATS = ("update_abs_mean", "update_ratio", "update_norm", "update_abs_max")
+
+
+@dataclass
+class Layout:
+    """What the run file holds and how host vectors map onto layers."""
+
+    path: Path
+    layers: list[Layer]
+    probes: tuple[str, ...]
+    layer_starts: np.ndarray
+    layer_numel: np.ndarray
+    reg_to_layer: np.ndarray  # registration index -> column in forward order
+    param_count: int  # parameter tensors, in layer order
+    config: Mapping[str, Any]
+    attrs: Mapping[str, Any]
+    overwrite: bool
+    resume_at: tuple[int, int] | None = None  # (step, epoch) to resume from
+
+
+@dataclass
+class StepItem:
+    """One recorded step: a packed float64 host tensor and how to unpack it."""
+
+    step: int
+    epoch: int
+    time: float
+    packed: torch.Tensor
+    ready: Any  # a CUDA event to wait for, or None
+    has_param: bool
+    act_ids: list[int]
+    act_n: list[int]
+    gout_ids: list[int]
+    gout_n: list[int]
+    scalar_names: list[str]
+    host_scalars: dict[str, float]
+    skipped: bool
+    has_update: bool  # False when no optimizer step was measured (optimizer=None)
+    overhead: list[float]  # hooks, stats, copy (seconds)
+
+
+@dataclass
+class EpochItem:
+    """One closed epoch: per-tensor update reductions and metrics, packed like a step."""
+
+    epoch: int
+    end_step: int
+    time: float
+    packed: torch.Tensor
+    ready: Any
+    metric_names: list[str]
+    host_metrics: dict[str, float]
+    has_update: bool
+
+
+@dataclass
+class _Buffer:
+    items: list[StepRows] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return sum(len(r) for r in self.items)
+
+
+class WriterThread(threading.Thread):
+    """Consumes step and epoch items; the only thread that touches the run file."""
+
+    def __init__(self, flush_every: int, flush_seconds: float) -> None:
+        super().__init__(name="gradflow-writer", daemon=True)
+        self.flush_every = flush_every
+        self.flush_seconds = flush_seconds
+        self.queue: queue.Queue[Any] = queue.Queue()
+        self.error: BaseException | None = None
+        self.first_nonfinite: Event | None = None
+        self.rows_written = 0
+        self._layout: Layout | None = None
+        self._file: RunWriter | None = None
+        self._buffer = _Buffer()
+        self._pending_epochs: list[EpochItem] = []
+        self._pending_events: list[Event] = []
+        self._last_commit = time.monotonic()
+
+    # -- called from the training thread ------------------------------------------------------
+    def put(self, item: Any) -> None:
+        if self.error is not None:
+            raise GradflowError(f"writing the run file failed: {self.error}") from self.error
+        self.queue.put(item)
+
+    def finish(self, timeout: float | None = None) -> None:
+        """Write everything queued, close the file and stop the thread."""
+        if self.is_alive():
+            self.queue.put(None)
+            self.join(timeout)
+
+    # -- the thread ----------------------------------------------------------------------------
+    def run(self) -> None:
+        try:
+            while True:
+                wait = max(0.01, self.flush_seconds - (time.monotonic() - self._last_commit))
+                try:
+                    item = self.queue.get(timeout=wait)
+                except queue.Empty:
+                    item = "tick"
+                if item is None:
+                    break
+                self._handle(item)
+                if len(self._buffer) >= self.flush_every or (
+                    time.monotonic() - self._last_commit >= self.flush_seconds
+                ):
+                    self._commit()
+            self._commit()
+        except BaseException as err:  # reported to the training thread at its next call
+            self.error = err
+        finally:
+            if self._file is not None:
+                try:
+                    self._file.close()
+                except Exception as err:
+                    self.error = self.error or err
+            while True:  # never leave a producer blocked on a dead thread
+                try:
+                    self.queue.get_nowait()
+                except queue.Empty:
+                    break
+
+    def _handle(self, item: Any) -> None:
+        if isinstance(item, Layout):
+            self._open(item)
+        elif isinstance(item, StepItem):
+            self._step(item)
+        elif isinstance(item, EpochItem):
+            self._pending_epochs.append(item)
+        elif isinstance(item, Event):
+            self._pending_events.append(item)
+
+    def _open(self, layout: Layout) -> None:
+        self._layout = layout
+        step_stats = {p: statistics.names(p) for p in layout.probes}
+        if layout.resume_at is None:
+            self._file = RunWriter.create(
+                layout.path,
+                layers=layout.layers,
+                step_stats=step_stats,
+                epoch_stats=list(EPOCH_STATS),
+                config=layout.config,
+                attrs=layout.attrs,
+                overwrite=layout.overwrite,
+            )
+        else:
+            step, epoch = layout.resume_at
+            self._file = RunWriter.resume(layout.path, keep_steps_below=step, keep_epochs=epoch)
+
+    def _step(self, item: StepItem) -> None:
+        layout = self._require_layout()
+        t0 = time.perf_counter()
+        if item.ready is not None:
+            item.ready.synchronize()
+        vec = item.packed.numpy()
+        n_layers = len(layout.layers)
+        reductions: dict[str, dict[str, np.ndarray]] = {}
+        pos = 0
+        if item.has_param:
+            n = 6 * layout.param_count
+            reductions["param"] = reduce_per_layer(
+                vec[pos : pos + n], layout.layer_starts, layout.layer_numel
+            )
+            pos += n
+        if "activation" in layout.probes:
+            k = len(item.act_ids)
+            reductions["activation"] = _per_layer(
+                layout.reg_to_layer[item.act_ids],
+                n_layers,
+                item.act_n,
+                vec[pos : pos + 4 * k].reshape(k, 4),
+                ACTIVATION_REDUCTIONS,
+            )
+            pos += 4 * k
+        if "grad_output" in layout.probes:
+            k = len(item.gout_ids)
+            reductions["grad_output"] = _per_layer(
+                layout.reg_to_layer[item.gout_ids],
+                n_layers,
+                item.gout_n,
+                vec[pos : pos + k].reshape(k, 1),
+                ("sum_sq",),
+            )
+            pos += k
+        scalars = dict(zip(item.scalar_names, vec[pos:].tolist(), strict=True))
+        scalars.update(item.host_scalars)
+        stats: dict[tuple[str, str], np.ndarray] = {}
+        for probe in layout.probes:
+            if probe in reductions:
+                computed = statistics.compute(probe, reductions[probe])
+            else:
+                computed = {name: np.full(n_layers, np.nan) for name in statistics.names(probe)}
+            stats.update({(probe, name): v for name, v in computed.items()})
+        if not item.has_update:
+            for name in statistics.names("param"):
+                if name.startswith("update_") and ("param", name) in stats:
+                    stats[("param", name)] = np.full(n_layers, np.nan)
+        loss = scalars.pop("loss", math.nan)
+        scale = scalars.pop("scale", math.nan)
+        self._check_nonfinite(
+            item, reductions, "loss" in item.scalar_names + list(item.host_scalars) and loss
+        )
+        overhead = [*item.overhead, time.perf_counter() - t0]
+        self._buffer.items.append(
+            StepRows(
+                steps=np.array([item.step], np.int64),
+                epoch=np.array([item.epoch], np.int32),
+                time=np.array([item.time]),
+                loss=np.array([loss], np.float32),
+                scale=np.array([scale], np.float32),
+                skipped=np.array([item.skipped], np.uint8),
+                overhead=np.array([overhead], np.float32),
+                stats={k: v[None, :].astype(np.float32) for k, v in stats.items()},
+                scalars={k: np.array([v]) for k, v in scalars.items()},
+            )
+        )
+
+    def _require_layout(self) -> Layout:
+        if self._layout is None:
+            raise RuntimeError("writer received data before the layout")
+        return self._layout
+
+    def _check_nonfinite(
+        self, item: StepItem, red: Mapping[str, Mapping[str, np.ndarray]], loss: float | bool
+    ) -> None:
+        if self.first_nonfinite is not None:
+            return
+        names = [lay.name for lay in self._require_layout().layers]
+        empty = np.zeros(0, bool)
+        param, act, gout = red.get("param"), red.get("activation"), red.get("grad_output")
+        # In the order things happen in a step: the weights the forward used, activations
+        # (first layer first), then gradients flowing back (last layer first).
+        checks = (
+            ("param", "weight", ~np.isfinite(param["w_sq"]) if param else empty, False),
+            ("activation", "output", act["nonfinite"] > 0 if act else empty, False),
+            (
+                "grad_output",
+                "output gradient",
+                np.isfinite(gout["n"]) & ~np.isfinite(gout["sum_sq"]) if gout else empty,
+                True,
+            ),
+            ("param", "gradient", param["g_nonfinite"] > 0 if param else empty, True),
+        )
+        for probe, what, bad, last_first in checks:
+            hits = np.flatnonzero(bad)
+            if hits.size:
+                where = int(hits[-1] if last_first else hits[0])
+                detail = f"non-finite {what} in {hits.size} layer(s), first at {names[where]}"
+                self._record_nonfinite(item, probe, names[where], detail)
+                return
+        if loss is not False and not math.isfinite(float(loss)):
+            self._record_nonfinite(item, "loss", "", f"loss is {loss}")
+
+    def _record_nonfinite(self, item: StepItem, probe: str, layer: str, detail: str) -> None:
+        event = Event(item.step, item.epoch, item.time, "nonfinite", probe, layer, detail)
+        self.first_nonfinite = event
+        self._pending_events.append(event)
+
+    def _commit(self) -> None:
+        if self._file is None:
+            return
+        rows = self._buffer.items
+        if rows:
+            merged = _concat(rows)
+            self._file.append_steps(merged)
+            self.rows_written += len(merged)
+        layout = self._require_layout()
+        for ep in self._pending_epochs:
+            if ep.ready is not None:
+                ep.ready.synchronize()
+            vec = ep.packed.numpy()
+            n = 6 * layout.param_count if ep.has_update else 0
+            if ep.has_update:
+                red = reduce_per_layer(vec[:n], layout.layer_starts, layout.layer_numel)
+                computed = statistics.compute("epoch", red)
+                stats = {k: computed[k] for k in EPOCH_STATS}
+            else:
+                stats = {k: np.full(len(layout.layers), np.nan) for k in EPOCH_STATS}
+            metrics = dict(zip(ep.metric_names, vec[n:].tolist(), strict=True))
+            metrics.update(ep.host_metrics)
+            self._file.append_epoch(ep.epoch, ep.end_step, stats, metrics)
+        for event in self._pending_events:
+            self._file.add_event(event)
+        self._buffer = _Buffer()
+        self._pending_epochs = []
+        self._pending_events = []
+        self._file.commit()
+        self._last_commit = time.monotonic()
+
+
+def _per_layer(
+    layer_of_call: np.ndarray,
+    n_layers: int,
+    n_per_call: Sequence[int],
+    calls: np.ndarray,
+    names: Sequence[str],
+) -> dict[str, np.ndarray]:
+    """Sum per-call reductions into per-layer ones; layers without calls get NaN."""
+    out = {name: np.zeros(n_layers) for name in names}
+    n = np.zeros(n_layers)
+    np.add.at(n, layer_of_call, np.asarray(n_per_call, np.float64))
+    for j, name in enumerate(names):
+        np.add.at(out[name], layer_of_call, calls[:, j])
+    missing = n == 0
+    for values in out.values():
+        values[missing] = np.nan
+    out["n"] = np.where(missing, np.nan, n)
+    return out
+
+
+def _concat(rows: list[StepRows]) -> StepRows:
+    return StepRows(
+        steps=np.concatenate([r.steps for r in rows]),
+        epoch=np.concatenate([r.epoch for r in rows]),
+        time=np.concatenate([r.time for r in rows]),
+        loss=np.concatenate([r.loss for r in rows]),
+        scale=np.concatenate([r.scale for r in rows]),
+        skipped=np.concatenate([r.skipped for r in rows]),
+        overhead=np.concatenate([r.overhead for r in rows]),
+        stats={k: np.concatenate([r.stats[k] for r in rows]) for k in rows[0].stats},
+        scalars={
+            k: np.concatenate([r.scalars.get(k, np.full(len(r), np.nan)) for r in rows])
+            for k in {k for r in rows for k in r.scalars}
+        },
+    )
+
+
+__all__ = [
+    "EPOCH_STATS",
+    "OVERHEAD_COLUMNS",
+    "STEP_PROBES",
+    "EpochItem",
+    "Layout",
+    "StepItem",
+    "WriterThread",
+]
