@@ -9,3 +9,8 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
+
+
+@app.callback()
+def _root() -> None:
+    """gradflow: layer x time views of gradient and weight-update flow."""

@@ -1,3 +1,6 @@
 """Imports every command module so that its commands register on the app."""
 
-from gradflow.cli import models_cmd  # noqa: F401
+from gradflow.cli import (
+    models_cmd,  # noqa: F401
+    plot_cmd,  # noqa: F401
+)

@@ -2,9 +2,9 @@
 
 __version__ = "0.1.0"
 
-from gradflow.errors import GradflowError  # noqa: E402
-from gradflow.recorder import Recorder  # noqa: E402
-from gradflow.schedule import every, log_spaced  # noqa: E402
-from gradflow.store import Run, open_run  # noqa: E402
+from gradflow.errors import GradflowError
+from gradflow.recorder import Recorder
+from gradflow.schedule import every, log_spaced
+from gradflow.store import Run, open_run
 
 __all__ = ["GradflowError", "Recorder", "Run", "__version__", "every", "log_spaced", "open_run"]

@@ -257,7 +257,7 @@ class ParamProbe:
         else:
             # Elsewhere count unconditionally: 0 * g is NaN exactly at non-finite entries.
             zeros = torch._foreach_mul(present, 0.0) if present else []
-            counts = iter(torch._foreach_norm(zeros, 0) if present else [])
+            counts = iter(torch._foreach_norm(list(zeros), 0) if present else [])
             nonfinite = torch.stack(
                 [next(counts).float() if g is not None else self._zero for g in grads]
             )
@@ -267,8 +267,5 @@ class ParamProbe:
     def after_step(self, stepped: bool = True) -> torch.Tensor:
         """Reduce ``W_after - W_before``; returns all reductions as one float64 vector [6P]."""
         w_norm, g_norm, nonfinite = self._pre
-        if stepped:
-            deltas = self.snapshot.delta()
-        else:
-            deltas = [torch.zeros_like(w_norm)] * 3
+        deltas = self.snapshot.delta() if stepped else [torch.zeros_like(w_norm)] * 3
         return torch.cat([w_norm, g_norm, nonfinite, *deltas]).double()

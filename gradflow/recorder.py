@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 import time
 import weakref
@@ -95,13 +96,13 @@ class Recorder:
                 raise unknown_name("probe", probe, STEP_PROBES)
         if flush_every < 1 or flush_seconds <= 0:
             raise GradflowError("flush_every must be >= 1 and flush_seconds > 0")
+        self.path = Path(path)
         if model in _OPEN:
-            other = _OPEN[model]
+            other: Recorder = _OPEN[model]
             raise GradflowError(
                 f"this model already has an open Recorder writing {other.path}; "
                 "close it first (rec.close() or leave its with-block)"
             )
-        self.path = Path(path)
         if resume is None:
             check_writable(self.path, overwrite=overwrite)
         elif not self.path.exists():
@@ -238,10 +239,8 @@ class Recorder:
             pass
 
     def _atexit(self) -> None:
-        try:
+        with contextlib.suppress(GradflowError):
             self.close()
-        except GradflowError:
-            pass
 
     # -- hooks -------------------------------------------------------------------------------------
     def _attach(self) -> None:
@@ -352,7 +351,7 @@ class Recorder:
         scaler.step = step
         self._scaler_step = step
 
-    # -- rows ----------------------------------------------------------------------------------------
+    # -- rows ---------------------------------------------------------------------------
     def _close_step(self, *, stepped: bool, has_update: bool, skipped: bool = False) -> None:
         if self._active:
             t0 = time.perf_counter()

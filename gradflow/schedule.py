@@ -21,7 +21,7 @@ def log_spaced(dense_until: int = 10, per_decade: int = 10) -> Schedule:
     picked: set[int] = set()
     k = 0
     while True:
-        step = int(round(dense_until * 10 ** (k / per_decade)))
+        step = round(dense_until * 10 ** (k / per_decade))
         if step > 10**12:
             break
         picked.add(step)

@@ -1,0 +1,78 @@
+#!/usr/bin/env bash
+# Regenerates every gallery figure from scratch: records the runs, then draws the figures.
+# Usage (from anywhere): figures/make_figures.sh
+#   Override the scale like this:  EPOCHS=50 STEPS=40 CROP=128 SEEDS="0 1" figures/make_figures.sh
+#   Re-draw from existing runs without training:  PLOT_ONLY=1 figures/make_figures.sh
+set -euo pipefail
+
+# --- scale: CPU-minutes defaults; raise them for figures closer to the paper -------------
+EPOCHS=${EPOCHS:-12}          # epochs per run
+STEPS=${STEPS:-20}            # optimizer steps per epoch
+CROP=${CROP:-96}              # training crop side (pixels)
+BATCH=${BATCH:-4}             # batch size
+LR=${LR:-1e-3}                # RMSprop learning rate (the paper's)
+LR_NOBN=${LR_NOBN:-1e-4}      # panel (d) has no batch norm and trains with a lower rate
+SEEDS=${SEEDS:-"0"}           # one run per model and seed; heat maps use the first seed
+DATA=${DATA:-../shared/data/isbi2012}  # ISBI 2012 folder (relative to the repo root) or "synthetic"
+PLOT_ONLY=${PLOT_ONLY:-0}     # 1: skip recording, draw from the runs already in runs/
+
+cd "$(dirname "$0")/.."
+RUNS=runs
+OUT=figures
+mkdir -p "$RUNS"
+
+MODELS=(fig3a-long-short-9 fig3b-long-9 fig3c-long-3 fig3d-long-7-nobn short-only-9)
+SEED0=${SEEDS%% *}
+run() { echo "$RUNS/$1-s$2.h5"; }
+
+# --- record ------------------------------------------------------------------------------
+if [[ "$PLOT_ONLY" != 1 ]]; then
+    if [[ "$DATA" != synthetic && ! -d "$DATA" ]]; then
+        echo "make_figures: no ISBI 2012 data at $DATA (set DATA=PATH or DATA=synthetic)" >&2
+        exit 2
+    fi
+    for seed in $SEEDS; do
+        for model in "${MODELS[@]}"; do
+            lr=$LR
+            [[ "$model" == *nobn* ]] && lr=$LR_NOBN
+            echo "== record $model (seed $seed)"
+            gradflow record --model "$model" --data "$DATA" --epochs "$EPOCHS" \
+                --steps-per-epoch "$STEPS" --crop "$CROP" --batch-size "$BATCH" --lr "$lr" \
+                --seed "$seed" --device cpu --out "$(run "$model" "$seed")" --force
+        done
+    done
+fi
+
+# --- plot --------------------------------------------------------------------------------
+A=$(run fig3a-long-short-9 "$SEED0")
+B=$(run fig3b-long-9 "$SEED0")
+C=$(run fig3c-long-3 "$SEED0")
+D=$(run fig3d-long-7-nobn "$SEED0")
+S=$(run short-only-9 "$SEED0")
+curves=()
+for seed in $SEEDS; do
+    curves+=("$(run fig3a-long-short-9 "$seed")" "$(run short-only-9 "$seed")" "$(run fig3b-long-9 "$seed")")
+done
+
+# Updates span decades across layers, and (d)'s lower learning rate shifts its whole
+# range: a log scale per panel keeps every panel's depth pattern readable.
+gradflow plot updates-heatmap "$A" "$B" "$C" "$D" --log --per-panel-scale --force \
+    --title "Mean |ΔW| per epoch and layer: (a) long+short, (b) long 9, (c) long 3, (d) long 7 no BN" \
+    --out "$OUT/fig3_updates.png"
+gradflow plot learning-curves "${curves[@]}" --force \
+    --title "Learning curves: long+short, only short, only long skips" --out "$OUT/learning_curves.png"
+gradflow plot best-losses "${curves[@]}" "$C" "$D" --force --out "$OUT/best_losses.md"
+gradflow plot diff-heatmap "$A" "$B" --log --force \
+    --title "log10 of (a)'s epoch updates over (b)'s: where short skips matter" \
+    --out "$OUT/diff_a_b.png"
+gradflow plot gradient-heatmap "$A" "$B" --stat grad_output/norm --steps : --log --force \
+    --title "Gradient norm at each layer's output, per step" --out "$OUT/grad_output_a_b.png"
+gradflow plot depth-profile "$A" "$B" "$D" --log --force \
+    --title "Mean |ΔW| per epoch against depth" --out "$OUT/depth_profile.png"
+
+big=$(find "$OUT" -name '*.png' -size +500k)
+if [[ -n "$big" ]]; then
+    echo "make_figures: over 500 KB (lower DPI in gradflow/plots/style.py): $big" >&2
+    exit 1
+fi
+ls -l "$OUT"

@@ -1,0 +1,42 @@
+"""EM segmentation data: ISBI 2012 or a built-in synthetic stack, split, cropped and augmented."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from gradflow.data.augment import Augmentation, augment_pair, random_crop
+from gradflow.data.batches import epoch_batches, steps_per_epoch
+from gradflow.data.isbi import load_isbi
+from gradflow.data.synthetic import synthetic_volume
+from gradflow.data.volume import EMVolume, split, standardise
+
+__all__ = [
+    "Augmentation",
+    "EMVolume",
+    "augment_pair",
+    "epoch_batches",
+    "load_dataset",
+    "load_isbi",
+    "random_crop",
+    "split",
+    "standardise",
+    "steps_per_epoch",
+    "synthetic_volume",
+]
+
+
+def load_dataset(
+    path: str | Path | None,
+    *,
+    seed: int = 0,
+    n_synthetic: int = 30,
+    synthetic_size: int = 512,
+) -> EMVolume:
+    """The labelled slices at ``path`` (see :func:`load_isbi`), or synthetic ones.
+
+    ``None`` or ``"synthetic"`` gives ``n_synthetic`` synthetic slices of ``synthetic_size``
+    px generated from ``seed`` (see :func:`synthetic_volume`); ``seed`` is unused for real data.
+    """
+    if path is None or str(path) == "synthetic":
+        return synthetic_volume(n_synthetic, synthetic_size, seed)
+    return load_isbi(path)

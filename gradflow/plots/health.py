@@ -1,0 +1,87 @@
+"""Layer health findings of a run: vanishing or exploding updates, dead units, non-finite values."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from gradflow.plots.binning import load
+from gradflow.store import Run
+
+VANISH_BELOW = 1e-2  # a layer's update ratio below 1/100 of its kind's median
+EXPLODE_ABOVE = 1e2  # ... or above 100x of it
+DEAD_ABOVE = 0.9  # mean fraction of zero activations
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One problem: which check, which layer, the measured value and how it compares."""
+
+    check: str
+    layer: str
+    value: str
+    detail: str
+
+
+def _layer_means(run: Run, stat: str) -> np.ndarray:
+    # One time bin: the NaN-ignoring mean of every layer over the whole run, streamed.
+    return load(run, stat, run.layers, max_bins=1).values[0]
+
+
+def update_outliers(run: Run) -> list[Finding]:
+    """Layers whose mean update ratio is far below / above the median of layers of their kind."""
+    if "update_ratio" in run.epoch_stats() and run.n_epochs:
+        stat = "epoch/update_ratio"
+    elif "update_ratio" in run.probes().get("param", []) and run.n_steps:
+        stat = "param/update_ratio"
+    else:
+        return []
+    means = _layer_means(run, stat)
+    kinds = np.array([lay.kind for lay in run.layers])
+    found = []
+    for lay, value in zip(run.layers, means, strict=True):
+        peers = means[(kinds == lay.kind) & np.isfinite(means) & (means > 0)]
+        if not np.isfinite(value) or len(peers) < 2:
+            continue
+        median = float(np.median(peers))
+        ratio = value / median
+        if VANISH_BELOW <= ratio <= EXPLODE_ABOVE:
+            continue
+        found.append(
+            Finding(
+                "vanishing update" if ratio < VANISH_BELOW else "exploding update",
+                lay.name,
+                f"{value:.2e}",
+                f"{stat}: {ratio:.1e} x the median of {lay.kind} layers ({median:.2e})",
+            )
+        )
+    return found
+
+
+def dead_units(run: Run) -> list[Finding]:
+    """Layers whose outputs are zero more than :data:`DEAD_ABOVE` of the time on average."""
+    if "zero_fraction" not in run.probes().get("activation", []) or not run.n_steps:
+        return []
+    means = _layer_means(run, "activation/zero_fraction")
+    return [
+        Finding("dead units", lay.name, f"{value:.0%}", "mean fraction of zero activations")
+        for lay, value in zip(run.layers, means, strict=True)
+        if value > DEAD_ABOVE
+    ]
+
+
+def nonfinite(run: Run) -> list[Finding]:
+    """Every non-finite event stored in the run."""
+    return [
+        Finding(
+            "non-finite", ev.layer, f"step {ev.step}", f"{ev.probe} (epoch {ev.epoch}) {ev.detail}"
+        )
+        for ev in run.events
+        if ev.kind == "nonfinite"
+    ]
+
+
+def health(run: Run) -> list[Finding]:
+    """All findings, non-finite values first."""
+    return nonfinite(run) + update_outliers(run) + dead_units(run)

@@ -1,0 +1,335 @@
+"""Layer x time heat maps: one drawing core behind every heat-map figure."""
+
+from __future__ import annotations
+
+import textwrap
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal
+
+import numpy as np
+from matplotlib.axes import Axes
+from matplotlib.cm import ScalarMappable
+from matplotlib.colors import CenteredNorm, LogNorm, Normalize
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+
+from gradflow.errors import GradflowError
+from gradflow.plots.binning import MAX_TIME_BINS, LayerTime, common_window, load
+from gradflow.plots.catalog import FIGURES, PlotWarning
+from gradflow.plots.selection import TimeWindow, select_layers
+from gradflow.plots.style import (
+    DIFF_CMAP,
+    FIXED_LIMITS,
+    HEAT_CMAP,
+    MARKER_COLOUR,
+    colormap,
+    finite_range,
+    mark_stages,
+    panel_grid,
+    panel_title,
+    run_labels,
+    stat_label,
+    styled,
+)
+from gradflow.store import Event, Run
+
+Scale = Literal["linear", "log", "diverging"]
+Extend = Literal["neither", "min", "max", "both"]
+
+
+class ZeroAwareLogNorm(LogNorm):
+    """A LogNorm that draws zeros (and negatives) in the colour map's "under" colour, as
+    the smallest values, instead of as missing data: a zero update is a tiny update."""
+
+    def __call__(self, value: Any, clip: bool | None = None) -> Any:
+        out = super().__call__(value, clip)
+        data = np.ma.getdata(value)
+        below = np.isfinite(data) & (data <= 0)
+        if np.any(below):
+            out = np.ma.array(out, copy=True)
+            out[below] = -1.0
+        return out
+
+
+@dataclass
+class Panel:
+    """One heat map: its title, its data and the events to mark (with a label prefix)."""
+
+    title: str
+    data: LayerTime
+    events: list[tuple[str, Event]] = field(default_factory=list)
+
+
+def make_norm(scale: Scale, stat: str, values: Sequence[np.ndarray]) -> Normalize:
+    """The colour normalisation over the finite values of ``values``."""
+    if scale == "log":
+        lo, hi = finite_range(values, positive=True)
+        if np.isnan(lo):
+            raise GradflowError(f"{stat} has no positive values to draw on a log scale; drop --log")
+        return ZeroAwareLogNorm(lo, hi)
+    lo, hi = finite_range(values)
+    if np.isnan(lo):
+        lo, hi = 0.0, 1.0
+    if scale == "diverging":
+        return CenteredNorm(0.0, max(abs(lo), abs(hi)) or 1.0)
+    return Normalize(*FIXED_LIMITS.get(stat, (lo, hi)))
+
+
+def _extend(norm: Normalize, values: Sequence[np.ndarray]) -> Extend:
+    below = any(np.any(v < norm.vmin) for v in values)
+    above = any(np.any(v > norm.vmax) for v in values)
+    return "both" if below and above else "min" if below else "max" if above else "neither"
+
+
+def _draw(ax: Axes, data: LayerTime, norm: Normalize, cmap_name: str) -> ScalarMappable:
+    n = len(data.layers)
+    image = ax.pcolorfast(
+        data.edges, np.arange(n + 1), data.values.T, cmap=colormap(cmap_name), norm=norm
+    )
+    mark_stages(ax, data.layers, "y")
+    ax.set_xlabel(data.unit)
+    ax.set_ylabel("layer (input → output)")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    return image
+
+
+def _mark_events(ax: Axes, data: LayerTime, events: list[tuple[str, Event]]) -> None:
+    names = [lay.name for lay in data.layers]
+    for prefix, ev in events:
+        x = ev.epoch if data.unit == "epoch" else ev.step
+        label = (
+            f"{prefix}first non-finite {ev.probe}: {ev.layer}, step {ev.step} (epoch {ev.epoch})"
+        )
+        if ev.layer in names:
+            ax.plot(
+                [x],
+                [names.index(ev.layer) + 0.5],
+                ls="none",
+                marker="X",
+                ms=9,
+                mfc=MARKER_COLOUR,
+                mec="k",
+                label=label,
+            )
+        else:  # the layer is not drawn: mark the time only
+            ax.axvline(x, color=MARKER_COLOUR, ls="--", lw=1.2, label=label)
+
+
+def draw_heatmaps(
+    panels: Sequence[Panel],
+    *,
+    scale: Scale,
+    shared_scale: bool,
+    colour_label: str,
+    title: str | None = None,
+    note: str | None = None,
+) -> Figure:
+    """Draw ``panels`` side by side, layers top (input) to bottom, time left to right."""
+    fig, axes = panel_grid(len(panels), (3.4, 5.0))
+    cmap = DIFF_CMAP if scale == "diverging" else HEAT_CMAP
+    stat = panels[0].data.stat
+    every = [p.data.values for p in panels]
+    shared = make_norm(scale, stat, every) if shared_scale else None
+    for i, (ax, panel) in enumerate(zip(axes, panels, strict=True)):
+        norm = shared if shared is not None else make_norm(scale, stat, [panel.data.values])
+        image = _draw(ax, panel.data, norm, cmap)
+        _mark_events(ax, panel.data, panel.events)
+        ax.set_xlim(panel.data.edges[0], panel.data.edges[-1])
+        ax.set_ylim(len(panel.data.layers), 0)  # input at the top
+        if len(panels) > 1:
+            panel_title(ax, i, panel.title)
+        else:
+            ax.set_title(panel.title)
+        if shared is None:
+            fig.colorbar(
+                image, ax=ax, label=colour_label, extend=_extend(norm, [panel.data.values])
+            )
+    if shared is not None:
+        fig.colorbar(image, ax=axes, label=colour_label, extend=_extend(shared, every))
+    handles = [h for ax in axes for h in ax.get_legend_handles_labels()[0]]
+    if handles or note:
+        # One figure-level legend holds the event markers and the note, so that the
+        # constrained layout makes room for both below the panels.
+        fig.legend(
+            handles=handles,
+            title=textwrap.fill(note, 90) if note else None,
+            loc="outside lower left",
+            frameon=False,
+            alignment="left",
+            title_fontsize="small",
+        )
+    if title:
+        fig.suptitle(title)
+    return fig
+
+
+@FIGURES.register("gradient-heatmap")
+@styled
+def gradient_heatmap(
+    runs: Sequence[Run],
+    *,
+    stat: str = "grad_output/norm",
+    log: bool = False,
+    window: TimeWindow | None = None,
+    layers: str | None = None,
+    all_layers: bool = False,
+    shared_scale: bool = True,
+    title: str | None = None,
+    max_bins: int = MAX_TIME_BINS,
+) -> Figure:
+    """Any per-layer statistic over time (default: the gradient norm at each layer's output).
+
+    One panel per run; ``window`` in epochs averages per-step statistics per epoch.
+    """
+    panels = [
+        Panel(
+            label,
+            load(run, stat, select_layers(run, layers, all_layers), window, max_bins),
+            [("", ev)] if (ev := run.first_nonfinite) else [],
+        )
+        for run, label in zip(runs, run_labels(runs), strict=True)
+    ]
+    return draw_heatmaps(
+        panels,
+        scale="log" if log else "linear",
+        shared_scale=shared_scale,
+        colour_label=stat_label(stat),
+        title=title,
+    )
+
+
+def _update_stat(stat: str | None, window: TimeWindow | None) -> str:
+    if stat is not None:
+        return stat
+    return "param/update_abs_mean" if window and window.unit == "step" else "epoch/update_abs_mean"
+
+
+@FIGURES.register("updates-heatmap")
+@styled
+def updates_heatmap(
+    runs: Sequence[Run],
+    *,
+    stat: str | None = None,
+    log: bool = False,
+    window: TimeWindow | None = None,
+    layers: str | None = None,
+    all_layers: bool = False,
+    shared_scale: bool = True,
+    title: str | None = None,
+    max_bins: int = MAX_TIME_BINS,
+) -> Figure:
+    """Weight updates per layer and epoch, one panel per run (the paper's update figure).
+
+    Default statistic: ``epoch/update_abs_mean`` (mean |W_end - W_start| of each epoch);
+    ``param/update_abs_mean`` when ``window`` is in steps.
+    """
+    return gradient_heatmap(
+        runs,
+        stat=_update_stat(stat, window),
+        log=log,
+        window=window,
+        layers=layers,
+        all_layers=all_layers,
+        shared_scale=shared_scale,
+        title=title,
+        max_bins=max_bins,
+    )
+
+
+@FIGURES.register("activation-heatmap")
+@styled
+def activation_heatmap(
+    runs: Sequence[Run],
+    *,
+    stat: str = "activation/zero_fraction",
+    log: bool = False,
+    window: TimeWindow | None = None,
+    layers: str | None = None,
+    all_layers: bool = False,
+    shared_scale: bool = True,
+    title: str | None = None,
+    max_bins: int = MAX_TIME_BINS,
+) -> Figure:
+    """Activation statistics over time (default: the fraction of zeros, for dead units)."""
+    return gradient_heatmap(
+        runs,
+        stat=stat,
+        log=log,
+        window=window,
+        layers=layers,
+        all_layers=all_layers,
+        shared_scale=shared_scale,
+        title=title,
+        max_bins=max_bins,
+    )
+
+
+def _listing(names: list[str], limit: int = 6) -> str:
+    more = f", ... (+{len(names) - limit} more)" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
+
+
+@FIGURES.register("diff-heatmap")
+@styled
+def diff_heatmap(
+    runs: Sequence[Run],
+    *,
+    stat: str | None = None,
+    log: bool = False,
+    window: TimeWindow | None = None,
+    layers: str | None = None,
+    all_layers: bool = False,
+    title: str | None = None,
+    max_bins: int = MAX_TIME_BINS,
+) -> Figure:
+    """Run A minus run B (log: log10 A/B) per layer and time, layers matched by name.
+
+    Layers present in only one run are left out, listed under the figure and warned about
+    (:class:`PlotWarning`). Default statistic as for ``updates-heatmap``.
+    """
+    if len(runs) != 2:
+        raise GradflowError(f"diff-heatmap compares exactly two runs (A B), got {len(runs)}")
+    stat = _update_stat(stat, window)
+    window = common_window(runs, stat, window)
+    label_a, label_b = run_labels(runs)
+    chosen_a, chosen_b = (select_layers(run, layers, all_layers) for run in runs)
+    by_name_b = {lay.name: lay for lay in chosen_b}
+    common = [lay for lay in chosen_a if lay.name in by_name_b]
+    only_a = [lay.name for lay in chosen_a if lay.name not in by_name_b]
+    names_a = {lay.name for lay in chosen_a}
+    only_b = [lay.name for lay in chosen_b if lay.name not in names_a]
+    if not common:
+        raise GradflowError(f"{label_a} and {label_b} share no layer name; nothing to compare")
+    a = load(runs[0], stat, common, window, max_bins)
+    b = load(runs[1], stat, [by_name_b[lay.name] for lay in common], window, max_bins)
+    if not np.array_equal(a.edges, b.edges):
+        raise GradflowError(
+            f"{label_a} and {label_b} recorded different {window.unit}s in "
+            f"{window.describe()}; a difference needs the same time points"
+        )
+    with np.errstate(divide="ignore", invalid="ignore"):
+        values = np.log10(a.values / b.values) if log else a.values - b.values
+    only = [
+        f"only in {label} ({len(names)}): {_listing(names)}"
+        for label, names in ((label_a, only_a), (label_b, only_b))
+        if names
+    ]
+    note = "layers " + "; ".join(only) if only else None
+    if note:
+        warnings.warn(f"diff-heatmap: {note}", PlotWarning, stacklevel=2)
+    events = [
+        (f"{label}: ", ev)
+        for label, run in ((label_a, runs[0]), (label_b, runs[1]))
+        if (ev := run.first_nonfinite)
+    ]
+    what = stat_label(stat)
+    return draw_heatmaps(
+        [Panel(f"{label_a} − {label_b}", replace(a, values=values), events)],
+        scale="diverging",
+        shared_scale=True,
+        colour_label=f"log10 A / B: {what}" if log else f"A − B: {what}",
+        title=title,
+        note=note,
+    )

@@ -1,0 +1,161 @@
+"""The look shared by every figure: fonts, colour maps, panel labels, figure sizes."""
+
+from __future__ import annotations
+
+import functools
+import string
+from collections.abc import Callable, Sequence
+from typing import Any, Literal, ParamSpec, TypeVar
+
+import matplotlib as mpl
+import numpy as np
+from matplotlib.axes import Axes
+from matplotlib.colors import Colormap
+from matplotlib.figure import Figure
+from matplotlib.typing import RcKeyType
+
+from gradflow.plots.selection import Stage, stages
+from gradflow.store import Layer, Run
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+DPI = 120  # keeps gallery PNGs well under 500 KB
+HEAT_CMAP = "RdYlBu_r"  # blue = small, red = large, as in the paper
+DIFF_CMAP = "RdBu_r"  # diverging, white at 0
+BAD_COLOUR = "#c8c8c8"  # NaN: layer not executed / nothing recorded in the bin
+MARKER_COLOUR = "#ff00ff"
+RC: dict[RcKeyType, Any] = {
+    "font.size": 9,
+    "axes.titlesize": 10,
+    "axes.titlelocation": "left",
+    "axes.labelsize": 9,
+    "legend.fontsize": 8,
+    "xtick.labelsize": 8,
+    "ytick.labelsize": 8,
+    "axes.spines.top": False,
+    "axes.spines.right": False,
+}
+
+STAT_LABELS = {
+    "epoch/update_abs_mean": "mean |ΔW| over the epoch",
+    "epoch/update_ratio": "‖ΔW‖ / ‖W‖ over the epoch",
+    "epoch/update_norm": "‖ΔW‖ over the epoch",
+    "epoch/update_abs_max": "max |ΔW| over the epoch",
+    "param/update_abs_mean": "mean |ΔW| per step",
+    "param/update_ratio": "‖ΔW‖ / ‖W‖ per step",
+    "param/update_norm": "‖ΔW‖ per step",
+    "param/update_abs_max": "max |ΔW| per step",
+    "param/grad_norm": "‖∇W‖",
+    "param/weight_norm": "‖W‖",
+    "grad_output/norm": "‖∂L/∂output‖",
+    "grad_output/rms": "rms ∂L/∂output",
+    "activation/zero_fraction": "fraction of zero activations",
+    "activation/mean": "mean activation",
+    "activation/std": "std of activations",
+}
+MAX_STAGE_LABELS = 30  # about as many 8 pt labels as fit along a 5 inch axis
+FIXED_LIMITS = {"activation/zero_fraction": (0.0, 1.0)}  # fractions: a fixed 0..1 scale
+
+
+def styled(fn: Callable[P, R]) -> Callable[P, R]:
+    """Build the figure under gradflow's rc settings without touching the global ones."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        with mpl.rc_context(RC):
+            return fn(*args, **kwargs)
+
+    return wrapper
+
+
+def colormap(name: str) -> Colormap:
+    """A copy of colour map ``name`` with NaN drawn in :data:`BAD_COLOUR`."""
+    return mpl.colormaps[name].with_extremes(bad=BAD_COLOUR)
+
+
+def stat_label(stat: str) -> str:
+    """Axis / colour-bar label of a ``probe/name`` statistic."""
+    return STAT_LABELS.get(stat, stat)
+
+
+def run_labels(runs: Sequence[Run]) -> list[str]:
+    """Model names; file stems are added where two runs share a model name."""
+    names = [run.name for run in runs]
+    return [
+        f"{name} ({run.path.stem})" if names.count(name) > 1 else name
+        for name, run in zip(names, runs, strict=True)
+    ]
+
+
+def run_colours(n: int) -> list[tuple[float, float, float, float]]:
+    """One distinct colour per run."""
+    cmap = mpl.colormaps["tab10"]
+    return [cmap(i % 10) for i in range(n)]
+
+
+def panel_grid(n: int, panel_size: tuple[float, float]) -> tuple[Figure, list[Axes]]:
+    """A constrained-layout figure with ``n`` panels, at most four per row."""
+    cols = min(n, 4)
+    rows = -(-n // cols)
+    fig = Figure(figsize=(panel_size[0] * cols + 1.0, panel_size[1] * rows), layout="constrained")
+    axes = fig.subplots(rows, cols, squeeze=False).ravel()
+    for ax in axes[n:]:
+        ax.remove()
+    return fig, list(axes[:n])
+
+
+def panel_title(ax: Axes, index: int, label: str) -> None:
+    """Title a panel ``(a) label``, ``(b) label``, ..."""
+    letter = string.ascii_lowercase[index % 26]
+    ax.set_title(f"({letter}) {label}")
+
+
+def finite_range(values: Sequence[np.ndarray], positive: bool = False) -> tuple[float, float]:
+    """Smallest and largest finite (and, for log scales, positive) value over arrays."""
+    lo, hi = np.inf, -np.inf
+    for v in values:
+        keep = np.isfinite(v) & (v > 0) if positive else np.isfinite(v)
+        if keep.any():
+            lo, hi = min(lo, float(v[keep].min())), max(hi, float(v[keep].max()))
+    return (lo, hi) if lo <= hi else (np.nan, np.nan)
+
+
+def _spaced_labels(found: list[Stage], min_gap: float) -> list[Stage]:
+    # Labels closer than min_gap layers would overlap; the bottleneck's label always stays.
+    def centre(s: Stage) -> float:
+        return (s.start + s.stop) / 2
+
+    kept = [s for s in found if s.bottleneck]
+    for s in found:
+        if all(abs(centre(s) - centre(k)) >= min_gap for k in kept):
+            kept.append(s)
+    return sorted(kept, key=lambda s: s.start)
+
+
+def mark_stages(ax: Axes, layers: list[Layer], axis: Literal["x", "y"], scale: float = 1.0) -> None:
+    """Stage names at their centres, thin lines between stages, the bottleneck stage with a
+    shaded label and a dark strip along the axis (positions are drawn-layer index x scale)."""
+    found = stages(layers)
+    labelled = _spaced_labels(found, min_gap=len(layers) / MAX_STAGE_LABELS)
+    centres = [(s.start + s.stop) / 2 * scale for s in labelled]
+    if axis == "y":
+        for s in found[1:]:
+            ax.axhline(s.start * scale, color="k", lw=0.5, alpha=0.6)
+        ax.set_yticks(centres, [s.name for s in labelled])
+        ticklabels = ax.get_yticklabels()
+    else:
+        for s in found[1:]:
+            ax.axvline(s.start * scale, color="k", lw=0.5, alpha=0.6)
+        ax.set_xticks(centres, [s.name for s in labelled])
+        ticklabels = ax.get_xticklabels()
+    ax.tick_params(axis=axis, length=0)
+    for s, text in zip(labelled, ticklabels, strict=True):
+        if s.bottleneck:
+            text.set_bbox({"boxstyle": "round,pad=0.2", "fc": "#b0b0b0", "ec": "none"})
+            text.set_fontweight("bold")
+            span = (s.start * scale, s.stop * scale)
+            if axis == "y":
+                ax.axhspan(*span, xmin=0, xmax=0.015, color="0.15", lw=0)
+            else:
+                ax.axvspan(*span, ymin=0, ymax=0.02, color="0.15", lw=0)

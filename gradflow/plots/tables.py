@@ -1,0 +1,79 @@
+"""The paper's table: best validation loss per run and the training loss at that epoch."""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from matplotlib.figure import Figure
+
+from gradflow.plots.catalog import FIGURES, TABLES
+from gradflow.plots.curves import epoch_metric
+from gradflow.plots.style import run_labels, styled
+from gradflow.store import Run
+
+Cell = str | int | float
+
+
+@dataclass(frozen=True)
+class Table:
+    """A small table with a header; numbers keep full precision until formatted."""
+
+    columns: list[str]
+    rows: list[list[Cell]]
+
+    def formatted(self) -> list[list[str]]:
+        """Cells as text, floats to four significant digits, NaN as ``n/a``."""
+        return [[_format(cell) for cell in row] for row in self.rows]
+
+    def to_markdown(self) -> str:
+        lines = [self.columns, ["---"] * len(self.columns), *self.formatted()]
+        return "".join("| " + " | ".join(line) + " |\n" for line in lines)
+
+    def to_csv(self) -> str:
+        out = io.StringIO()
+        writer = csv.writer(out, lineterminator="\n")
+        writer.writerow(self.columns)
+        writer.writerows(self.rows)
+        return out.getvalue()
+
+
+def _format(cell: Cell) -> str:
+    if isinstance(cell, float):
+        return "n/a" if math.isnan(cell) else f"{cell:.4g}"
+    return str(cell)
+
+
+@TABLES.register("best-losses")
+def best_losses_table(runs: Sequence[Run]) -> Table:
+    """Per run: the epoch of the lowest validation loss, that loss and the training loss then."""
+    rows: list[list[Cell]] = []
+    for run, label in zip(runs, run_labels(runs), strict=True):
+        epochs, val = epoch_metric(run, "val_loss")
+        train = run.metrics.get("train_loss", np.full(len(val), np.nan))
+        if np.isnan(val).all():
+            rows.append([label, "n/a", math.nan, math.nan, run.n_epochs])
+            continue
+        best = int(np.nanargmin(val))
+        rows.append([label, int(epochs[best]), float(val[best]), float(train[best]), run.n_epochs])
+    columns = ["model", "best epoch", "best val_loss", "train_loss at best", "epochs"]
+    return Table(columns, rows)
+
+
+@FIGURES.register("best-losses")
+@styled
+def best_losses(runs: Sequence[Run], *, title: str | None = None) -> Figure:
+    """The best validation loss per run and the training loss at that epoch, as a table."""
+    table = best_losses_table(runs)
+    fig = Figure(figsize=(7.0, 0.8 + 0.3 * len(table.rows)), layout="constrained")
+    ax = fig.subplots()
+    ax.axis("off")
+    drawn = ax.table(cellText=table.formatted(), colLabels=table.columns, loc="center")
+    drawn.auto_set_column_width(list(range(len(table.columns))))
+    if title:
+        ax.set_title(title)
+    return fig

@@ -1,0 +1,222 @@
+"""The model zoo: every preset is checked from the registry, plus the FCN's options."""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import replace
+
+import pytest
+import torch
+import typer
+from torch import nn
+
+import gradflow.cli.commands  # noqa: F401  (registers the commands on the app)
+from gradflow.cli.app import app
+from gradflow.errors import GradflowError
+from gradflow.models import (
+    FCN,
+    Block,
+    FCNConfig,
+    Projection,
+    Stage,
+    count_convs,
+    create_model,
+    list_models,
+    model_info,
+)
+
+MODELS = list_models()
+SMALL = [name for name in MODELS if name != "paper-resunet"]
+# Every block kind, widths that change between stages (so projections exist), 3 levels.
+MIXED = FCNConfig(
+    stem_width=8,
+    down=(Stage("basic", 1, 8), Stage("bottleneck", 2, 16)),
+    across=Stage("bottleneck", 2, 32),
+    up=(Stage("bottleneck", 2, 16), Stage("basic", 1, 8)),
+)
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    torch.manual_seed(0)
+
+
+@functools.cache
+def built(name: str) -> FCN:
+    return create_model(name)
+
+
+def assert_trains_one_step(model: nn.Module, size: int, batch: int = 2) -> None:
+    model.train()
+    model.zero_grad(set_to_none=True)
+    x = torch.randn(batch, 1, size, size)
+    out = model(x)
+    assert out.shape == (batch, 1, size, size)
+    assert torch.isfinite(out).all()
+    target = (torch.rand_like(out) < 0.22).float()
+    nn.functional.binary_cross_entropy_with_logits(out, target).backward()
+    for name, param in model.named_parameters():
+        assert param.grad is not None, f"{name} got no gradient"
+        assert torch.isfinite(param.grad).all(), f"{name} has a non-finite gradient"
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_every_parameter_gets_a_finite_gradient(name: str) -> None:
+    model = built(name)
+    assert_trains_one_step(model, size=max(64, model.config.downsampling))
+
+
+@pytest.mark.parametrize("size", [96, 128, 512])
+@pytest.mark.parametrize("name", SMALL)
+def test_output_has_the_input_size(name: str, size: int) -> None:
+    model = built(name).eval()
+    with torch.no_grad():
+        out = model(torch.randn(1, 1, size, size))
+    assert out.shape == (1, 1, size, size)
+    assert torch.isfinite(out).all()
+
+
+@pytest.mark.slow
+def test_paper_resunet_takes_512() -> None:
+    model = built("paper-resunet").eval()
+    with torch.no_grad():
+        out = model(torch.randn(1, 1, 512, 512))
+    assert out.shape == (1, 1, 512, 512)
+    assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_a_size_the_model_cannot_take_is_a_clear_error(name: str) -> None:
+    model = built(name)
+    factor = model.config.downsampling
+    bad = factor + factor // 2
+    with pytest.raises(GradflowError, match=f"input {bad}x{bad} is not a multiple of {factor}"):
+        model(torch.randn(1, 1, bad, bad))
+
+
+def test_the_size_error_suggests_valid_sizes() -> None:
+    model = built("fig3b-long-9")
+    with pytest.raises(GradflowError) as err:
+        model.check_input_size(100, 100)
+    assert str(err.value) == (
+        "input 100x100 is not a multiple of 32, the model's total downsampling; use e.g. 96 or 128"
+    )
+    with pytest.raises(GradflowError, match=r"use e\.g\. 96x32 or 128x32"):
+        model.check_input_size(100, 32)
+    with pytest.raises(GradflowError, match=r"expected input \(N, 1, H, W\)"):
+        model(torch.randn(1, 3, 32, 32))
+
+
+def test_paper_resunet_matches_the_paper_counts() -> None:
+    info = model_info("paper-resunet")
+    assert abs(info["conv_layers"] - 142) <= 0.05 * 142
+    assert abs(info["n_params"] - 11e6) <= 0.05 * 11e6
+    assert info["conv_layers_total"] > info["conv_layers"]
+    assert info["downsampling"] == 64
+
+
+def test_fig3b_matches_the_benchmark_description() -> None:
+    info = model_info("fig3b-long-9")
+    assert 75 <= info["conv_layers"] <= 90
+    assert abs(info["n_params"] - 148e3) <= 0.05 * 148e3
+    assert abs(len(list(built("fig3b-long-9").parameters())) - 256) <= 16
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_model_info_describes_every_preset(name: str) -> None:
+    info = model_info(name)
+    main, total = count_convs(built(name))
+    assert (info["conv_layers"], info["conv_layers_total"]) == (main, total)
+    assert info["n_params"] == sum(p.numel() for p in built(name).parameters())
+    assert info["description"]
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_batch_norm_flag_decides_whether_there_is_any(name: str) -> None:
+    model = built(name)
+    has_bn = any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    assert has_bn == model.config.batch_norm
+    assert has_bn != name.endswith("nobn")
+
+
+@pytest.mark.parametrize("mode", ["none", "sum", "concat"])
+def test_long_skip_modes(mode: str) -> None:
+    model = FCN(replace(MIXED, long_skip=mode))
+    assert_trains_one_step(model, size=16)
+    projections = dict(model.long_skips.named_children())
+    if mode == "sum":
+        assert set(projections) == {"up1", "up2"}  # 32 -> 16 and 16 -> 8 channels
+    else:
+        assert not projections
+    first_up_width = model.get_submodule("up1.0.conv1").in_channels
+    assert first_up_width == {"none": 32, "sum": 16, "concat": 48}[mode]
+
+
+@pytest.mark.parametrize("short_skip", [True, False])
+def test_short_skips_add_identity_paths_and_projections(short_skip: bool) -> None:
+    model = FCN(replace(MIXED, short_skip=short_skip))
+    assert_trains_one_step(model, size=16)
+    blocks = [m for m in model.modules() if isinstance(m, Block)]
+    assert all(block.short_skip == short_skip for block in blocks)
+    shortcuts = {n for n, m in model.named_modules() if n.endswith("shortcut")}
+    if short_skip:
+        # Where a block's channel count changes; up stages get the skip's width (sum).
+        assert shortcuts == {"down3.0.shortcut", "across.0.shortcut"}
+        assert all(isinstance(model.get_submodule(n), Projection) for n in shortcuts)
+    else:
+        assert not shortcuts
+
+
+def test_short_skips_change_structure_not_parameters_at_constant_width() -> None:
+    with_short, without = built("fig3a-long-short-9"), built("fig3b-long-9")
+    assert [n for n, _ in with_short.named_parameters()] == [
+        n for n, _ in without.named_parameters()
+    ]
+    assert all(b.short_skip for b in with_short.modules() if isinstance(b, Block))
+    assert not any(b.short_skip for b in without.modules() if isinstance(b, Block))
+
+
+@pytest.mark.parametrize("residual_init", ["zero", "he"])
+def test_residual_blocks_start_as_identity_with_zero_init(residual_init: str) -> None:
+    model = create_model("tiny", residual_init=residual_init)
+    last_convs = [b.last_conv.weight for b in model.modules() if isinstance(b, Block)]
+    assert all((w == 0).all() == (residual_init == "zero") for w in last_convs)
+    bias = model.classifier.bias
+    assert bias is not None
+    assert torch.allclose(bias, torch.tensor(math.log(0.22 / 0.78)))
+    # Blocks without a short skip are never zeroed (that would cut the network).
+    plain = create_model("tiny", short_skip=False)
+    assert not any((b.last_conv.weight == 0).all() for b in plain.modules() if isinstance(b, Block))
+
+
+def test_layer_names_are_readable() -> None:
+    fig3 = dict(built("fig3a-long-short-9").named_modules())
+    for name in ["down1.conv", "down4.2.conv1", "across.0", "up1.3", "final.conv", "classifier"]:
+        assert name in fig3
+    paper = dict(built("paper-resunet").named_modules())
+    for name in ["down5.2.conv2", "down4.0.shortcut", "across.2.upsample", "long_skips.up1"]:
+        assert name in paper
+
+
+def test_bad_names_overrides_and_values_are_clear_errors() -> None:
+    with pytest.raises(GradflowError, match=r"unknown model 'fig3b-long9'.*did you mean"):
+        create_model("fig3b-long9")
+    with pytest.raises(GradflowError, match=r"unknown FCNConfig field 'longskip'.*'long_skip'"):
+        create_model("tiny", longskip="sum")
+    with pytest.raises(GradflowError, match="long_skip must be one of"):
+        create_model("tiny", long_skip="diagonal")
+    with pytest.raises(GradflowError, match="multiple of 4"):
+        replace(MIXED, across=Stage("bottleneck", 1, 30))
+
+
+def test_models_command_lists_every_preset(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # get_group: `models` is a subcommand even while it is the app's only command.
+    monkeypatch.setenv("COLUMNS", "200")
+    typer.main.get_group(app).main(["models"], prog_name="gradflow", standalone_mode=False)
+    output = capsys.readouterr().out
+    for name in MODELS:
+        assert name in output
+    assert "142" in output

@@ -1,0 +1,184 @@
+"""The run file: reading while written, surviving SIGKILL, clear errors on bad files."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from gradflow import GradflowError, open_run
+from gradflow.store import SCHEMA_VERSION
+
+WRITER = textwrap.dedent(
+    """
+    import sys, time, torch
+    from torch import nn
+    import gradflow
+    path, steps, pause = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    x, y = torch.randn(16, 4), torch.randn(16, 1)
+    with gradflow.Recorder(model, opt, path, flush_every=3, flush_seconds=60) as rec:
+        for step in range(steps):
+            opt.zero_grad()
+            loss = nn.functional.mse_loss(model(x), y)
+            loss.backward()
+            opt.step()
+            rec.log(loss=loss)
+            print(step, flush=True)
+            time.sleep(pause)
+    print("done", flush=True)
+    """
+)
+
+
+def _start(tmp_path: Path, steps: int, pause: float) -> tuple[subprocess.Popen[str], Path]:
+    script = tmp_path / "writer.py"
+    script.write_text(WRITER)
+    path = tmp_path / "run.h5"
+    proc = subprocess.Popen(
+        [sys.executable, str(script), str(path), str(steps), str(pause)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    return proc, path
+
+
+def _wait_for_line(proc: subprocess.Popen[str], want: str) -> None:
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        if line.strip() == want:
+            return
+    raise AssertionError(
+        f"writer ended before printing {want!r}: {proc.stderr.read() if proc.stderr else ''}"
+    )
+
+
+def test_readable_while_being_written(tmp_path: Path) -> None:
+    proc, path = _start(tmp_path, steps=60, pause=0.05)
+    try:
+        _wait_for_line(proc, "10")
+        seen = []
+        for _ in range(4):
+            with open_run(path) as run:
+                steps = run.steps
+                grad = run.stat("param", "grad_norm")
+                assert grad.shape == (len(steps), 2)
+                assert np.array_equal(steps, np.arange(len(steps)))
+                assert np.isfinite(grad).all()
+                seen.append(len(steps))
+            time.sleep(0.4)
+        assert seen[-1] > seen[0] > 0, seen
+        # one handle, refreshed, also sees the file grow
+        run = open_run(path)
+        before = run.n_steps
+        time.sleep(0.5)
+        run.refresh()
+        assert run.n_steps > before
+        run.close()
+        proc.wait(timeout=60)
+        assert proc.returncode == 0, proc.stderr.read() if proc.stderr else ""
+    finally:
+        proc.kill()
+    with open_run(path) as run:
+        assert run.n_steps == 60
+
+
+def test_sigkill_leaves_readable_file_losing_at_most_one_flush(tmp_path: Path) -> None:
+    proc, path = _start(tmp_path, steps=1000, pause=0.05)
+    _wait_for_line(proc, "20")
+    time.sleep(0.2)  # let the writer thread take the rows printed so far
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=10)
+    with open_run(path) as run:
+        steps = run.steps
+        assert len(steps) >= 21 - 3  # flush_every=3: at most one flush interval lost
+        assert np.array_equal(steps, np.arange(len(steps)))
+        for probe, names in run.probes().items():
+            for name in names:
+                assert run.stat(probe, name).shape == (len(steps), 2)
+        assert np.isfinite(run.stat("param", "grad_norm")).all()
+
+
+def _write_h5(path: Path, attrs: dict) -> None:
+    with h5py.File(path, "w") as f:
+        f.create_dataset("x", data=np.arange(3))
+        for k, v in attrs.items():
+            f.attrs[k] = v
+
+
+def _good_run(tmp_path: Path) -> Path:
+    import torch
+    from torch import nn
+
+    import gradflow
+
+    model = nn.Linear(2, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    path = tmp_path / "good.h5"
+    with gradflow.Recorder(model, opt, path):
+        for _ in range(3):
+            opt.zero_grad()
+            model(torch.randn(3, 2)).sum().backward()
+            opt.step()
+    return path
+
+
+@pytest.mark.parametrize(
+    "kind, message",
+    [
+        ("missing", "no such run file"),
+        ("empty", "empty file"),
+        ("text", "not an HDF5 file"),
+        ("truncated", "damaged or truncated"),
+        ("foreign", "not a gradflow run"),
+        ("newer", "schema v2"),
+        ("directory", "is a directory"),
+    ],
+)
+def test_open_run_bad_files(kind: str, message: str, tmp_path: Path) -> None:
+    path = tmp_path / "bad.h5"
+    if kind == "empty":
+        path.write_bytes(b"")
+    elif kind == "text":
+        path.write_text("step,loss\n1,0.5\n")
+    elif kind == "truncated":
+        data = _good_run(tmp_path).read_bytes()
+        path.write_bytes(data[: len(data) // 3])
+    elif kind == "foreign":
+        _write_h5(path, {"title": "someone else's"})
+    elif kind == "newer":
+        good = _good_run(tmp_path)
+        with h5py.File(good, "r+") as f:
+            f.attrs["schema_version"] = SCHEMA_VERSION + 1
+        path = good
+    elif kind == "directory":
+        path.mkdir()
+    with pytest.raises(GradflowError, match=message) as info:
+        open_run(path)
+    text = str(info.value)
+    assert str(path) in text and "\n" not in text
+
+
+def test_run_file_layout(tmp_path: Path) -> None:
+    path = _good_run(tmp_path)
+    with h5py.File(path, "r", swmr=True) as f:
+        assert f.attrs["schema_version"] == SCHEMA_VERSION
+        ds = f["stats/param/grad_norm"]
+        assert ds.dtype == np.float32 and ds.maxshape == (None, 1)
+        assert ds.chunks is not None and ds.compression == "gzip"
+        assert list(f["counts"][()]) == [3, 0, 0]
+    with open_run(path) as run:
+        assert run.attrs["device"] == "cpu"
+        assert run.n_layers == 1 and run.layers[0].n_params == 6
+        assert run.overhead["wall"] > 0 and run.overhead["stats"] > 0
