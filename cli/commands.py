@@ -3,4 +3,5 @@
 from gradflow.cli import (
     models_cmd,  # noqa: F401
     plot_cmd,  # noqa: F401
+    record_cmd,  # noqa: F401
 )

@@ -7,7 +7,7 @@ the recorder to pack into one host copy per recorded step.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -132,6 +132,26 @@ class CallLog:
     gout_n: list[int] = field(default_factory=list)
     gout_sq: list[torch.Tensor] = field(default_factory=list)
 
+    def all_reduce(self, world_size: int, group: Any = None) -> CallLog:
+        """The same calls with reductions summed over all ranks (identical call patterns)."""
+        import torch.distributed as dist
+
+        out = CallLog(
+            act_ids=self.act_ids,
+            act_n=[n * world_size for n in self.act_n],
+            gout_ids=self.gout_ids,
+            gout_n=[n * world_size for n in self.gout_n],
+        )
+        parts = self.tensors()
+        if parts:  # one collective for everything, in float64 (exact for counts)
+            packed = torch.cat(parts)
+            dist.all_reduce(packed, group=group)
+            k = 4 * len(self.act_ids)
+            act, gout = packed[:k].view(-1, 4), packed[k:]
+            out.act_float, out.act_count = list(act[:, :2]), list(act[:, 2:])
+            out.gout_sq = list(gout)
+        return out
+
     def tensors(self) -> list[torch.Tensor]:
         """The reductions as float64 vectors: activations [C, 4] then output grads [C']."""
         out = []
@@ -167,8 +187,19 @@ def grad_output_hook(log: Callable[[], CallLog], layer_id: int) -> Callable[[tor
     return hook
 
 
+def local(t: torch.Tensor) -> torch.Tensor:
+    """The local shard of a DTensor (FSDP2, tensor parallel), or the tensor itself."""
+    to_local = getattr(t, "to_local", None)
+    return to_local() if to_local is not None else t
+
+
+def _sq_norms(tensors: Sequence[torch.Tensor], order: float = 2) -> torch.Tensor:
+    norms = torch.stack(torch._foreach_norm(list(tensors), order)).float()
+    return norms * norms if order == 2 else norms
+
+
 class Snapshot:
-    """A float32 copy of a list of parameters in one flat buffer, allocated on first use."""
+    """A float32 copy of (the local shards of) parameters in one flat buffer."""
 
     def __init__(self, params: Sequence[nn.Parameter], device: torch.device) -> None:
         self.params = list(params)
@@ -176,42 +207,66 @@ class Snapshot:
         self._views: list[torch.Tensor] = []
 
     def take(self) -> torch.Tensor:
-        """Copy the parameters in; returns their per-tensor norms (float32 [P])."""
+        """Copy the parameters in; returns their per-tensor sums of squares (float32 [P])."""
+        current = [local(p.detach()) for p in self.params]
         if not self._views:
-            sizes = [p.numel() for p in self.params]
+            sizes = [t.numel() for t in current]
             flat = torch.empty(sum(sizes), dtype=torch.float32, device=self.device)
-            self._views = [
-                v.view(p.shape) for v, p in zip(flat.split(sizes), self.params, strict=True)
-            ]
-        current = [p.detach() for p in self.params]
+            self._views = [v.view(t.shape) for v, t in zip(flat.split(sizes), current, strict=True)]
         torch._foreach_copy_(self._views, current)
-        return torch.stack(torch._foreach_norm(self._views)).float()
+        return _sq_norms(self._views)
 
     def delta(self) -> list[torch.Tensor]:
         """Turn the copy into ``W_then - W_now`` in place; returns per-tensor
-        ``[||d||, sum |d|, max |d|]`` (float32 [3P]). Call :meth:`take` before reusing."""
-        torch._foreach_sub_(self._views, [p.detach() for p in self.params])
-        return [
-            torch.stack(torch._foreach_norm(self._views, order)).float()
-            for order in (2, 1, float("inf"))
-        ]
+        ``[sum d^2, sum |d|, max |d|]`` (3 x float32 [P]). Call :meth:`take` before reuse."""
+        torch._foreach_sub_(self._views, [local(p.detach()) for p in self.params])
+        return [_sq_norms(self._views, order) for order in (2, 1, float("inf"))]
 
 
 def reduce_per_layer(
     vec: np.ndarray, layer_starts: np.ndarray, layer_numel: np.ndarray
 ) -> dict[str, np.ndarray]:
     """Per-layer ``param``/``epoch`` reductions from the per-tensor vector [6P]
-    (``||W||, ||g||, non-finite g, ||d||, sum |d|, max |d|``)."""
-    w, g, nf, d, d1, dmax = vec.reshape(6, -1)
+    (``sum W^2, sum g^2, non-finite g, sum d^2, sum |d|, max |d|``)."""
+    w_sq, g_sq, nf, d_sq, d_abs, d_max = vec.reshape(6, -1)
     return {
         "n": layer_numel,
-        "w_sq": np.add.reduceat(w * w, layer_starts),
-        "g_sq": np.add.reduceat(g * g, layer_starts),
+        "w_sq": np.add.reduceat(w_sq, layer_starts),
+        "g_sq": np.add.reduceat(g_sq, layer_starts),
         "g_nonfinite": np.add.reduceat(nf, layer_starts),
-        "d_sq": np.add.reduceat(d * d, layer_starts),
-        "d_abs": np.add.reduceat(d1, layer_starts),
-        "d_max": np.maximum.reduceat(dmax, layer_starts),
+        "d_sq": np.add.reduceat(d_sq, layer_starts),
+        "d_abs": np.add.reduceat(d_abs, layer_starts),
+        "d_max": np.maximum.reduceat(d_max, layer_starts),
     }
+
+
+class ShardReducer:
+    """Completes per-tensor reductions of sharded (DTensor) parameters across ranks.
+
+    Sums of sharded tensors are all-reduced with SUM (replicated ones are weighted by
+    1/world so they count once), maxima with MAX: two collectives per recorded step,
+    so norms are global, never shard-local.
+    """
+
+    def __init__(self, params: Sequence[nn.Parameter]) -> None:
+        import torch.distributed as dist
+
+        self._dist = dist
+        mesh = next(p.device_mesh for p in params if hasattr(p, "device_mesh"))
+        self.group = mesh.get_group() if mesh.ndim == 1 else None
+        world = dist.get_world_size(self.group)
+        sharded = [any(pl.is_shard() for pl in getattr(p, "placements", ())) for p in params]
+        self.weight = torch.tensor(
+            [1.0 if s else 1.0 / world for s in sharded], device=local(params[0]).device
+        )
+
+    def __call__(self, vec: torch.Tensor) -> torch.Tensor:
+        n = len(self.weight)
+        sums = (vec[: 5 * n].view(5, n) * self.weight).reshape(-1)
+        maxima = vec[5 * n :].clone()
+        self._dist.all_reduce(sums, op=self._dist.ReduceOp.SUM, group=self.group)
+        self._dist.all_reduce(maxima, op=self._dist.ReduceOp.MAX, group=self.group)
+        return torch.cat([sums, maxima])
 
 
 class ParamProbe:
@@ -219,7 +274,8 @@ class ParamProbe:
 
     One float32 snapshot of all trainable parameters, allocated at the first recorded step
     and reused, holds ``W_before``; after the step it is turned into ``W_before - W_after``
-    in place, so measuring the update needs no second copy.
+    in place, so measuring the update needs no second copy. Sharded parameters are
+    measured on their local shards and completed across ranks by a :class:`ShardReducer`.
     """
 
     def __init__(self, layers: Sequence[LayerSpec]) -> None:
@@ -227,45 +283,52 @@ class ParamProbe:
         counts = [len(lay.params) for lay in layers]
         self.layer_starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
         self.layer_numel = np.array([lay.n_params for lay in layers], dtype=np.float64)
-        devices = {p.device for p in self.params}
+        devices = {local(p).device for p in self.params}
         if len(devices) > 1:
             raise GradflowError(
                 f"parameters on several devices ({sorted(map(str, devices))}) are not supported"
             )
         self.device = next(iter(devices)) if devices else torch.device("cpu")
         self.snapshot = Snapshot(self.params, self.device)
+        sharded = any(hasattr(p, "device_mesh") for p in self.params)
+        self.reduce_shards = ShardReducer(self.params) if sharded else None
         self._zero = torch.zeros((), device=self.device)
         self._pre: list[torch.Tensor] = []
 
-    def before_step(self) -> None:
-        """Reduce gradients and weights, and snapshot the weights (call before ``step()``)."""
-        grads = [p.grad for p in self.params]
+    def grad_reductions(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-tensor sum of squares and non-finite count of the gradients (float32 [P])."""
+        grads = [local(p.grad) if p.grad is not None else None for p in self.params]
         present = [g for g in grads if g is not None]
-        norms = iter(torch._foreach_norm(present) if present else [])
-        g_norm = torch.stack([next(norms) if g is not None else self._zero for g in grads]).float()
+        sq: Iterator[torch.Tensor] = iter(_sq_norms(present) if present else [])
+        g_sq = torch.stack([next(sq) if g is not None else self._zero for g in grads])
         if self.device.type == "cpu":
             # On the CPU a check costs no device sync; count exactly only when needed.
-            if torch.isfinite(g_norm).all():
-                nonfinite = torch.zeros_like(g_norm)
-            else:
-                nonfinite = torch.stack(
-                    [
-                        (~torch.isfinite(g)).sum().float() if g is not None else self._zero
-                        for g in grads
-                    ]
-                )
-        else:
-            # Elsewhere count unconditionally: 0 * g is NaN exactly at non-finite entries.
-            zeros = torch._foreach_mul(present, 0.0) if present else []
-            counts = iter(torch._foreach_norm(list(zeros), 0) if present else [])
-            nonfinite = torch.stack(
-                [next(counts).float() if g is not None else self._zero for g in grads]
-            )
-        w_norm = self.snapshot.take()
-        self._pre = [w_norm, g_norm, nonfinite]
+            if torch.isfinite(g_sq).all():
+                return g_sq, torch.zeros_like(g_sq)
+            counts = [
+                (~torch.isfinite(g)).sum().float() if g is not None else self._zero for g in grads
+            ]
+            return g_sq, torch.stack(counts)
+        # Elsewhere count unconditionally: 0 * g is NaN exactly at non-finite entries.
+        nan_masks = list(torch._foreach_mul(present, 0.0)) if present else []
+        nan_at = iter(torch._foreach_norm(nan_masks, 0) if present else [])
+        return g_sq, torch.stack(
+            [next(nan_at).float() if g is not None else self._zero for g in grads]
+        )
+
+    def before_step(self) -> None:
+        """Reduce gradients and weights, and snapshot the weights (call before ``step()``)."""
+        g_sq, nonfinite = self.grad_reductions()
+        self._pre = [self.snapshot.take(), g_sq, nonfinite]
 
     def after_step(self, stepped: bool = True) -> torch.Tensor:
         """Reduce ``W_after - W_before``; returns all reductions as one float64 vector [6P]."""
-        w_norm, g_norm, nonfinite = self._pre
-        deltas = self.snapshot.delta() if stepped else [torch.zeros_like(w_norm)] * 3
-        return torch.cat([w_norm, g_norm, nonfinite, *deltas]).double()
+        w_sq = self._pre[0]
+        deltas = self.snapshot.delta() if stepped else [torch.zeros_like(w_sq)] * 3
+        return self.complete(torch.cat([*self._pre, *deltas]))
+
+    def complete(self, vec: torch.Tensor) -> torch.Tensor:
+        """Per-tensor reductions made global across shards (if any), as float64."""
+        if self.reduce_shards is not None:
+            vec = self.reduce_shards(vec)
+        return vec.double()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import os
+import threading
 import time
 import weakref
 from collections.abc import Callable, Iterable, Sequence
@@ -30,7 +31,7 @@ from gradflow.probes import (
 )
 from gradflow.schedule import Schedule, as_schedule
 from gradflow.store import Event, check_writable
-from gradflow.writer import STEP_PROBES, EpochItem, Layout, StepItem, WriterThread
+from gradflow.writer import STEP_PROBES, EpochItem, Layout, NullWriter, StepItem, WriterThread
 
 _OPEN: weakref.WeakKeyDictionary[nn.Module, Recorder] = weakref.WeakKeyDictionary()
 LayerSelect = Sequence[str] | Callable[[str, nn.Module], bool] | None
@@ -67,6 +68,12 @@ class Recorder:
             (keeps one more float32 copy of the parameters).
         resume: ``(step, epoch)`` to continue an existing run file from (rows at or after
             ``step`` and epochs from ``epoch`` on are dropped, then appended anew).
+        write_rank: under ``torch.distributed``, the one rank that writes the file. Other
+            ranks write nothing; they only join the collectives that sharded (DTensor/FSDP2)
+            parameters or ``reduce_activations`` need, and are otherwise inert.
+        reduce_activations: under ``torch.distributed``, sum activation and output-gradient
+            reductions over all ranks (their whole global batch) instead of using the
+            writing rank's local batch (the default). The file's ``activation_scope`` says which.
     """
 
     def __init__(
@@ -85,6 +92,8 @@ class Recorder:
         overwrite: bool = False,
         epoch_stats: bool = True,
         resume: tuple[int, int] | None = None,
+        write_rank: int = 0,
+        reduce_activations: bool = False,
     ) -> None:
         if isinstance(model, nn.parallel.DistributedDataParallel):
             model = model.module
@@ -103,9 +112,16 @@ class Recorder:
                 f"this model already has an open Recorder writing {other.path}; "
                 "close it first (rec.close() or leave its with-block)"
             )
-        if resume is None:
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        self.rank = torch.distributed.get_rank() if distributed else 0
+        self.world_size = torch.distributed.get_world_size() if distributed else 1
+        self._writes = self.rank == write_rank
+        self._reduce_activations = reduce_activations and self.world_size > 1
+        # gradflow's own collectives run in a group of their own, apart from the model's.
+        self._group = torch.distributed.new_group() if self._reduce_activations else None
+        if self._writes and resume is None:
             check_writable(self.path, overwrite=overwrite)
-        elif not self.path.exists():
+        elif self._writes and not self.path.exists():
             raise GradflowError(f"{self.path}: cannot resume, no such run file")
         self.model = model
         self.optimizer = optimizer
@@ -121,7 +137,8 @@ class Recorder:
         self._layout_sent = False
         self._param_probe: ParamProbe | None = None
         self._epoch_snapshot: Snapshot | None = None
-        self._epoch_w_norm: torch.Tensor | None = None
+        self._epoch_probe: ParamProbe | None = None
+        self._epoch_w_sq: torch.Tensor | None = None
         self._call_order: dict[str, int] = {}
         self._active = self.schedule(self.step)
         self._log = CallLog()
@@ -137,11 +154,17 @@ class Recorder:
         self._scaler_step: Any = None
         self._closed = False
 
-        self._writer = WriterThread(flush_every, flush_seconds)
+        sharded = any(hasattr(p, "device_mesh") for lay in self._layers for p in lay.params)
+        # A rank that neither writes nor joins collectives has nothing to do: no hooks at all.
+        self._inert = not self._writes and not (sharded or self._reduce_activations)
+        self._writer: WriterThread | NullWriter = (
+            WriterThread(flush_every, flush_seconds) if self._writes else NullWriter()
+        )
         self._writer.start()
         _OPEN[model] = self
         try:
-            self._attach()
+            if not self._inert:
+                self._attach()
         except BaseException:
             self._detach()
             self._writer.finish()
@@ -164,6 +187,8 @@ class Recorder:
         """Attach scalars (e.g. ``loss=loss``) to the current step; tensors are not synced."""
         if self._closed:
             raise GradflowError("log() on a closed Recorder")
+        if self._inert:
+            return
         values = {}
         for name, value in scalars.items():
             if isinstance(value, torch.Tensor):
@@ -184,15 +209,19 @@ class Recorder:
         """Close the current epoch: store its update statistics and the given metrics."""
         if self._closed:
             raise GradflowError("epoch_end() on a closed Recorder")
+        if self._inert:
+            self.epoch += 1
+            return
         self._ensure_layout()
         self._finalize_row()
         device_vals, host_vals = _split_scalars(metrics)
         parts: list[torch.Tensor] = []
-        if self._epoch_snapshot is not None and self._epoch_w_norm is not None:
-            w = self._epoch_w_norm
-            zeros = torch.zeros_like(w)
-            parts = [w, zeros, zeros, *self._epoch_snapshot.delta()]
-            self._epoch_w_norm = self._epoch_snapshot.take()
+        if self._epoch_snapshot is not None and self._epoch_w_sq is not None:
+            w_sq = self._epoch_w_sq
+            zeros = torch.zeros_like(w_sq)
+            vec = torch.cat([w_sq, zeros, zeros, *self._epoch_snapshot.delta()])
+            parts = [self._epoch_probe.complete(vec) if self._epoch_probe else vec]
+            self._epoch_w_sq = self._epoch_snapshot.take()
         packed, ready = self._to_host(parts, device_vals)
         self._writer.put(
             EpochItem(
@@ -208,14 +237,28 @@ class Recorder:
         )
         self.epoch += 1
 
+    def flush(self, timeout: float = 60.0) -> None:
+        """Block until everything recorded so far is committed to the run file
+        (e.g. before saving a checkpoint that a resumed run will continue from)."""
+        if self._closed or self._inert:
+            return
+        self._ensure_layout()
+        done = threading.Event()
+        self._writer.put(done)
+        if not done.wait(timeout) or self._writer.error is not None:
+            raise GradflowError(
+                f"{self.path}: flushing the run file failed: {self._writer.error or 'timed out'}"
+            )
+
     def close(self) -> None:
         """Write what is pending, remove every hook, close the file (idempotent)."""
         if self._closed:
             return
         self._closed = True
         try:
-            self._ensure_layout()
-            self._finalize_row()
+            if not self._inert:
+                self._ensure_layout()
+                self._finalize_row()
         finally:
             self._detach()
             _OPEN.pop(self.model, None)
@@ -233,10 +276,8 @@ class Recorder:
         if exc_type is None:
             self.close()
             return
-        try:  # keep the body's exception; what was recorded is still written
+        with contextlib.suppress(GradflowError):  # keep the body's exception
             self.close()
-        except GradflowError:
-            pass
 
     def _atexit(self) -> None:
         with contextlib.suppress(GradflowError):
@@ -363,7 +404,9 @@ class Recorder:
                 "epoch": self.epoch,
                 "time": time.perf_counter() - self._t0,
                 "param": param,
-                "log": self._log,
+                "log": self._log.all_reduce(self.world_size, self._group)
+                if self._reduce_activations
+                else self._log,
                 "scalars": self._next_scalars,
                 "skipped": skipped,
                 "has_update": has_update,
@@ -435,8 +478,9 @@ class Recorder:
         probe = ParamProbe(layers) if "param" in self.probes or self._epoch_stats else None
         self._param_probe = probe if "param" in self.probes else None
         if self._epoch_stats and probe is not None:
+            self._epoch_probe = probe
             self._epoch_snapshot = Snapshot(probe.params, probe.device)
-            self._epoch_w_norm = self._epoch_snapshot.take()
+            self._epoch_w_sq = self._epoch_snapshot.take()
         device = str(probe.device) if probe is not None else "cpu"
         self._writer.put(
             Layout(
@@ -453,6 +497,10 @@ class Recorder:
                     "flush_every": self._flush[0],
                     "flush_seconds": self._flush[1],
                     "optimizer": type(self.optimizer).__name__ if self.optimizer else "",
+                    "world_size": self.world_size,
+                    "activation_scope": "all ranks"
+                    if self._reduce_activations
+                    else f"rank {self.rank} local batch",
                 },
                 overwrite=self._overwrite,
                 resume_at=self._resume,

@@ -89,6 +89,24 @@ class _Buffer:
         return sum(len(r) for r in self.items)
 
 
+class NullWriter:
+    """Stands in for the writer on ranks that do not write (see ``Recorder(write_rank=)``)."""
+
+    error: BaseException | None = None
+    first_nonfinite: Event | None = None
+
+    def start(self) -> None:
+        """Nothing to start."""
+
+    def put(self, item: Any) -> None:
+        """Drop the item (waking a flush request at once)."""
+        if isinstance(item, threading.Event):
+            item.set()
+
+    def finish(self, timeout: float | None = None) -> None:
+        """Nothing to finish."""
+
+
 class WriterThread(threading.Thread):
     """Consumes step and epoch items; the only thread that touches the run file."""
 
@@ -159,6 +177,9 @@ class WriterThread(threading.Thread):
             self._pending_epochs.append(item)
         elif isinstance(item, Event):
             self._pending_events.append(item)
+        elif isinstance(item, threading.Event):  # a flush request: commit, then wake the caller
+            self._commit()
+            item.set()
 
     def _open(self, layout: Layout) -> None:
         self._layout = layout

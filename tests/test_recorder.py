@@ -554,3 +554,17 @@ def test_layer_selection_by_prefix_and_predicate(tmp_path) -> None:
 
 def test_public_api_exports() -> None:
     assert callable(gradflow.open_run) and gradflow.Recorder is Recorder
+
+
+def test_flush_commits_rows_for_a_concurrent_reader(tmp_path) -> None:
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with Recorder(model, opt, tmp_path / "r.h5", flush_every=1000, flush_seconds=3600) as rec:
+        for _ in range(3):
+            opt.zero_grad()
+            model(torch.randn(4, 6)).sum().backward()
+            opt.step()
+        rec.epoch_end()
+        rec.flush()
+        with open_run(tmp_path / "r.h5") as run:  # a reader sees the rows before close()
+            assert run.n_steps == 3 and run.n_epochs == 1

@@ -1,0 +1,521 @@
+"""Per-step cost of recording with gradflow, next to wandb.watch, TensorBoard and Cockpit.
+
+Every variant trains its own copy of the same model (same initial weights, same random
+batch, RMSprop, BCE-with-logits). Timing is interleaved and paired: in round ``i`` every
+variant runs ``--steps-per-trial`` steps right next to as many plain steps (plain first in
+even rounds, the variant first in odd ones; the variants' order rotates), after warm-up
+steps that are not timed. A variant's ratio is the median over rounds of
+``variant s/step / plain s/step`` of its pairs; the spread is the min-max of those ratios.
+Peak resident memory is measured per variant in a fresh subprocess running the same steps.
+
+    python benchmarks/overhead.py --model fig3b-long-9            # CPU, batch 4, 96x96
+    python benchmarks/overhead.py --model paper-resunet --pairs 10  # CPU, batch 2, 64x64
+    python benchmarks/overhead.py --pairs 3 --variants plain,param  # a quick smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib.metadata
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import types
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from common import (
+    GradflowTool,
+    Session,
+    Summary,
+    Tool,
+    Trainer,
+    Unavailable,
+    Workload,
+    children_rss_mb,
+    environment,
+    format_table,
+    paired_trials,
+    peak_rss_mb,
+    print_header,
+    ratio_headline,
+    stderr,
+    summarize,
+    write_json,
+)
+from torch import nn
+
+# Per model: (crop, batch) that keep a CPU step well under a second.
+MODEL_DEFAULTS = {"fig3b-long-9": (96, 4), "paper-resunet": (64, 2), "tiny": (32, 4)}
+MEMORY_TAG = "@@memory "
+
+
+# -- the comparison tools -------------------------------------------------------------------------
+class WandbWatch(Tool):
+    """``wandb.watch(model, log="all", log_freq=1)`` in an offline run, ``wandb.log`` per step."""
+
+    def __init__(self, trainer: Trainer, tmp: Path) -> None:
+        super().__init__(trainer)
+        folder = tmp / "wandb"
+        folder.mkdir(exist_ok=True)
+        os.environ.update(
+            WANDB_MODE="offline",
+            WANDB_SILENT="true",
+            WANDB_DIR=str(folder),
+            WANDB_CONSOLE="off",  # keep our stdout unwrapped
+        )
+        try:
+            import wandb
+        except ImportError as err:
+            raise Unavailable(f"not installed ({err}); pip install wandb") from err
+        self.wandb = wandb
+        self.run = wandb.init(project="gradflow-overhead", dir=str(folder), mode="offline")
+        wandb.watch(trainer.model, log="all", log_freq=1)
+
+    def after_step(self, loss: torch.Tensor) -> None:
+        self.run.log({"loss": loss.item()})
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.wandb.unwatch(self.trainer.model)
+        self.run.finish()
+
+
+class TensorBoardHistograms(Tool):
+    """``SummaryWriter.add_histogram`` of every weight and every gradient, every step."""
+
+    def __init__(self, trainer: Trainer, tmp: Path) -> None:
+        super().__init__(trainer)
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError as err:
+            raise Unavailable(f"not installed ({err}); pip install tensorboard") from err
+        self.writer = SummaryWriter(log_dir=str(tmp / "tensorboard"))
+
+    def after_step(self, loss: torch.Tensor) -> None:
+        step = self.trainer.step_index
+        for name, p in self.trainer.model.named_parameters():
+            self.writer.add_histogram(name, p, step)
+            if p.grad is not None:
+                self.writer.add_histogram(f"{name}.grad", p.grad, step)
+        self.writer.add_scalar("loss", loss.item(), step)
+
+    def settle(self) -> None:
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+def _import_cockpit() -> Any:
+    """Import cockpit; cockpit-for-pytorch 1.0.2 imports ``pkg_resources`` only for its own
+    version number, and setuptools >= 81 no longer ships it: stand in a minimal one."""
+    try:
+        import pkg_resources  # noqa: F401
+    except ImportError:
+        shim = types.ModuleType("pkg_resources")
+
+        class DistributionNotFound(Exception):
+            pass
+
+        def get_distribution(name: str) -> Any:
+            try:
+                return types.SimpleNamespace(version=importlib.metadata.version(name))
+            except importlib.metadata.PackageNotFoundError as err:
+                raise DistributionNotFound(name) from err
+
+        shim.DistributionNotFound = DistributionNotFound  # type: ignore[attr-defined]
+        shim.get_distribution = get_distribution  # type: ignore[attr-defined]
+        sys.modules["pkg_resources"] = shim
+    import cockpit
+
+    return cockpit
+
+
+class CockpitQuantities(Tool):
+    """Cockpit with GradNorm, UpdateSize, Distance and Loss every step, used as documented:
+    model and loss extended with BackPACK, ``with cockpit(step, info=...)`` around backward."""
+
+    def __init__(self, trainer: Trainer, tmp: Path) -> None:
+        super().__init__(trainer)
+        try:
+            from backpack import extend
+
+            cockpit = _import_cockpit()
+            from cockpit import quantities
+            from cockpit.utils.schedules import linear
+        except ImportError as err:
+            raise Unavailable(
+                f"not installed ({err}); pip install cockpit-for-pytorch backpack-for-pytorch"
+            ) from err
+        trainer.model = extend(trainer.model)
+        trainer.loss_fn = extend(nn.BCEWithLogitsLoss())
+        self.individual = nn.BCEWithLogitsLoss(reduction="none")
+        every = linear(1)
+        self.cockpit = cockpit.Cockpit(
+            trainer.model.parameters(),
+            quantities=[
+                quantities.GradNorm(every),
+                quantities.UpdateSize(every),
+                quantities.Distance(every),
+                quantities.Loss(every),
+            ],
+        )
+
+    def backward(self, out: torch.Tensor, loss: torch.Tensor) -> None:
+        t = self.trainer
+        losses = self.individual(out, t.y).flatten(1).mean(1)
+        info = {
+            "batch_size": t.x.shape[0],
+            "individual_losses": losses,
+            "loss": loss,
+            "optimizer": t.optimizer,
+        }
+        with self.cockpit(t.step_index, info=info):
+            loss.backward(create_graph=self.cockpit.create_graph(t.step_index))
+
+
+# -- the variants ---------------------------------------------------------------------------------
+Builder = Callable[[Trainer, Path], Tool]
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    label: str
+    build: Builder
+
+
+VARIANTS = {
+    v.name: v
+    for v in (
+        Variant("plain", "plain training", lambda t, d: Tool(t)),
+        Variant(
+            "param",
+            "gradflow parameter statistics every step",
+            lambda t, d: GradflowTool(t, d / "param.h5", every=1, probes=("param",)),
+        ),
+        Variant(
+            "param-every10",
+            "gradflow parameter statistics every 10th step",
+            lambda t, d: GradflowTool(t, d / "param10.h5", every=10, probes=("param",)),
+        ),
+        Variant(
+            "all",
+            "gradflow all probes every step",
+            lambda t, d: GradflowTool(
+                t, d / "all.h5", every=1, probes=("param", "activation", "grad_output")
+            ),
+        ),
+        Variant("wandb", 'wandb.watch(log="all", log_freq=1), offline', WandbWatch),
+        Variant("tensorboard", "TensorBoard add_histogram, weights + grads", TensorBoardHistograms),
+        Variant("cockpit", "Cockpit GradNorm+UpdateSize+Distance+Loss", CockpitQuantities),
+    )
+}
+
+
+def build_session(variant: Variant, workload: Workload, tmp: Path, warmup: int) -> Session:
+    """Build a trainer with the variant's tool and run the warm-up steps; a tool that is
+    missing or fails on this model raises :class:`Unavailable` with the reason."""
+    trainer = Trainer(workload)
+    try:
+        tool = variant.build(trainer, tmp)
+    except Unavailable:
+        raise
+    except Exception as err:
+        raise Unavailable(f"fails to attach: {type(err).__name__}: {_first_line(err)}") from err
+    session = Session(variant.name, trainer, tool)
+    try:
+        session.run(warmup)
+        tool.settle()
+    except Exception as err:
+        with contextlib.suppress(Exception):
+            tool.close()
+        raise Unavailable(
+            f"fails on {workload.model}: {type(err).__name__}: {_first_line(err)}"
+        ) from err
+    return session
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return (text.splitlines()[0] if text else "")[:160]
+
+
+# -- memory, one fresh process per variant --------------------------------------------------------
+def memory_child(args: argparse.Namespace, workload: Workload) -> None:
+    """Run in a subprocess: build one variant, run the steps, print its peak RSS as JSON."""
+    result: dict[str, Any] = {"variant": args.memory_child}
+    with tempfile.TemporaryDirectory(prefix="gradflow-mem-") as tmp:
+        try:
+            session = build_session(VARIANTS[args.memory_child], workload, Path(tmp), args.warmup)
+            session.run(args.memory_steps)
+            session.tool.settle()
+            result["peak_rss_mb"] = peak_rss_mb()
+            result["children_rss_mb"] = children_rss_mb()
+            session.tool.close()
+        except Unavailable as err:
+            result["unavailable"] = str(err)
+    print(MEMORY_TAG + json.dumps(result), flush=True)
+
+
+def measure_memory(name: str, args: argparse.Namespace, workload: Workload) -> dict[str, Any]:
+    cmd = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--memory-child",
+        name,
+        "--model",
+        workload.model,
+        "--crop",
+        str(workload.crop),
+        "--batch",
+        str(workload.batch),
+        "--warmup",
+        str(args.warmup),
+        "--memory-steps",
+        str(args.memory_steps),
+    ]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.memory_timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {args.memory_timeout} s"}
+    for line in reversed(proc.stdout.splitlines()):
+        if line.startswith(MEMORY_TAG):
+            return dict(json.loads(line[len(MEMORY_TAG) :]))
+    tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+    return {"error": f"subprocess exited {proc.returncode}: {tail[:160]}"}
+
+
+# -- the report -----------------------------------------------------------------------------------
+def report(
+    names: list[str],
+    results: dict[str, Any],
+    unavailable: dict[str, str],
+    memory: dict[str, dict[str, Any]],
+    workload: Workload,
+) -> list[str]:
+    """Print the table; returns the headline lines."""
+    plain_mem = memory.get("plain", {}).get("peak_rss_mb")
+    rows = []
+    for name in names:
+        label = VARIANTS[name].label
+        if name in unavailable:
+            rows.append([name, f"unavailable: {unavailable[name]}"])
+            continue
+        mem = memory.get(name, {})
+        peak = mem.get("peak_rss_mb")
+        if peak is None:
+            peak_s = extra_s = mem.get("error", mem.get("unavailable", "-"))[:40]
+        else:
+            peak_s = f"{peak:.0f}"
+            extra_s = f"{peak - plain_mem:+.0f}" if plain_mem is not None else "-"
+            child = mem.get("children_rss_mb")
+            if child:
+                extra_s += f" (+{child:.0f} in child procs)"
+        r = results[name]
+        if name == "plain":
+            t = r["seconds_per_step"]
+            rows.append([name, f"{t['median']:.4f}", "1", "-", "-", peak_s, "0", label])
+        else:
+            t, q = r["seconds_per_step"], r["ratio"]
+            rows.append(
+                [
+                    name,
+                    f"{t['median']:.4f}",
+                    f"{q['median']:.3f}",
+                    f"{q['q1']:.3f}-{q['q3']:.3f}",
+                    f"{q['lo']:.3f}-{q['hi']:.3f}",
+                    peak_s,
+                    extra_s,
+                    label,
+                ]
+            )
+    headers = [
+        "variant",
+        "s/step",
+        "ratio",
+        "ratio IQR",
+        "ratio min-max",
+        "peak RSS MB",
+        "extra RSS MB",
+        "what",
+    ]
+    print(format_table(headers, rows))
+    print(
+        "ratio: median over pairs of (variant s/step) / (plain s/step), each pair measured "
+        "back to back;\ns/step: median over that variant's trials; RSS: a fresh process per "
+        "variant, same steps."
+    )
+    for name in names:
+        own = results.get(name, {}).get("self_reported_ms")
+        if own:
+            parts = ", ".join(f"{k} {v:.2f}" for k, v in own.items())
+            print(f"{name}: the recorder's own timing per recorded step (ms): {parts}")
+    print()
+
+    def headline(name: str) -> str:
+        label = f"{VARIANTS[name].label}, {workload.model}"
+        if name in results:
+            q = results[name]["ratio"]
+            return ratio_headline(Summary.from_dict(q), label)
+        why = unavailable.get(name, "not run (not in --variants)")
+        return f"recorder/plain step-time ratio: n/a ({why}) [{label}]"
+
+    lines = [headline("param"), headline("all")]
+    if "wandb" in results and "param" in results:
+        wandb_over = results["wandb"]["ratio"]["median"] - 1
+        gf_over = results["param"]["ratio"]["median"] - 1
+        detail = (
+            f"wandb.watch(log=all, log_freq=1) {100 * wandb_over:+.1f} % vs gradflow "
+            f"parameter statistics every step {100 * gf_over:+.1f} %; overhead = ratio - 1"
+        )
+        if gf_over > 0:
+            lines.append(
+                f"wandb.watch/gradflow overhead ratio: {wandb_over / gf_over:.0f}x ({detail})"
+            )
+        else:
+            lines.append(
+                f"wandb.watch/gradflow overhead ratio: unbounded, gradflow's overhead is "
+                f"within noise ({detail})"
+            )
+    else:
+        why = unavailable.get("wandb") or unavailable.get("param") or "not in --variants"
+        lines.append(f"wandb.watch/gradflow overhead ratio: n/a ({why})")
+    return lines
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--model", default="fig3b-long-9", help="a gradflow zoo preset")
+    p.add_argument("--pairs", type=int, default=20, help="paired rounds (default 20)")
+    p.add_argument("--steps-per-trial", type=int, default=10, help="steps per timed trial")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps per variant first")
+    p.add_argument("--crop", type=int, help="input side (default: 96 fig3b, 64 paper-resunet)")
+    p.add_argument("--batch", type=int, help="batch size (default: 4 fig3b, 2 paper-resunet)")
+    p.add_argument(
+        "--variants",
+        default=",".join(VARIANTS),
+        help=f"comma-separated subset of {','.join(VARIANTS)} (plain is always run)",
+    )
+    p.add_argument("--memory-steps", type=int, default=20, help="steps per memory subprocess")
+    p.add_argument("--memory-timeout", type=int, default=600)
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-RSS subprocesses")
+    p.add_argument("--max-minutes", type=float, help="stop adding pairs after this long")
+    p.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's)")
+    p.add_argument("--json", help="write all results to this JSON file")
+    p.add_argument("--memory-child", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    crop, batch = MODEL_DEFAULTS.get(args.model, (64, 2))
+    args.crop = args.crop or crop
+    args.batch = args.batch or batch
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    workload = Workload(model=args.model, crop=args.crop, batch=args.batch)
+    if args.memory_child:
+        memory_child(args, workload)
+        return
+    names = ["plain", *(n for n in args.variants.split(",") if n and n != "plain")]
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown:
+        sys.exit(f"unknown variant(s) {unknown}; choose from {list(VARIANTS)}")
+    env = environment()
+    print_header("gradflow overhead: seconds per training step, paired against plain", env)
+    print(f"workload: {workload.describe()}")
+    print(
+        f"method:   {args.pairs} pairs x {args.steps_per_trial} steps per trial, "
+        f"{args.warmup} warm-up steps per variant, order alternating, medians of pair ratios"
+    )
+    if "param-every10" in names and args.steps_per_trial % 10:
+        print("warning:  --steps-per-trial is not a multiple of 10: every=10 trials differ")
+    print()
+
+    started = time.monotonic()
+    deadline = started + 60 * args.max_minutes if args.max_minutes else None
+    unavailable: dict[str, str] = {}
+    results: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory(prefix="gradflow-overhead-") as tmp:
+        sessions: dict[str, Session] = {}
+        for name in names:
+            try:
+                sessions[name] = build_session(VARIANTS[name], workload, Path(tmp), args.warmup)
+            except Unavailable as err:
+                unavailable[name] = str(err)
+                stderr(f"{name}: unavailable: {err}")
+        if "plain" not in sessions:
+            sys.exit(f"plain training fails: {unavailable.get('plain')}")
+        n_params = sessions["plain"].trainer.n_params
+        print(f"model:    {n_params / 1e3:.0f} k parameters")
+        others = [sessions[n] for n in names if n in sessions and n != "plain"]
+        pairs = paired_trials(
+            sessions["plain"],
+            others,
+            pairs=args.pairs,
+            steps=args.steps_per_trial,
+            deadline=deadline,
+            progress=stderr,
+        )
+        plain_times = [t for p in pairs.values() for t in p.baseline]
+        results["plain"] = {"seconds_per_step": summarize(plain_times).as_dict()}
+        for name, p in pairs.items():
+            results[name] = {
+                "seconds_per_step": summarize(p.variant).as_dict(),
+                "ratio": summarize(p.ratios).as_dict(),
+                "pairs": {"plain": p.baseline, "variant": p.variant},
+            }
+        for name, session in sessions.items():
+            session.tool.close()
+            if isinstance(session.tool, GradflowTool):
+                results[name]["self_reported_ms"] = session.tool.self_reported()
+        sessions.clear()
+    timing_s = time.monotonic() - started
+
+    memory: dict[str, dict[str, Any]] = {}
+    if not args.no_memory:
+        for name in names:
+            if name not in unavailable:
+                stderr(f"memory: {name} ...")
+                memory[name] = measure_memory(name, args, workload)
+    print()
+    headlines = report(names, results, unavailable, memory, workload)
+    total_s = time.monotonic() - started
+    print(f"took {timing_s:.0f} s timing + {total_s - timing_s:.0f} s memory")
+    write_json(
+        args.json,
+        {
+            "environment": env,
+            "workload": workload,
+            "method": {
+                "pairs": args.pairs,
+                "steps_per_trial": args.steps_per_trial,
+                "warmup": args.warmup,
+                "memory_steps": args.memory_steps,
+            },
+            "variants": {n: VARIANTS[n].label for n in names},
+            "results": results,
+            "unavailable": unavailable,
+            "memory": memory,
+            "headlines": headlines,
+        },
+    )
+    print()
+    for line in headlines:
+        print(line)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,839 @@
+"""The training loop of ``gradflow record``: an EM FCN trained with the Recorder attached.
+
+A run: EM slices (ISBI 2012 or synthetic) split 25 train / 5 validation as in the paper, a
+zoo model, RMSprop with L2 weight decay on convolution weights, the Dice loss (or BCE), a
+:class:`~gradflow.Recorder` writing the run file, validation on whole slices and a
+checkpoint beside the run file at every epoch end. Under ``torchrun`` it trains with
+``DistributedDataParallel``, each rank on its shard of every global batch.
+
+Reproducibility: a training crop depends only on ``(seed, epoch, step, sample)`` and torch's
+RNG (dropout) is reseeded from ``(seed, epoch, rank)`` at every epoch start, so on the CPU
+(deterministic algorithms on) a run repeats bitwise and a resumed run continues exactly as
+an uninterrupted one. CUDA runs are seeded but not bitwise repeatable: nearest-neighbour
+upsampling has no deterministic CUDA backward.
+
+Under DDP the loss is the loss of the whole global batch on every rank (see
+:func:`_global_batch_loss`): the Dice loss is not a mean over samples, so a per-rank Dice
+would train a different objective than one process on the same batch. Batch norm keeps
+per-rank batch statistics, as in standard DDP.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import sys
+import time
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from dataclasses import asdict, dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any, Literal, get_args
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from rich.panel import Panel
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from gradflow.checkpoint import Checkpoint, checkpoint_path, load_checkpoint, save_checkpoint
+from gradflow.data import EMVolume, epoch_batches, load_dataset, split
+from gradflow.data.augment import check_crop
+from gradflow.errors import GradflowError, unknown_name
+from gradflow.metrics import LOSSES, pixel_error, tiled_predict, v_info, v_rand
+from gradflow.models import FCN, count_convs, create_model
+from gradflow.recorder import Recorder
+from gradflow.store import Event, check_writable, open_run
+from gradflow.writer import STEP_PROBES
+
+OnNonfinite = Literal["stop", "continue"]
+ProgressMode = Literal["auto", "bar", "lines", "off"]
+N_VAL = 5  # the paper's split: the last 5 of the 30 ISBI slices validate
+VAL_TILE = 512  # the paper's input size: larger slices are predicted in tiles
+VAL_METRICS = ("val_loss", "pixel_error", "v_rand", "v_info")
+# What shapes the trajectory: a resumed run must agree on all of it (epochs may grow).
+RESUME_KEYS = (
+    "model",
+    "model_overrides",
+    "data",
+    "synthetic_slices",
+    "synthetic_size",
+    "steps_per_epoch",
+    "crop",
+    "batch_size",
+    "lr",
+    "rho",
+    "eps",
+    "weight_decay",
+    "seed",
+    "loss",
+    "augment",
+    "every",
+    "probes",
+)
+_DEVICE = re.compile(r"cpu|cuda(:\d+)?")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that defines a training run; the defaults make a CPU run of a few minutes.
+
+    - model: ``model``, a zoo name (``gradflow models``), with ``model_overrides`` of its
+      :class:`~gradflow.models.FCNConfig` fields (e.g. ``{"batch_norm": False}``).
+    - data: ``data``, an ISBI 2012 folder or ``"synthetic"`` (``synthetic_slices`` slices of
+      ``synthetic_size`` px, always generated from seed 0: one fixed data set, like a real
+      one); the last 5 slices validate, the others train.
+    - training: ``epochs`` x ``steps_per_epoch`` optimizer steps on batches of ``batch_size``
+      random ``crop`` px crops (``augment``: flips, rotations, shear); ``loss`` "dice" or
+      "bce"; RMSprop with ``lr``, ``rho`` (torch's ``alpha``), ``eps`` and ``weight_decay``
+      (L2 on convolution weights only); ``seed``; ``device`` "cpu", "cuda" or "cuda:N".
+    - validation: after every ``val_every``-th epoch (default 1: every epoch; 0: never;
+      the metrics are NaN in other epochs) on the first ``val_slices`` validation slices
+      (default None: all 5).
+    - recording: record every ``every``-th step (default 1) with ``probes`` (default: all);
+      the run file is flushed every ``flush_every`` rows or ``flush_seconds`` seconds;
+      ``on_nonfinite``: "stop" after the first step with a non-finite value, or "continue".
+    - ``log_every``: steps between progress lines; ``command``: the command line, stored in
+      the run file.
+    """
+
+    model: str = "fig3a-long-short-9"
+    model_overrides: Mapping[str, Any] = field(default_factory=dict)
+    data: str = "synthetic"
+    synthetic_slices: int = 30
+    synthetic_size: int = 512
+    epochs: int = 20
+    steps_per_epoch: int = 20
+    crop: int = 96
+    batch_size: int = 4
+    lr: float = 1e-3
+    rho: float = 0.9
+    eps: float = 1e-8
+    weight_decay: float = 1e-4
+    seed: int = 0
+    device: str = "cpu"
+    loss: str = "dice"
+    augment: bool = True
+    val_every: int = 1
+    val_slices: int | None = None
+    every: int = 1
+    probes: tuple[str, ...] = STEP_PROBES
+    flush_every: int = 100
+    flush_seconds: float = 5.0
+    on_nonfinite: OnNonfinite = "stop"
+    log_every: int = 10
+    command: str | None = None
+
+    def validate(self) -> None:
+        """Raise one clear :class:`GradflowError` for the first bad setting."""
+        at_least = {
+            "epochs": 1,
+            "steps_per_epoch": 1,
+            "batch_size": 1,
+            "crop": 1,
+            "synthetic_slices": N_VAL + 1,
+            "synthetic_size": 1,
+            "seed": 0,
+            "val_every": 0,
+            "every": 1,
+            "flush_every": 1,
+            "log_every": 1,
+        }
+        for name, low in at_least.items():
+            value = getattr(self, name)
+            if value < low:
+                raise GradflowError(f"{name} must be at least {low}, got {value}")
+        if self.val_slices is not None and not 1 <= self.val_slices <= N_VAL:
+            raise GradflowError(f"val_slices must be 1 to {N_VAL}, got {self.val_slices}")
+        for name in ("lr", "eps", "flush_seconds"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):
+                raise GradflowError(f"{name} must be a positive number, got {value}")
+        if not 0 <= self.rho < 1 or not self.weight_decay >= 0:
+            raise GradflowError(
+                f"need 0 <= rho < 1 and weight_decay >= 0, got {self.rho} and {self.weight_decay}"
+            )
+        LOSSES.get(self.loss)
+        if self.on_nonfinite not in get_args(OnNonfinite):
+            raise unknown_name("on_nonfinite choice", self.on_nonfinite, get_args(OnNonfinite))
+        for probe in self.probes:
+            if probe not in STEP_PROBES:
+                raise unknown_name("probe", probe, STEP_PROBES)
+        if not _DEVICE.fullmatch(self.device):
+            raise GradflowError(f"device must be cpu, cuda or cuda:N, got {self.device!r}")
+
+
+@dataclass(frozen=True)
+class Summary:
+    """What a run did, read back from its run file at the end.
+
+    ``epochs`` and ``steps`` count the whole run (a resumed one too); the timings cover
+    this call only: ``seconds_per_step`` is training time (data, forward, backward, step,
+    recording) per step, leaving out each epoch's first step (warm-up: allocations, cuDNN
+    autotuning); ``seconds_per_validation`` is one validation pass. NaN where none was timed.
+    ``overhead`` is the recorder's measured time by part (:attr:`gradflow.Run.overhead`).
+    """
+
+    path: Path
+    checkpoint: Path
+    file_bytes: int
+    model: str
+    conv_layers: int
+    n_params: int
+    data: str
+    epochs: int
+    steps: int
+    best_val_loss: float
+    best_epoch: int | None
+    last_val_epoch: int | None
+    v_rand: float
+    v_info: float
+    seconds_per_step: float
+    seconds_per_validation: float
+    overhead: dict[str, float]
+    nonfinite: Event | None
+    stopped_step: int | None
+
+    @property
+    def stop_reason(self) -> str | None:
+        """One line saying why training stopped early, or None when it ran to the end."""
+        if self.stopped_step is None:
+            return None
+        event = self.nonfinite
+        if event is None or event.step > self.stopped_step:
+            what = f"at step {self.stopped_step}: the loss is not finite"
+        else:
+            what = f"at step {event.step} (epoch {event.epoch}): {event.detail}"
+        return f"training stopped {what}; {self.path} keeps every step up to there"
+
+    def __rich__(self) -> Panel:
+        grid = Table.grid(padding=(0, 2))
+        grid.add_column(style="bold cyan", no_wrap=True)
+        grid.add_column()
+        grid.add_row(
+            "model",
+            f"{self.model}: {self.conv_layers} conv layers, {self.n_params:,} parameters",
+        )
+        grid.add_row("data", self.data)
+        grid.add_row(
+            "training",
+            f"{_count(self.epochs, 'epoch')}, {_count(self.steps, 'step')}; "
+            f"{self.seconds_per_step:.3f} s/step, "
+            f"{self.seconds_per_validation:.2f} s/validation",
+        )
+        if self.best_epoch is not None:
+            grid.add_row("best val_loss", f"{self.best_val_loss:.4f} at epoch {self.best_epoch}")
+            grid.add_row(
+                "V_rand, V_info",
+                f"{self.v_rand:.4f}, {self.v_info:.4f} (epoch {self.last_val_epoch})",
+            )
+        else:
+            grid.add_row("validation", "none")
+        grid.add_row(
+            "run file", f"{self.path} ({self.file_bytes / 2**20:.1f} MB), {self.checkpoint}"
+        )
+        grid.add_row("recorder", _overhead_text(self.overhead))
+        if self.nonfinite is not None:
+            grid.add_row(
+                "non-finite",
+                f"[red]{self.nonfinite.detail} at step {self.nonfinite.step}[/red]",
+            )
+        return Panel(grid, title="gradflow record", expand=False)
+
+
+def train(
+    config: TrainConfig,
+    out: str | os.PathLike[str],
+    *,
+    force: bool = False,
+    resume: bool = False,
+    progress: ProgressMode = "auto",
+) -> Summary | None:
+    """Train as ``config`` says while the Recorder writes the run file ``out``.
+
+    A checkpoint ``RUN.ckpt.pt`` beside ``out`` is replaced at every epoch end. ``force``
+    replaces an existing ``out``; ``resume`` continues from the checkpoint, which must come
+    from the same settings (see ``RESUME_KEYS``; ``epochs`` may grow to extend a run).
+    ``progress``: "auto" (a bar on a terminal, else plain lines), "bar", "lines" or "off".
+
+    Every setting, the data and the files are checked before anything is trained or
+    written; problems raise :class:`GradflowError`. A run stopped by a non-finite value
+    returns normally: see :attr:`Summary.stop_reason`. Under torchrun only rank 0 records,
+    validates and checkpoints; the other ranks return None.
+    """
+    config.validate()
+    if force and resume:
+        raise GradflowError("force and resume exclude each other")
+    world = _World.from_env()
+    if config.batch_size % world.size:
+        raise GradflowError(
+            f"batch size {config.batch_size} (the global batch) is not divisible by the "
+            f"{world.size} processes"
+        )
+    device = _device(config.device, world)
+    out = Path(out)
+    model = build_model(config)
+    try:
+        model.check_input_size(config.crop, config.crop)
+    except GradflowError as err:
+        raise GradflowError(f"crop {config.crop} does not suit {config.model}: {err}") from None
+    checkpoint = _check_outputs(out, config, force=force, resume=resume, device=device)
+    train_set, val_set, source = _load_data(config)
+    ckpt_file = checkpoint_path(out)
+    if checkpoint is None and world.main:
+        ckpt_file.unlink(missing_ok=True)  # a stale checkpoint must not resume this new run
+
+    with _determinism(device), _process_group(world, device) as control:
+        trainer = _Trainer(config, world, device, model.to(device), train_set, val_set, control)
+        if checkpoint is not None:
+            trainer.restore(checkpoint)
+        run_config = _run_config(config, trainer, source)
+        with (
+            _recorder(trainer, out, run_config, force=force, resumed=checkpoint is not None) as rec,
+            _Progress(
+                progress if world.main else "off",
+                total=config.epochs * config.steps_per_epoch,
+                done=trainer.step,
+                batch_size=config.batch_size,
+                log_every=config.log_every,
+            ) as bar,
+        ):
+            for epoch in range(trainer.epoch, config.epochs):
+                train_loss = trainer.run_epoch(epoch, rec, bar)
+                if train_loss is None:
+                    break
+                metrics = trainer.validate(epoch)
+                if rec is not None:
+                    rec.epoch_end(train_loss=train_loss, **metrics, lr=trainer.lr)
+                trainer.checkpoint(ckpt_file, epochs_done=epoch + 1)
+                bar.note(_epoch_line(epoch, train_loss, metrics))
+    return _summarize(out, config, trainer, source) if world.main else None
+
+
+# -- the model, the optimizer, the loss ---------------------------------------------------------
+def build_model(config: TrainConfig) -> FCN:
+    """The configured zoo model, initialised from ``config.seed`` (the same on every rank)."""
+    torch.manual_seed(config.seed)
+    return create_model(config.model, **config.model_overrides)
+
+
+def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.RMSprop:
+    """RMSprop as in the paper, with L2 weight decay on convolution weights only."""
+    conv_weights = {id(m.weight) for m in model.modules() if isinstance(m, nn.Conv2d)}
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {
+            "params": [p for p in params if id(p) in conv_weights],
+            "weight_decay": config.weight_decay,
+        },
+        {"params": [p for p in params if id(p) not in conv_weights], "weight_decay": 0.0},
+    ]
+    return torch.optim.RMSprop(
+        [g for g in groups if g["params"]], lr=config.lr, alpha=config.rho, eps=config.eps
+    )
+
+
+def _loss_sums(name: str, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """The sums a loss is a function of: Dice (sum y*p, sum p, sum y); BCE (sum, count)."""
+    if name == "dice":
+        p = torch.sigmoid(logits)
+        return torch.stack([(p * target).sum(), p.sum(), target.sum()])
+    total = F.binary_cross_entropy_with_logits(logits, target, reduction="sum")
+    return torch.stack([total, total.new_tensor(float(target.numel()))])
+
+
+def _loss_from_sums(name: str, sums: torch.Tensor) -> torch.Tensor:
+    """The loss from :func:`_loss_sums`, as :data:`gradflow.metrics.LOSSES` computes it."""
+    if name == "dice":
+        return 1.0 - (2.0 * sums[0] + 1.0) / (sums[1] + sums[2] + 1.0)
+    return sums[0] / sums[1]
+
+
+def _global_batch_loss(
+    name: str, world_size: int, logits: torch.Tensor, target: torch.Tensor
+) -> torch.Tensor:
+    """The loss of the whole global batch, equal on every rank.
+
+    Each rank all-reduces the loss's sums (a few numbers, no autograd through the
+    collective). The sums used carry ``world_size`` times the gradient of this rank's own
+    sums, which DDP's gradient averaging turns into exactly the global batch's gradient.
+    """
+    local = _loss_sums(name, logits, target)
+    total = local.detach().clone()
+    dist.all_reduce(total)
+    scaled = world_size * local
+    return _loss_from_sums(name, scaled + (total - scaled).detach())
+
+
+# -- validation ---------------------------------------------------------------------------------
+def evaluate(
+    model: FCN, volume: EMVolume, *, crop: int, loss: str = "dice", batch_size: int = 4
+) -> dict[str, float]:
+    """``val_loss`` (the training loss), ``pixel_error``, ``v_rand``, ``v_info`` on ``volume``.
+
+    Slices up to 512 px a side are predicted whole (one tile: no seams, the model sees the
+    whole context); larger ones in the largest tiles up to 512 px the model accepts, with a
+    quarter-tile overlap whose outer half of each tile edge is dropped. The loss is computed
+    in float64 from the predicted probabilities, clamped to [1e-12, 1 - 1e-12].
+    """
+    tile, overlap = _tiling(volume.slice_shape, crop, model.config.downsampling)
+    probs = np.stack(
+        [
+            tiled_predict(model, image, tile=tile, overlap=overlap, batch_size=batch_size)
+            for image in volume.images
+        ]
+    )
+    labels = volume.labels
+    logits = torch.logit(torch.from_numpy(probs).double(), eps=1e-12)
+    return {
+        "val_loss": float(LOSSES.get(loss)(logits, torch.from_numpy(labels).double())),
+        "pixel_error": pixel_error(probs, labels),
+        "v_rand": v_rand(probs, labels),
+        "v_info": v_info(probs, labels),
+    }
+
+
+def _tiling(shape: tuple[int, int], crop: int, factor: int) -> tuple[int, int]:
+    """(tile, overlap) for slices of ``shape``: see :func:`evaluate`."""
+    tile = max(crop, min(*shape, VAL_TILE) // factor * factor)
+    return tile, 0 if tile >= max(shape) else tile // 4
+
+
+# -- one run ------------------------------------------------------------------------------------
+class _Trainer:
+    """The model, optimizer and data of one run, and the steps :func:`train` composes."""
+
+    def __init__(
+        self,
+        config: TrainConfig,
+        world: _World,
+        device: torch.device,
+        model: FCN,
+        train_set: EMVolume,
+        val_set: EMVolume,
+        control: Any,
+    ) -> None:
+        self.config, self.world, self.device = config, world, device
+        self.model, self.train_set, self.val_set = model, train_set, val_set
+        self.optimizer = build_optimizer(model, config)
+        self.net: nn.Module = model
+        self.loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = LOSSES.get(config.loss)
+        if world.size > 1:
+            ids = [device.index] if device.type == "cuda" else None
+            self.net = DistributedDataParallel(model, device_ids=ids)
+            self.loss_fn = partial(_global_batch_loss, config.loss, world.size)
+        self.control = control
+        self.epoch = self.step = 0
+        self.stopped_step: int | None = None
+        self.train_seconds = 0.0
+        self.steps_timed = 0
+        self.val_seconds: list[float] = []
+
+    @property
+    def lr(self) -> float:
+        return float(self.optimizer.param_groups[0]["lr"])
+
+    def restore(self, checkpoint: Checkpoint) -> None:
+        """Continue from ``checkpoint``: weights, optimizer state, epoch and step."""
+        self.model.load_state_dict(checkpoint.model)
+        self.optimizer.load_state_dict(checkpoint.optimizer)
+        self.epoch, self.step = checkpoint.epoch, checkpoint.step
+
+    def run_epoch(self, epoch: int, rec: Recorder | None, bar: _Progress) -> float | None:
+        """One epoch of steps: its mean train loss, or None when a non-finite value stopped it."""
+        config, world = self.config, self.world
+        self.net.train()
+        torch.manual_seed(_epoch_seed(config.seed, epoch, world.rank))
+        batches = epoch_batches(
+            self.train_set,
+            crop=config.crop,
+            batch_size=config.batch_size,
+            steps=config.steps_per_epoch,
+            seed=config.seed,
+            epoch=epoch,
+            augment=config.augment,
+            rank=world.rank,
+            world_size=world.size,
+        )
+        total = torch.zeros((), device=self.device)
+        timed_from: float | None = None  # the first step of an epoch is warm-up: not timed
+        for x, y in batches:
+            loss = self._step(x, y)
+            if rec is not None:
+                rec.log(loss=loss)
+            total += loss.detach()
+            bar.step(self.step, epoch, loss)
+            self.step += 1
+            if timed_from is None:
+                timed_from = time.perf_counter()
+            else:
+                self.steps_timed += 1
+            if config.on_nonfinite == "stop" and self._nonfinite(loss, rec):
+                self.stopped_step = self.step - 1
+                break
+        mean = float(total) / config.steps_per_epoch  # waits for the GPU: the time is right
+        if timed_from is not None:
+            self.train_seconds += time.perf_counter() - timed_from
+        return None if self.stopped_step is not None else mean
+
+    def _step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        x = x.to(self.device, non_blocking=True)
+        y = y.to(self.device, non_blocking=True)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = self.loss_fn(self.net(x), y)
+        loss.backward()
+        self.optimizer.step()
+        return loss
+
+    def _nonfinite(self, loss: torch.Tensor, rec: Recorder | None) -> bool:
+        """Whether this step (or, by the recorder, a recent one) saw a non-finite value.
+
+        On the CPU reading the loss costs nothing; on CUDA it would wait for the GPU every
+        step, so there only the recorder's event (filled by its writer thread) counts. Under
+        DDP rank 0, which holds the recorder, decides for all ranks.
+        """
+        hit = rec is not None and rec.first_nonfinite is not None
+        if self.device.type == "cpu":
+            hit = hit or not math.isfinite(loss.item())
+        if self.world.size == 1:
+            return hit
+        flag = torch.tensor([hit], dtype=torch.uint8)
+        dist.broadcast(flag, src=0, group=self.control)
+        return bool(flag.item())
+
+    def validate(self, epoch: int) -> dict[str, float]:
+        """Validation metrics on rank 0 when ``epoch`` is due, NaN otherwise."""
+        config = self.config
+        due = config.val_every > 0 and (epoch + 1) % config.val_every == 0
+        if not (due and self.world.main):
+            return dict.fromkeys(VAL_METRICS, math.nan)
+        t0 = time.perf_counter()
+        metrics = evaluate(
+            self.model,
+            self.val_set,
+            crop=config.crop,
+            loss=config.loss,
+            batch_size=config.batch_size,
+        )
+        self.val_seconds.append(time.perf_counter() - t0)
+        return metrics
+
+    def checkpoint(self, path: Path, *, epochs_done: int) -> None:
+        """Rank 0 replaces the checkpoint; every rank waits for it."""
+        if self.world.main:
+            save_checkpoint(
+                path,
+                Checkpoint(
+                    model=self.model.state_dict(),
+                    optimizer=self.optimizer.state_dict(),
+                    epoch=epochs_done,
+                    step=self.step,
+                    config=asdict(self.config),
+                ),
+            )
+        if self.world.size > 1:
+            dist.barrier(group=self.control)
+
+
+def _epoch_seed(seed: int, epoch: int, rank: int) -> int:
+    """torch's seed for one epoch on one rank: dropout masks independent across ranks."""
+    return int(np.random.SeedSequence([seed, epoch, rank]).generate_state(1)[0])
+
+
+def _recorder(
+    trainer: _Trainer, out: Path, run_config: dict[str, Any], *, force: bool, resumed: bool
+) -> AbstractContextManager[Recorder | None]:
+    """The Recorder on rank 0; the other ranks record nothing."""
+    if not trainer.world.main:
+        return nullcontext(None)
+    config = trainer.config
+    return Recorder(
+        trainer.model,
+        trainer.optimizer,
+        out,
+        every=config.every,
+        probes=config.probes,
+        flush_every=config.flush_every,
+        flush_seconds=config.flush_seconds,
+        config=run_config,
+        overwrite=force,
+        resume=(trainer.step, trainer.epoch) if resumed else None,
+    )
+
+
+def _run_config(config: TrainConfig, trainer: _Trainer, source: str) -> dict[str, Any]:
+    """The run file's ``config`` attribute: model, data, optimizer, seed, command line."""
+    main_convs, _ = count_convs(trainer.model)
+    return {
+        "model": {
+            "name": config.model,
+            "overrides": dict(config.model_overrides),
+            "conv_layers": main_convs,
+            "n_params": sum(p.numel() for p in trainer.model.parameters()),
+            "config": asdict(trainer.model.config),
+        },
+        "data": {
+            "path": config.data,
+            "source": source,
+            "train_slices": len(trainer.train_set),
+            "val_slices": len(trainer.val_set),
+        },
+        "optimizer": {
+            "name": "RMSprop",
+            "lr": config.lr,
+            "rho": config.rho,
+            "eps": config.eps,
+            "weight_decay": config.weight_decay,
+            "weight_decay_on": "convolution weights",
+        },
+        "loss": config.loss,
+        "seed": config.seed,
+        "epochs": config.epochs,
+        "steps_per_epoch": config.steps_per_epoch,
+        "crop": config.crop,
+        "batch_size": config.batch_size,
+        "augment": config.augment,
+        "world_size": trainer.world.size,
+        "device": str(trainer.device),
+        "command": config.command,
+    }
+
+
+# -- checks before anything runs ----------------------------------------------------------------
+def _check_outputs(
+    out: Path, config: TrainConfig, *, force: bool, resume: bool, device: torch.device
+) -> Checkpoint | None:
+    """Fail before training when ``out`` must not be written; load the checkpoint to resume."""
+    if not resume:
+        check_writable(out, overwrite=force)
+        return None
+    checkpoint = load_checkpoint(checkpoint_path(out), map_location=device)
+    changed = [
+        f"{key} {checkpoint.config.get(key)!r} -> {value!r}"
+        for key, value in asdict(config).items()
+        if key in RESUME_KEYS and _comparable(checkpoint.config.get(key)) != _comparable(value)
+    ]
+    if changed:
+        raise GradflowError(
+            f"cannot resume {out} with other settings than its checkpoint's: "
+            f"{', '.join(changed)} (only epochs, validation, logging and flush may change)"
+        )
+    if checkpoint.epoch >= config.epochs:
+        raise GradflowError(
+            f"cannot resume {out}: it already has {checkpoint.epoch} epochs; "
+            f"raise epochs above {checkpoint.epoch} to extend it"
+        )
+    with open_run(out) as run:
+        if run.n_epochs < checkpoint.epoch:
+            raise GradflowError(
+                f"cannot resume {out}: it holds {run.n_epochs} epochs but its checkpoint "
+                f"{checkpoint.epoch} (the run file was not flushed before the process ended)"
+            )
+    return checkpoint
+
+
+def _comparable(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
+
+
+def _load_data(config: TrainConfig) -> tuple[EMVolume, EMVolume, str]:
+    """(train, validation, description of the data); the crop must fit the slices."""
+    volume = load_dataset(
+        config.data,
+        seed=0,
+        n_synthetic=config.synthetic_slices,
+        synthetic_size=config.synthetic_size,
+    )
+    check_crop(config.crop, volume.slice_shape, volume.source)
+    train_set, val_set = split(volume, N_VAL)
+    n = config.val_slices
+    if n is not None and n < len(val_set):
+        val_set = EMVolume(val_set.images[:n], val_set.labels[:n], f"{val_set.source}, first {n}")
+    return train_set, val_set, volume.source
+
+
+# -- the machine --------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _World:
+    """This process's place in a torchrun launch (a single process: rank 0 of 1)."""
+
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+
+    @classmethod
+    def from_env(cls) -> _World:
+        size = int(os.environ.get("WORLD_SIZE", "1"))
+        if size <= 1:
+            return cls()
+        return cls(int(os.environ["RANK"]), size, int(os.environ.get("LOCAL_RANK", "0")))
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def _device(name: str, world: _World) -> torch.device:
+    if name == "cpu":
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise GradflowError(f"--device {name}: CUDA is not available on this machine")
+    return torch.device("cuda", world.local_rank) if world.size > 1 else torch.device(name)
+
+
+@contextmanager
+def _process_group(world: _World, device: torch.device) -> Iterator[Any]:
+    """Join torchrun's process group; yields the group for flags and barriers (None alone)."""
+    if world.size == 1:
+        yield None
+        return
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    try:
+        # Flags and barriers go over the CPU, so they never wait for queued GPU work.
+        yield dist.new_group(backend="gloo") if device.type == "cuda" else dist.group.WORLD
+    finally:
+        dist.destroy_process_group()
+
+
+@contextmanager
+def _determinism(device: torch.device) -> Iterator[None]:
+    """Deterministic algorithms on the CPU; cuDNN autotuning (fixed crop sizes) on CUDA."""
+    previous = torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark
+    if device.type == "cpu":
+        torch.use_deterministic_algorithms(True)
+    else:
+        torch.backends.cudnn.benchmark = True
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(previous[0])
+        torch.backends.cudnn.benchmark = previous[1]
+
+
+# -- progress and summary -----------------------------------------------------------------------
+class _Progress:
+    """A rich bar on a terminal, else a flushed line every ``log_every`` steps."""
+
+    def __init__(
+        self, mode: ProgressMode, *, total: int, done: int, batch_size: int, log_every: int
+    ) -> None:
+        self.mode = ("bar" if sys.stdout.isatty() else "lines") if mode == "auto" else mode
+        self.total, self.done = total, done
+        self.batch_size, self.log_every = batch_size, log_every
+        self._bar: Progress | None = None
+        self._task: Any = None
+        self._since = time.perf_counter()
+        self._images = 0
+
+    def __enter__(self) -> _Progress:
+        if self.mode == "bar":
+            self._bar = Progress(
+                TextColumn("epoch {task.fields[epoch]}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("loss {task.fields[loss]}  {task.fields[speed]} img/s"),
+                TimeRemainingColumn(),
+            )
+            self._bar.start()
+            self._task = self._bar.add_task(
+                "steps", total=self.total, completed=self.done, epoch="-", loss="-", speed="-"
+            )
+        self._since = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+
+    def step(self, step: int, epoch: int, loss: torch.Tensor) -> None:
+        """After optimizer step ``step`` (0-based, as in the run file)."""
+        if self.mode == "off":
+            return
+        self._images += self.batch_size
+        if self._bar is not None:
+            self._bar.update(self._task, advance=1, epoch=epoch)
+        if step % self.log_every:
+            return
+        value = loss.item()  # on CUDA the one wait for the GPU every log_every steps
+        now = time.perf_counter()
+        speed = self._images / max(now - self._since, 1e-9)
+        self._since, self._images = now, 0
+        if self._bar is not None:
+            self._bar.update(self._task, loss=f"{value:.4f}", speed=f"{speed:.1f}")
+        else:
+            print(f"step {step} epoch {epoch} loss {value:.4f} ({speed:.1f} img/s)", flush=True)
+
+    def note(self, text: str) -> None:
+        """A line of its own (above the bar on a terminal)."""
+        if self._bar is not None:
+            self._bar.console.print(text)
+        elif self.mode == "lines":
+            print(text, flush=True)
+
+
+def _epoch_line(epoch: int, train_loss: float, metrics: Mapping[str, float]) -> str:
+    shown = {k: v for k, v in metrics.items() if not math.isnan(v)}
+    parts = [f"train_loss {train_loss:.4f}", *(f"{k} {v:.4f}" for k, v in shown.items())]
+    return f"epoch {epoch} " + " ".join(parts)
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")
+
+
+def _overhead_text(overhead: Mapping[str, float]) -> str:
+    spent = sum(v for k, v in overhead.items() if k != "wall")
+    wall = overhead.get("wall", 0.0)
+    share = f" ({100 * spent / wall:.1f} %)" if wall else ""
+    return f"{spent:.2f} s of {wall:.1f} s wall{share}"
+
+
+def _summarize(out: Path, config: TrainConfig, trainer: _Trainer, source: str) -> Summary:
+    with open_run(out) as run:
+        metrics = run.metrics
+        epochs = run.epochs
+        val = metrics.get("val_loss", np.full(len(epochs), np.nan))
+        validated = np.flatnonzero(~np.isnan(val))
+        best = int(validated[np.argmin(val[validated])]) if validated.size else None
+        last = int(validated[-1]) if validated.size else None
+        nan = math.nan
+        summary = Summary(
+            path=out,
+            checkpoint=checkpoint_path(out),
+            file_bytes=out.stat().st_size,
+            model=config.model,
+            conv_layers=count_convs(trainer.model)[0],
+            n_params=sum(p.numel() for p in trainer.model.parameters()),
+            data=f"{source}: {len(trainer.train_set)} train, {len(trainer.val_set)} validation",
+            epochs=run.n_epochs,
+            steps=trainer.step,
+            best_val_loss=float(val[best]) if best is not None else nan,
+            best_epoch=int(epochs[best]) if best is not None else None,
+            last_val_epoch=int(epochs[last]) if last is not None else None,
+            v_rand=float(metrics["v_rand"][last]) if last is not None else nan,
+            v_info=float(metrics["v_info"][last]) if last is not None else nan,
+            seconds_per_step=trainer.train_seconds / trainer.steps_timed
+            if trainer.steps_timed
+            else nan,
+            seconds_per_validation=float(np.mean(trainer.val_seconds))
+            if trainer.val_seconds
+            else nan,
+            overhead=run.overhead,
+            nonfinite=run.first_nonfinite,
+            stopped_step=trainer.stopped_step,
+        )
+    return summary

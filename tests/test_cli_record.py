@@ -1,0 +1,308 @@
+"""``gradflow record`` end to end: runs, resume, non-finite exit, every bad input, DDP.
+
+Runs are tiny (the ``tiny`` model, 32 px crops, 2 steps per epoch). Most go through
+``main()`` in this process; the end-to-end, one bad input and DDP runs start real processes.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from gradflow import open_run
+from gradflow.checkpoint import checkpoint_path
+from gradflow.cli.main import main
+from gradflow.data import load_dataset
+
+TINY = [
+    "--model", "tiny", "--epochs", "1", "--steps-per-epoch", "2", "--crop", "32",
+    "--batch-size", "2", "--val-slices", "1", "--log-every", "1",
+]  # fmt: skip
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread() -> Iterator[None]:
+    """One intra-op thread: on the shared 2-core test machine, two threads mostly wait."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def write_slices(folder: Path, images: np.ndarray, labels: np.ndarray) -> Path:
+    """An ISBI-layout folder: train/images/NN.png and train/labels/NN.png (255 = cell)."""
+    for sub, stack in (("images", images), ("labels", labels)):
+        (folder / "train" / sub).mkdir(parents=True)
+        for i, array in enumerate(stack):
+            Image.fromarray(array.astype(np.uint8)).save(folder / "train" / sub / f"{i:02d}.png")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def em(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """7 labelled 64 px slices in the ISBI layout (from the synthetic generator)."""
+    volume = load_dataset("synthetic", n_synthetic=7, synthetic_size=64)
+    images = (volume.images - volume.images.min()) / np.ptp(volume.images) * 255
+    return write_slices(tmp_path_factory.mktemp("em"), images, (1 - volume.labels) * 255)
+
+
+@pytest.fixture(scope="module")
+def bad_data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("bad")
+    flat = np.full((3, 64, 64), 128)
+    no_labels = root / "no_labels" / "train" / "images"
+    no_labels.mkdir(parents=True)
+    Image.fromarray(flat[0].astype(np.uint8)).save(no_labels / "00.png")
+    mixed = write_slices(root / "mixed", flat, flat)
+    Image.fromarray(np.zeros((48, 48), np.uint8)).save(mixed / "train" / "images" / "01.png")
+    text = write_slices(root / "text", flat, flat)
+    (text / "train" / "images" / "00.png").write_text("not an image\n")
+    return {
+        "missing": root / "nowhere",
+        "no_labels": root / "no_labels",
+        "mixed": mixed,
+        "text": text,
+    }
+
+
+@pytest.fixture(scope="module")
+def protected(em: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A finished run with its checkpoint, and a run file without one."""
+    root = tmp_path_factory.mktemp("protected")
+    run = root / "run.h5"
+    status, _, err = gradflow(None, "record", *TINY, "--data", em, "--out", run)
+    assert status == 0, err
+    lonely = root / "lonely" / "run.h5"
+    lonely.parent.mkdir()
+    shutil.copy(run, lonely)
+    return {"run": run, "ckpt": checkpoint_path(run), "lonely": lonely}
+
+
+def gradflow(capsys: pytest.CaptureFixture[str] | None, *args: object) -> tuple[int, str, str]:
+    """The command line in this process: (exit status, stdout, stderr)."""
+    try:
+        main([str(a) for a in args])
+        status = 0
+    except SystemExit as done:
+        status = int(done.code or 0)
+    if capsys is None:
+        return status, "", ""
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
+@pytest.mark.slow  # the 30 synthetic 512 px slices take seconds to generate
+def test_record_end_to_end_on_synthetic_data(tmp_path: Path) -> None:
+    out = tmp_path / "run.h5"
+    args = [*TINY, "--epochs", "2", "--seed", "3", "--data", "synthetic", "--out", out]
+    done = subprocess.run(
+        [sys.executable, "-m", "gradflow.cli.main", "record", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env=ENV,
+    )
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0].startswith("step 0 epoch 0 loss ")
+    assert any(line.startswith("epoch 1 train_loss ") for line in lines)
+    assert "gradflow record" in done.stdout and "best val_loss" in done.stdout
+    with open_run(out) as run:
+        np.testing.assert_array_equal(run.steps, np.arange(4))
+        np.testing.assert_array_equal(run.epochs, [0, 1])
+        assert {"train_loss", "val_loss", "pixel_error", "v_rand", "v_info"} <= set(run.metrics)
+        assert run.config["model"]["name"] == "tiny" and run.config["seed"] == 3
+        assert run.config["data"]["source"].startswith("synthetic EM")
+        assert run.config["command"].startswith("gradflow record --model tiny")
+    assert checkpoint_path(out).is_file()
+
+
+def test_resume_extends_a_run(capsys: pytest.CaptureFixture[str], em: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run.h5"
+    status, _, err = gradflow(capsys, "record", *TINY, "--data", em, "--out", out)
+    assert status == 0, err
+    status, stdout, err = gradflow(
+        capsys, "record", *TINY, "--data", em, "--out", out, "--epochs", "2", "--resume"
+    )
+    assert status == 0, err
+    assert stdout.startswith("step 2 epoch 1 loss ")
+    with open_run(out) as run:
+        np.testing.assert_array_equal(run.steps, np.arange(4))
+        assert [(e.kind, e.step) for e in run.events] == [("resume", 2)]
+
+
+def test_nonfinite_stops_with_exit_1_and_continue_does_not(
+    capsys: pytest.CaptureFixture[str], em: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "nan.h5"
+    status, _, err = gradflow(
+        capsys, "record", *TINY, "--data", em, "--lr", "1e30", "--epochs", "2", "--out", out
+    )
+    assert status == 1
+    assert err.startswith("gradflow: error: training stopped at step 1 (epoch 0): ")
+    assert len(err.splitlines()) == 1 and "down1.conv" in err
+    with open_run(out) as run:
+        event = run.first_nonfinite
+        assert event is not None and (event.step, event.layer) == (1, "down1.conv")
+        np.testing.assert_array_equal(run.steps, [0, 1])
+    status, stdout, err = gradflow(
+        capsys, "record", *TINY, "--data", em, "--lr", "1e30", "--out", out, "--force",
+        "--on-nonfinite", "continue",
+    )  # fmt: skip
+    assert status == 0, err
+    assert "non-finite" in stdout
+    with open_run(out) as run:
+        np.testing.assert_array_equal(run.steps, [0, 1])
+
+
+BAD_INPUTS: list[tuple[str, list[str], str]] = [
+    ("unknown model", ["--model", "fig3a-long-short"], "did you mean 'fig3a-long-short-9'"),
+    ("missing data folder", ["--data", "{missing}"], "data folder not found"),
+    ("folder without labels", ["--data", "{no_labels}"], "labels folder missing"),
+    ("mismatched sizes", ["--data", "{mixed}"], "is 48x48 but"),
+    ("non-image files", ["--data", "{text}"], "cannot read as images"),
+    ("crop larger than the images", ["--crop", "128"], "crop 128x128 does not fit the 64x64"),
+    ("crop the model refuses", ["--crop", "36"], "36x36 is not a multiple of 8"),
+    ("zero epochs", ["--epochs", "0"], "epochs must be at least 1, got 0"),
+    ("negative epochs", ["--epochs", "-3"], "epochs must be at least 1, got -3"),
+    ("zero batch", ["--batch-size", "0"], "batch_size must be at least 1, got 0"),
+    ("negative batch", ["--batch-size", "-2"], "batch_size must be at least 1, got -2"),
+    ("zero steps", ["--steps-per-epoch", "0"], "steps_per_epoch must be at least 1, got 0"),
+    ("negative steps", ["--steps-per-epoch", "-1"], "steps_per_epoch must be at least 1"),
+    ("unknown loss", ["--loss", "dise"], "did you mean 'dice'"),
+    ("bad model option", ["--model-option", "batch_norm"], "expected KEY=VALUE"),
+    ("unknown model option", ["--model-option", "batchnorm=0"], "did you mean 'batch_norm'"),
+    ("on-nonfinite choice", ["--on-nonfinite", "skip"], "unknown on_nonfinite choice"),
+]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"), [c[1:] for c in BAD_INPUTS], ids=[c[0] for c in BAD_INPUTS]
+)
+def test_bad_input_is_one_line_and_damages_nothing(
+    capsys: pytest.CaptureFixture[str],
+    em: Path,
+    bad_data: dict[str, Path],
+    protected: dict[str, Path],
+    args: list[str],
+    message: str,
+) -> None:
+    args = [a.format(**bad_data) for a in args]
+    data = [] if "--data" in args else ["--data", str(em)]
+    before = {name: path.read_bytes() for name, path in protected.items()}
+    # --force: only the early checks stand between a bad input and the existing run file.
+    status, _, err = gradflow(
+        capsys, "record", *TINY, *data, *args, "--out", protected["run"], "--force"
+    )
+    assert_one_line_error(status, err, message)
+    assert {name: path.read_bytes() for name, path in protected.items()} == before
+
+
+def test_existing_out_without_force(
+    capsys: pytest.CaptureFixture[str], em: Path, protected: dict[str, Path]
+) -> None:
+    before = protected["run"].read_bytes()
+    status, _, err = gradflow(capsys, "record", *TINY, "--data", em, "--out", protected["run"])
+    assert_one_line_error(status, err, "file exists; pass --force")
+    assert protected["run"].read_bytes() == before
+
+
+def test_resume_without_checkpoint(
+    capsys: pytest.CaptureFixture[str], em: Path, protected: dict[str, Path]
+) -> None:
+    before = protected["lonely"].read_bytes()
+    status, _, err = gradflow(
+        capsys, "record", *TINY, "--data", em, "--epochs", "2", "--out", protected["lonely"],
+        "--resume",
+    )  # fmt: skip
+    assert_one_line_error(status, err, "cannot resume: no checkpoint")
+    assert protected["lonely"].read_bytes() == before
+
+
+def test_missing_out(capsys: pytest.CaptureFixture[str], em: Path) -> None:
+    status, _, err = gradflow(capsys, "record", *TINY, "--data", em)
+    assert_one_line_error(status, err, "missing --out")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_cuda_without_cuda_through_the_real_entry_point(
+    em: Path, protected: dict[str, Path]
+) -> None:
+    before = protected["run"].read_bytes()
+    done = subprocess.run(
+        [
+            sys.executable, "-m", "gradflow.cli.main", "record", *TINY, "--data", str(em),
+            "--device", "cuda", "--out", str(protected["run"]), "--force",
+        ],
+        capture_output=True, text=True, timeout=120, env=ENV,
+    )  # fmt: skip
+    assert_one_line_error(
+        done.returncode, done.stderr, "--device cuda: CUDA is not available on this machine"
+    )
+    assert protected["run"].read_bytes() == before
+
+
+def test_help_shows_examples(capsys: pytest.CaptureFixture[str]) -> None:
+    status, out, _ = gradflow(capsys, "record", "--help")
+    assert status == 0
+    for example in ("--data synthetic", "../shared/data/isbi2012", "paper-resunet", "torchrun"):
+        assert example in out
+
+
+def assert_one_line_error(status: int, err: str, message: str) -> None:
+    assert status != 0
+    assert err.startswith("gradflow: error: ") and len(err.splitlines()) == 1, err
+    assert message in err and "Traceback" not in err
+
+
+# -- DDP -----------------------------------------------------------------------------------------
+@pytest.mark.slow
+@pytest.mark.parametrize("loss", ["bce", "dice"])
+def test_ddp_records_what_one_process_records(
+    capsys: pytest.CaptureFixture[str], em: Path, tmp_path: Path, loss: str
+) -> None:
+    """2 gloo ranks on the CPU, each on half of every global batch of 4, against 1 process.
+
+    Batch norm normalises each rank's half by its own statistics and dropout draws masks per
+    rank, so the comparison uses a model without either (``--model-option``); augmentation
+    is kept, as it depends only on (seed, epoch, step, sample).
+    """
+    args = [
+        "record", "--model", "tiny", "--model-option", "batch_norm=false",
+        "--model-option", "dropout=0", "--data", str(em), "--epochs", "2",
+        "--steps-per-epoch", "2", "--crop", "32", "--batch-size", "4", "--val-slices", "1",
+        "--loss", loss,
+    ]  # fmt: skip
+    ddp = tmp_path / "ddp"
+    ddp.mkdir()
+    done = subprocess.run(
+        [
+            sys.executable, "-m", "torch.distributed.run", "--standalone",
+            "--nproc_per_node", "2", "-m", "gradflow.cli.main", *args,
+            "--out", str(ddp / "run.h5"),
+        ],
+        capture_output=True, text=True, timeout=300, env=ENV,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert sorted(p.name for p in ddp.iterdir()) == ["run.ckpt.pt", "run.h5"]
+    status, _, err = gradflow(capsys, *args, "--out", tmp_path / "single.h5")
+    assert status == 0, err
+    with open_run(ddp / "run.h5") as two, open_run(tmp_path / "single.h5") as one:
+        assert two.config["world_size"] == 2 and one.config["world_size"] == 1
+        np.testing.assert_array_equal(two.steps, one.steps)
+        for stat in ("grad_norm", "update_norm"):
+            np.testing.assert_allclose(
+                two.stat("param", stat), one.stat("param", stat), rtol=1e-5, err_msg=stat
+            )
+        np.testing.assert_allclose(two.loss, one.loss, rtol=1e-5)
+        np.testing.assert_allclose(two.metrics["train_loss"], one.metrics["train_loss"], rtol=1e-5)
