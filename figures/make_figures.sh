@@ -6,13 +6,14 @@
 set -euo pipefail
 
 # --- scale: CPU-minutes defaults; raise them for figures closer to the paper -------------
-EPOCHS=${EPOCHS:-12}          # epochs per run
+EPOCHS=${EPOCHS:-16}          # epochs per run
 STEPS=${STEPS:-20}            # optimizer steps per epoch
 CROP=${CROP:-96}              # training crop side (pixels)
 BATCH=${BATCH:-4}             # batch size
 LR=${LR:-1e-3}                # RMSprop learning rate (the paper's)
 LR_NOBN=${LR_NOBN:-1e-4}      # panel (d) has no batch norm and trains with a lower rate
-SEEDS=${SEEDS:-"0"}           # one run per model and seed; heat maps use the first seed
+SEEDS=${SEEDS:-"0 1 2"}       # one run per model and seed; heat maps use the first seed
+JOBS=${JOBS:-2}               # runs recorded in parallel (each on one CPU thread)
 DATA=${DATA:-../shared/data/isbi2012}  # ISBI 2012 folder (relative to the repo root) or "synthetic"
 PLOT_ONLY=${PLOT_ONLY:-0}     # 1: skip recording, draw from the runs already in runs/
 
@@ -21,7 +22,7 @@ RUNS=runs
 OUT=figures
 mkdir -p "$RUNS"
 
-MODELS=(fig3a-long-short-9 fig3b-long-9 fig3c-long-3 fig3d-long-7-nobn short-only-9)
+MODELS=(fig3a-long-short-9 fig3b-long-9 fig3c-long-3 fig3d-long-7-nobn short-only-9 no-skips-9)
 SEED0=${SEEDS%% *}
 run() { echo "$RUNS/$1-s$2.h5"; }
 
@@ -31,16 +32,24 @@ if [[ "$PLOT_ONLY" != 1 ]]; then
         echo "make_figures: no ISBI 2012 data at $DATA (set DATA=PATH or DATA=synthetic)" >&2
         exit 2
     fi
+    jobs=()
     for seed in $SEEDS; do
         for model in "${MODELS[@]}"; do
             lr=$LR
             [[ "$model" == *nobn* ]] && lr=$LR_NOBN
-            echo "== record $model (seed $seed)"
-            gradflow record --model "$model" --data "$DATA" --epochs "$EPOCHS" \
-                --steps-per-epoch "$STEPS" --crop "$CROP" --batch-size "$BATCH" --lr "$lr" \
-                --seed "$seed" --device cpu --out "$(run "$model" "$seed")" --force
+            jobs+=("$model $seed $lr")
         done
     done
+    record_one() {  # model seed lr
+        echo "== record $1 (seed $2)"
+        OMP_NUM_THREADS=1 gradflow record --model "$1" --data "$DATA" --epochs "$EPOCHS" \
+            --steps-per-epoch "$STEPS" --crop "$CROP" --batch-size "$BATCH" --lr "$3" \
+            --seed "$2" --device cpu --out "$RUNS/$1-s$2.h5" --force --log-every 1000 \
+            > "$RUNS/$1-s$2.log" 2>&1 || { echo "record $1 seed $2 failed:"; tail -5 "$RUNS/$1-s$2.log"; exit 1; }
+    }
+    export -f record_one
+    export DATA EPOCHS STEPS CROP BATCH RUNS
+    printf '%s\n' "${jobs[@]}" | xargs -P "$JOBS" -L 1 bash -c 'record_one $0 $1 $2'
 fi
 
 # --- plot --------------------------------------------------------------------------------
@@ -69,6 +78,8 @@ gradflow plot gradient-heatmap "$A" "$B" --stat grad_output/norm --steps : --log
     --title "Gradient norm at each layer's output, per step" --out "$OUT/grad_output_a_b.png"
 gradflow plot depth-profile "$A" "$B" "$D" --log --force \
     --title "Mean |ΔW| per epoch against depth" --out "$OUT/depth_profile.png"
+
+python figures/centre_edge.py runs --seeds $SEEDS --out "$OUT/centre_edge.md"
 
 big=$(find "$OUT" -name '*.png' -size +500k)
 if [[ -n "$big" ]]; then

@@ -167,9 +167,16 @@ class CallLog:
 def activation_reductions(x: torch.Tensor, log: CallLog, layer_id: int) -> None:
     """Append sum, sum of squares, nonzero and non-finite counts of ``x`` to ``log``."""
     flat = x.detach().reshape(-1)
-    # x - x is 0 where finite and NaN elsewhere: one cheap pass counts non-finite entries.
-    log.act_float.append(torch.stack([flat.sum(), torch.dot(flat, flat)]))
-    log.act_count.append(torch.stack([torch.count_nonzero(flat), torch.count_nonzero(flat - flat)]))
+    sums = torch.stack([flat.sum(), torch.dot(flat, flat)])
+    nonzero = torch.count_nonzero(flat)
+    if flat.device.type == "cpu" and bool(torch.isfinite(sums).all()):
+        # On the CPU the check costs no device sync: finite sums mean no NaN/Inf entries.
+        nonfinite = torch.zeros_like(nonzero)
+    else:
+        # x - x is 0 where finite and NaN elsewhere: one pass counts non-finite entries.
+        nonfinite = torch.count_nonzero(flat - flat)
+    log.act_float.append(sums)
+    log.act_count.append(torch.stack([nonzero, nonfinite]))
     log.act_ids.append(layer_id)
     log.act_n.append(flat.numel())
 

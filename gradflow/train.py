@@ -317,6 +317,7 @@ def train(
                 metrics = trainer.validate(epoch)
                 if rec is not None:
                     rec.epoch_end(train_loss=train_loss, **metrics, lr=trainer.lr)
+                    rec.flush()  # the run file holds this epoch before the checkpoint does
                 trainer.checkpoint(ckpt_file, epochs_done=epoch + 1)
                 bar.note(_epoch_line(epoch, train_loss, metrics))
     return _summarize(out, config, trainer, source) if world.main else None
