@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 from matplotlib.figure import Figure
 
+from gradflow.analysis import centre_edge_ratio
 from gradflow.plots.catalog import FIGURES, TABLES
 from gradflow.plots.curves import epoch_metric
 from gradflow.plots.style import run_labels, styled
@@ -64,11 +65,30 @@ def best_losses_table(runs: Sequence[Run]) -> Table:
     return Table(columns, rows)
 
 
-@FIGURES.register("best-losses")
-@styled
-def best_losses(runs: Sequence[Run], *, title: str | None = None) -> Figure:
-    """The best validation loss per run and the training loss at that epoch, as a table."""
-    table = best_losses_table(runs)
+@TABLES.register("centre-edge")
+def centre_edge_table(runs: Sequence[Run]) -> Table:
+    """Per model: the centre/edge ratio of per-epoch mean |ΔW| (conv layers), over seeds."""
+    groups: dict[str, list[float]] = {}
+    for run in runs:
+        groups.setdefault(run.name, []).append(centre_edge_ratio(run))
+    rows: list[list[Cell]] = []
+    for name, ratios in groups.items():
+        values = np.array(ratios)
+        per_run = ", ".join(f"{v:.3g}" for v in values)
+        rows.append(
+            [
+                name,
+                len(values),
+                float(values.mean()),
+                float(values.min()),
+                float(values.max()),
+                per_run,
+            ]
+        )
+    return Table(["model", "runs", "centre/edge (mean)", "min", "max", "per run"], rows)
+
+
+def _table_figure(table: Table, title: str | None) -> Figure:
     fig = Figure(figsize=(7.0, 0.8 + 0.3 * len(table.rows)), layout="constrained")
     ax = fig.subplots()
     ax.axis("off")
@@ -77,3 +97,17 @@ def best_losses(runs: Sequence[Run], *, title: str | None = None) -> Figure:
     if title:
         ax.set_title(title)
     return fig
+
+
+@FIGURES.register("best-losses")
+@styled
+def best_losses(runs: Sequence[Run], *, title: str | None = None) -> Figure:
+    """The best validation loss per run and the training loss at that epoch, as a table."""
+    return _table_figure(best_losses_table(runs), title)
+
+
+@FIGURES.register("centre-edge")
+@styled
+def centre_edge(runs: Sequence[Run], *, title: str | None = None) -> Figure:
+    """Centre/edge ratio of per-epoch mean |ΔW| per model (mean and spread over seeds)."""
+    return _table_figure(centre_edge_table(runs), title)
