@@ -7,6 +7,7 @@ the recorder to pack into one host copy per recorded step.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -131,6 +132,7 @@ class CallLog:
     gout_ids: list[int] = field(default_factory=list)
     gout_n: list[int] = field(default_factory=list)
     gout_sq: list[torch.Tensor] = field(default_factory=list)
+    hook_s: float = 0.0  # seconds spent in output-gradient hooks (backward)
 
     def all_reduce(self, world_size: int, group: Any = None) -> CallLog:
         """The same calls with reductions summed over all ranks (identical call patterns)."""
@@ -141,6 +143,7 @@ class CallLog:
             act_n=[n * world_size for n in self.act_n],
             gout_ids=self.gout_ids,
             gout_n=[n * world_size for n in self.gout_n],
+            hook_s=self.hook_s,
         )
         parts = self.tensors()
         if parts:  # one collective for everything, in float64 (exact for counts)
@@ -185,11 +188,13 @@ def grad_output_hook(log: Callable[[], CallLog], layer_id: int) -> Callable[[tor
     """A tensor hook appending the squared norm of the gradient w.r.t. a layer's output."""
 
     def hook(grad: torch.Tensor) -> None:
+        t0 = time.perf_counter()
         flat = grad.detach().reshape(-1)
         target = log()
         target.gout_sq.append(torch.dot(flat, flat))
         target.gout_ids.append(layer_id)
         target.gout_n.append(flat.numel())
+        target.hook_s += time.perf_counter() - t0
 
     return hook
 

@@ -442,7 +442,7 @@ class Recorder:
                 host_scalars=host_vals,
                 skipped=row["skipped"],
                 has_update=row["has_update"],
-                overhead=[self._hook_s, self._stats_s, copy_s],
+                overhead=[self._hook_s + log.hook_s, self._stats_s, copy_s],
             )
         )
         self._hook_s = self._stats_s = 0.0
