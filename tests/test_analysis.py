@@ -8,11 +8,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from runfiles import fcn_layers, write_run
 
 from gradflow import GradflowError, open_run
 from gradflow.analysis import centre_edge_ratio
 from gradflow.plots.tables import centre_edge_table
-from runfiles import fcn_layers, write_run
 
 
 def _numpy_ratio(path: Path) -> float:
