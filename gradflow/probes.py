@@ -216,22 +216,54 @@ class Snapshot:
     def __init__(self, params: Sequence[nn.Parameter], device: torch.device) -> None:
         self.params = list(params)
         self.device = device
+        sharded = any(hasattr(p, "device_mesh") for p in self.params)
+        # Plain parameters are read as they are (under no_grad): no per-step wrappers.
+        self._sources: list[torch.Tensor] | None = None if sharded else list(self.params)
+        sizes = [local(p).numel() for p in self.params]
+        self._sizes = sizes
+        self._ends = torch.tensor(np.cumsum(sizes) - 1, device=device)
+        self._flat = torch.empty(0)
         self._views: list[torch.Tensor] = []
 
+    def _current(self) -> list[torch.Tensor]:
+        return self._sources if self._sources is not None else [local(p) for p in self.params]
+
+    def _buffer(self) -> list[torch.Tensor]:
+        if not self._views:  # allocated at first use: unrecorded runs cost no memory
+            self._flat = torch.empty(sum(self._sizes), dtype=torch.float32, device=self.device)
+            shapes = [local(p).shape for p in self.params]
+            self._views = [
+                v.view(s) for v, s in zip(self._flat.split(self._sizes), shapes, strict=True)
+            ]
+        return self._views
+
+    @torch.no_grad()
     def take(self) -> torch.Tensor:
         """Copy the parameters in; returns their per-tensor sums of squares (float32 [P])."""
-        current = [local(p.detach()) for p in self.params]
-        if not self._views:
-            sizes = [t.numel() for t in current]
-            flat = torch.empty(sum(sizes), dtype=torch.float32, device=self.device)
-            self._views = [v.view(t.shape) for v, t in zip(flat.split(sizes), current, strict=True)]
-        torch._foreach_copy_(self._views, current)
-        return _sq_norms(self._views)
+        views = self._buffer()
+        torch._foreach_copy_(views, self._current())
+        return _sq_norms(views)
 
+    @torch.no_grad()
+    def nonfinite_counts(self, tensors: Sequence[torch.Tensor | None]) -> torch.Tensor:
+        """Per-tensor counts of NaN/Inf entries (float32 [P]) in a few kernels whatever
+        their number; ``None`` counts 0. Uses the buffer as scratch: :meth:`take` after."""
+        views = self._buffer()
+        pairs = [(v, t) for v, t in zip(views, tensors, strict=True) if t is not None]
+        torch._foreach_copy_([v for v, _ in pairs], [t for _, t in pairs])
+        bad = torch.cumsum(torch.isfinite(self._flat).logical_not_(), 0, dtype=torch.int32)
+        totals = torch.cat([bad.new_zeros(1), bad[self._ends]])
+        counts = (totals[1:] - totals[:-1]).float()
+        missing = [i for i, t in enumerate(tensors) if t is None]
+        if missing:
+            counts[missing] = 0
+        return counts
+
+    @torch.no_grad()
     def delta(self) -> list[torch.Tensor]:
         """Turn the copy into ``W_then - W_now`` in place; returns per-tensor
         ``[sum d^2, sum |d|, max |d|]`` (3 x float32 [P]). Call :meth:`take` before reuse."""
-        torch._foreach_sub_(self._views, [local(p.detach()) for p in self.params])
+        torch._foreach_sub_(self._views, self._current())
         return [_sq_norms(self._views, order) for order in (2, 1, float("inf"))]
 
 
@@ -307,6 +339,7 @@ class ParamProbe:
         self._zero = torch.zeros((), device=self.device)
         self._pre: list[torch.Tensor] = []
 
+    @torch.no_grad()
     def grad_reductions(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-tensor sum of squares and non-finite count of the gradients (float32 [P])."""
         grads = [local(p.grad) if p.grad is not None else None for p in self.params]
@@ -321,12 +354,8 @@ class ParamProbe:
                 (~torch.isfinite(g)).sum().float() if g is not None else self._zero for g in grads
             ]
             return g_sq, torch.stack(counts)
-        # Elsewhere count unconditionally: 0 * g is NaN exactly at non-finite entries.
-        nan_masks = list(torch._foreach_mul(present, 0.0)) if present else []
-        nan_at = iter(torch._foreach_norm(nan_masks, 0) if present else [])
-        return g_sq, torch.stack(
-            [next(nan_at).float() if g is not None else self._zero for g in grads]
-        )
+        # Elsewhere count unconditionally, through the snapshot buffer (weights come next).
+        return g_sq, self.snapshot.nonfinite_counts(grads)
 
     def before_step(self) -> None:
         """Reduce gradients and weights, and snapshot the weights (call before ``step()``)."""

@@ -164,9 +164,11 @@ class WriterThread(threading.Thread):
                     self.error = self.error or err
             while True:  # never leave a producer blocked on a dead thread
                 try:
-                    self.queue.get_nowait()
+                    item = self.queue.get_nowait()
                 except queue.Empty:
                     break
+                if isinstance(item, threading.Event):  # a flush request: wake its caller
+                    item.set()
 
     def _handle(self, item: Any) -> None:
         if isinstance(item, Layout):
@@ -201,8 +203,7 @@ class WriterThread(threading.Thread):
     def _step(self, item: StepItem) -> None:
         layout = self._require_layout()
         t0 = time.perf_counter()
-        if item.ready is not None:
-            item.ready.synchronize()
+        _wait(item.ready)
         vec = item.packed.numpy()
         n_layers = len(layout.layers)
         reductions: dict[str, dict[str, np.ndarray]] = {}
@@ -317,8 +318,7 @@ class WriterThread(threading.Thread):
             self.rows_written += len(merged)
         layout = self._require_layout()
         for ep in self._pending_epochs:
-            if ep.ready is not None:
-                ep.ready.synchronize()
+            _wait(ep.ready)
             vec = ep.packed.numpy()
             n = 6 * layout.param_count if ep.has_update else 0
             if ep.has_update:
@@ -337,6 +337,12 @@ class WriterThread(threading.Thread):
         self._pending_events = []
         self._file.commit()
         self._last_commit = time.monotonic()
+
+
+def _wait(ready: Any) -> None:
+    """Wait for a device copy by polling, so the training thread is never held up."""
+    while ready is not None and not ready.query():
+        time.sleep(0.0002)
 
 
 def _per_layer(

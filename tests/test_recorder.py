@@ -568,3 +568,26 @@ def test_flush_commits_rows_for_a_concurrent_reader(tmp_path) -> None:
         rec.flush()
         with open_run(tmp_path / "r.h5") as run:  # a reader sees the rows before close()
             assert run.n_steps == 3 and run.n_epochs == 1
+
+
+def test_device_path_nonfinite_counts_match_numpy() -> None:
+    # The counting path used on accelerators (no host branch), checked here on the CPU.
+    from gradflow.probes import Snapshot
+
+    params = [
+        nn.Parameter(torch.randn(3, 4)),
+        nn.Parameter(torch.randn(5)),
+        nn.Parameter(torch.randn(2, 2)),
+    ]
+    grads = [torch.randn(3, 4), None, torch.randn(2, 2)]
+    grads[0][0, 1] = float("nan")
+    grads[0][2, 3] = float("inf")
+    grads[2][1, 1] = -float("inf")
+    snap = Snapshot(params, torch.device("cpu"))
+    counts = snap.nonfinite_counts(grads)
+    want = [0 if g is None else int((~np.isfinite(g.numpy())).sum()) for g in grads]
+    assert counts.tolist() == want == [2, 0, 1]
+    w_sq = snap.take()  # the buffer holds the weights again
+    np.testing.assert_allclose(
+        w_sq.numpy(), [float((p.detach() ** 2).sum()) for p in params], rtol=1e-6
+    )
