@@ -15,14 +15,19 @@ def main(argv: list[str] | None = None) -> None:
         # Standalone mode: the CLI library reports its own usage errors and exits 2.
         app(args=argv, prog_name="gradflow")
     except GradflowError as err:
-        print(f"gradflow: error: {err}", file=sys.stderr)
+        print(f"gradflow: error: {_one_line(err)}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print("gradflow: interrupted", file=sys.stderr)
         sys.exit(130)
     except OSError as err:
-        print(f"gradflow: error: {err}", file=sys.stderr)
+        print(f"gradflow: error: {_one_line(err)}", file=sys.stderr)
         sys.exit(2)
+
+
+def _one_line(err: BaseException) -> str:
+    """The message on one line: HDF5's I/O errors carry a ctime() newline inside."""
+    return " ".join(part.strip() for part in str(err).splitlines() if part.strip())
 
 
 if __name__ == "__main__":

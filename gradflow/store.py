@@ -30,6 +30,7 @@ writer was killed. Readers open with ``swmr=True``, which also reads a killed wr
 from __future__ import annotations
 
 import datetime as _dt
+import io
 import json
 import os
 from collections.abc import Iterator, Mapping, Sequence
@@ -47,6 +48,7 @@ MAX_NAMED = 32  # capacity of /scalars and /epochs/metrics: SWMR cannot add data
 OVERHEAD_COLUMNS = ("hooks", "stats", "copy", "writer")
 _HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 _COMPRESSION: dict[str, Any] = {"compression": "gzip", "compression_opts": 1, "shuffle": True}
+_UNCLOSABLE: list[h5py.File] = []  # files HDF5 failed to close (see RunWriter.close)
 
 _LAYER_DTYPE = np.dtype(
     [
@@ -157,8 +159,12 @@ class RunWriter:
         check_writable(target, overwrite=overwrite)
         tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
         try:
-            with h5py.File(tmp, "w", libver="latest") as f:
+            # Built in memory, then written by plain file I/O: a full disk fails here cleanly,
+            # not inside HDF5, which cannot close a file it failed to write.
+            image = io.BytesIO()
+            with h5py.File(image, "w", libver="latest") as f:
                 _write_layout(f, layers, step_stats, epoch_stats, config, attrs or {})
+            tmp.write_bytes(image.getvalue())
             os.replace(tmp, target)
         except OSError as err:
             tmp.unlink(missing_ok=True)
@@ -195,7 +201,11 @@ class RunWriter:
 
     @classmethod
     def _open_swmr(cls, target: Path) -> RunWriter:
-        f = h5py.File(target, "r+", libver="latest")
+        # No raw-data chunk cache: a failed write (disk full) then raises at the write, not
+        # later inside a dataset handle's close, which HDF5 cannot finish and retries at
+        # exit, crashing the process. Free: each write's dataset handle is closed right
+        # after the write, which flushed the cache anyway.
+        f = h5py.File(target, "r+", libver="latest", rdcc_nbytes=0)
         f.swmr_mode = True
         return cls(target, f)
 
@@ -275,10 +285,19 @@ class RunWriter:
         self._f.flush()
 
     def close(self) -> None:
-        """Commit and close the file (idempotent)."""
-        if self._f.id.valid:
+        """Commit and close the file (idempotent), also after a failed commit."""
+        if not self._f.id.valid:
+            return
+        try:
             self.commit()
-            self._f.close()
+        finally:
+            try:
+                self._f.close()
+            except Exception:
+                # After a failed write HDF5 cannot flush, so it keeps the file open; freeing
+                # the handle would print h5py finaliser tracebacks. Keep it to the end.
+                _UNCLOSABLE.append(self._f)
+                raise
 
     def _column(self, names: list[str], dataset: str, name: str) -> int:
         if name in names:
@@ -415,11 +434,13 @@ def _copy_truncated(run: Run, dst: h5py.File, n_steps: int, n_epochs: int) -> No
 
 def check_writable(path: Path, *, overwrite: bool) -> None:
     """Fail fast, in one line, when ``path`` cannot or must not be written."""
-    if path.exists() and not overwrite:
-        raise GradflowError(f"{path}: file exists; pass --force (overwrite=True) to replace it")
     if path.is_dir():
         raise GradflowError(f"{path}: is a directory, not a run file path")
+    if path.exists() and not overwrite:
+        raise GradflowError(f"{path}: file exists; pass --force (overwrite=True) to replace it")
     parent = path.parent if str(path.parent) else Path(".")
+    if parent.exists() and not parent.is_dir():
+        raise GradflowError(f"{path}: {parent} is not a directory")
     if not parent.is_dir():
         raise GradflowError(f"{path}: directory {parent} does not exist")
     if not os.access(parent, os.W_OK):
