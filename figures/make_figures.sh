@@ -69,7 +69,7 @@ gradflow plot learning-curves "${curves[@]}" --force \
     --title "Learning curves: long+short, only short, only long skips" --out "$OUT/learning_curves.png"
 gradflow plot best-losses "$RUNS"/*-s*.h5 --force --out "$OUT/best_losses.md"
 gradflow plot diff-heatmap "$A" "$B" --log --force \
-    --title "log10 of (a)'s epoch updates over (b)'s: where short skips matter" \
+    --title "Epoch updates, log10 (a)/(b)" \
     --out "$OUT/diff_a_b.png"
 gradflow plot gradient-heatmap "$A" "$B" --stat grad_output/norm --steps : --log --force \
     --title "Gradient norm at each layer's output, per step" --out "$OUT/grad_output_a_b.png"
