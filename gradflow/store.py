@@ -48,7 +48,7 @@ MAX_NAMED = 32  # capacity of /scalars and /epochs/metrics: SWMR cannot add data
 OVERHEAD_COLUMNS = ("hooks", "stats", "copy", "writer")
 _HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 _COMPRESSION: dict[str, Any] = {"compression": "gzip", "compression_opts": 1, "shuffle": True}
-_UNCLOSABLE: list[h5py.File] = []  # files HDF5 failed to close (see RunWriter.close)
+_UNCLOSABLE: list[h5py.File] = []  # files HDF5 failed to close (see _close)
 
 _LAYER_DTYPE = np.dtype(
     [
@@ -188,11 +188,14 @@ class RunWriter:
         n_epochs = min(keep_epochs, run.n_epochs)
         tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
         try:
-            with h5py.File(tmp, "w", libver="latest") as dst:
+            dst = h5py.File(tmp, "w", libver="latest", rdcc_nbytes=0)  # see _open_swmr
+            try:
                 _copy_truncated(run, dst, n_steps, n_epochs)
+            finally:
+                _close(dst)
             run.close()
             os.replace(tmp, target)
-        except OSError as err:
+        except (OSError, RuntimeError) as err:  # h5py raises RuntimeError when close fails
             tmp.unlink(missing_ok=True)
             raise GradflowError(f"{target}: cannot rewrite the run file ({err})") from err
         finally:
@@ -291,13 +294,7 @@ class RunWriter:
         try:
             self.commit()
         finally:
-            try:
-                self._f.close()
-            except Exception:
-                # After a failed write HDF5 cannot flush, so it keeps the file open; freeing
-                # the handle would print h5py finaliser tracebacks. Keep it to the end.
-                _UNCLOSABLE.append(self._f)
-                raise
+            _close(self._f)
 
     def _column(self, names: list[str], dataset: str, name: str) -> int:
         if name in names:
@@ -310,6 +307,16 @@ class RunWriter:
         names.append(name)
         self._f[dataset][len(names) - 1] = name.encode()[:64]
         return len(names) - 1
+
+
+def _close(f: h5py.File) -> None:
+    """Close ``f``. After a failed write (disk full) HDF5 cannot flush it and keeps it open;
+    freeing the handle would then print h5py finaliser tracebacks, so it is kept to the end."""
+    try:
+        f.close()
+    except Exception:
+        _UNCLOSABLE.append(f)
+        raise
 
 
 def _put(ds: h5py.Dataset, a: int, b: int, values: np.ndarray) -> None:
@@ -714,6 +721,7 @@ def open_run(path: str | os.PathLike[str]) -> Run:
     with open(p, "rb") as fh:
         if fh.read(8) != _HDF5_SIGNATURE:
             raise GradflowError(f"{p}: not an HDF5 file, so not a gradflow run")
+    _check_not_truncated(p)
     try:
         f = h5py.File(p, "r", libver="latest", swmr=True)
     except OSError as err:
@@ -734,6 +742,19 @@ def open_run(path: str | os.PathLike[str]) -> Run:
     except (OSError, KeyError, ValueError) as err:
         f.close()
         raise GradflowError(f"{p}: damaged run file ({_first_line(err)})") from err
+
+
+def _check_not_truncated(p: Path) -> None:
+    """Fail fast on a damaged file. Opened with ``swmr=True``, HDF5 retries unreadable
+    metadata with growing pauses (minutes), so first try a plain open, which refuses at
+    once; files of a live or killed SWMR writer refuse it too, for a harmless reason."""
+    try:
+        h5py.File(p, "r", locking=False).close()
+    except OSError as err:
+        text = str(err)
+        if "already open for write" in text or "consistency flags" in text:
+            return
+        raise GradflowError(f"{p}: damaged or truncated HDF5 file ({_first_line(err)})") from err
 
 
 def _first_line(err: BaseException) -> str:

@@ -57,9 +57,9 @@ def select_layers(run: Run, pattern: str | None = None, all_layers: bool = False
     run has no conv layer), restricted to names matching ``pattern`` in full as an
     fnmatch glob or as a regular expression."""
     layers = sorted(run.layers, key=lambda lay: (lay.depth, lay.index))
-    kind = "any"
+    kind = "layer"
     if not all_layers and any(lay.kind == "conv" for lay in layers):
-        layers, kind = [lay for lay in layers if lay.kind == "conv"], "conv"
+        layers, kind = [lay for lay in layers if lay.kind == "conv"], "conv layer"
     if pattern is None:
         return layers
     try:
@@ -73,9 +73,9 @@ def select_layers(run: Run, pattern: str | None = None, all_layers: bool = False
     ]
     if not chosen:
         examples = ", ".join(lay.name for lay in layers[:3])
-        hint = "" if kind == "any" else "; pass --all-layers to search every kind"
+        hint = "" if kind == "layer" else "; pass --all-layers to search every kind"
         raise GradflowError(
-            f"layer pattern {pattern!r} matches no {kind} layer of {run.path.name} "
+            f"layer pattern {pattern!r} matches no {kind} of {run.path.name} "
             f"(names look like {examples}){hint}"
         )
     return chosen
