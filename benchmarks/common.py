@@ -223,6 +223,21 @@ def current_rss_mb() -> float:
         return peak_rss_mb()
 
 
+def dataset_bytes(path: Path) -> dict[str, int]:
+    """Bytes each dataset of an HDF5 file occupies (its stored, compressed chunks)."""
+    import h5py
+
+    sizes: dict[str, int] = {}
+
+    def visit(name: str, obj: Any) -> None:
+        if isinstance(obj, h5py.Dataset):
+            sizes[name] = obj.id.get_storage_size()
+
+    with h5py.File(path, "r", swmr=True) as f:
+        f.visititems(visit)
+    return sizes
+
+
 def children_rss_mb() -> float | None:
     """Resident memory of this process's child processes (e.g. wandb's service), or None."""
     try:
@@ -315,17 +330,15 @@ class Trainer:
         torch.manual_seed(workload.seed)
         self.model: nn.Module = create_model(workload.model).to(device)
         self.model.train()
-        self.optimizer = torch.optim.RMSprop(self.model.parameters(), lr=workload.lr)
+        self.optimizer: torch.optim.Optimizer = torch.optim.RMSprop(
+            self.model.parameters(), lr=workload.lr
+        )
         self.loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = nn.BCEWithLogitsLoss()
         gen = torch.Generator().manual_seed(workload.seed + 1)
         shape = (workload.batch, 1, workload.crop, workload.crop)
         self.x = torch.randn(shape, generator=gen).to(device)
         self.y = (torch.rand(shape, generator=gen) < 0.3).float().to(device)
         self.step_index = 0
-
-    @property
-    def n_params(self) -> int:
-        return sum(p.numel() for p in self.model.parameters())
 
     def step(self, tool: Tool) -> torch.Tensor:
         self.optimizer.zero_grad(set_to_none=True)
@@ -441,6 +454,25 @@ class GradflowTool(Tool):
             return None
 
 
+@dataclass(frozen=True)
+class Variant:
+    """A named way of watching training: ``build(trainer, folder)`` attaches the tool
+    (writing any files into ``folder``) or raises :class:`Unavailable`."""
+
+    name: str
+    label: str
+    build: Callable[[Stepper, Path], Tool]
+
+
+def recorder_variant(name: str, label: str, every: int, probes: Sequence[str]) -> Variant:
+    """A variant recording with gradflow into ``<folder>/<name>.h5``."""
+    return Variant(
+        name,
+        label,
+        lambda t, folder: GradflowTool(t, folder / f"{name}.h5", every=every, probes=probes),
+    )
+
+
 # -- interleaved, paired timing -------------------------------------------------------------------
 @dataclass
 class Session:
@@ -468,14 +500,21 @@ def cpu_timer(session: Session, steps: int) -> float:
 
 @dataclass
 class Pairs:
-    """Per-pair seconds per step of the baseline and of one variant, measured back to back."""
+    """Per-pair seconds per step of the baseline and of one variant, measured back to back
+    (``wall_*``: the wall clock of the same trials, when the timer has a ``last_wall``)."""
 
     baseline: list[float] = field(default_factory=list)
     variant: list[float] = field(default_factory=list)
+    wall_baseline: list[float] = field(default_factory=list)
+    wall_variant: list[float] = field(default_factory=list)
 
     @property
     def ratios(self) -> list[float]:
         return [v / b for b, v in zip(self.baseline, self.variant, strict=True)]
+
+    @property
+    def wall_ratios(self) -> list[float]:
+        return [v / b for b, v in zip(self.wall_baseline, self.wall_variant, strict=True)]
 
 
 def paired_trials(
@@ -501,14 +540,13 @@ def paired_trials(
             break
         order = [variants[(i + j) % n] for j in range(n)]
         for session in order:
-            if i % 2 == 0:
-                base = timer(baseline, steps)
-                var = timer(session, steps)
-            else:
-                var = timer(session, steps)
-                base = timer(baseline, steps)
-            results[session.name].baseline.append(base)
-            results[session.name].variant.append(var)
+            pair = results[session.name]
+            for role in ("baseline", "variant") if i % 2 == 0 else ("variant", "baseline"):
+                seconds = timer(baseline if role == "baseline" else session, steps)
+                getattr(pair, role).append(seconds)
+                wall = getattr(timer, "last_wall", None)
+                if wall is not None:
+                    getattr(pair, f"wall_{role}").append(wall)
         if progress:
             ratios = "  ".join(f"{s.name} {results[s.name].ratios[-1]:.3f}" for s in variants)
             progress(f"pair {i + 1}/{pairs}: {ratios}")

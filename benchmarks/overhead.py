@@ -25,8 +25,7 @@ import sys
 import tempfile
 import time
 import types
-from collections.abc import Callable
-from dataclasses import dataclass
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -34,10 +33,12 @@ import torch
 from common import (
     GradflowTool,
     Session,
+    Stepper,
     Summary,
     Tool,
     Trainer,
     Unavailable,
+    Variant,
     Workload,
     children_rss_mb,
     environment,
@@ -46,11 +47,14 @@ from common import (
     peak_rss_mb,
     print_header,
     ratio_headline,
+    recorder_variant,
     stderr,
     summarize,
     write_json,
 )
 from torch import nn
+
+from gradflow.writer import STEP_PROBES
 
 # Per model: (crop, batch) that keep a CPU step well under a second.
 MODEL_DEFAULTS = {"fig3b-long-9": (96, 4), "paper-resunet": (64, 2), "tiny": (32, 4)}
@@ -61,7 +65,7 @@ MEMORY_TAG = "@@memory "
 class WandbWatch(Tool):
     """``wandb.watch(model, log="all", log_freq=1)`` in an offline run, ``wandb.log`` per step."""
 
-    def __init__(self, trainer: Trainer, tmp: Path) -> None:
+    def __init__(self, trainer: Stepper, tmp: Path) -> None:
         super().__init__(trainer)
         folder = tmp / "wandb"
         folder.mkdir(exist_ok=True)
@@ -91,7 +95,7 @@ class WandbWatch(Tool):
 class TensorBoardHistograms(Tool):
     """``SummaryWriter.add_histogram`` of every weight and every gradient, every step."""
 
-    def __init__(self, trainer: Trainer, tmp: Path) -> None:
+    def __init__(self, trainer: Stepper, tmp: Path) -> None:
         super().__init__(trainer)
         try:
             from torch.utils.tensorboard import SummaryWriter
@@ -143,8 +147,11 @@ class CockpitQuantities(Tool):
     """Cockpit with GradNorm, UpdateSize, Distance and Loss every step, used as documented:
     model and loss extended with BackPACK, ``with cockpit(step, info=...)`` around backward."""
 
-    def __init__(self, trainer: Trainer, tmp: Path) -> None:
+    def __init__(self, trainer: Stepper, tmp: Path) -> None:
         super().__init__(trainer)
+        if not isinstance(trainer, Trainer):
+            raise Unavailable("needs a zoo-model Trainer (its batch and loss function)")
+        self.data = trainer
         try:
             from backpack import extend
 
@@ -155,6 +162,8 @@ class CockpitQuantities(Tool):
             raise Unavailable(
                 f"not installed ({err}); pip install cockpit-for-pytorch backpack-for-pytorch"
             ) from err
+        # BackPACK's full backward hooks warn once per run when inputs need no grad.
+        warnings.filterwarnings("ignore", message="Full backward hook is firing")
         trainer.model = extend(trainer.model)
         trainer.loss_fn = extend(nn.BCEWithLogitsLoss())
         self.individual = nn.BCEWithLogitsLoss(reduction="none")
@@ -170,7 +179,7 @@ class CockpitQuantities(Tool):
         )
 
     def backward(self, out: torch.Tensor, loss: torch.Tensor) -> None:
-        t = self.trainer
+        t = self.data
         losses = self.individual(out, t.y).flatten(1).mean(1)
         info = {
             "batch_size": t.x.shape[0],
@@ -183,37 +192,15 @@ class CockpitQuantities(Tool):
 
 
 # -- the variants ---------------------------------------------------------------------------------
-Builder = Callable[[Trainer, Path], Tool]
-
-
-@dataclass(frozen=True)
-class Variant:
-    name: str
-    label: str
-    build: Builder
-
-
 VARIANTS = {
     v.name: v
     for v in (
         Variant("plain", "plain training", lambda t, d: Tool(t)),
-        Variant(
-            "param",
-            "gradflow parameter statistics every step",
-            lambda t, d: GradflowTool(t, d / "param.h5", every=1, probes=("param",)),
+        recorder_variant("param", "gradflow parameter statistics every step", 1, ("param",)),
+        recorder_variant(
+            "param-every10", "gradflow parameter statistics every 10th step", 10, ("param",)
         ),
-        Variant(
-            "param-every10",
-            "gradflow parameter statistics every 10th step",
-            lambda t, d: GradflowTool(t, d / "param10.h5", every=10, probes=("param",)),
-        ),
-        Variant(
-            "all",
-            "gradflow all probes every step",
-            lambda t, d: GradflowTool(
-                t, d / "all.h5", every=1, probes=("param", "activation", "grad_output")
-            ),
-        ),
+        recorder_variant("all", "gradflow all probes every step", 1, STEP_PROBES),
         Variant("wandb", 'wandb.watch(log="all", log_freq=1), offline', WandbWatch),
         Variant("tensorboard", "TensorBoard add_histogram, weights + grads", TensorBoardHistograms),
         Variant("cockpit", "Cockpit GradNorm+UpdateSize+Distance+Loss", CockpitQuantities),
@@ -284,7 +271,12 @@ def measure_memory(name: str, args: argparse.Namespace, workload: Workload) -> d
         str(args.memory_steps),
     ]
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.memory_timeout)
+        # Not the parent's WANDB_* (its WANDB_SERVICE would make the child reuse the
+        # parent's wandb service process instead of starting, and counting, its own).
+        env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+        proc = subprocess.run(
+            cmd, capture_output=True, text=True, timeout=args.memory_timeout, env=env
+        )
     except subprocess.TimeoutExpired:
         return {"error": f"timed out after {args.memory_timeout} s"}
     for line in reversed(proc.stdout.splitlines()):
@@ -458,7 +450,7 @@ def main(argv: list[str] | None = None) -> None:
                 stderr(f"{name}: unavailable: {err}")
         if "plain" not in sessions:
             sys.exit(f"plain training fails: {unavailable.get('plain')}")
-        n_params = sessions["plain"].trainer.n_params
+        n_params = sum(p.numel() for p in sessions["plain"].trainer.model.parameters())
         print(f"model:    {n_params / 1e3:.0f} k parameters")
         others = [sessions[n] for n in names if n in sessions and n != "plain"]
         pairs = paired_trials(

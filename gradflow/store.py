@@ -33,6 +33,8 @@ import datetime as _dt
 import io
 import json
 import os
+import subprocess
+import sys
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -117,8 +119,9 @@ class StepRows:
         return len(self.steps)
 
 
-def _chunk_rows(n_cols: int) -> int:
-    return int(max(16, min(1024, 2**18 // max(n_cols, 1))))
+def _chunk_rows(n_cols: int, live: bool = False) -> int:
+    # Live files are uncompressed: small chunks keep the preallocated tail small.
+    return int(max(16, min(128 if live else 1024, 2**18 // max(n_cols, 1))))
 
 
 def _decode(value: Any) -> str:
@@ -287,14 +290,17 @@ class RunWriter:
         self._f["counts"][:] = np.array([self._n_steps, self._n_epochs, self._n_events], np.int64)
         self._f.flush()
 
-    def close(self) -> None:
-        """Commit and close the file (idempotent), also after a failed commit."""
+    def close(self, *, compact_file: bool = True) -> None:
+        """Commit and close the file (idempotent), also after a failed commit; then
+        :func:`compact` it."""
         if not self._f.id.valid:
             return
         try:
             self.commit()
         finally:
             _close(self._f)
+        if compact_file:
+            compact(self.path)
 
     def _column(self, names: list[str], dataset: str, name: str) -> int:
         if name in names:
@@ -307,6 +313,27 @@ class RunWriter:
         names.append(name)
         self._f[dataset][len(names) - 1] = name.encode()[:64]
         return len(names) - 1
+
+
+def compact(path: Path) -> None:
+    """Rewrite a finished run file gzip-compressed, atomically.
+
+    While a run is written its datasets are uncompressed: HDF5 rewrites a partial
+    compressed chunk at a new place on every flush and, in SWMR mode, never reuses the
+    old space, so the file would grow many times over. At a clean close the file is
+    copied once, compressed; if that fails (a full disk, say) the uncompressed file stays.
+    """
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open_run(path) as run:
+            dst = h5py.File(tmp, "w", libver="latest")
+            try:
+                _copy_truncated(run, dst, run.n_steps, run.n_epochs, compress=True)
+            finally:
+                _close(dst)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError, GradflowError):
+        tmp.unlink(missing_ok=True)
 
 
 def _close(f: h5py.File) -> None:
@@ -363,7 +390,7 @@ def _write_layout(
 
     def series(name: str, dtype: Any, cols: int | None = None) -> h5py.Dataset:
         shape = (0,) if cols is None else (0, cols)
-        rows = _chunk_rows(cols or 1)
+        rows = _chunk_rows(cols or 1, live=True)
         chunks = (rows,) if cols is None else (rows, cols)
         return f.create_dataset(
             name,
@@ -372,7 +399,6 @@ def _write_layout(
             dtype=dtype,
             chunks=chunks,
             fillvalue=np.nan if np.dtype(dtype).kind == "f" else 0,
-            **_COMPRESSION,
         )
 
     series("steps", np.int64)
@@ -397,7 +423,9 @@ def _write_layout(
     f.create_dataset("counts", data=np.zeros(3, np.int64))
 
 
-def _copy_truncated(run: Run, dst: h5py.File, n_steps: int, n_epochs: int) -> None:
+def _copy_truncated(
+    run: Run, dst: h5py.File, n_steps: int, n_epochs: int, *, compress: bool = False
+) -> None:
     src = run._f
     for key, value in src.attrs.items():
         dst.attrs[key] = value
@@ -423,9 +451,12 @@ def _copy_truncated(run: Run, dst: h5py.File, n_steps: int, n_epochs: int) -> No
             shape=(n, *obj.shape[1:]),
             maxshape=obj.maxshape,
             dtype=obj.dtype,
-            chunks=obj.chunks,
+            chunks=(
+                _chunk_rows(obj.shape[1] if obj.ndim > 1 else 1, live=not compress),
+                *obj.shape[1:],
+            ),
             fillvalue=obj.fillvalue,
-            **_COMPRESSION,
+            **(_COMPRESSION if compress else {}),
         )
         for k, v in obj.attrs.items():
             ds.attrs[k] = v
@@ -488,11 +519,12 @@ class Run:
 
     def refresh(self) -> None:
         """Re-read the committed row counts (for a run that is still being written)."""
-        for ds in self._f.values():
-            if isinstance(ds, h5py.Dataset):
-                ds.refresh()
         counts = self._f["counts"]
-        counts.refresh()
+        if self._f.swmr_mode:
+            for ds in self._f.values():
+                if isinstance(ds, h5py.Dataset):
+                    ds.refresh()
+            counts.refresh()
         self.n_steps, self.n_epochs, self.n_events = (int(c) for c in counts[()])
 
     # -- description ------------------------------------------------------------------------
@@ -721,9 +753,8 @@ def open_run(path: str | os.PathLike[str]) -> Run:
     with open(p, "rb") as fh:
         if fh.read(8) != _HDF5_SIGNATURE:
             raise GradflowError(f"{p}: not an HDF5 file, so not a gradflow run")
-    _check_not_truncated(p)
     try:
-        f = h5py.File(p, "r", libver="latest", swmr=True)
+        f = _open_h5(p)
     except OSError as err:
         raise GradflowError(f"{p}: damaged or truncated HDF5 file ({_first_line(err)})") from err
     try:
@@ -744,17 +775,30 @@ def open_run(path: str | os.PathLike[str]) -> Run:
         raise GradflowError(f"{p}: damaged run file ({_first_line(err)})") from err
 
 
-def _check_not_truncated(p: Path) -> None:
-    """Fail fast on a damaged file. Opened with ``swmr=True``, HDF5 retries unreadable
-    metadata with growing pauses (minutes), so first try a plain open, which refuses at
-    once; files of a live or killed SWMR writer refuse it too, for a harmless reason."""
-    try:
-        h5py.File(p, "r", locking=False).close()
-    except OSError as err:
-        text = str(err)
-        if "already open for write" in text or "consistency flags" in text:
-            return
-        raise GradflowError(f"{p}: damaged or truncated HDF5 file ({_first_line(err)})") from err
+def _open_h5(p: Path) -> h5py.File:
+    """Open for reading in SWMR mode (also a live or killed writer's file). A file shorter
+    than its superblock says is read first in a child process with a time limit: a file
+    cut short by a full disk reads fine, but on a damaged one HDF5 can retry its metadata
+    reads for many minutes."""
+    with open(p, "rb") as fh:
+        head = fh.read(48)
+    offsets = head[9] if len(head) > 9 else 0
+    if len(head) == 48 and head[8] >= 2 and offsets == 8:  # superblock v2+: EOF at 28
+        stored_eof = int.from_bytes(head[28:36], "little")
+        if p.stat().st_size < stored_eof:
+            probe = (
+                "import h5py, sys; f = h5py.File(sys.argv[1], 'r', libver='latest', swmr=True);"
+                "dict(f.attrs); f['layers'][()]; f['counts'][()]"
+            )
+            try:
+                done = subprocess.run(
+                    [sys.executable, "-c", probe, str(p)], capture_output=True, timeout=8
+                )
+            except subprocess.TimeoutExpired:
+                raise OSError(f"truncated file: {p.stat().st_size} of {stored_eof} bytes") from None
+            if done.returncode != 0:
+                raise OSError(f"truncated file: {p.stat().st_size} of {stored_eof} bytes")
+    return h5py.File(p, "r", libver="latest", swmr=True)
 
 
 def _first_line(err: BaseException) -> str:

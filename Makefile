@@ -1,0 +1,69 @@
+# Developer shortcuts: `make test`, `make lint`, `make bench` (see benchmarks/README.md).
+SHELL := bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DEFAULT_GOAL := help
+
+PYTHON ?= python
+RESULTS ?= benchmarks/results
+# Paired rounds per overhead run (overhead.py's own default is 20; each fig3b round with
+# all variants takes ~25 s on a quiet 2-core machine): `make bench FIG3B_PAIRS=20`.
+FIG3B_PAIRS ?= 15
+RESUNET_PAIRS ?= 4
+export MPLBACKEND ?= Agg
+
+BENCH_FILES := benchmarks/common.py benchmarks/overhead.py benchmarks/runfile.py \
+	benchmarks/gpu.py benchmarks/soak.py
+
+.PHONY: help test lint bench bench-overhead bench-resunet bench-runfile bench-plot bench-soak \
+	bench-gpu-dry bench-summary
+
+help:
+	@echo "make test    pytest"
+	@echo "make lint    ruff check, ruff format --check (benchmarks), mypy"
+	@echo "make bench   the CPU benchmarks (about 13-14 min on a quiet 2-core machine),"
+	@echo "             output and JSON in $(RESULTS)/"
+	@echo "make bench-gpu-dry   benchmarks/gpu.py --device cpu --quick (checks the GPU script)"
+
+test:
+	$(PYTHON) -m pytest
+
+lint:
+	ruff check .
+	ruff format --check $(BENCH_FILES)
+	mypy
+	mypy $(BENCH_FILES)
+
+# Each benchmark prints to the terminal and to $(RESULTS)/<name>.txt; progress goes to stderr.
+bench: bench-overhead bench-resunet bench-runfile bench-plot bench-soak bench-summary
+
+$(RESULTS):
+	mkdir -p $@
+
+bench-overhead: | $(RESULTS)
+	$(PYTHON) benchmarks/overhead.py --model fig3b-long-9 --pairs $(FIG3B_PAIRS) \
+		--memory-steps 10 --json $(RESULTS)/overhead_fig3b.json | tee $(RESULTS)/overhead_fig3b.txt
+
+# wandb.watch and TensorBoard histograms cost seconds per step on 11 M parameters: left out.
+bench-resunet: | $(RESULTS)
+	$(PYTHON) benchmarks/overhead.py --model paper-resunet --pairs $(RESUNET_PAIRS) \
+		--variants param,param-every10,all,cockpit --memory-steps 10 \
+		--json $(RESULTS)/overhead_resunet.json | tee $(RESULTS)/overhead_resunet.txt
+
+bench-runfile: | $(RESULTS)
+	$(PYTHON) benchmarks/runfile.py --json $(RESULTS)/runfile.json | tee $(RESULTS)/runfile.txt
+
+bench-plot: | $(RESULTS)
+	$(PYTHON) benchmarks/plot_speed.py --repeat 1 | tee $(RESULTS)/plot_speed.txt
+
+bench-soak: | $(RESULTS)
+	$(PYTHON) benchmarks/soak.py --json $(RESULTS)/soak.json | tee $(RESULTS)/soak.txt
+
+bench-summary:
+	@echo
+	@echo "== headlines ($(RESULTS)/*.txt)"
+	@grep -h -E '^(recorder/plain|wandb.watch/gradflow|run file:|soak:|headline:)' \
+		$(RESULTS)/overhead_fig3b.txt $(RESULTS)/overhead_resunet.txt $(RESULTS)/runfile.txt \
+		$(RESULTS)/plot_speed.txt $(RESULTS)/soak.txt
+
+bench-gpu-dry:
+	$(PYTHON) benchmarks/gpu.py --device cpu --quick
