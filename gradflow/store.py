@@ -211,8 +211,14 @@ class RunWriter:
         # later inside a dataset handle's close, which HDF5 cannot finish and retries at
         # exit, crashing the process. Free: each write's dataset handle is closed right
         # after the write, which flushed the cache anyway.
-        f = h5py.File(target, "r+", libver="latest", rdcc_nbytes=0)
-        f.swmr_mode = True
+        # Opened in SWMR-write mode at once (not r+ then swmr_mode = True): a kill between
+        # the two would leave a file flagged "open for write" that no reader accepts.
+        fapl = h5py.h5p.create(h5py.h5p.FILE_ACCESS)
+        fapl.set_libver_bounds(h5py.h5f.LIBVER_LATEST, h5py.h5f.LIBVER_LATEST)
+        mdc, slots, _, w0 = fapl.get_cache()
+        fapl.set_cache(mdc, slots, 0, w0)
+        flags = h5py.h5f.ACC_RDWR | h5py.h5f.ACC_SWMR_WRITE
+        f = h5py.File(h5py.h5f.open(os.fsencode(target), flags, fapl=fapl))
         return cls(target, f)
 
     # -- appending --------------------------------------------------------------------------
