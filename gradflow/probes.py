@@ -7,8 +7,9 @@ the recorder to pack into one host copy per recorded step.
 
 from __future__ import annotations
 
+import math
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,10 +18,11 @@ import torch
 from torch import nn
 
 from gradflow.errors import GradflowError
+from gradflow.native import kernel
 from gradflow.store import Layer
 
 PARAM_REDUCTIONS = ("w_sq", "g_sq", "g_nonfinite", "d_sq", "d_abs", "d_max")
-ACTIVATION_REDUCTIONS = ("sum", "sum_sq", "nonzero", "nonfinite")
+ACTIVATION_REDUCTIONS = ("sum", "sum_sq", "zeros", "nonfinite")
 
 _KINDS: tuple[tuple[type[nn.Module], str], ...] = (
     (nn.modules.conv._ConvNd, "conv"),
@@ -123,16 +125,22 @@ def first_tensor(output: Any) -> torch.Tensor | None:
 
 @dataclass
 class CallLog:
-    """Per-call activation and output-gradient reductions of one recorded step."""
+    """Per-call activation and output-gradient reductions of one recorded step.
+
+    On the CPU reductions are host numbers already (reading them costs no sync); on
+    accelerators they stay 0-d device tensors, stacked once per step.
+    """
 
     act_ids: list[int] = field(default_factory=list)
     act_n: list[int] = field(default_factory=list)
-    act_float: list[torch.Tensor] = field(default_factory=list)  # sum, sum_sq per call
-    act_count: list[torch.Tensor] = field(default_factory=list)  # nonzero, nonfinite per call
+    act_host: list[float] = field(default_factory=list)  # sum, sum_sq, zeros, nonfinite
+    act_device: list[torch.Tensor] = field(default_factory=list)  # var, mean, nonzero, nonfinite
     gout_ids: list[int] = field(default_factory=list)
     gout_n: list[int] = field(default_factory=list)
-    gout_sq: list[torch.Tensor] = field(default_factory=list)
+    gout_host: list[float] = field(default_factory=list)  # sum_sq per call
+    gout_device: list[torch.Tensor] = field(default_factory=list)
     hook_s: float = 0.0  # seconds spent in output-gradient hooks (backward)
+    reduced: torch.Tensor | None = None  # set by all_reduce: tensors(), summed over ranks
 
     def all_reduce(self, world_size: int, group: Any = None) -> CallLog:
         """The same calls with reductions summed over all ranks (identical call patterns)."""
@@ -147,53 +155,123 @@ class CallLog:
         )
         parts = self.tensors()
         if parts:  # one collective for everything, in float64 (exact for counts)
-            packed = torch.cat(parts)
-            dist.all_reduce(packed, group=group)
-            k = 4 * len(self.act_ids)
-            act, gout = packed[:k].view(-1, 4), packed[k:]
-            out.act_float, out.act_count = list(act[:, :2]), list(act[:, 2:])
-            out.gout_sq = list(gout)
+            out.reduced = torch.cat(parts)
+            dist.all_reduce(out.reduced, group=group)
         return out
 
     def tensors(self) -> list[torch.Tensor]:
-        """The reductions as float64 vectors: activations [C, 4] then output grads [C']."""
+        """The reductions as float64 vectors: activations [C, 4] (sum, sum of squares,
+        zeros, non-finite) then output-gradient sums of squares [C']."""
+        if self.reduced is not None:
+            return [self.reduced]
         out = []
-        if self.act_ids:
-            floats = torch.stack(self.act_float).reshape(-1, 2).double()
-            counts = torch.stack(self.act_count).reshape(-1, 2).double()
-            out.append(torch.cat([floats, counts], dim=1).reshape(-1))
-        if self.gout_ids:
-            out.append(torch.stack(self.gout_sq).double())
+        if self.act_host:
+            out.append(torch.tensor(self.act_host, dtype=torch.float64))
+        elif self.act_device:
+            var, mean, nonzero, nonfinite = torch.stack(self.act_device).double().view(-1, 4).T
+            n = torch.tensor(self.act_n, dtype=torch.float64, device=var.device)
+            sums = [mean * n, (var + mean * mean) * n, n - nonzero, nonfinite]
+            out.append(torch.stack(sums, dim=1).reshape(-1))
+        if self.gout_host:
+            out.append(torch.tensor(self.gout_host, dtype=torch.float64))
+        elif self.gout_device:
+            out.append(torch.stack(self.gout_device).double())
         return out
 
 
-def activation_reductions(x: torch.Tensor, log: CallLog, layer_id: int) -> None:
-    """Append sum, sum of squares, nonzero and non-finite counts of ``x`` to ``log``."""
-    flat = x.detach().reshape(-1)
-    sums = torch.stack([flat.sum(), torch.dot(flat, flat)])
-    nonzero = flat.bool().sum()  # count_nonzero is many times slower on sparse CPU data
-    if flat.device.type == "cpu" and bool(torch.isfinite(sums).all()):
-        # On the CPU the check costs no device sync: finite sums mean no NaN/Inf entries.
-        nonfinite = torch.zeros_like(nonzero)
-    else:
-        # x - x is 0 where finite and NaN elsewhere: one pass counts non-finite entries.
-        nonfinite = torch.count_nonzero(flat - flat)
-    log.act_float.append(sums)
-    log.act_count.append(torch.stack([nonzero, nonfinite]))
-    log.act_ids.append(layer_id)
-    log.act_n.append(flat.numel())
+def sum_of_squares(x: torch.Tensor) -> torch.Tensor:
+    """Sum of squares of a detached tensor, accumulated in float32 or wider.
+
+    One BLAS dot while that is accurate (float32 dots drift by ~1e-5 at a few million
+    entries, ~3e-7 up to 2**18); beyond, or for half types, norms of rows of 4096
+    entries first, then the norm of those (~1e-7 at any size).
+    """
+    flat = x.reshape(-1)
+    if flat.numel() <= 2**18 and x.dtype in (torch.float32, torch.float64):
+        return torch.dot(flat, flat)
+    acc = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else None
+    whole = flat.numel() // 4096 * 4096
+    rows = torch.linalg.vector_norm(flat[:whole].view(-1, 4096), dim=1, dtype=acc)
+    rest = torch.linalg.vector_norm(flat[whole:], dtype=acc).reshape(1)
+    return torch.linalg.vector_norm(torch.cat([rows, rest])).square()
+
+
+class ActivationProbe:
+    """Sum, sum of squares, zero and non-finite counts of layer outputs.
+
+    Contiguous float32 CPU tensors go through the one-pass kernel of :mod:`gradflow.native`;
+    other tensors through a few torch operations each (their dispatch, not their
+    arithmetic, dominates on small layers).
+    """
+
+    def __init__(self, native: bool = True) -> None:
+        self.native = native
+        self._scratch = torch.empty(0)
+        self._slices: dict[int, torch.Tensor] = {}
+
+    def _scratch_of(self, n: int) -> torch.Tensor:
+        view = self._slices.get(n)
+        if view is None:
+            if self._scratch.numel() < n:
+                self._scratch = torch.empty(n)
+                self._slices.clear()
+            view = self._slices[n] = self._scratch[:n]
+        return view
+
+    def host(self, x: torch.Tensor) -> list[float]:
+        """``[sum, sum of squares, zeros, non-finite]`` of a CPU tensor, as numbers."""
+        x = x.detach()
+        native = kernel() if self.native else None  # compiled once, at the first CPU call
+        if native is not None and x.dtype == torch.float32 and x.is_contiguous():
+            return native(x)
+        flat = x.reshape(-1)
+        n = flat.numel()
+        sum_sq = float(sum_of_squares(x))
+        # Bool reductions are slow on the CPU; a reused float 0/1 buffer sums vectorised,
+        # exactly while partial sums stay below 2**24.
+        is_zero = torch.eq(flat, 0, out=self._scratch_of(n))
+        zeros = is_zero.sum(dtype=torch.float64) if n > 2**24 else is_zero.sum()
+        # A finite sum of squares means no NaN/Inf entries; x - x is NaN exactly there.
+        nonfinite = 0 if math.isfinite(sum_sq) else int(torch.count_nonzero(flat - flat))
+        total = float(flat.sum(dtype=torch.float64 if x.dtype != torch.float32 else None))
+        return [total, sum_sq, float(zeros), float(nonfinite)]
+
+    @staticmethod
+    def device(x: torch.Tensor) -> list[torch.Tensor]:
+        """``[variance, mean, nonzero, non-finite]`` of ``x`` as 0-d tensors on its device,
+        in four kernels and no host sync (:meth:`CallLog.tensors` turns them into sums)."""
+        x = x.detach()
+        if x.dtype not in (torch.float32, torch.float64):
+            x = x.float()
+        var, mean = torch.var_mean(x, correction=0)
+        # x * 0 is 0 where x is finite and NaN elsewhere, and NaN counts as nonzero.
+        return [var, mean, torch.count_nonzero(x), torch.count_nonzero(x * 0)]
+
+    def __call__(self, x: torch.Tensor, log: CallLog, layer_id: int) -> None:
+        """Append the reductions of ``x`` (one layer call) to ``log``."""
+        if x.device.type == "cpu":
+            log.act_host += self.host(x)
+        else:
+            log.act_device += self.device(x)
+        log.act_ids.append(layer_id)
+        log.act_n.append(x.numel())
 
 
 def grad_output_hook(log: Callable[[], CallLog], layer_id: int) -> Callable[[torch.Tensor], None]:
-    """A tensor hook appending the squared norm of the gradient w.r.t. a layer's output."""
+    """A tensor hook appending the sum of squares of the gradient w.r.t. a layer's output."""
 
     def hook(grad: torch.Tensor) -> None:
         t0 = time.perf_counter()
-        flat = grad.detach().reshape(-1)
         target = log()
-        target.gout_sq.append(torch.dot(flat, flat))
+        grad = grad.detach()
+        if grad.device.type != "cpu":
+            target.gout_device.append(sum_of_squares(grad))
+        elif grad.dtype == torch.float32 and grad.is_contiguous() and (native := kernel()):
+            target.gout_host.append(native(grad)[1])
+        else:
+            target.gout_host.append(float(sum_of_squares(grad)))
         target.gout_ids.append(layer_id)
-        target.gout_n.append(flat.numel())
+        target.gout_n.append(grad.numel())
         target.hook_s += time.perf_counter() - t0
 
     return hook
@@ -205,13 +283,16 @@ def local(t: torch.Tensor) -> torch.Tensor:
     return to_local() if to_local is not None else t
 
 
-def _sq_norms(tensors: Sequence[torch.Tensor], order: float = 2) -> torch.Tensor:
-    norms = torch.stack(torch._foreach_norm(list(tensors), order)).float()
-    return norms * norms if order == 2 else norms
-
-
 class Snapshot:
-    """A float32 copy of (the local shards of) parameters in one flat buffer."""
+    """A float32 copy of (the local shards of) tensors in one flat buffer.
+
+    Each tensor starts on a row of ``BLOCK`` elements (the gaps stay zero), so every
+    per-tensor reduction is one vectorised reduction over the rows (float32 within a
+    row) and one float64 segment reduction over each tensor's rows: a handful of kernels
+    whatever the number of tensors, and accurate to ~1e-7 for tensors of any size.
+    """
+
+    BLOCK = 256
 
     def __init__(self, params: Sequence[nn.Parameter], device: torch.device) -> None:
         self.params = list(params)
@@ -219,10 +300,14 @@ class Snapshot:
         sharded = any(hasattr(p, "device_mesh") for p in self.params)
         # Plain parameters are read as they are (under no_grad): no per-step wrappers.
         self._sources: list[torch.Tensor] | None = None if sharded else list(self.params)
-        sizes = [local(p).numel() for p in self.params]
+        self._shapes = [local(p).shape for p in self.params]
+        sizes = np.array([local(p).numel() for p in self.params], dtype=np.int64)
+        n_rows = -(-sizes // self.BLOCK)
+        self._starts = np.concatenate([[0], np.cumsum(n_rows)[:-1]]).astype(np.int64)
         self._sizes = sizes
-        self._ends = torch.tensor(np.cumsum(sizes) - 1, device=device)
-        self._flat = torch.empty(0)
+        self._n_rows = int(n_rows.sum())
+        self._lengths = torch.tensor(n_rows, device=device)
+        self._rows = torch.empty(0)
         self._views: list[torch.Tensor] = []
 
     def _current(self) -> list[torch.Tensor]:
@@ -230,41 +315,54 @@ class Snapshot:
 
     def _buffer(self) -> list[torch.Tensor]:
         if not self._views:  # allocated at first use: unrecorded runs cost no memory
-            self._flat = torch.empty(sum(self._sizes), dtype=torch.float32, device=self.device)
-            shapes = [local(p).shape for p in self.params]
+            flat = torch.zeros(self._n_rows * self.BLOCK, dtype=torch.float32, device=self.device)
+            self._rows = flat.view(self._n_rows, self.BLOCK)
             self._views = [
-                v.view(s) for v, s in zip(self._flat.split(self._sizes), shapes, strict=True)
+                flat[start * self.BLOCK : start * self.BLOCK + size].view(shape)
+                for start, size, shape in zip(self._starts, self._sizes, self._shapes, strict=True)
             ]
         return self._views
 
-    @torch.no_grad()
-    def take(self) -> torch.Tensor:
-        """Copy the parameters in; returns their per-tensor sums of squares (float32 [P])."""
-        views = self._buffer()
-        torch._foreach_copy_(views, self._current())
-        return _sq_norms(views)
+    def _per_tensor(self, rows: torch.Tensor, how: str = "sum") -> torch.Tensor:
+        # unsafe=True: the lengths are right by construction, and checking them would sync;
+        # initial=0 is right for sums and for maxima of |d| (an empty tensor gives 0).
+        return torch.segment_reduce(
+            rows.double(), how, lengths=self._lengths, unsafe=True, initial=0
+        )
+
+    def _sq_sums(self) -> torch.Tensor:
+        return self._per_tensor(torch.linalg.vector_norm(self._rows, dim=1).square_())
 
     @torch.no_grad()
-    def nonfinite_counts(self, tensors: Sequence[torch.Tensor | None]) -> torch.Tensor:
-        """Per-tensor counts of NaN/Inf entries (float32 [P]) in a few kernels whatever
-        their number; ``None`` counts 0. Uses the buffer as scratch: :meth:`take` after."""
+    def load(self, tensors: Sequence[torch.Tensor | None]) -> torch.Tensor:
+        """Copy ``tensors`` in (``None`` as zeros); returns their sums of squares (float64 [P])."""
         views = self._buffer()
         pairs = [(v, t) for v, t in zip(views, tensors, strict=True) if t is not None]
-        torch._foreach_copy_([v for v, _ in pairs], [t for _, t in pairs])
-        bad = torch.cumsum(torch.isfinite(self._flat).logical_not_(), 0, dtype=torch.int32)
-        totals = torch.cat([bad.new_zeros(1), bad[self._ends]])
-        counts = (totals[1:] - totals[:-1]).float()
-        missing = [i for i, t in enumerate(tensors) if t is None]
+        missing = [v for v, t in zip(views, tensors, strict=True) if t is None]
+        if pairs:
+            torch._foreach_copy_([v for v, _ in pairs], [t for _, t in pairs])
         if missing:
-            counts[missing] = 0
-        return counts
+            torch._foreach_zero_(missing)
+        return self._sq_sums()
+
+    @torch.no_grad()
+    def nonfinite_counts(self) -> torch.Tensor:
+        """Per-tensor counts of NaN/Inf entries in the buffer (float64 [P])."""
+        bad = torch.isfinite(self._rows).logical_not_().sum(1)
+        return self._per_tensor(bad)
+
+    def take(self) -> torch.Tensor:
+        """Copy the parameters in; returns their per-tensor sums of squares (float64 [P])."""
+        return self.load(self._current())
 
     @torch.no_grad()
     def delta(self) -> list[torch.Tensor]:
-        """Turn the copy into ``W_then - W_now`` in place; returns per-tensor
-        ``[sum d^2, sum |d|, max |d|]`` (3 x float32 [P]). Call :meth:`take` before reuse."""
+        """Turn the copy into ``|W_then - W_now|`` in place; returns per-tensor
+        ``[sum d^2, sum |d|, max |d|]`` (3 x float64 [P]). Call :meth:`take` before reuse."""
         torch._foreach_sub_(self._views, self._current())
-        return [_sq_norms(self._views, order) for order in (2, 1, float("inf"))]
+        d_sq = self._sq_sums()
+        rows = self._rows.abs_()
+        return [d_sq, self._per_tensor(rows.sum(1)), self._per_tensor(rows.amax(1), "max")]
 
 
 def reduce_per_layer(
@@ -336,26 +434,17 @@ class ParamProbe:
         self.snapshot = Snapshot(self.params, self.device)
         sharded = any(hasattr(p, "device_mesh") for p in self.params)
         self.reduce_shards = ShardReducer(self.params) if sharded else None
-        self._zero = torch.zeros((), device=self.device)
         self._pre: list[torch.Tensor] = []
 
-    @torch.no_grad()
     def grad_reductions(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-tensor sum of squares and non-finite count of the gradients (float32 [P])."""
+        """Per-tensor sum of squares and non-finite count of the gradients (float64 [P]),
+        computed in the snapshot buffer (which :meth:`Snapshot.take` refills next)."""
         grads = [local(p.grad) if p.grad is not None else None for p in self.params]
-        present = [g for g in grads if g is not None]
-        sq: Iterator[torch.Tensor] = iter(_sq_norms(present) if present else [])
-        g_sq = torch.stack([next(sq) if g is not None else self._zero for g in grads])
-        if self.device.type == "cpu":
-            # On the CPU a check costs no device sync; count exactly only when needed.
-            if torch.isfinite(g_sq).all():
-                return g_sq, torch.zeros_like(g_sq)
-            counts = [
-                (~torch.isfinite(g)).sum().float() if g is not None else self._zero for g in grads
-            ]
-            return g_sq, torch.stack(counts)
-        # Elsewhere count unconditionally, through the snapshot buffer (weights come next).
-        return g_sq, self.snapshot.nonfinite_counts(grads)
+        g_sq = self.snapshot.load(grads)
+        # On the CPU a check costs no device sync: finite sums of squares mean no NaN/Inf.
+        if self.device.type == "cpu" and bool(torch.isfinite(g_sq).all()):
+            return g_sq, torch.zeros_like(g_sq)
+        return g_sq, self.snapshot.nonfinite_counts()
 
     def before_step(self) -> None:
         """Reduce gradients and weights, and snapshot the weights (call before ``step()``)."""

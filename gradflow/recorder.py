@@ -19,11 +19,11 @@ from torch import nn
 
 from gradflow.errors import GradflowError, unknown_name
 from gradflow.probes import (
+    ActivationProbe,
     CallLog,
     LayerSpec,
     ParamProbe,
     Snapshot,
-    activation_reductions,
     discover_layers,
     first_tensor,
     grad_output_hook,
@@ -142,6 +142,8 @@ class Recorder:
         self._call_order: dict[str, int] = {}
         self._active = self.schedule(self.step)
         self._log = CallLog()
+        self._activation = ActivationProbe() if "activation" in self.probes else None
+        self._gout_hooks: list[Callable[[torch.Tensor], None]] = []
         self._next_scalars: dict[str, Any] = {}
         self._open_row: dict[str, Any] | None = None
         self._stepped = False
@@ -288,6 +290,10 @@ class Recorder:
         model = self.model
         self._handles.append(model.register_forward_pre_hook(self._on_root_pre))
         self._handles.append(model.register_forward_hook(self._on_root_post))
+        if "grad_output" in self.probes:
+            self._gout_hooks = [
+                grad_output_hook(self._current_log, lay.reg_index) for lay in self._layers
+            ]
         if {"activation", "grad_output"} & set(self.probes):
             for lay in self._layers:
                 self._handles.append(
@@ -335,10 +341,10 @@ class Recorder:
         t0 = time.perf_counter()
         out = first_tensor(output)
         if out is not None:
-            if "activation" in self.probes:
-                activation_reductions(out, self._log, layer_id)
-            if "grad_output" in self.probes and out.requires_grad:
-                out.register_hook(grad_output_hook(self._current_log, layer_id))
+            if self._activation is not None:
+                self._activation(out, self._log, layer_id)
+            if self._gout_hooks and out.requires_grad:
+                out.register_hook(self._gout_hooks[layer_id])
         self._hook_s += time.perf_counter() - t0
 
     def _current_log(self) -> CallLog:

@@ -10,7 +10,7 @@ Reductions per probe (numpy float64 arrays of length L):
 - ``param``: ``n`` (trainable elements), ``w_sq`` (sum of W^2 before the step), ``g_sq``
   (sum of grad^2), ``g_nonfinite`` (non-finite grad entries), ``d_sq``, ``d_abs`` and
   ``d_max`` (sum of squares, sum and max of |W_after - W_before|).
-- ``activation``: ``n`` (output elements), ``sum``, ``sum_sq``, ``nonzero``, ``nonfinite``.
+- ``activation``: ``n`` (output elements), ``sum``, ``sum_sq``, ``zeros``, ``nonfinite``.
 - ``grad_output``: ``n`` (elements of the output gradient), ``sum_sq``.
 - ``epoch``: like ``param`` but ``d_*`` is the change over the whole epoch.
 """
@@ -118,7 +118,7 @@ def _act_std(r: Reductions) -> np.ndarray:
 
 @statistic("activation", "zero_fraction", "fraction of exactly-zero outputs (dead units)")
 def _act_zero_fraction(r: Reductions) -> np.ndarray:
-    return 1.0 - _div(r["nonzero"], r["n"])
+    return _div(r["zeros"], r["n"])
 
 
 @statistic("activation", "nonfinite", "number of NaN/Inf outputs")

@@ -24,6 +24,14 @@ from gradflow import GradflowError, Recorder, open_run
 
 RTOL = 1e-5
 ATOL = 1e-7
+# The accelerator code paths (device-side reductions, no host branches) run where CUDA is.
+DEVICES = [
+    "cpu",
+    pytest.param(
+        "cuda",
+        marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+    ),
+]
 
 
 # -- models --------------------------------------------------------------------------------------
@@ -142,10 +150,11 @@ def train_with_reference(
     ),
     steps: int = 3,
     accumulate: int = 1,
+    device: str = "cpu",
     **recorder_kwargs,
 ) -> Reference:
     torch.manual_seed(0)
-    model = case.make()
+    model = case.make().to(device)
     opt = optimizer(model)
     modules = dict(model.named_modules())
     captured: dict[str, list[torch.Tensor]] = {}
@@ -167,7 +176,7 @@ def train_with_reference(
             opt.zero_grad()
             captured.clear()
             for _ in range(accumulate):
-                x, y = case.data(g)
+                x, y = (t.to(device) for t in case.data(g))
                 loss = case.loss(model(x), y)
                 loss.backward()
             params = {n: _trainable(modules[n], n, model) for n in case.layers}
@@ -243,10 +252,11 @@ def assert_matches(path, case: Case, ref: Reference) -> None:
     run.close()
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name", list(CASES))
-def test_statistics_match_reference(name: str, tmp_path) -> None:
+def test_statistics_match_reference(name: str, device: str, tmp_path) -> None:
     case = CASES[name]
-    ref = train_with_reference(case, tmp_path / "run.h5")
+    ref = train_with_reference(case, tmp_path / "run.h5", device=device)
     assert_matches(tmp_path / "run.h5", case, ref)
 
 
@@ -357,17 +367,21 @@ def test_losses_and_epochs(tmp_path) -> None:
     assert sel.value.item() == pytest.approx(run.stat("param", "grad_norm")[4, 1])
 
 
-def test_amp_grad_scaler_unscaled_and_skipped_steps(tmp_path) -> None:
+@pytest.mark.parametrize("device", DEVICES)
+def test_amp_grad_scaler_unscaled_and_skipped_steps(device: str, tmp_path) -> None:
     torch.manual_seed(0)
-    model = mlp()
+    model = mlp().to(device)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
-    x, y = torch.randn(8, 6), torch.randn(8, 3)
+    scaler = torch.amp.GradScaler(device, init_scale=1024.0)
+    x, y = torch.randn(8, 6, device=device), torch.randn(8, 3, device=device)
+    half = torch.float16 if device == "cuda" else torch.bfloat16
     ref_grad_norms, scales, skipped = [], [], []
     with Recorder(model, opt, tmp_path / "r.h5", scaler=scaler) as rec:
         for step in range(4):
             opt.zero_grad()
-            loss = nn.functional.mse_loss(model(x), y)
+            with torch.autocast(device, dtype=half):  # layer outputs in half precision
+                out = model(x)
+            loss = nn.functional.mse_loss(out.float(), y)
             scaler.scale(loss).backward()
             if step == 2:  # an overflow: the scaler must skip this step
                 model[2].weight.grad[0, 0] = float("inf")
@@ -403,11 +417,12 @@ def test_amp_grad_scaler_unscaled_and_skipped_steps(tmp_path) -> None:
     assert event is not None and (event.step, event.layer, event.probe) == (2, "2", "param")
 
 
-def test_nonfinite_values_recorded_and_located(tmp_path) -> None:
+@pytest.mark.parametrize("device", DEVICES)
+def test_nonfinite_values_recorded_and_located(device: str, tmp_path) -> None:
     torch.manual_seed(0)
-    model = mlp()
+    model = mlp().to(device)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    x, y = torch.randn(8, 6), torch.randn(8, 3)
+    x, y = torch.randn(8, 6, device=device), torch.randn(8, 3, device=device)
     with Recorder(model, opt, tmp_path / "r.h5") as rec:
         for step in range(4):
             opt.zero_grad()
@@ -584,10 +599,103 @@ def test_device_path_nonfinite_counts_match_numpy() -> None:
     grads[0][2, 3] = float("inf")
     grads[2][1, 1] = -float("inf")
     snap = Snapshot(params, torch.device("cpu"))
-    counts = snap.nonfinite_counts(grads)
+    snap.load(grads)
+    counts = snap.nonfinite_counts()
     want = [0 if g is None else int((~np.isfinite(g.numpy())).sum()) for g in grads]
     assert counts.tolist() == want == [2, 0, 1]
     w_sq = snap.take()  # the buffer holds the weights again
     np.testing.assert_allclose(
         w_sq.numpy(), [float((p.detach() ** 2).sum()) for p in params], rtol=1e-6
     )
+
+
+def test_snapshot_reductions_of_large_and_empty_tensors_match_float64() -> None:
+    # Tensors of millions of entries (where a single float32 pass drifts by ~1e-3), sizes
+    # that are not multiples of the row length, and an empty tensor.
+    from gradflow.probes import Snapshot
+
+    gen = torch.Generator().manual_seed(3)
+    shapes = [(3_000_001,), (0,), (257,), (64, 3, 3, 3), (1,)]
+    params = [nn.Parameter(torch.randn(s, generator=gen) + 0.5) for s in shapes]
+    snap = Snapshot(params, torch.device("cpu"))
+    w64 = [p.detach().double().numpy().ravel() for p in params]
+    np.testing.assert_allclose(snap.take().numpy(), [float((w**2).sum()) for w in w64], rtol=1e-6)
+    with torch.no_grad():
+        for p in params:
+            p.mul_(0.9).add_(0.01)
+    d64 = [
+        np.abs(w - p.detach().double().numpy().ravel()) for w, p in zip(w64, params, strict=True)
+    ]
+    d_sq, d_abs, d_max = (t.numpy() for t in snap.delta())
+    # The snapshot is float32, so |d| carries float32 rounding of W: compare at 1e-5.
+    np.testing.assert_allclose(d_sq, [float((d**2).sum()) for d in d64], rtol=1e-5)
+    np.testing.assert_allclose(d_abs, [float(d.sum()) for d in d64], rtol=1e-5)
+    np.testing.assert_allclose(d_max, [float(d.max(initial=0)) for d in d64], rtol=1e-5)
+    assert d_sq[1] == d_abs[1] == d_max[1] == 0.0
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda g: torch.relu(torch.randn(2, 8, 512, 512, generator=g)),  # 4M entries, half 0
+        lambda g: (torch.randn(4, 64, 32, generator=g) * 30).half(),  # sum of squares > 65504
+        lambda g: torch.randn(16, 12, 10, generator=g).transpose(0, 2),  # not contiguous
+        lambda g: torch.randn(3, 70_000, generator=g) + 3.0,  # rows longer than 2**16
+        lambda g: torch.tensor([1.0, float("nan"), 0.0, float("inf"), -float("inf")]),
+    ],
+    ids=["large-relu", "fp16", "transposed", "long-rows", "nonfinite"],
+)
+@pytest.mark.parametrize("path", ["native", "torch", "device"])
+def test_activation_reductions_match_float64(make, path: str) -> None:
+    # "native": the one-pass C kernel; "torch": the CPU fallback of torch operations;
+    # "device": the path used on accelerators (0-d tensors, no host branch), run here.
+    from gradflow.native import kernel
+    from gradflow.probes import ActivationProbe, CallLog
+
+    if path == "native" and kernel() is None:
+        pytest.skip("no C compiler here: the native kernel is unavailable")
+    x = make(torch.Generator().manual_seed(5))
+    probe = ActivationProbe(native=path == "native")
+    if path == "device":
+        log = CallLog(act_n=[x.numel()], act_device=probe.device(x))
+        total, sum_sq, zeros, nonfinite = log.tensors()[0].tolist()
+    else:
+        total, sum_sq, zeros, nonfinite = probe.host(x)
+    a = x.double().numpy().ravel()
+    finite = np.isfinite(a)
+    assert zeros == np.count_nonzero(a == 0)
+    assert nonfinite == np.count_nonzero(~finite)
+    if finite.all():
+        np.testing.assert_allclose(total, a.sum(), rtol=1e-5, atol=1e-6 * np.abs(a).sum())
+        np.testing.assert_allclose(sum_sq, (a * a).sum(), rtol=1e-6)
+    else:
+        assert not np.isfinite(total) and not np.isfinite(sum_sq)
+
+
+def test_recorded_statistics_agree_with_and_without_the_native_kernel(
+    tmp_path, monkeypatch
+) -> None:
+    from gradflow.native import kernel
+
+    if kernel() is None:
+        pytest.skip("no C compiler here: the native kernel is unavailable")
+    runs = []
+    for native in (True, False):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 1, 3))
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        path = tmp_path / f"native{native}.h5"
+        if not native:
+            monkeypatch.setattr("gradflow.probes.kernel", lambda: None)
+        with Recorder(model, opt, path):
+            for _ in range(2):
+                opt.zero_grad()
+                model(torch.randn(2, 1, 12, 12)).square().mean().backward()
+                opt.step()
+        runs.append(open_run(path))
+    for probe, stat in [("activation", s) for s in ("mean", "std", "zero_fraction")] + [
+        ("grad_output", "norm")
+    ]:
+        np.testing.assert_allclose(
+            runs[0].stat(probe, stat), runs[1].stat(probe, stat), rtol=1e-5, atol=1e-6, err_msg=stat
+        )
