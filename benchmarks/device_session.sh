@@ -16,19 +16,19 @@ git log -1 --format='commit %h %cd' 2>/dev/null || true
 python -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | tail -2
 
 echo "== CUDA tests"
-timeout 150 python -m pytest -q -p no:cacheprovider tests/test_recorder.py -k cuda -rs \
+timeout 120 python -m pytest -q -p no:cacheprovider tests/test_recorder.py -k cuda -rs \
     2>&1 | tee "$OUT/cuda_tests.txt" | tail -15
 
 echo "== gradflow record / plot on CUDA"
 rm -rf runs-cuda && mkdir -p runs-cuda
-timeout 120 gradflow record --model fig3b-long-9 --device cuda --epochs 2 --steps-per-epoch 10 \
+timeout 100 gradflow record --model fig3b-long-9 --device cuda --epochs 2 --steps-per-epoch 10 \
     --out runs-cuda/smoke.h5 2>&1 | tail -5
-timeout 60 gradflow plot updates-heatmap runs-cuda/smoke.h5 --out "$OUT/smoke_updates.png" \
+timeout 45 gradflow plot updates-heatmap runs-cuda/smoke.h5 --out "$OUT/smoke_updates.png" \
     2>&1 | tail -2
-timeout 60 gradflow info runs-cuda/smoke.h5 2>&1 | tail -12
+timeout 30 gradflow info runs-cuda/smoke.h5 2>&1 | tail -12
 
 echo "== GPU benchmark"
-timeout 240 python benchmarks/gpu.py --budget-s "${BENCH_S:-170}" --json "$OUT/gpu_bench.json" \
+timeout 200 python benchmarks/gpu.py --budget-s "${BENCH_S:-150}" --json "$OUT/gpu_bench.json" \
     2>&1 | tee "$OUT/gpu_bench.txt" | tail -45
 
 if [ "${SCIENCE:-0}" = 1 ]; then
