@@ -134,7 +134,7 @@ class CallLog:
     act_ids: list[int] = field(default_factory=list)
     act_n: list[int] = field(default_factory=list)
     act_host: list[float] = field(default_factory=list)  # sum, sum_sq, zeros, nonfinite
-    act_device: list[torch.Tensor] = field(default_factory=list)  # var, mean, nonzero, nonfinite
+    act_device: list[torch.Tensor] = field(default_factory=list)  # the same, on the device
     gout_ids: list[int] = field(default_factory=list)
     gout_n: list[int] = field(default_factory=list)
     gout_host: list[float] = field(default_factory=list)  # sum_sq per call
@@ -168,10 +168,7 @@ class CallLog:
         if self.act_host:
             out.append(torch.tensor(self.act_host, dtype=torch.float64))
         elif self.act_device:
-            var, mean, nonzero, nonfinite = torch.stack(self.act_device).double().view(-1, 4).T
-            n = torch.tensor(self.act_n, dtype=torch.float64, device=var.device)
-            sums = [mean * n, (var + mean * mean) * n, n - nonzero, nonfinite]
-            out.append(torch.stack(sums, dim=1).reshape(-1))
+            out.append(torch.stack(self.act_device).double())
         if self.gout_host:
             out.append(torch.tensor(self.gout_host, dtype=torch.float64))
         elif self.gout_device:
@@ -238,14 +235,17 @@ class ActivationProbe:
 
     @staticmethod
     def device(x: torch.Tensor) -> list[torch.Tensor]:
-        """``[variance, mean, nonzero, non-finite]`` of ``x`` as 0-d tensors on its device,
-        in four kernels and no host sync (:meth:`CallLog.tensors` turns them into sums)."""
-        x = x.detach()
-        if x.dtype not in (torch.float32, torch.float64):
-            x = x.float()
-        var, mean = torch.var_mean(x, correction=0)
-        # x * 0 is 0 where x is finite and NaN elsewhere, and NaN counts as nonzero.
-        return [var, mean, torch.count_nonzero(x), torch.count_nonzero(x * 0)]
+        """The same reductions as 0-d tensors on ``x``'s device, without host sync (no
+        ``count_nonzero``: on CUDA it copies its count to the host)."""
+        flat = x.detach().reshape(-1)
+        half = x.dtype in (torch.float16, torch.bfloat16)
+        return [
+            flat.sum(dtype=torch.float32) if half else flat.sum(),
+            sum_of_squares(flat),
+            (flat == 0).sum(),
+            # x * 0 is 0 where x is finite and NaN elsewhere.
+            (flat * 0).ne_(0).sum(),
+        ]
 
     def __call__(self, x: torch.Tensor, log: CallLog, layer_id: int) -> None:
         """Append the reductions of ``x`` (one layer call) to ``log``."""
