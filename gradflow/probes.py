@@ -22,7 +22,7 @@ from gradflow.native import kernel
 from gradflow.store import Layer
 
 PARAM_REDUCTIONS = ("w_sq", "g_sq", "g_nonfinite", "d_sq", "d_abs", "d_max")
-ACTIVATION_REDUCTIONS = ("sum", "sum_sq", "zeros", "nonfinite")
+ACTIVATION_REDUCTIONS = ("sum", "sum_sq", "zeros", "finite")
 
 _KINDS: tuple[tuple[type[nn.Module], str], ...] = (
     (nn.modules.conv._ConvNd, "conv"),
@@ -133,12 +133,12 @@ class CallLog:
 
     act_ids: list[int] = field(default_factory=list)
     act_n: list[int] = field(default_factory=list)
-    act_host: list[float] = field(default_factory=list)  # sum, sum_sq, zeros, nonfinite
-    act_device: list[torch.Tensor] = field(default_factory=list)  # the same, on the device
+    act_host: list[float] = field(default_factory=list)  # sum, sum_sq, zeros, finite
+    act_device: list[torch.Tensor] = field(default_factory=list)  # sum, norm, zeros, finite
     gout_ids: list[int] = field(default_factory=list)
     gout_n: list[int] = field(default_factory=list)
     gout_host: list[float] = field(default_factory=list)  # sum_sq per call
-    gout_device: list[torch.Tensor] = field(default_factory=list)
+    gout_device: list[torch.Tensor] = field(default_factory=list)  # norm per call
     hook_s: float = 0.0  # seconds spent in output-gradient hooks (backward)
     reduced: torch.Tensor | None = None  # set by all_reduce: tensors(), summed over ranks
 
@@ -168,11 +168,13 @@ class CallLog:
         if self.act_host:
             out.append(torch.tensor(self.act_host, dtype=torch.float64))
         elif self.act_device:
-            out.append(torch.stack(self.act_device).double())
+            act = torch.stack(self.act_device).double().view(-1, 4)
+            act[:, 1].square_()  # norms on the device, sums of squares from here on
+            out.append(act.view(-1))
         if self.gout_host:
             out.append(torch.tensor(self.gout_host, dtype=torch.float64))
         elif self.gout_device:
-            out.append(torch.stack(self.gout_device).double())
+            out.append(torch.stack(self.gout_device).double().square_())
         return out
 
 
@@ -216,11 +218,12 @@ class ActivationProbe:
         return view
 
     def host(self, x: torch.Tensor) -> list[float]:
-        """``[sum, sum of squares, zeros, non-finite]`` of a CPU tensor, as numbers."""
+        """``[sum, sum of squares, zeros, finite]`` of a CPU tensor, as numbers."""
         x = x.detach()
         native = kernel() if self.native else None  # compiled once, at the first CPU call
         if native is not None and x.dtype == torch.float32 and x.is_contiguous():
-            return native(x)
+            total, squares, zero_count, bad = native(x)
+            return [total, squares, zero_count, x.numel() - bad]
         flat = x.reshape(-1)
         n = flat.numel()
         sum_sq = float(sum_of_squares(x))
@@ -231,20 +234,20 @@ class ActivationProbe:
         # A finite sum of squares means no NaN/Inf entries; x - x is NaN exactly there.
         nonfinite = 0 if math.isfinite(sum_sq) else int(torch.count_nonzero(flat - flat))
         total = float(flat.sum(dtype=torch.float64 if x.dtype != torch.float32 else None))
-        return [total, sum_sq, float(zeros), float(nonfinite)]
+        return [total, sum_sq, float(zeros), float(n - nonfinite)]
 
     @staticmethod
     def device(x: torch.Tensor) -> list[torch.Tensor]:
-        """The same reductions as 0-d tensors on ``x``'s device, without host sync (no
-        ``count_nonzero``: on CUDA it copies its count to the host)."""
+        """``[sum, norm, zeros, finite]`` as 0-d tensors on ``x``'s device: six kernels, no
+        host sync (no ``count_nonzero``: on CUDA it copies its count to the host). Device
+        reductions are tree-shaped, so a single norm is accurate at any size."""
         flat = x.detach().reshape(-1)
-        half = x.dtype in (torch.float16, torch.bfloat16)
+        acc = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else None
         return [
-            flat.sum(dtype=torch.float32) if half else flat.sum(),
-            sum_of_squares(flat),
+            flat.sum(dtype=acc),
+            torch.linalg.vector_norm(flat, dtype=acc),
             (flat == 0).sum(),
-            # x * 0 is 0 where x is finite and NaN elsewhere.
-            (flat * 0).ne_(0).sum(),
+            torch.isfinite(flat).sum(),
         ]
 
     def __call__(self, x: torch.Tensor, log: CallLog, layer_id: int) -> None:
@@ -265,7 +268,8 @@ def grad_output_hook(log: Callable[[], CallLog], layer_id: int) -> Callable[[tor
         target = log()
         grad = grad.detach()
         if grad.device.type != "cpu":
-            target.gout_device.append(sum_of_squares(grad))
+            acc = torch.float32 if grad.dtype in (torch.float16, torch.bfloat16) else None
+            target.gout_device.append(torch.linalg.vector_norm(grad, dtype=acc))
         elif grad.dtype == torch.float32 and grad.is_contiguous() and (native := kernel()):
             target.gout_host.append(native(grad)[1])
         else:

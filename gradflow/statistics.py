@@ -10,7 +10,8 @@ Reductions per probe (numpy float64 arrays of length L):
 - ``param``: ``n`` (trainable elements), ``w_sq`` (sum of W^2 before the step), ``g_sq``
   (sum of grad^2), ``g_nonfinite`` (non-finite grad entries), ``d_sq``, ``d_abs`` and
   ``d_max`` (sum of squares, sum and max of |W_after - W_before|).
-- ``activation``: ``n`` (output elements), ``sum``, ``sum_sq``, ``zeros``, ``nonfinite``.
+- ``activation``: ``n`` (output elements), ``sum``, ``sum_sq``, ``zeros``, ``finite``
+  (entries that are neither NaN nor Inf).
 - ``grad_output``: ``n`` (elements of the output gradient), ``sum_sq``.
 - ``epoch``: like ``param`` but ``d_*`` is the change over the whole epoch.
 """
@@ -123,7 +124,7 @@ def _act_zero_fraction(r: Reductions) -> np.ndarray:
 
 @statistic("activation", "nonfinite", "number of NaN/Inf outputs")
 def _act_nonfinite(r: Reductions) -> np.ndarray:
-    return np.asarray(r["nonfinite"], np.float64)
+    return np.asarray(r["n"], np.float64) - r["finite"]
 
 
 # -- gradient flowing back out of each layer (backward) ----------------------------------

@@ -284,7 +284,7 @@ class WriterThread(threading.Thread):
         # (first layer first), then gradients flowing back (last layer first).
         checks = (
             ("param", "weight", ~np.isfinite(param["w_sq"]) if param else empty, False),
-            ("activation", "output", act["nonfinite"] > 0 if act else empty, False),
+            ("activation", "output", act["finite"] < act["n"] if act else empty, False),
             (
                 "grad_output",
                 "output gradient",
