@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import os
 from collections.abc import Iterable
 
 
@@ -21,3 +22,12 @@ def unknown_name(kind: str, name: str, choices: Iterable[str]) -> GradflowError:
     hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
     listing = ", ".join(known) if len(known) <= 12 else ", ".join(known[:12]) + ", ..."
     return GradflowError(f"unknown {kind} {name!r}{hint} (known: {listing})")
+
+
+def reason(err: BaseException) -> str:
+    """The short reason of an error: ``File too large`` or ``No space left on device`` for
+    I/O errors (not HDF5's long message around it), the message for anything else."""
+    number = getattr(err, "errno", None)
+    if isinstance(number, int) and number > 0:
+        return os.strerror(number)
+    return str(err)

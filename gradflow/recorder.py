@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from gradflow.errors import GradflowError, unknown_name
+from gradflow.errors import GradflowError, reason, unknown_name
 from gradflow.probes import (
     ActivationProbe,
     CallLog,
@@ -247,10 +247,14 @@ class Recorder:
         self._ensure_layout()
         done = threading.Event()
         self._writer.put(done)
-        if not done.wait(timeout) or self._writer.error is not None:
-            raise GradflowError(
-                f"{self.path}: flushing the run file failed: {self._writer.error or 'timed out'}"
-            )
+        deadline = time.monotonic() + timeout
+        # A writer that failed may be busy closing its file: its error ends the wait.
+        while not done.wait(0.05) and self._writer.error is None:
+            if time.monotonic() > deadline:
+                break
+        if not done.is_set() or self._writer.error is not None:
+            why = reason(self._writer.error) if self._writer.error else "timed out"
+            raise GradflowError(f"{self.path}: flushing the run file failed: {why}")
 
     def close(self) -> None:
         """Write what is pending, remove every hook, close the file (idempotent)."""
@@ -268,7 +272,7 @@ class Recorder:
             self._writer.finish()
         if self._writer.error is not None:
             raise GradflowError(
-                f"{self.path}: writing the run file failed: {self._writer.error}"
+                f"{self.path}: writing the run file failed: {reason(self._writer.error)}"
             ) from self._writer.error
 
     def __enter__(self) -> Recorder:

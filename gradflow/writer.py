@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from gradflow import statistics
-from gradflow.errors import GradflowError
+from gradflow.errors import GradflowError, reason
 from gradflow.probes import ACTIVATION_REDUCTIONS, reduce_per_layer
 from gradflow.store import OVERHEAD_COLUMNS, Event, Layer, RunWriter, StepRows
 
@@ -128,7 +128,8 @@ class WriterThread(threading.Thread):
     # -- called from the training thread ------------------------------------------------------
     def put(self, item: Any) -> None:
         if self.error is not None:
-            raise GradflowError(f"writing the run file failed: {self.error}") from self.error
+            why = reason(self.error)
+            raise GradflowError(f"writing the run file failed: {why}") from self.error
         self.queue.put(item)
 
     def finish(self, timeout: float | None = None) -> None:

@@ -163,11 +163,11 @@ def kill_after(proc: subprocess.Popen[str], line: re.Pattern[str], delay: float)
     return lines
 
 
-def check_rows(run: Run) -> None:
+def check_rows(run: Run, spe: int = SPE) -> None:
     """Committed rows: contiguous from step 0, every array as long, data really written."""
     n = run.n_steps
     np.testing.assert_array_equal(run.steps, np.arange(n))
-    np.testing.assert_array_equal(run.epoch, np.arange(n) // SPE)
+    np.testing.assert_array_equal(run.epoch, np.arange(n) // spe)
     for probe, stats in run.probes().items():
         for stat in stats:
             assert run.stat(probe, stat).shape == (n, run.n_layers), (probe, stat)
@@ -175,7 +175,7 @@ def check_rows(run: Run) -> None:
         assert len(getattr(run, name)) == n, name
     assert np.isfinite(run.loss).all() and np.isfinite(run.stat("param", "grad_norm")).all()
     np.testing.assert_array_equal(run.epochs, np.arange(run.n_epochs))
-    np.testing.assert_array_equal(run.epoch_end_step, (np.arange(run.n_epochs) + 1) * SPE)
+    np.testing.assert_array_equal(run.epoch_end_step, (np.arange(run.n_epochs) + 1) * spe)
     assert run.stat("epoch", "update_norm").shape == (run.n_epochs, run.n_layers)
     assert np.isfinite(run.metrics.get("train_loss", np.zeros(0))).all()
     assert run.n_epochs <= n // SPE  # an epoch closes only after its steps
@@ -239,7 +239,7 @@ def test_sigkill_loses_at_most_the_unflushed_rows(
 
 # -- 2. resume after a kill -----------------------------------------------------------------------
 def assert_same_run(resumed: Run, straight: Run) -> None:
-    np.testing.assert_array_equal(resumed.steps, np.arange(TOTAL))
+    np.testing.assert_array_equal(resumed.steps, np.arange(straight.n_steps))
     np.testing.assert_array_equal(resumed.epochs, np.arange(EPOCHS))
     assert resumed.probes() == straight.probes() and resumed.epoch_stats() == straight.epoch_stats()
     for probe, stats in straight.probes().items():
@@ -349,32 +349,46 @@ def test_disk_full_while_resuming_keeps_the_run_file(
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # no temporary
 
 
-@pytest.mark.xfail(
-    reason="since live run files are uncompressed (compacted at close), this size limit is "
-    "reached before the first commit; the limit needs re-deriving from the live file size",
-    strict=False,
-)
+def record_until_disk_full(args: list[str], out: Path) -> tuple[int, str]:
+    """``gradflow record`` whose disk fills up once its first checkpoint exists: from then
+    on no file of the process may grow past the run file's size at that moment."""
+    proc = spawn(args, file_size_limit(resource.RLIM_INFINITY))
+    checkpoint = checkpoint_path(out)
+    while proc.poll() is None and not checkpoint.exists():
+        time.sleep(0.005)
+    assert proc.poll() is None, "the run ended before its first checkpoint"
+    limit = out.stat().st_size
+    resource.prlimit(proc.pid, resource.RLIMIT_FSIZE, (limit, limit))
+    _, err = proc.communicate(timeout=120)  # a hang fails the test
+    return proc.returncode, err
+
+
 def test_disk_full_mid_run_keeps_the_committed_rows_and_resumes(
-    em: Path, reference: Path, tmp_path: Path
+    em: Path, tmp_path: Path
 ) -> None:
-    """The file may grow to twice the size of the whole run compacted (the live file is
-    uncompressed, so larger): it fails mid-run."""
+    """The live file's chunks hold 128 rows, so a run of 3 x 50 steps grows its file in its
+    third epoch, after two checkpoints: that growth meets the full disk."""
+    spe = 50
+    args = ["--steps-per-epoch", str(spe), "--val-every", "0"]
+    straight = tmp_path / "straight.h5"
+    status, err = gradflow(*record_args(em, straight, *args))
+    assert status == 0, err
     out = tmp_path / "run.h5"
     started = time.monotonic()
-    status, err = record_on_full_disk(record_args(em, out), 2 * reference.stat().st_size)
+    status, err = record_until_disk_full(record_args(em, out, *args), out)
     assert time.monotonic() - started < 60  # no flush waiting out its timeout
-    assert_one_line_error(status, err, "File too large")
+    assert_one_line_error(status, err, "run file failed: File too large")
     with open_run(out) as run:
-        check_rows(run)
-        assert 1 <= run.n_steps < TOTAL
+        check_rows(run, spe)
+        assert 2 * spe <= run.n_steps < EPOCHS * spe
     # With space again, the run continues from its last checkpoint to the same end.
     saved = load_checkpoint(checkpoint_path(out))
-    assert saved.epoch >= 1
-    status, err = gradflow(*record_args(em, out, "--resume"))
+    assert saved.epoch == 2
+    status, err = gradflow(*record_args(em, out, *args, "--resume"))
     assert status == 0, err
-    with open_run(out) as resumed, open_run(reference) as straight:
+    with open_run(out) as resumed, open_run(straight) as run:
         assert [(e.kind, e.step) for e in resumed.events] == [("resume", saved.step)]
-        assert_same_run(resumed, straight)
+        assert_same_run(resumed, run)
 
 
 # -- 4. non-finite values -------------------------------------------------------------------------
