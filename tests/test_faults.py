@@ -363,9 +363,7 @@ def record_until_disk_full(args: list[str], out: Path) -> tuple[int, str]:
     return proc.returncode, err
 
 
-def test_disk_full_mid_run_keeps_the_committed_rows_and_resumes(
-    em: Path, tmp_path: Path
-) -> None:
+def test_disk_full_mid_run_keeps_the_committed_rows_and_resumes(em: Path, tmp_path: Path) -> None:
     """The live file's chunks hold 128 rows, so a run of 3 x 50 steps grows its file in its
     third epoch, after two checkpoints: that growth meets the full disk."""
     spe = 50
