@@ -1,4 +1,4 @@
-"""One-pass CPU reductions of a float32 buffer in a tiny C kernel.
+"""One-pass CPU reductions of float32 tensors in tiny C kernels.
 
 On the CPU, recording activations and output gradients is bound by passes over memory
 and by per-operation dispatch: sum, sum of squares and zero count take four torch
@@ -17,21 +17,24 @@ import os
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 
-# Float accumulators per block of 4096 entries (vectorisable, exact for the zero count),
-# float64 across blocks: ~1e-8 relative for sums of squares at any size. Non-finite
-# entries are counted in a second pass, only when the sums say there are any.
+# Float accumulators per block of 4096 entries (vectorisable, exact for counts), float64
+# across blocks: ~1e-8 relative for sums of squares at any size. Non-finite entries are
+# counted in a second pass, only when the sums say there are any. The parameter functions
+# take k tensors at once (arrays of pointers and sizes): one call per recorded step.
 _SOURCE = r"""
 #include <math.h>
+#define BLOCK 4096
+
 void gradflow_reduce_f32(const float *x, long n, double *out) {
     double s = 0.0, q = 0.0, z = 0.0;
-    for (long i0 = 0; i0 < n; i0 += 4096) {
-        long i1 = i0 + 4096 < n ? i0 + 4096 : n;
+    for (long i0 = 0; i0 < n; i0 += BLOCK) {
+        long i1 = i0 + BLOCK < n ? i0 + BLOCK : n;
         float bs = 0.0f, bq = 0.0f, bz = 0.0f;
         for (long i = i0; i < i1; ++i) {
             float v = x[i];
@@ -51,6 +54,69 @@ void gradflow_reduce_f32(const float *x, long n, double *out) {
     out[1] = q;
     out[2] = z;
     out[3] = (double)bad;
+}
+
+/* Sum of squares of x (copied to dst on the way when dst is not NULL). */
+static double squares(const float *x, float *dst, long n) {
+    double q = 0.0;
+    for (long i0 = 0; i0 < n; i0 += BLOCK) {
+        long i1 = i0 + BLOCK < n ? i0 + BLOCK : n;
+        float bq = 0.0f;
+        if (dst)
+            for (long i = i0; i < i1; ++i) {
+                float v = x[i];
+                dst[i] = v;
+                bq += v * v;
+            }
+        else
+            for (long i = i0; i < i1; ++i)
+                bq += x[i] * x[i];
+        q += bq;
+    }
+    return q;
+}
+
+/* Per tensor: sum of squares and non-finite count (NULL tensors count 0). */
+void gradflow_squares(long k, const float *const *x, const long *n, double *sq, double *bad) {
+    for (long t = 0; t < k; ++t) {
+        sq[t] = x[t] ? squares(x[t], 0, n[t]) : 0.0;
+        long c = 0;
+        if (!isfinite(sq[t]))
+            for (long i = 0; i < n[t]; ++i)
+                c += !isfinite(x[t][i]);
+        bad[t] = (double)c;
+    }
+}
+
+/* Per tensor: copy src into dst, returning the sum of squares. */
+void gradflow_copy_squares(long k, const float *const *src, float *const *dst, const long *n,
+                           double *sq) {
+    for (long t = 0; t < k; ++t)
+        sq[t] = squares(src[t], dst[t], n[t]);
+}
+
+/* Per tensor, d = a - b: sum d^2, sum |d|, max |d| (NaN where d has a NaN). */
+void gradflow_delta(long k, const float *const *a, const float *const *b, const long *n,
+                    double *d_sq, double *d_abs, double *d_max) {
+    for (long t = 0; t < k; ++t) {
+        double q = 0.0, s = 0.0;
+        float m = 0.0f;
+        for (long i0 = 0; i0 < n[t]; i0 += BLOCK) {
+            long i1 = i0 + BLOCK < n[t] ? i0 + BLOCK : n[t];
+            float bq = 0.0f, bs = 0.0f;
+            for (long i = i0; i < i1; ++i) {
+                float d = a[t][i] - b[t][i], ad = fabsf(d);
+                bq += d * d;
+                bs += ad;
+                m = ad > m ? ad : m;
+            }
+            q += bq;
+            s += bs;
+        }
+        d_sq[t] = q;
+        d_abs[t] = s;
+        d_max[t] = isnan(q) ? NAN : (double)m;
+    }
 }
 """
 # Reassociation lets the compiler vectorise the sums; NaN and Inf keep their meaning.
@@ -82,26 +148,99 @@ def _compile(folder: Path) -> ctypes.CDLL | None:
 
 
 @functools.cache
-def kernel() -> Reduce | None:
-    """``reduce(x) -> [sum, sum of squares, zeros, non-finite]`` for a contiguous float32
-    CPU tensor, or ``None`` where the kernel is unavailable."""
+def _library() -> ctypes.CDLL | None:
+    """The compiled kernels, checked against plain arithmetic, or ``None``."""
     if os.environ.get("GRADFLOW_NATIVE", "1") == "0":
         return None
     with tempfile.TemporaryDirectory(prefix="gradflow-") as tmp:
         library = _compile(Path(tmp))
     if library is None:
         return None
-    function = library.gradflow_reduce_f32
-    function.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_void_p]
-    function.restype = None
-
-    def reduce(x: torch.Tensor) -> list[float]:
-        out = np.empty(4)
-        function(x.data_ptr(), x.numel(), out.ctypes.data)
-        return out.tolist()
-
+    library.gradflow_reduce_f32.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_void_p]
+    library.gradflow_reduce_f32.restype = None
+    for name, n_arrays in (("squares", 4), ("copy_squares", 4), ("delta", 6)):
+        function = getattr(library, f"gradflow_{name}")
+        function.argtypes = [ctypes.c_long] + [ctypes.c_void_p] * n_arrays
+        function.restype = None
     # A build that disagrees with plain arithmetic on a known input is not used.
     probe = torch.tensor([0.0, 1.5, -2.0, 0.0] + [0.5] * 5000 + [float("inf")])
-    if reduce(probe[:-1]) != [2499.5, 1256.25, 2.0, 0.0] or reduce(probe)[3] != 1.0:
+    if (
+        _reduce(library, probe[:-1]) != [2499.5, 1256.25, 2.0, 0.0]
+        or _reduce(library, probe)[3] != 1.0
+    ):
         return None
-    return reduce
+    return library
+
+
+def _reduce(library: ctypes.CDLL, x: torch.Tensor) -> list[float]:
+    out = np.empty(4)
+    library.gradflow_reduce_f32(x.data_ptr(), x.numel(), out.ctypes.data)
+    return out.tolist()
+
+
+def kernel() -> Reduce | None:
+    """``reduce(x) -> [sum, sum of squares, zeros, non-finite]`` for a contiguous float32
+    CPU tensor, or ``None`` where the kernels are unavailable."""
+    library = _library()
+    return None if library is None else functools.partial(_reduce, library)
+
+
+def _pointers(tensors: Sequence[torch.Tensor | None]) -> np.ndarray:
+    return np.array([0 if t is None else t.data_ptr() for t in tensors], dtype=np.uintp)
+
+
+class ParamKernels:
+    """Per-tensor parameter reductions over lists of contiguous float32 CPU tensors, each in
+    one pass and one call for all tensors (float64 [P] results)."""
+
+    def __init__(self, library: ctypes.CDLL, sizes: Sequence[int]) -> None:
+        self._lib = library
+        self._n = np.asarray(sizes, dtype=np.int64)
+
+    @staticmethod
+    def usable(tensors: Sequence[torch.Tensor]) -> bool:
+        """Whether every tensor (all on the CPU) can go through the kernels."""
+        dtypes = {t.dtype for t in tensors}
+        return dtypes <= {torch.float32} and all(map(torch.Tensor.is_contiguous, tensors))
+
+    def _out(self, count: int) -> list[np.ndarray]:
+        return [np.empty(len(self._n)) for _ in range(count)]
+
+    def squares(self, tensors: Sequence[torch.Tensor | None]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sums of squares and non-finite counts (``None`` counts 0)."""
+        sq, bad = self._out(2)
+        pointers = _pointers(tensors)
+        self._lib.gradflow_squares(
+            len(self._n), pointers.ctypes.data, self._n.ctypes.data, sq.ctypes.data,
+            bad.ctypes.data,
+        )  # fmt: skip
+        return torch.from_numpy(sq), torch.from_numpy(bad)
+
+    def copy_squares(
+        self, sources: Sequence[torch.Tensor], targets: Sequence[torch.Tensor]
+    ) -> torch.Tensor:
+        """Copy ``sources`` into ``targets``; returns the sums of squares."""
+        (sq,) = self._out(1)
+        src, dst = _pointers(sources), _pointers(targets)
+        self._lib.gradflow_copy_squares(
+            len(self._n), src.ctypes.data, dst.ctypes.data, self._n.ctypes.data, sq.ctypes.data
+        )
+        return torch.from_numpy(sq)
+
+    def delta(
+        self, before: Sequence[torch.Tensor], after: Sequence[torch.Tensor]
+    ) -> list[torch.Tensor]:
+        """``[sum d^2, sum |d|, max |d|]`` of ``d = before - after``."""
+        outs = self._out(3)
+        a, b = _pointers(before), _pointers(after)
+        self._lib.gradflow_delta(
+            len(self._n), a.ctypes.data, b.ctypes.data, self._n.ctypes.data,
+            *(o.ctypes.data for o in outs),
+        )  # fmt: skip
+        return [torch.from_numpy(o) for o in outs]
+
+
+def param_kernels(sizes: Sequence[int]) -> ParamKernels | None:
+    """:class:`ParamKernels` for tensors of these sizes, or ``None`` where unavailable."""
+    library = _library()
+    return None if library is None else ParamKernels(library, sizes)

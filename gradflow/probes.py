@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from gradflow.errors import GradflowError
-from gradflow.native import kernel
+from gradflow.native import ParamKernels, kernel, param_kernels
 from gradflow.store import Layer
 
 PARAM_REDUCTIONS = ("w_sq", "g_sq", "g_nonfinite", "d_sq", "d_abs", "d_max")
@@ -313,6 +313,15 @@ class Snapshot:
         self._lengths = torch.tensor(n_rows, device=device)
         self._rows = torch.empty(0)
         self._views: list[torch.Tensor] = []
+        # On the CPU, one-pass C kernels do the same without the buffer's row layout (the
+        # tensors are CPU tensors then: parameters and their gradients share a device).
+        self._kernels = param_kernels(sizes.tolist()) if device.type == "cpu" else None
+
+    def _native(self, tensors: Sequence[torch.Tensor | None]) -> ParamKernels | None:
+        if self._kernels is None:
+            return None
+        present = [t for t in tensors if t is not None]
+        return self._kernels if ParamKernels.usable(present) else None
 
     def _current(self) -> list[torch.Tensor]:
         return self._sources if self._sources is not None else [local(p) for p in self.params]
@@ -355,15 +364,37 @@ class Snapshot:
         bad = torch.isfinite(self._rows).logical_not_().sum(1)
         return self._per_tensor(bad)
 
+    def grad_reductions(
+        self, grads: Sequence[torch.Tensor | None]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-tensor sums of squares and non-finite counts of ``grads`` (float64 [P]); may
+        use the buffer as scratch (:meth:`take` refills it)."""
+        native = self._native(grads)
+        if native is not None:
+            return native.squares(grads)
+        g_sq = self.load(grads)
+        # On the CPU a check costs no device sync: finite sums of squares mean no NaN/Inf.
+        if self.device.type == "cpu" and bool(torch.isfinite(g_sq).all()):
+            return g_sq, torch.zeros_like(g_sq)
+        return g_sq, self.nonfinite_counts()
+
     def take(self) -> torch.Tensor:
         """Copy the parameters in; returns their per-tensor sums of squares (float64 [P])."""
-        return self.load(self._current())
+        current = self._current()
+        native = self._native(current)
+        if native is not None:
+            return native.copy_squares(current, self._buffer())
+        return self.load(current)
 
     @torch.no_grad()
     def delta(self) -> list[torch.Tensor]:
-        """Turn the copy into ``|W_then - W_now|`` in place; returns per-tensor
-        ``[sum d^2, sum |d|, max |d|]`` (3 x float64 [P]). Call :meth:`take` before reuse."""
-        torch._foreach_sub_(self._views, self._current())
+        """Per-tensor ``[sum d^2, sum |d|, max |d|]`` of ``d = W_then - W_now`` (3 x float64
+        [P]); may turn the copy into ``|d|`` in place: call :meth:`take` before reuse."""
+        current = self._current()
+        native = self._native(current)
+        if native is not None:
+            return native.delta(self._views, current)
+        torch._foreach_sub_(self._views, current)
         d_sq = self._sq_sums()
         rows = self._rows.abs_()
         return [d_sq, self._per_tensor(rows.sum(1)), self._per_tensor(rows.amax(1), "max")]
@@ -441,14 +472,9 @@ class ParamProbe:
         self._pre: list[torch.Tensor] = []
 
     def grad_reductions(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-tensor sum of squares and non-finite count of the gradients (float64 [P]),
-        computed in the snapshot buffer (which :meth:`Snapshot.take` refills next)."""
+        """Per-tensor sum of squares and non-finite count of the gradients (float64 [P])."""
         grads = [local(p.grad) if p.grad is not None else None for p in self.params]
-        g_sq = self.snapshot.load(grads)
-        # On the CPU a check costs no device sync: finite sums of squares mean no NaN/Inf.
-        if self.device.type == "cpu" and bool(torch.isfinite(g_sq).all()):
-            return g_sq, torch.zeros_like(g_sq)
-        return g_sq, self.snapshot.nonfinite_counts()
+        return self.snapshot.grad_reductions(grads)
 
     def before_step(self) -> None:
         """Reduce gradients and weights, and snapshot the weights (call before ``step()``)."""

@@ -609,10 +609,20 @@ def test_device_path_nonfinite_counts_match_numpy() -> None:
     )
 
 
-def test_snapshot_reductions_of_large_and_empty_tensors_match_float64() -> None:
+@pytest.mark.parametrize("native", [True, False], ids=["native", "torch"])
+def test_snapshot_reductions_of_large_and_empty_tensors_match_float64(
+    native: bool, monkeypatch
+) -> None:
     # Tensors of millions of entries (where a single float32 pass drifts by ~1e-3), sizes
-    # that are not multiples of the row length, and an empty tensor.
+    # that are not multiples of the row length, and an empty tensor; through the C kernels
+    # and through torch operations (the path of other devices and dtypes).
+    from gradflow.native import param_kernels
     from gradflow.probes import Snapshot
+
+    if native and param_kernels([1]) is None:
+        pytest.skip("no C compiler here: the native kernels are unavailable")
+    if not native:
+        monkeypatch.setattr("gradflow.probes.param_kernels", lambda sizes: None)
 
     gen = torch.Generator().manual_seed(3)
     shapes = [(3_000_001,), (0,), (257,), (64, 3, 3, 3), (1,)]
@@ -701,15 +711,18 @@ def test_recorded_statistics_agree_with_and_without_the_native_kernel(
         path = tmp_path / f"native{native}.h5"
         if not native:
             monkeypatch.setattr("gradflow.probes.kernel", lambda: None)
-        with Recorder(model, opt, path):
+            monkeypatch.setattr("gradflow.probes.param_kernels", lambda sizes: None)
+        with Recorder(model, opt, path) as rec:
             for _ in range(2):
                 opt.zero_grad()
                 model(torch.randn(2, 1, 12, 12)).square().mean().backward()
                 opt.step()
+            rec.epoch_end()
         runs.append(open_run(path))
-    for probe, stat in [("activation", s) for s in ("mean", "std", "zero_fraction")] + [
-        ("grad_output", "norm")
-    ]:
+    stats = [("activation", s) for s in ("mean", "std", "zero_fraction")]
+    stats += [("grad_output", "norm"), ("epoch", "update_abs_mean")]
+    stats += [("param", s) for s in ("grad_norm", "weight_norm", "update_norm", "update_abs_max")]
+    for probe, stat in stats:
         np.testing.assert_allclose(
             runs[0].stat(probe, stat), runs[1].stat(probe, stat), rtol=1e-5, atol=1e-6, err_msg=stat
         )
