@@ -5,9 +5,9 @@ SHELL := bash
 
 PYTHON ?= python
 RESULTS ?= benchmarks/results
-# Paired rounds per overhead run (overhead.py's own default is 20; each fig3b round with
-# all variants takes ~25 s on a quiet 2-core machine): `make bench FIG3B_PAIRS=20`.
-FIG3B_PAIRS ?= 15
+# Paired rounds per overhead run (each fig3b round with all variants takes ~24 s on a quiet
+# 2-core machine; `make bench` took 11 min 20 s in all with 20).
+FIG3B_PAIRS ?= 20
 RESUNET_PAIRS ?= 4
 export MPLBACKEND ?= Agg
 
@@ -20,7 +20,7 @@ BENCH_FILES := benchmarks/common.py benchmarks/overhead.py benchmarks/runfile.py
 help:
 	@echo "make test    pytest"
 	@echo "make lint    ruff check, ruff format --check (benchmarks), mypy"
-	@echo "make bench   the CPU benchmarks (about 13-14 min on a quiet 2-core machine),"
+	@echo "make bench   the CPU benchmarks (about 11-12 min on a quiet 2-core machine),"
 	@echo "             output and JSON in $(RESULTS)/"
 	@echo "make bench-gpu-dry   benchmarks/gpu.py --device cpu --quick (checks the GPU script)"
 
