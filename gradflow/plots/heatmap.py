@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import textwrap
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
@@ -165,105 +165,73 @@ def draw_heatmaps(
     return fig
 
 
-@FIGURES.register("gradient-heatmap")
-@styled
-def gradient_heatmap(
-    runs: Sequence[Run],
-    *,
-    stat: str = "grad_output/norm",
-    log: bool = False,
-    window: TimeWindow | None = None,
-    layers: str | None = None,
-    all_layers: bool = False,
-    shared_scale: bool = True,
-    title: str | None = None,
-    max_bins: int = MAX_TIME_BINS,
-) -> Figure:
-    """Any per-layer statistic over time (default: the gradient norm at each layer's output).
-
-    One panel per run; ``window`` in epochs averages per-step statistics per epoch.
-    """
-    panels = [
-        Panel(
-            label,
-            load(run, stat, select_layers(run, layers, all_layers), window, max_bins),
-            [("", ev)] if (ev := run.first_nonfinite) else [],
-        )
-        for run, label in zip(runs, run_labels(runs), strict=True)
-    ]
-    return draw_heatmaps(
-        panels,
-        scale="log" if log else "linear",
-        shared_scale=shared_scale,
-        colour_label=stat_label(stat),
-        title=title,
-    )
-
-
-def _update_stat(stat: str | None, window: TimeWindow | None) -> str:
-    if stat is not None:
-        return stat
+def _update_stat(window: TimeWindow | None) -> str:
     return "param/update_abs_mean" if window and window.unit == "step" else "epoch/update_abs_mean"
 
 
-@FIGURES.register("updates-heatmap")
-@styled
-def updates_heatmap(
-    runs: Sequence[Run],
-    *,
-    stat: str | None = None,
-    log: bool = False,
-    window: TimeWindow | None = None,
-    layers: str | None = None,
-    all_layers: bool = False,
-    shared_scale: bool = True,
-    title: str | None = None,
-    max_bins: int = MAX_TIME_BINS,
-) -> Figure:
+def _stat_heatmap(
+    name: str, default_stat: Callable[[TimeWindow | None], str], doc: str
+) -> Callable[..., Figure]:
+    """Register figure ``name``: a per-layer statistic over time, one panel per run."""
+
+    @FIGURES.register(name)
+    @styled
+    def figure(
+        runs: Sequence[Run],
+        *,
+        stat: str | None = None,
+        log: bool = False,
+        window: TimeWindow | None = None,
+        layers: str | None = None,
+        all_layers: bool = False,
+        shared_scale: bool = True,
+        title: str | None = None,
+        max_bins: int = MAX_TIME_BINS,
+    ) -> Figure:
+        stat = stat or default_stat(window)
+        panels = [
+            Panel(
+                label,
+                load(run, stat, select_layers(run, layers, all_layers), window, max_bins),
+                [("", ev)] if (ev := run.first_nonfinite) else [],
+            )
+            for run, label in zip(runs, run_labels(runs), strict=True)
+        ]
+        return draw_heatmaps(
+            panels,
+            scale="log" if log else "linear",
+            shared_scale=shared_scale,
+            colour_label=stat_label(stat),
+            title=title,
+        )
+
+    figure.__doc__ = doc
+    figure.__name__ = figure.__qualname__ = name.replace("-", "_")
+    return figure
+
+
+gradient_heatmap = _stat_heatmap(
+    "gradient-heatmap",
+    lambda window: "grad_output/norm",
+    """Any per-layer statistic over time (default: the gradient norm at each layer's output).
+
+    One panel per run; ``window`` in epochs averages per-step statistics per epoch.
+    """,
+)
+updates_heatmap = _stat_heatmap(
+    "updates-heatmap",
+    _update_stat,
     """Weight updates per layer and epoch, one panel per run (the paper's update figure).
 
     Default statistic: ``epoch/update_abs_mean`` (mean |W_end - W_start| of each epoch);
     ``param/update_abs_mean`` when ``window`` is in steps.
-    """
-    return gradient_heatmap(
-        runs,
-        stat=_update_stat(stat, window),
-        log=log,
-        window=window,
-        layers=layers,
-        all_layers=all_layers,
-        shared_scale=shared_scale,
-        title=title,
-        max_bins=max_bins,
-    )
-
-
-@FIGURES.register("activation-heatmap")
-@styled
-def activation_heatmap(
-    runs: Sequence[Run],
-    *,
-    stat: str = "activation/zero_fraction",
-    log: bool = False,
-    window: TimeWindow | None = None,
-    layers: str | None = None,
-    all_layers: bool = False,
-    shared_scale: bool = True,
-    title: str | None = None,
-    max_bins: int = MAX_TIME_BINS,
-) -> Figure:
-    """Activation statistics over time (default: the fraction of zeros, for dead units)."""
-    return gradient_heatmap(
-        runs,
-        stat=stat,
-        log=log,
-        window=window,
-        layers=layers,
-        all_layers=all_layers,
-        shared_scale=shared_scale,
-        title=title,
-        max_bins=max_bins,
-    )
+    """,
+)
+activation_heatmap = _stat_heatmap(
+    "activation-heatmap",
+    lambda window: "activation/zero_fraction",
+    "Activation statistics over time (default: the fraction of zeros, for dead units).",
+)
 
 
 def _listing(names: list[str], limit: int = 6) -> str:
@@ -291,7 +259,7 @@ def diff_heatmap(
     """
     if len(runs) != 2:
         raise GradflowError(f"diff-heatmap compares exactly two runs (A B), got {len(runs)}")
-    stat = _update_stat(stat, window)
+    stat = stat or _update_stat(window)
     window = common_window(runs, stat, window)
     label_a, label_b = run_labels(runs)
     chosen_a, chosen_b = (select_layers(run, layers, all_layers) for run in runs)
