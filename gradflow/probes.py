@@ -161,7 +161,7 @@ class CallLog:
 
     def tensors(self) -> list[torch.Tensor]:
         """The reductions as float64 vectors: activations [C, 4] (sum, sum of squares,
-        zeros, non-finite) then output-gradient sums of squares [C']."""
+        zeros, finite entries) then output-gradient sums of squares [C']."""
         if self.reduced is not None:
             return [self.reduced]
         out = []
@@ -196,7 +196,7 @@ def sum_of_squares(x: torch.Tensor) -> torch.Tensor:
 
 
 class ActivationProbe:
-    """Sum, sum of squares, zero and non-finite counts of layer outputs.
+    """Sum, sum of squares, zero and finite counts of layer outputs.
 
     Contiguous float32 CPU tensors go through the one-pass kernel of :mod:`gradflow.native`;
     other tensors through a few torch operations each (their dispatch, not their
