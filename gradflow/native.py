@@ -152,8 +152,11 @@ def _library() -> ctypes.CDLL | None:
     """The compiled kernels, checked against plain arithmetic, or ``None``."""
     if os.environ.get("GRADFLOW_NATIVE", "1") == "0":
         return None
-    with tempfile.TemporaryDirectory(prefix="gradflow-") as tmp:
-        library = _compile(Path(tmp))
+    try:
+        with tempfile.TemporaryDirectory(prefix="gradflow-") as tmp:
+            library = _compile(Path(tmp))
+    except OSError:  # no writable temporary directory: the torch path it is
+        return None
     if library is None:
         return None
     library.gradflow_reduce_f32.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_void_p]

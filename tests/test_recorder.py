@@ -726,3 +726,21 @@ def test_recorded_statistics_agree_with_and_without_the_native_kernel(
         np.testing.assert_allclose(
             runs[0].stat(probe, stat), runs[1].stat(probe, stat), rtol=1e-5, atol=1e-6, err_msg=stat
         )
+
+
+def test_native_kernels_fall_back_when_no_compiler_works(tmp_path, monkeypatch) -> None:
+    from gradflow import native
+
+    native._library.cache_clear()
+    try:
+        monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+        assert native.kernel() is None and native.param_kernels([3]) is None
+        native._library.cache_clear()
+        monkeypatch.setenv("CC", "false")  # a compiler that always fails
+        assert native.kernel() is None
+        native._library.cache_clear()
+        monkeypatch.delenv("CC")
+        monkeypatch.setenv("GRADFLOW_NATIVE", "0")
+        assert native.kernel() is None
+    finally:
+        native._library.cache_clear()
