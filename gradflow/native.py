@@ -29,6 +29,7 @@ import torch
 # take k tensors at once (arrays of pointers and sizes): one call per recorded step.
 _SOURCE = r"""
 #include <math.h>
+#include <pthread.h>
 #define BLOCK 4096
 
 void gradflow_reduce_f32(const float *x, long n, double *out) {
@@ -76,36 +77,31 @@ static double squares(const float *x, float *dst, long n) {
     return q;
 }
 
-/* Per tensor: sum of squares and non-finite count (NULL tensors count 0). */
-void gradflow_squares(long k, const float *const *x, const long *n, double *sq, double *bad) {
-    for (long t = 0; t < k; ++t) {
-        sq[t] = x[t] ? squares(x[t], 0, n[t]) : 0.0;
+/* Tensor t of one parameter kernel: 0 sums of squares and non-finite counts of a[0]
+   (NULL counts 0), 1 copy a[0] into a[1] with sums of squares, 2 for d = a[0] - a[1]: sum
+   d^2, sum |d| and max |d| (NaN where d has a NaN). */
+static void param_op(int op, long t, const float *const *const *a, const long *n,
+                     double *const *out) {
+    const float *x = a[0][t];
+    if (op == 0) {
+        double q = x ? squares(x, 0, n[t]) : 0.0;
         long c = 0;
-        if (!isfinite(sq[t]))
+        if (!isfinite(q))
             for (long i = 0; i < n[t]; ++i)
-                c += !isfinite(x[t][i]);
-        bad[t] = (double)c;
-    }
-}
-
-/* Per tensor: copy src into dst, returning the sum of squares. */
-void gradflow_copy_squares(long k, const float *const *src, float *const *dst, const long *n,
-                           double *sq) {
-    for (long t = 0; t < k; ++t)
-        sq[t] = squares(src[t], dst[t], n[t]);
-}
-
-/* Per tensor, d = a - b: sum d^2, sum |d|, max |d| (NaN where d has a NaN). */
-void gradflow_delta(long k, const float *const *a, const float *const *b, const long *n,
-                    double *d_sq, double *d_abs, double *d_max) {
-    for (long t = 0; t < k; ++t) {
+                c += !isfinite(x[i]);
+        out[0][t] = q;
+        out[1][t] = (double)c;
+    } else if (op == 1) {
+        out[0][t] = squares(x, (float *)a[1][t], n[t]);
+    } else {
+        const float *y = a[1][t];
         double q = 0.0, s = 0.0;
         float m = 0.0f;
         for (long i0 = 0; i0 < n[t]; i0 += BLOCK) {
             long i1 = i0 + BLOCK < n[t] ? i0 + BLOCK : n[t];
             float bq = 0.0f, bs = 0.0f;
             for (long i = i0; i < i1; ++i) {
-                float d = a[t][i] - b[t][i], ad = fabsf(d);
+                float d = x[i] - y[i], ad = fabsf(d);
                 bq += d * d;
                 bs += ad;
                 m = ad > m ? ad : m;
@@ -113,15 +109,53 @@ void gradflow_delta(long k, const float *const *a, const float *const *b, const 
             q += bq;
             s += bs;
         }
-        d_sq[t] = q;
-        d_abs[t] = s;
-        d_max[t] = isnan(q) ? NAN : (double)m;
+        out[0][t] = q;
+        out[1][t] = s;
+        out[2][t] = isnan(q) ? NAN : (double)m;
+    }
+}
+
+struct span {
+    int op;
+    long t0, t1;
+    const float *const *const *a;
+    const long *n;
+    double *const *out;
+};
+
+static void *run_span(void *p) {
+    const struct span *s = p;
+    for (long t = s->t0; t < s->t1; ++t)
+        param_op(s->op, t, s->a, s->n, s->out);
+    return 0;
+}
+
+/* Kernel op over all tensors, tensors [bounds[i], bounds[i+1]) on thread i of parts (this
+   thread runs part 0; a part whose thread cannot start runs here too). */
+void gradflow_params(int op, long parts, const long *bounds, const float *const *const *a,
+                     const long *n, double *const *out) {
+    struct span spans[64];
+    pthread_t threads[64];
+    int started[64];
+    if (parts > 64)
+        parts = 64;
+    for (long i = 0; i < parts; ++i) {
+        struct span s = {op, bounds[i], bounds[i + 1], a, n, out};
+        spans[i] = s;
+        started[i] = i > 0 && pthread_create(&threads[i], 0, run_span, &spans[i]) == 0;
+    }
+    run_span(&spans[0]);
+    for (long i = 1; i < parts; ++i) {
+        if (started[i])
+            pthread_join(threads[i], 0);
+        else
+            run_span(&spans[i]);
     }
 }
 """
 # Reassociation lets the compiler vectorise the sums; NaN and Inf keep their meaning.
 _FLAGS = ["-O3", "-fno-math-errno", "-fassociative-math", "-fno-signed-zeros",
-          "-fno-trapping-math", "-shared", "-fPIC"]  # fmt: skip
+          "-fno-trapping-math", "-shared", "-fPIC", "-pthread"]  # fmt: skip
 
 Reduce = Callable[[torch.Tensor], list[float]]
 
@@ -161,10 +195,8 @@ def _library() -> ctypes.CDLL | None:
         return None
     library.gradflow_reduce_f32.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_void_p]
     library.gradflow_reduce_f32.restype = None
-    for name, n_arrays in (("squares", 4), ("copy_squares", 4), ("delta", 6)):
-        function = getattr(library, f"gradflow_{name}")
-        function.argtypes = [ctypes.c_long] + [ctypes.c_void_p] * n_arrays
-        function.restype = None
+    library.gradflow_params.argtypes = [ctypes.c_int, ctypes.c_long] + [ctypes.c_void_p] * 4
+    library.gradflow_params.restype = None
     # A build that disagrees with plain arithmetic on a known input is not used.
     probe = torch.tensor([0.0, 1.5, -2.0, 0.0] + [0.5] * 5000 + [float("inf")])
     if (
@@ -194,11 +226,16 @@ def _pointers(tensors: Sequence[torch.Tensor | None]) -> np.ndarray:
 
 class ParamKernels:
     """Per-tensor parameter reductions over lists of contiguous float32 CPU tensors, each in
-    one pass and one call for all tensors (float64 [P] results)."""
+    one pass and one call for all tensors (float64 [P] results). Between backward and the
+    optimizer step torch's threads are idle: the tensors are split into as many parts as
+    torch uses threads (beyond a million entries), one thread each."""
+
+    SQUARES, COPY_SQUARES, DELTA = 0, 1, 2
 
     def __init__(self, library: ctypes.CDLL, sizes: Sequence[int]) -> None:
         self._lib = library
         self._n = np.asarray(sizes, dtype=np.int64)
+        self._bounds: dict[int, np.ndarray] = {}
 
     @staticmethod
     def usable(tensors: Sequence[torch.Tensor]) -> bool:
@@ -206,41 +243,48 @@ class ParamKernels:
         dtypes = {t.dtype for t in tensors}
         return dtypes <= {torch.float32} and all(map(torch.Tensor.is_contiguous, tensors))
 
-    def _out(self, count: int) -> list[np.ndarray]:
-        return [np.empty(len(self._n)) for _ in range(count)]
+    def _split(self) -> np.ndarray:
+        threads = torch.get_num_threads()
+        bounds = self._bounds.get(threads)
+        if bounds is None:
+            total = int(self._n.sum())
+            parts = max(1, min(threads, 64, len(self._n))) if total >= 2**20 else 1
+            ends = np.cumsum(self._n)
+            cuts = np.searchsorted(ends, total * np.arange(1, parts) / parts)
+            bounds = np.unique(np.concatenate([[0], cuts, [len(self._n)]])).astype(np.int64)
+            self._bounds[threads] = bounds
+        return bounds
+
+    def _run(
+        self, op: int, tensors: Sequence[Sequence[torch.Tensor | None]], n_out: int
+    ) -> list[torch.Tensor]:
+        pointers = [_pointers(group) for group in tensors]
+        outs = [np.empty(len(self._n)) for _ in range(n_out)]
+        arrays = np.array([p.ctypes.data for p in pointers], dtype=np.uintp)
+        results = np.array([o.ctypes.data for o in outs], dtype=np.uintp)
+        bounds = self._split()
+        self._lib.gradflow_params(
+            op, len(bounds) - 1, bounds.ctypes.data, arrays.ctypes.data, self._n.ctypes.data,
+            results.ctypes.data,
+        )  # fmt: skip
+        return [torch.from_numpy(o) for o in outs]
 
     def squares(self, tensors: Sequence[torch.Tensor | None]) -> tuple[torch.Tensor, torch.Tensor]:
         """Sums of squares and non-finite counts (``None`` counts 0)."""
-        sq, bad = self._out(2)
-        pointers = _pointers(tensors)
-        self._lib.gradflow_squares(
-            len(self._n), pointers.ctypes.data, self._n.ctypes.data, sq.ctypes.data,
-            bad.ctypes.data,
-        )  # fmt: skip
-        return torch.from_numpy(sq), torch.from_numpy(bad)
+        sq, bad = self._run(self.SQUARES, [tensors], 2)
+        return sq, bad
 
     def copy_squares(
         self, sources: Sequence[torch.Tensor], targets: Sequence[torch.Tensor]
     ) -> torch.Tensor:
         """Copy ``sources`` into ``targets``; returns the sums of squares."""
-        (sq,) = self._out(1)
-        src, dst = _pointers(sources), _pointers(targets)
-        self._lib.gradflow_copy_squares(
-            len(self._n), src.ctypes.data, dst.ctypes.data, self._n.ctypes.data, sq.ctypes.data
-        )
-        return torch.from_numpy(sq)
+        return self._run(self.COPY_SQUARES, [sources, targets], 1)[0]
 
     def delta(
         self, before: Sequence[torch.Tensor], after: Sequence[torch.Tensor]
     ) -> list[torch.Tensor]:
         """``[sum d^2, sum |d|, max |d|]`` of ``d = before - after``."""
-        outs = self._out(3)
-        a, b = _pointers(before), _pointers(after)
-        self._lib.gradflow_delta(
-            len(self._n), a.ctypes.data, b.ctypes.data, self._n.ctypes.data,
-            *(o.ctypes.data for o in outs),
-        )  # fmt: skip
-        return [torch.from_numpy(o) for o in outs]
+        return self._run(self.DELTA, [before, after], 3)
 
 
 def param_kernels(sizes: Sequence[int]) -> ParamKernels | None:

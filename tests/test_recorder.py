@@ -609,13 +609,16 @@ def test_device_path_nonfinite_counts_match_numpy() -> None:
     )
 
 
-@pytest.mark.parametrize("native", [True, False], ids=["native", "torch"])
+@pytest.mark.parametrize(
+    ("native", "threads"), [(True, 1), (True, 3), (False, 1)], ids=["native", "native-3", "torch"]
+)
 def test_snapshot_reductions_of_large_and_empty_tensors_match_float64(
-    native: bool, monkeypatch
+    native: bool, threads: int, monkeypatch
 ) -> None:
     # Tensors of millions of entries (where a single float32 pass drifts by ~1e-3), sizes
     # that are not multiples of the row length, and an empty tensor; through the C kernels
-    # and through torch operations (the path of other devices and dtypes).
+    # (on one thread, and split over three) and through torch operations (the path of
+    # other devices and dtypes).
     from gradflow.native import param_kernels
     from gradflow.probes import Snapshot
 
@@ -623,9 +626,10 @@ def test_snapshot_reductions_of_large_and_empty_tensors_match_float64(
         pytest.skip("no C compiler here: the native kernels are unavailable")
     if not native:
         monkeypatch.setattr("gradflow.probes.param_kernels", lambda sizes: None)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
 
     gen = torch.Generator().manual_seed(3)
-    shapes = [(3_000_001,), (0,), (257,), (64, 3, 3, 3), (1,)]
+    shapes = [(3_000_001,), (0,), (257,), (1_500_000,), (64, 3, 3, 3), (1,), (700_000,)]
     params = [nn.Parameter(torch.randn(s, generator=gen) + 0.5) for s in shapes]
     snap = Snapshot(params, torch.device("cpu"))
     w64 = [p.detach().double().numpy().ravel() for p in params]
