@@ -178,6 +178,11 @@ class CallLog:
         return out
 
 
+def _accumulator(dtype: torch.dtype) -> torch.dtype | None:
+    """The dtype to reduce ``dtype`` in: float32 for half types (whose sums overflow)."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else None
+
+
 def sum_of_squares(x: torch.Tensor) -> torch.Tensor:
     """Sum of squares of a detached tensor, accumulated in float32 or wider.
 
@@ -188,7 +193,7 @@ def sum_of_squares(x: torch.Tensor) -> torch.Tensor:
     flat = x.reshape(-1)
     if flat.numel() <= 2**18 and x.dtype in (torch.float32, torch.float64):
         return torch.dot(flat, flat)
-    acc = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else None
+    acc = _accumulator(x.dtype)
     whole = flat.numel() // 4096 * 4096
     rows = torch.linalg.vector_norm(flat[:whole].view(-1, 4096), dim=1, dtype=acc)
     rest = torch.linalg.vector_norm(flat[whole:], dtype=acc).reshape(1)
@@ -242,7 +247,7 @@ class ActivationProbe:
         host sync (no ``count_nonzero``: on CUDA it copies its count to the host). Device
         reductions are tree-shaped, so a single norm is accurate at any size."""
         flat = x.detach().reshape(-1)
-        acc = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else None
+        acc = _accumulator(x.dtype)
         return [
             flat.sum(dtype=acc),
             torch.linalg.vector_norm(flat, dtype=acc),
@@ -268,8 +273,8 @@ def grad_output_hook(log: Callable[[], CallLog], layer_id: int) -> Callable[[tor
         target = log()
         grad = grad.detach()
         if grad.device.type != "cpu":
-            acc = torch.float32 if grad.dtype in (torch.float16, torch.bfloat16) else None
-            target.gout_device.append(torch.linalg.vector_norm(grad, dtype=acc))
+            norm = torch.linalg.vector_norm(grad, dtype=_accumulator(grad.dtype))
+            target.gout_device.append(norm)
         elif grad.dtype == torch.float32 and grad.is_contiguous() and (native := kernel()):
             target.gout_host.append(native(grad)[1])
         else:
