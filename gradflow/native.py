@@ -77,6 +77,11 @@ static double squares(const float *x, float *dst, long n) {
     return q;
 }
 
+/* The sum of squares alone (out[1], as in gradflow_reduce_f32): output gradients. */
+void gradflow_squares_f32(const float *x, long n, double *out) {
+    out[1] = squares(x, 0, n);
+}
+
 /* Tensor t of one parameter kernel: 0 sums of squares and non-finite counts of a[0]
    (NULL counts 0), 1 copy a[0] into a[1] with sums of squares, 2 for d = a[0] - a[1]: sum
    d^2, sum |d| and max |d| (NaN where d has a NaN). */
@@ -157,7 +162,7 @@ void gradflow_params(int op, long parts, const long *bounds, const float *const 
 _FLAGS = ["-O3", "-fno-math-errno", "-fassociative-math", "-fno-signed-zeros",
           "-fno-trapping-math", "-shared", "-fPIC", "-pthread"]  # fmt: skip
 
-Reduce = Callable[[torch.Tensor], list[float]]
+ReduceInto = Callable[[int, int, int], None]
 
 
 def _compile(folder: Path) -> ctypes.CDLL | None:
@@ -195,6 +200,8 @@ def _library() -> ctypes.CDLL | None:
         return None
     library.gradflow_reduce_f32.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_void_p]
     library.gradflow_reduce_f32.restype = None
+    library.gradflow_squares_f32.argtypes = library.gradflow_reduce_f32.argtypes
+    library.gradflow_squares_f32.restype = None
     library.gradflow_params.argtypes = [ctypes.c_int, ctypes.c_long] + [ctypes.c_void_p] * 4
     library.gradflow_params.restype = None
     # A build that disagrees with plain arithmetic on a known input is not used.
@@ -213,11 +220,15 @@ def _reduce(library: ctypes.CDLL, x: torch.Tensor) -> list[float]:
     return out.tolist()
 
 
-def kernel() -> Reduce | None:
-    """``reduce(x) -> [sum, sum of squares, zeros, non-finite]`` for a contiguous float32
-    CPU tensor, or ``None`` where the kernels are unavailable."""
+def kernel(squares_only: bool = False) -> ReduceInto | None:
+    """``reduce(address, n, out)``: the ``[sum, sum of squares, zeros, non-finite]`` of the
+    ``n`` float32 entries at ``address``, written as four doubles at ``out`` (only
+    ``out[1]`` if ``squares_only``); ``None`` where the kernels are unavailable. A raw
+    call: the probes pass addresses they own."""
     library = _library()
-    return None if library is None else functools.partial(_reduce, library)
+    if library is None:
+        return None
+    return library.gradflow_squares_f32 if squares_only else library.gradflow_reduce_f32
 
 
 def _pointers(tensors: Sequence[torch.Tensor | None]) -> np.ndarray:

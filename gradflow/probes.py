@@ -123,6 +123,32 @@ def first_tensor(output: Any) -> torch.Tensor | None:
     return None
 
 
+class HostRows:
+    """Per-call float64 rows ``[sum, sum of squares, zeros, non-finite]`` of CPU tensors,
+    written in place (the C kernel writes at :attr:`address`); grown by doubling."""
+
+    __slots__ = ("address", "array", "n")
+    WIDTH = 4
+
+    def __init__(self, capacity: int = 64) -> None:
+        self.array = np.empty((capacity, self.WIDTH))
+        self.n = 0
+        self.address = self.array.ctypes.data
+
+    def claim(self) -> int:
+        """The index of a new row (to be filled by the caller)."""
+        n = self.n
+        if n == len(self.array):
+            self.array = np.concatenate([self.array, np.empty_like(self.array)])
+            self.address = self.array.ctypes.data
+        self.n = n + 1
+        return n
+
+    @property
+    def rows(self) -> np.ndarray:
+        return self.array[: self.n]
+
+
 @dataclass
 class CallLog:
     """Per-call activation and output-gradient reductions of one recorded step.
@@ -133,11 +159,11 @@ class CallLog:
 
     act_ids: list[int] = field(default_factory=list)
     act_n: list[int] = field(default_factory=list)
-    act_host: list[float] = field(default_factory=list)  # sum, sum_sq, zeros, finite
+    act_host: HostRows = field(default_factory=HostRows)
     act_device: list[torch.Tensor] = field(default_factory=list)  # sum, norm, zeros, finite
     gout_ids: list[int] = field(default_factory=list)
     gout_n: list[int] = field(default_factory=list)
-    gout_host: list[float] = field(default_factory=list)  # sum_sq per call
+    gout_host: HostRows = field(default_factory=HostRows)  # column 1: the sum of squares
     gout_device: list[torch.Tensor] = field(default_factory=list)  # norm per call
     hook_s: float = 0.0  # seconds spent in output-gradient hooks (backward)
     reduced: torch.Tensor | None = None  # set by all_reduce: tensors(), summed over ranks
@@ -165,14 +191,16 @@ class CallLog:
         if self.reduced is not None:
             return [self.reduced]
         out = []
-        if self.act_host:
-            out.append(torch.tensor(self.act_host, dtype=torch.float64))
+        if self.act_host.n:
+            act = self.act_host.rows.copy()
+            act[:, 3] = np.asarray(self.act_n, np.float64) - act[:, 3]
+            out.append(torch.from_numpy(act.reshape(-1)))
         elif self.act_device:
-            act = torch.stack(self.act_device).double().view(-1, 4)
-            act[:, 1].square_()  # norms on the device, sums of squares from here on
-            out.append(act.view(-1))
-        if self.gout_host:
-            out.append(torch.tensor(self.gout_host, dtype=torch.float64))
+            act_t = torch.stack(self.act_device).double().view(-1, 4)
+            act_t[:, 1].square_()  # norms on the device, sums of squares from here on
+            out.append(act_t.view(-1))
+        if self.gout_host.n:
+            out.append(torch.from_numpy(self.gout_host.rows[:, 1].copy()))
         elif self.gout_device:
             out.append(torch.stack(self.gout_device).double().square_())
         return out
@@ -200,18 +228,36 @@ def sum_of_squares(x: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vector_norm(torch.cat([rows, rest])).square()
 
 
-class ActivationProbe:
-    """Sum, sum of squares, zero and finite counts of layer outputs.
-
-    Contiguous float32 CPU tensors go through the one-pass kernel of :mod:`gradflow.native`;
-    other tensors through a few torch operations each (their dispatch, not their
-    arithmetic, dominates on small layers).
-    """
+class HostReducer:
+    """Writes ``[sum, sum of squares, zeros, non-finite]`` of CPU tensors into
+    :class:`HostRows`: contiguous float32 tensors through the one-pass kernel of
+    :mod:`gradflow.native` (one call, no Python objects made), others through a few
+    torch operations each. Hooks call this hundreds of times per step, hence the lean code."""
 
     def __init__(self, native: bool = True) -> None:
         self.native = native
+        self._kernels: tuple[Any, Any] = (None, None)
+        self._resolved = False
         self._scratch = torch.empty(0)
         self._slices: dict[int, torch.Tensor] = {}
+
+    def _resolve(self) -> tuple[Any, Any]:
+        # Compiled once per process, at the first CPU call (never for accelerator runs).
+        if self.native:
+            self._kernels = (kernel(), kernel(squares_only=True))
+        self._resolved = True
+        return self._kernels
+
+    def __call__(self, x: torch.Tensor, rows: HostRows, squares_only: bool = False) -> None:
+        """Fill a new row of ``rows`` (only its sum of squares if ``squares_only``)."""
+        i = rows.claim()
+        reduce = (self._kernels if self._resolved else self._resolve())[squares_only]
+        if reduce is not None and x.dtype is torch.float32 and x.is_contiguous():
+            reduce(x.data_ptr(), x.numel(), rows.address + 8 * HostRows.WIDTH * i)
+        elif squares_only:
+            rows.array[i, 1] = float(sum_of_squares(x.detach()))
+        else:
+            rows.array[i] = self.torch_reductions(x.detach())
 
     def _scratch_of(self, n: int) -> torch.Tensor:
         view = self._slices.get(n)
@@ -222,13 +268,8 @@ class ActivationProbe:
             view = self._slices[n] = self._scratch[:n]
         return view
 
-    def host(self, x: torch.Tensor) -> list[float]:
-        """``[sum, sum of squares, zeros, finite]`` of a CPU tensor, as numbers."""
-        x = x.detach()
-        native = kernel() if self.native else None  # compiled once, at the first CPU call
-        if native is not None and x.dtype == torch.float32 and x.is_contiguous():
-            total, squares, zero_count, bad = native(x)
-            return [total, squares, zero_count, x.numel() - bad]
+    def torch_reductions(self, x: torch.Tensor) -> list[float]:
+        """The same four numbers by torch operations (any dtype, any layout)."""
         flat = x.reshape(-1)
         n = flat.numel()
         sum_sq = float(sum_of_squares(x))
@@ -239,7 +280,15 @@ class ActivationProbe:
         # A finite sum of squares means no NaN/Inf entries; x - x is NaN exactly there.
         nonfinite = 0 if math.isfinite(sum_sq) else int(torch.count_nonzero(flat - flat))
         total = float(flat.sum(dtype=torch.float64 if x.dtype != torch.float32 else None))
-        return [total, sum_sq, float(zeros), float(n - nonfinite)]
+        return [total, sum_sq, float(zeros), float(nonfinite)]
+
+
+class ActivationProbe:
+    """Sum, sum of squares, zero and finite counts of layer outputs: on the CPU by a
+    :class:`HostReducer`, on accelerators by a few device reductions (no host sync)."""
+
+    def __init__(self, host: HostReducer | None = None) -> None:
+        self.host = host if host is not None else HostReducer()
 
     @staticmethod
     def device(x: torch.Tensor) -> list[torch.Tensor]:
@@ -257,28 +306,27 @@ class ActivationProbe:
 
     def __call__(self, x: torch.Tensor, log: CallLog, layer_id: int) -> None:
         """Append the reductions of ``x`` (one layer call) to ``log``."""
-        if x.device.type == "cpu":
-            log.act_host += self.host(x)
+        if x.is_cpu:
+            self.host(x, log.act_host)
         else:
             log.act_device += self.device(x)
         log.act_ids.append(layer_id)
         log.act_n.append(x.numel())
 
 
-def grad_output_hook(log: Callable[[], CallLog], layer_id: int) -> Callable[[torch.Tensor], None]:
+def grad_output_hook(
+    log: Callable[[], CallLog], layer_id: int, host: HostReducer
+) -> Callable[[torch.Tensor], None]:
     """A tensor hook appending the sum of squares of the gradient w.r.t. a layer's output."""
 
     def hook(grad: torch.Tensor) -> None:
         t0 = time.perf_counter()
         target = log()
-        grad = grad.detach()
-        if grad.device.type != "cpu":
-            norm = torch.linalg.vector_norm(grad, dtype=_accumulator(grad.dtype))
-            target.gout_device.append(norm)
-        elif grad.dtype == torch.float32 and grad.is_contiguous() and (native := kernel()):
-            target.gout_host.append(native(grad)[1])
+        if grad.is_cpu:
+            host(grad, target.gout_host, squares_only=True)
         else:
-            target.gout_host.append(float(sum_of_squares(grad)))
+            norm = torch.linalg.vector_norm(grad.detach(), dtype=_accumulator(grad.dtype))
+            target.gout_device.append(norm)
         target.gout_ids.append(layer_id)
         target.gout_n.append(grad.numel())
         target.hook_s += time.perf_counter() - t0

@@ -21,6 +21,7 @@ from gradflow.errors import GradflowError, reason, unknown_name
 from gradflow.probes import (
     ActivationProbe,
     CallLog,
+    HostReducer,
     LayerSpec,
     ParamProbe,
     Snapshot,
@@ -142,7 +143,8 @@ class Recorder:
         self._call_order: dict[str, int] = {}
         self._active = self.schedule(self.step)
         self._log = CallLog()
-        self._activation = ActivationProbe() if "activation" in self.probes else None
+        self._host = HostReducer()
+        self._activation = ActivationProbe(self._host) if "activation" in self.probes else None
         self._gout_hooks: list[Callable[[torch.Tensor], None]] = []
         self._next_scalars: dict[str, Any] = {}
         self._open_row: dict[str, Any] | None = None
@@ -296,7 +298,8 @@ class Recorder:
         self._handles.append(model.register_forward_hook(self._on_root_post))
         if "grad_output" in self.probes:
             self._gout_hooks = [
-                grad_output_hook(self._current_log, lay.reg_index) for lay in self._layers
+                grad_output_hook(self._current_log, lay.reg_index, self._host)
+                for lay in self._layers
             ]
         if {"activation", "grad_output"} & set(self.probes):
             for lay in self._layers:

@@ -677,17 +677,18 @@ def test_activation_reductions_match_float64(make, path: str) -> None:
     # CPU, whose single-pass float32 norm drifts by ~1e-5 at millions of entries (hence
     # rtol 1e-4 there); "cuda": that path where it belongs (tree-shaped reductions).
     from gradflow.native import kernel
-    from gradflow.probes import ActivationProbe, CallLog
+    from gradflow.probes import ActivationProbe, CallLog, HostReducer
 
     if path == "native" and kernel() is None:
         pytest.skip("no C compiler here: the native kernel is unavailable")
     x = make(torch.Generator().manual_seed(5))
-    probe = ActivationProbe(native=path == "native")
-    if path in ("device", "cuda"):
-        log = CallLog(act_device=probe.device(x.to("cuda") if path == "cuda" else x))
-        total, sum_sq, zeros, finite_count = log.tensors()[0].tolist()
+    probe = ActivationProbe(HostReducer(native=path == "native"))
+    log = CallLog()
+    if path == "device":
+        log.act_device = probe.device(x)
     else:
-        total, sum_sq, zeros, finite_count = probe.host(x)
+        probe(x.to("cuda") if path == "cuda" else x, log, 0)
+    total, sum_sq, zeros, finite_count = log.tensors()[0].tolist()
     a = x.double().numpy().ravel()
     finite = np.isfinite(a)
     assert zeros == np.count_nonzero(a == 0)
@@ -698,6 +699,34 @@ def test_activation_reductions_match_float64(make, path: str) -> None:
         np.testing.assert_allclose(sum_sq, (a * a).sum(), rtol=rtol)
     else:
         assert not np.isfinite(total) and not np.isfinite(sum_sq)
+
+
+@pytest.mark.parametrize("native", [True, False], ids=["native", "torch"])
+def test_host_rows_grow_past_their_capacity_and_keep_every_call(native: bool) -> None:
+    # 150 calls per step (rows start at 64 and are reallocated twice); output gradients
+    # take the sum-of-squares-only path, activations the full one.
+    from gradflow.native import kernel
+    from gradflow.probes import ActivationProbe, CallLog, HostReducer, grad_output_hook
+
+    if native and kernel() is None:
+        pytest.skip("no C compiler here: the native kernel is unavailable")
+    host = HostReducer(native=native)
+    probe, log = ActivationProbe(host), CallLog()
+    gen = torch.Generator().manual_seed(3)
+    xs = [torch.randn(1 + 37 * i, generator=gen) for i in range(150)]
+    hooks = [grad_output_hook(lambda: log, i, host) for i in range(150)]
+    for i, x in enumerate(xs):
+        probe(x, log, i)
+        hooks[i](2 * x)
+    act, gout = (t.numpy() for t in log.tensors())
+    act = act.reshape(-1, 4)
+    a = [x.double().numpy() for x in xs]
+    np.testing.assert_allclose(act[:, 0], [v.sum() for v in a], rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(act[:, 1], [(v * v).sum() for v in a], rtol=1e-6)
+    np.testing.assert_array_equal(act[:, 3], [v.size for v in a])  # all entries finite
+    np.testing.assert_allclose(gout, [(4 * v * v).sum() for v in a], rtol=1e-6)
+    assert log.act_ids == log.gout_ids == list(range(150))
+    assert log.gout_n == [x.numel() for x in xs]
 
 
 def test_recorded_statistics_agree_with_and_without_the_native_kernel(
@@ -714,7 +743,7 @@ def test_recorded_statistics_agree_with_and_without_the_native_kernel(
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
         path = tmp_path / f"native{native}.h5"
         if not native:
-            monkeypatch.setattr("gradflow.probes.kernel", lambda: None)
+            monkeypatch.setattr("gradflow.probes.kernel", lambda squares_only=False: None)
             monkeypatch.setattr("gradflow.probes.param_kernels", lambda sizes: None)
         with Recorder(model, opt, path) as rec:
             for _ in range(2):
