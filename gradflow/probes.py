@@ -456,18 +456,15 @@ class Snapshot:
 def reduce_per_layer(
     vec: np.ndarray, layer_starts: np.ndarray, layer_numel: np.ndarray
 ) -> dict[str, np.ndarray]:
-    """Per-layer ``param``/``epoch`` reductions from the per-tensor vector [6P]
-    (``sum W^2, sum g^2, non-finite g, sum d^2, sum |d|, max |d|``)."""
-    w_sq, g_sq, nf, d_sq, d_abs, d_max = vec.reshape(6, -1)
-    return {
-        "n": layer_numel,
-        "w_sq": np.add.reduceat(w_sq, layer_starts),
-        "g_sq": np.add.reduceat(g_sq, layer_starts),
-        "g_nonfinite": np.add.reduceat(nf, layer_starts),
-        "d_sq": np.add.reduceat(d_sq, layer_starts),
-        "d_abs": np.add.reduceat(d_abs, layer_starts),
-        "d_max": np.maximum.reduceat(d_max, layer_starts),
+    """Per-layer ``param``/``epoch`` reductions from per-tensor vectors [..., 6P]
+    (``sum W^2, sum g^2, non-finite g, sum d^2, sum |d|, max |d|``), as [..., L]."""
+    parts = np.moveaxis(vec.reshape(*vec.shape[:-1], 6, -1), -2, 0)
+    names = ("w_sq", "g_sq", "g_nonfinite", "d_sq", "d_abs")
+    sums = {
+        name: np.add.reduceat(part, layer_starts, axis=-1)
+        for name, part in zip(names, parts[:5], strict=True)
     }
+    return {"n": layer_numel, **sums, "d_max": np.maximum.reduceat(parts[5], layer_starts, axis=-1)}
 
 
 class ShardReducer:

@@ -8,12 +8,13 @@ them to the run file every ``flush_every`` rows or ``flush_seconds`` seconds.
 
 from __future__ import annotations
 
+import itertools
 import math
 import queue
 import threading
 import time
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -81,14 +82,6 @@ class EpochItem:
     has_update: bool
 
 
-@dataclass
-class _Buffer:
-    items: list[StepRows] = field(default_factory=list)
-
-    def __len__(self) -> int:
-        return sum(len(r) for r in self.items)
-
-
 class NullWriter:
     """Stands in for the writer on ranks that do not write (see ``Recorder(write_rank=)``)."""
 
@@ -120,7 +113,7 @@ class WriterThread(threading.Thread):
         self.rows_written = 0
         self._layout: Layout | None = None
         self._file: RunWriter | None = None
-        self._buffer = _Buffer()
+        self._pending_steps: list[tuple[StepItem, float]] = []  # with the seconds spent on each
         self._pending_epochs: list[EpochItem] = []
         self._pending_events: list[Event] = []
         self._last_commit = time.monotonic()
@@ -150,7 +143,7 @@ class WriterThread(threading.Thread):
                 if item is None:
                     break
                 self._handle(item)
-                if len(self._buffer) >= self.flush_every or (
+                if len(self._pending_steps) >= self.flush_every or (
                     time.monotonic() - self._last_commit >= self.flush_seconds
                 ):
                     self._commit()
@@ -202,70 +195,51 @@ class WriterThread(threading.Thread):
             self._file = RunWriter.resume(layout.path, keep_steps_below=step, keep_epochs=epoch)
 
     def _step(self, item: StepItem) -> None:
-        layout = self._require_layout()
+        # Per row only a check for non-finite values (one vectorised test; the location
+        # only when it fails): statistics are computed for many rows at once at commit
+        # time, since this thread shares the training process's cores and its GIL.
         t0 = time.perf_counter()
         _wait(item.ready)
-        vec = item.packed.numpy()
-        n_layers = len(layout.layers)
-        reductions: dict[str, dict[str, np.ndarray]] = {}
-        pos = 0
-        if item.has_param:
-            n = 6 * layout.param_count
-            reductions["param"] = reduce_per_layer(
-                vec[pos : pos + n], layout.layer_starts, layout.layer_numel
-            )
-            pos += n
-        if "activation" in layout.probes:
-            k = len(item.act_ids)
-            reductions["activation"] = _per_layer(
-                layout.reg_to_layer[item.act_ids],
-                n_layers,
-                item.act_n,
-                vec[pos : pos + 4 * k].reshape(k, 4),
-                ACTIVATION_REDUCTIONS,
-            )
-            pos += 4 * k
-        if "grad_output" in layout.probes:
-            k = len(item.gout_ids)
-            reductions["grad_output"] = _per_layer(
-                layout.reg_to_layer[item.gout_ids],
-                n_layers,
-                item.gout_n,
-                vec[pos : pos + k].reshape(k, 1),
-                ("sum_sq",),
-            )
-            pos += k
-        scalars = dict(zip(item.scalar_names, vec[pos:].tolist(), strict=True))
-        scalars.update(item.host_scalars)
+        if self.first_nonfinite is None and not (
+            np.isfinite(item.packed.numpy()).all()
+            and math.isfinite(item.host_scalars.get("loss", 0.0))
+        ):
+            self._check_nonfinite(item, *_reductions(self._require_layout(), [item]))
+        self._pending_steps.append((item, time.perf_counter() - t0))
+
+    def _rows(self, items: list[tuple[StepItem, float]]) -> StepRows:
+        """Rows of steps whose packed vectors share one layout, computed together."""
+        t0 = time.perf_counter()
+        layout = self._require_layout()
+        steps = [item for item, _ in items]
+        reductions, scalars = _reductions(layout, steps)
+        shape = (len(steps), len(layout.layers))
         stats: dict[tuple[str, str], np.ndarray] = {}
         for probe in layout.probes:
-            if probe in reductions:
-                computed = statistics.compute(probe, reductions[probe])
-            else:
-                computed = {name: np.full(n_layers, np.nan) for name in statistics.names(probe)}
-            stats.update({(probe, name): v for name, v in computed.items()})
-        if not item.has_update:
-            for name in statistics.names("param"):
-                if name.startswith("update_") and ("param", name) in stats:
-                    stats[("param", name)] = np.full(n_layers, np.nan)
-        loss = scalars.pop("loss", math.nan)
-        scale = scalars.pop("scale", math.nan)
-        self._check_nonfinite(
-            item, reductions, "loss" in item.scalar_names + list(item.host_scalars) and loss
-        )
-        overhead = [*item.overhead, time.perf_counter() - t0]
-        self._buffer.items.append(
-            StepRows(
-                steps=np.array([item.step], np.int64),
-                epoch=np.array([item.epoch], np.int32),
-                time=np.array([item.time]),
-                loss=np.array([loss], np.float32),
-                scale=np.array([scale], np.float32),
-                skipped=np.array([item.skipped], np.uint8),
-                overhead=np.array([overhead], np.float32),
-                stats={k: v[None, :].astype(np.float32) for k, v in stats.items()},
-                scalars={k: np.array([v]) for k, v in scalars.items()},
+            names = statistics.names(probe)
+            computed = (
+                statistics.compute(probe, reductions[probe])
+                if probe in reductions
+                else {name: np.full(shape, np.nan) for name in names}
             )
+            if probe == "param" and not steps[0].has_update:  # no optimizer step measured
+                computed.update({n: np.full(shape, np.nan) for n in names if "update" in n})
+            stats.update({(probe, name): v.astype(np.float32) for name, v in computed.items()})
+        for name in steps[0].host_scalars:
+            scalars[name] = np.array([item.host_scalars[name] for item in steps])
+        nan = np.full(len(steps), np.nan)
+        loss, scale = scalars.pop("loss", nan), scalars.pop("scale", nan)
+        shared = (time.perf_counter() - t0) / len(steps)
+        return StepRows(
+            steps=np.array([item.step for item in steps], np.int64),
+            epoch=np.array([item.epoch for item in steps], np.int32),
+            time=np.array([item.time for item in steps]),
+            loss=loss.astype(np.float32),
+            scale=scale.astype(np.float32),
+            skipped=np.array([item.skipped for item in steps], np.uint8),
+            overhead=np.array([[*it.overhead, s + shared] for it, s in items], np.float32),
+            stats=stats,
+            scalars=scalars,
         )
 
     def _require_layout(self) -> Layout:
@@ -274,8 +248,12 @@ class WriterThread(threading.Thread):
         return self._layout
 
     def _check_nonfinite(
-        self, item: StepItem, red: Mapping[str, Mapping[str, np.ndarray]], loss: float | bool
+        self,
+        item: StepItem,
+        red: Mapping[str, Mapping[str, np.ndarray]],
+        scalars: Mapping[str, np.ndarray],
     ) -> None:
+        """Locate the first non-finite value of one step (``red``: reductions [1, L])."""
         if self.first_nonfinite is not None:
             return
         names = [lay.name for lay in self._require_layout().layers]
@@ -284,15 +262,15 @@ class WriterThread(threading.Thread):
         # In the order things happen in a step: the weights the forward used, activations
         # (first layer first), then gradients flowing back (last layer first).
         checks = (
-            ("param", "weight", ~np.isfinite(param["w_sq"]) if param else empty, False),
-            ("activation", "output", act["finite"] < act["n"] if act else empty, False),
+            ("param", "weight", ~np.isfinite(param["w_sq"][0]) if param else empty, False),
+            ("activation", "output", act["finite"][0] < act["n"][0] if act else empty, False),
             (
                 "grad_output",
                 "output gradient",
-                np.isfinite(gout["n"]) & ~np.isfinite(gout["sum_sq"]) if gout else empty,
+                np.isfinite(gout["n"][0]) & ~np.isfinite(gout["sum_sq"][0]) if gout else empty,
                 True,
             ),
-            ("param", "gradient", param["g_nonfinite"] > 0 if param else empty, True),
+            ("param", "gradient", param["g_nonfinite"][0] > 0 if param else empty, True),
         )
         for probe, what, bad, last_first in checks:
             hits = np.flatnonzero(bad)
@@ -301,7 +279,8 @@ class WriterThread(threading.Thread):
                 detail = f"non-finite {what} in {hits.size} layer(s), first at {names[where]}"
                 self._record_nonfinite(item, probe, names[where], detail)
                 return
-        if loss is not False and not math.isfinite(float(loss)):
+        loss = scalars["loss"][0] if "loss" in scalars else item.host_scalars.get("loss")
+        if loss is not None and not math.isfinite(loss):
             self._record_nonfinite(item, "loss", "", f"loss is {loss}")
 
     def _record_nonfinite(self, item: StepItem, probe: str, layer: str, detail: str) -> None:
@@ -312,9 +291,8 @@ class WriterThread(threading.Thread):
     def _commit(self) -> None:
         if self._file is None:
             return
-        rows = self._buffer.items
-        if rows:
-            merged = _concat(rows)
+        if self._pending_steps:
+            merged = _concat([self._rows(group) for group in _same_layout(self._pending_steps)])
             self._file.append_steps(merged)
             self.rows_written += len(merged)
         layout = self._require_layout()
@@ -333,7 +311,7 @@ class WriterThread(threading.Thread):
             self._file.append_epoch(ep.epoch, ep.end_step, stats, metrics)
         for event in self._pending_events:
             self._file.add_event(event)
-        self._buffer = _Buffer()
+        self._pending_steps = []
         self._pending_epochs = []
         self._pending_events = []
         self._file.commit()
@@ -346,23 +324,76 @@ def _wait(ready: Any) -> None:
         time.sleep(0.0002)
 
 
+def _same_layout(
+    items: list[tuple[StepItem, float]],
+) -> Iterator[list[tuple[StepItem, float]]]:
+    """Runs of consecutive steps whose packed vectors have the same layout."""
+
+    def key(item: StepItem) -> tuple[Any, ...]:
+        return (
+            item.has_param,
+            item.has_update,
+            item.act_ids,
+            item.gout_ids,
+            item.scalar_names,
+            sorted(item.host_scalars),
+        )
+
+    for _, group in itertools.groupby(items, key=lambda pair: key(pair[0])):
+        yield list(group)
+
+
+def _reductions(
+    layout: Layout, items: Sequence[StepItem]
+) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, np.ndarray]]:
+    """Per-layer reductions [R, L] of steps with one packed layout, and their device
+    scalars [R]."""
+    vec = np.stack([item.packed.numpy() for item in items])
+    first = items[0]
+    reductions: dict[str, dict[str, np.ndarray]] = {}
+    pos = 0
+    if first.has_param:
+        n = 6 * layout.param_count
+        reductions["param"] = reduce_per_layer(
+            vec[:, pos : pos + n], layout.layer_starts, layout.layer_numel
+        )
+        pos += n
+    for probe, ids, counts, names in (
+        ("activation", first.act_ids, [item.act_n for item in items], ACTIVATION_REDUCTIONS),
+        ("grad_output", first.gout_ids, [item.gout_n for item in items], ("sum_sq",)),
+    ):
+        if probe not in layout.probes:
+            continue
+        k = len(ids) * len(names)
+        calls = vec[:, pos : pos + k].reshape(len(items), len(ids), len(names))
+        reductions[probe] = _per_layer(
+            layout.reg_to_layer[ids], len(layout.layers), np.array(counts, np.float64), calls, names
+        )
+        pos += k
+    scalars = {name: vec[:, pos + i] for i, name in enumerate(first.scalar_names)}
+    return reductions, scalars
+
+
 def _per_layer(
     layer_of_call: np.ndarray,
     n_layers: int,
-    n_per_call: Sequence[int],
+    n_per_call: np.ndarray,
     calls: np.ndarray,
     names: Sequence[str],
 ) -> dict[str, np.ndarray]:
-    """Sum per-call reductions into per-layer ones; layers without calls get NaN."""
-    out = {name: np.zeros(n_layers) for name in names}
-    n = np.zeros(n_layers)
-    np.add.at(n, layer_of_call, np.asarray(n_per_call, np.float64))
+    """Sum per-call reductions [R, C, k] into per-layer ones [R, L] (NaN for layers
+    without calls): a layer called several times in a step sums its calls."""
+    n_rows = len(calls)
+    out = {name: np.full((n_rows, n_layers), np.nan) for name in (*names, "n")}
+    if len(layer_of_call) == 0:
+        return out
+    order = np.argsort(layer_of_call, kind="stable")
+    layers = layer_of_call[order]
+    starts = np.flatnonzero(np.r_[True, layers[1:] != layers[:-1]])
+    called = layers[starts]
     for j, name in enumerate(names):
-        np.add.at(out[name], layer_of_call, calls[:, j])
-    missing = n == 0
-    for values in out.values():
-        values[missing] = np.nan
-    out["n"] = np.where(missing, np.nan, n)
+        out[name][:, called] = np.add.reduceat(calls[:, order, j], starts, axis=1)
+    out["n"][:, called] = np.add.reduceat(n_per_call.reshape(n_rows, -1)[:, order], starts, axis=1)
     return out
 
 

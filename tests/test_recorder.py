@@ -469,6 +469,63 @@ def test_optimizer_none_records_each_backward(tmp_path) -> None:
     assert np.isfinite(run.loss).all()
 
 
+class Branchy(nn.Module):
+    """``head`` runs on even steps only, ``body`` twice per forward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body, self.head = nn.Linear(4, 4), nn.Linear(4, 4)
+        self.use_head = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.body(torch.tanh(self.body(x)))
+        return self.head(x) if self.use_head else x
+
+
+def test_steps_with_different_calls_and_batch_sizes_in_one_commit(tmp_path) -> None:
+    # Rows are turned into statistics together at commit time; here every commit mixes
+    # steps where a layer is or is not called, and batch sizes vary from step to step.
+    torch.manual_seed(0)
+    model = Branchy()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    outputs: dict[str, list[torch.Tensor]] = {"body": [], "head": []}
+
+    def keep(name: str) -> Callable[..., None]:
+        def hook(module: nn.Module, args: object, out: torch.Tensor) -> None:
+            out.retain_grad()
+            outputs[name].append(out)
+
+        return hook
+
+    model.body.register_forward_hook(keep("body"))
+    model.head.register_forward_hook(keep("head"))
+    expected = {("activation", "mean"): [], ("grad_output", "rms"): []}
+    with Recorder(model, opt, tmp_path / "r.h5", flush_every=1000):
+        for step in range(6):
+            model.use_head = step % 2 == 0
+            outputs = {"body": [], "head": []}
+            opt.zero_grad()
+            model(torch.randn(2 + step, 4)).square().mean().backward()
+            opt.step()
+            row_mean, row_rms = [], []
+            for name in ("body", "head"):
+                outs = outputs[name]
+                if not outs:
+                    row_mean.append(np.nan), row_rms.append(np.nan)
+                    continue
+                vals = np.concatenate([o.detach().double().numpy().ravel() for o in outs])
+                grads = np.concatenate([o.grad.double().numpy().ravel() for o in outs])
+                row_mean.append(vals.mean())
+                row_rms.append(np.sqrt((grads**2).mean()))
+            expected[("activation", "mean")].append(row_mean)
+            expected[("grad_output", "rms")].append(row_rms)
+    run = open_run(tmp_path / "r.h5")
+    assert [lay.name for lay in run.layers] == ["body", "head"]
+    for (probe, stat), values in expected.items():
+        np.testing.assert_allclose(run.stat(probe, stat), values, rtol=1e-5, atol=1e-7)
+    assert np.isnan(run.stat("activation", "mean")[1::2, 1]).all()
+
+
 def test_layer_depth_is_forward_order(tmp_path) -> None:
     ref_case = CASES["transformer"]
     train_with_reference(ref_case, tmp_path / "r.h5", steps=1)
