@@ -5,6 +5,7 @@
 # Run from the repository root; for SCIENCE=1 copy the ISBI slices to .isbi (git-ignored):
 #   mkdir -p .isbi && cp -r ../shared/data/isbi2012/train .isbi/
 #   bash benchmarks/device_session.sh      # results under $OUT (default: device-out/)
+# SMOKE=0 skips the record/plot smoke run; BENCH_S sets the benchmark's budget (seconds).
 set -u
 export PYTHONUNBUFFERED=1 MPLBACKEND=Agg
 OUT=${OUT:-device-out}
@@ -19,6 +20,7 @@ echo "== CUDA tests"
 timeout 120 python -m pytest -q -p no:cacheprovider tests/test_recorder.py -k cuda -rs \
     2>&1 | tee "$OUT/cuda_tests.txt" | tail -15
 
+if [ "${SMOKE:-1}" = 1 ]; then
 echo "== gradflow record / plot on CUDA"
 rm -rf runs-cuda && mkdir -p runs-cuda
 timeout 100 gradflow record --model fig3b-long-9 --device cuda --epochs 2 --steps-per-epoch 10 \
@@ -26,9 +28,12 @@ timeout 100 gradflow record --model fig3b-long-9 --device cuda --epochs 2 --step
 timeout 45 gradflow plot updates-heatmap runs-cuda/smoke.h5 --out "$OUT/smoke_updates.png" \
     2>&1 | tail -2
 timeout 30 gradflow info runs-cuda/smoke.h5 2>&1 | tail -12
+fi
 
 echo "== GPU benchmark"
-timeout 200 python benchmarks/gpu.py --budget-s "${BENCH_S:-150}" --json "$OUT/gpu_bench.json" \
+# GPU_ARGS: more gpu.py options, e.g. "--profile" (where a step's time goes).
+timeout $((${BENCH_S:-150} + 60)) python benchmarks/gpu.py --budget-s "${BENCH_S:-150}" \
+    --json "$OUT/gpu_bench.json" ${GPU_ARGS:-} \
     2>&1 | tee "$OUT/gpu_bench.txt" | tail -45
 
 if [ "${SCIENCE:-0}" = 1 ]; then

@@ -222,7 +222,9 @@ def count_syncs(session: Session, steps: int) -> dict[str, Any]:
         # Label threads only when the profiler's thread ids are the OS ones we know.
         known = any(getattr(e, "thread", None) == main_tid for e in prof.events())
         counts: collections.Counter[str] = collections.Counter()
+        origins: collections.Counter[str] = collections.Counter()
         for event in events:
+            origins[f"{event.name} in {_origin(event)}"] += 1
             if not known:
                 where = "any"
             elif getattr(event, "thread", None) == main_tid:
@@ -231,9 +233,20 @@ def count_syncs(session: Session, steps: int) -> dict[str, Any]:
                 where = "other"
             counts[f"{event.name} ({where} thread)"] += 1
         out["profiler_per_step"] = {k: v / steps for k, v in sorted(counts.items())}
+        out["profiler_origins_per_step"] = {k: v / steps for k, v in origins.most_common(6)}
     except Exception as err:
         out["profiler_per_step"] = f"failed: {type(err).__name__}: {err}"
     return out
+
+
+def _origin(event: Any) -> str:
+    """The operators a profiled runtime call was made from, innermost first."""
+    names = []
+    parent = getattr(event, "cpu_parent", None)
+    while parent is not None and len(names) < 3:
+        names.append(parent.name)
+        parent = getattr(parent, "cpu_parent", None)
+    return " < ".join(names) or "no operator"
 
 
 def non_blocking_copy_pinned(device: str) -> bool | str:
@@ -442,6 +455,10 @@ def print_syncs(syncs: dict[str, Any]) -> None:
         if isinstance(s, dict) and isinstance(s["debug_mode"], dict):
             for message in s["debug_mode"]["messages"]:
                 print(f"  {name}: {message}")
+    for name, s in syncs.items():
+        origins = s.get("profiler_origins_per_step") if isinstance(s, dict) else None
+        if origins:
+            print(f"  {name}, from: " + "; ".join(f"{k} {v:g}" for k, v in origins.items()))
 
 
 def print_timing(timing: dict[str, Any], table: dict[str, Variant]) -> None:

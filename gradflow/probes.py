@@ -22,7 +22,7 @@ from gradflow.native import ParamKernels, kernel, param_kernels
 from gradflow.store import Layer
 
 PARAM_REDUCTIONS = ("w_sq", "g_sq", "g_nonfinite", "d_sq", "d_abs", "d_max")
-ACTIVATION_REDUCTIONS = ("sum", "sum_sq", "zeros", "finite")
+ACTIVATION_REDUCTIONS = ("sum", "sum_sq", "nonzero", "nonfinite")
 
 _KINDS: tuple[tuple[type[nn.Module], str], ...] = (
     (nn.modules.conv._ConvNd, "conv"),
@@ -160,7 +160,7 @@ class CallLog:
     act_ids: list[int] = field(default_factory=list)
     act_n: list[int] = field(default_factory=list)
     act_host: HostRows = field(default_factory=HostRows)
-    act_device: list[torch.Tensor] = field(default_factory=list)  # sum, norm, zeros, finite
+    act_device: list[torch.Tensor] = field(default_factory=list)  # sum, norm, nonzero, nonfinite
     gout_ids: list[int] = field(default_factory=list)
     gout_n: list[int] = field(default_factory=list)
     gout_host: HostRows = field(default_factory=HostRows)  # column 1: the sum of squares
@@ -187,13 +187,13 @@ class CallLog:
 
     def tensors(self) -> list[torch.Tensor]:
         """The reductions as float64 vectors: activations [C, 4] (sum, sum of squares,
-        zeros, finite entries) then output-gradient sums of squares [C']."""
+        nonzero and non-finite entries) then output-gradient sums of squares [C']."""
         if self.reduced is not None:
             return [self.reduced]
         out = []
         if self.act_host.n:
             act = self.act_host.rows.copy()
-            act[:, 3] = np.asarray(self.act_n, np.float64) - act[:, 3]
+            act[:, 2] = np.asarray(self.act_n, np.float64) - act[:, 2]  # zeros -> nonzero
             out.append(torch.from_numpy(act.reshape(-1)))
         elif self.act_device:
             act_t = torch.stack(self.act_device).double().view(-1, 4)
@@ -284,7 +284,7 @@ class HostReducer:
 
 
 class ActivationProbe:
-    """Sum, sum of squares, zero and finite counts of layer outputs: on the CPU by a
+    """Sum, sum of squares, nonzero and non-finite counts of layer outputs: on the CPU by a
     :class:`HostReducer`, on accelerators by a few device reductions (no host sync)."""
 
     def __init__(self, host: HostReducer | None = None) -> None:
@@ -292,16 +292,18 @@ class ActivationProbe:
 
     @staticmethod
     def device(x: torch.Tensor) -> list[torch.Tensor]:
-        """``[sum, norm, zeros, finite]`` as 0-d tensors on ``x``'s device: six kernels, no
-        host sync (no ``count_nonzero``: on CUDA it copies its count to the host). Device
-        reductions are tree-shaped, so a single norm is accurate at any size."""
+        """``[sum, norm, nonzero, nonfinite]`` as 0-d tensors on ``x``'s device: five
+        kernels, no host sync (no ``count_nonzero``: on CUDA it copies its count to the
+        host). Counts are 0-norms (``x * 0`` is NaN exactly where ``x`` is NaN or Inf),
+        accumulated in float64: exact. Device reductions are tree-shaped, so a single
+        float32 norm is accurate at any size."""
         flat = x.detach().reshape(-1)
         acc = _accumulator(x.dtype)
         return [
             flat.sum(dtype=acc),
             torch.linalg.vector_norm(flat, dtype=acc),
-            (flat == 0).sum(),
-            torch.isfinite(flat).sum(),
+            torch.linalg.vector_norm(flat, 0, dtype=torch.float64),
+            torch.linalg.vector_norm(flat * 0, 0, dtype=torch.float64),
         ]
 
     def __call__(self, x: torch.Tensor, log: CallLog, layer_id: int) -> None:
@@ -345,8 +347,8 @@ class Snapshot:
 
     Each tensor starts on a row of ``BLOCK`` elements (the gaps stay zero), so every
     per-tensor reduction is one vectorised reduction over the rows (float32 within a
-    row) and one float64 segment reduction over each tensor's rows: a handful of kernels
-    whatever the number of tensors, and accurate to ~1e-7 for tensors of any size.
+    row) and one float64 ``index_add_`` of the rows into their tensors: a handful of
+    kernels whatever the number of tensors, and accurate to ~1e-7 for tensors of any size.
     """
 
     BLOCK = 256
@@ -364,6 +366,7 @@ class Snapshot:
         self._sizes = sizes
         self._n_rows = int(n_rows.sum())
         self._lengths = torch.tensor(n_rows, device=device)
+        self._owner = torch.tensor(np.repeat(np.arange(len(sizes)), n_rows), device=device)
         self._rows = torch.empty(0)
         self._views: list[torch.Tensor] = []
         # On the CPU, one-pass C kernels do the same without the buffer's row layout (the
@@ -389,19 +392,18 @@ class Snapshot:
             ]
         return self._views
 
-    def _per_tensor(self, rows: torch.Tensor, how: str = "sum") -> torch.Tensor:
-        # unsafe=True: the lengths are right by construction, and checking them would sync;
-        # initial=0 is right for sums and for maxima of |d| (an empty tensor gives 0).
-        return torch.segment_reduce(
-            rows.double(), how, lengths=self._lengths, unsafe=True, initial=0
-        )
+    def _per_tensor(self, *per_row: torch.Tensor) -> list[torch.Tensor]:
+        """Per-tensor sums (float64 [P] each) of per-row values ([R] each), in one kernel."""
+        rows = torch.stack(per_row).double()
+        sums = torch.zeros(len(per_row), len(self._sizes), dtype=torch.float64, device=self.device)
+        return list(sums.index_add_(1, self._owner, rows))
 
-    def _sq_sums(self) -> torch.Tensor:
-        return self._per_tensor(torch.linalg.vector_norm(self._rows, dim=1).square_())
+    def _row_squares(self) -> torch.Tensor:
+        return torch.linalg.vector_norm(self._rows, dim=1).square_()
 
     @torch.no_grad()
-    def load(self, tensors: Sequence[torch.Tensor | None]) -> torch.Tensor:
-        """Copy ``tensors`` in (``None`` as zeros); returns their sums of squares (float64 [P])."""
+    def load(self, tensors: Sequence[torch.Tensor | None]) -> None:
+        """Copy ``tensors`` in (``None`` as zeros)."""
         views = self._buffer()
         pairs = [(v, t) for v, t in zip(views, tensors, strict=True) if t is not None]
         missing = [v for v, t in zip(views, tensors, strict=True) if t is None]
@@ -409,14 +411,8 @@ class Snapshot:
             torch._foreach_copy_([v for v, _ in pairs], [t for _, t in pairs])
         if missing:
             torch._foreach_zero_(missing)
-        return self._sq_sums()
 
     @torch.no_grad()
-    def nonfinite_counts(self) -> torch.Tensor:
-        """Per-tensor counts of NaN/Inf entries in the buffer (float64 [P])."""
-        bad = torch.isfinite(self._rows).logical_not_().sum(1)
-        return self._per_tensor(bad)
-
     def grad_reductions(
         self, grads: Sequence[torch.Tensor | None]
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -425,19 +421,21 @@ class Snapshot:
         native = self._native(grads)
         if native is not None:
             return native.squares(grads)
-        g_sq = self.load(grads)
-        # On the CPU a check costs no device sync: finite sums of squares mean no NaN/Inf.
-        if self.device.type == "cpu" and bool(torch.isfinite(g_sq).all()):
-            return g_sq, torch.zeros_like(g_sq)
-        return g_sq, self.nonfinite_counts()
+        self.load(grads)
+        # x * 0 is NaN exactly where x is NaN or Inf; a 0-norm counts those entries.
+        bad = torch.linalg.vector_norm(self._rows * 0, 0, dim=1)
+        g_sq, nonfinite = self._per_tensor(self._row_squares(), bad)
+        return g_sq, nonfinite
 
+    @torch.no_grad()
     def take(self) -> torch.Tensor:
         """Copy the parameters in; returns their per-tensor sums of squares (float64 [P])."""
         current = self._current()
         native = self._native(current)
         if native is not None:
             return native.copy_squares(current, self._buffer())
-        return self.load(current)
+        self.load(current)
+        return self._per_tensor(self._row_squares())[0]
 
     @torch.no_grad()
     def delta(self) -> list[torch.Tensor]:
@@ -448,9 +446,15 @@ class Snapshot:
         if native is not None:
             return native.delta(self._views, current)
         torch._foreach_sub_(self._views, current)
-        d_sq = self._sq_sums()
+        d_sq = self._row_squares()
         rows = self._rows.abs_()
-        return [d_sq, self._per_tensor(rows.sum(1)), self._per_tensor(rows.amax(1), "max")]
+        d_sq, d_abs = self._per_tensor(d_sq, rows.sum(1))
+        # unsafe=True: the lengths are right by construction, and checking them would sync;
+        # initial=0 is right for maxima of |d| (an empty tensor gives 0); NaN propagates.
+        d_max = torch.segment_reduce(
+            rows.amax(1).double(), "max", lengths=self._lengths, unsafe=True, initial=0
+        )
+        return [d_sq, d_abs, d_max]
 
 
 def reduce_per_layer(

@@ -472,7 +472,7 @@ class Recorder:
         if packed.device.type != "cuda":
             return packed.cpu(), None
         host = packed.to("cpu", non_blocking=True)
-        ready = torch.cuda.Event()
+        ready = torch.cuda.Event(blocking=True)
         ready.record()
         return host, ready
 

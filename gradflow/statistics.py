@@ -10,8 +10,8 @@ Reductions per probe (numpy float64 arrays of length L):
 - ``param``: ``n`` (trainable elements), ``w_sq`` (sum of W^2 before the step), ``g_sq``
   (sum of grad^2), ``g_nonfinite`` (non-finite grad entries), ``d_sq``, ``d_abs`` and
   ``d_max`` (sum of squares, sum and max of |W_after - W_before|).
-- ``activation``: ``n`` (output elements), ``sum``, ``sum_sq``, ``zeros``, ``finite``
-  (entries that are neither NaN nor Inf).
+- ``activation``: ``n`` (output elements), ``sum``, ``sum_sq``, ``nonzero`` (entries
+  that are not exactly 0; NaN counts as nonzero), ``nonfinite`` (NaN or Inf entries).
 - ``grad_output``: ``n`` (elements of the output gradient), ``sum_sq``.
 - ``epoch``: like ``param`` but ``d_*`` is the change over the whole epoch.
 """
@@ -119,12 +119,12 @@ def _act_std(r: Reductions) -> np.ndarray:
 
 @statistic("activation", "zero_fraction", "fraction of exactly-zero outputs (dead units)")
 def _act_zero_fraction(r: Reductions) -> np.ndarray:
-    return _div(r["zeros"], r["n"])
+    return _div(np.asarray(r["n"], np.float64) - r["nonzero"], r["n"])
 
 
 @statistic("activation", "nonfinite", "number of NaN/Inf outputs")
 def _act_nonfinite(r: Reductions) -> np.ndarray:
-    return np.asarray(r["n"], np.float64) - r["finite"]
+    return np.asarray(r["nonfinite"], np.float64)
 
 
 # -- gradient flowing back out of each layer (backward) ----------------------------------

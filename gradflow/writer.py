@@ -263,7 +263,7 @@ class WriterThread(threading.Thread):
         # (first layer first), then gradients flowing back (last layer first).
         checks = (
             ("param", "weight", ~np.isfinite(param["w_sq"][0]) if param else empty, False),
-            ("activation", "output", act["finite"][0] < act["n"][0] if act else empty, False),
+            ("activation", "output", act["nonfinite"][0] > 0 if act else empty, False),
             (
                 "grad_output",
                 "output gradient",
@@ -319,9 +319,11 @@ class WriterThread(threading.Thread):
 
 
 def _wait(ready: Any) -> None:
-    """Wait for a device copy by polling, so the training thread is never held up."""
-    while ready is not None and not ready.query():
-        time.sleep(0.0002)
+    """Wait for a device copy: a blocking-sync CUDA event's ``synchronize`` sleeps in the
+    driver with the GIL released, so the training thread is never held up (polling would
+    take the GIL thousands of times a second)."""
+    if ready is not None:
+        ready.synchronize()
 
 
 def _same_layout(

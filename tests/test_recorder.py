@@ -642,24 +642,27 @@ def test_flush_commits_rows_for_a_concurrent_reader(tmp_path) -> None:
             assert run.n_steps == 3 and run.n_epochs == 1
 
 
-def test_device_path_nonfinite_counts_match_numpy() -> None:
+def test_device_path_nonfinite_counts_match_numpy(monkeypatch) -> None:
     # The counting path used on accelerators (no host branch), checked here on the CPU.
     from gradflow.probes import Snapshot
 
+    monkeypatch.setattr("gradflow.probes.param_kernels", lambda sizes: None)
     params = [
         nn.Parameter(torch.randn(3, 4)),
         nn.Parameter(torch.randn(5)),
         nn.Parameter(torch.randn(2, 2)),
+        nn.Parameter(torch.randn(600)),
     ]
-    grads = [torch.randn(3, 4), None, torch.randn(2, 2)]
+    grads = [torch.randn(3, 4), None, torch.randn(2, 2), torch.randn(600)]
     grads[0][0, 1] = float("nan")
     grads[0][2, 3] = float("inf")
     grads[2][1, 1] = -float("inf")
     snap = Snapshot(params, torch.device("cpu"))
-    snap.load(grads)
-    counts = snap.nonfinite_counts()
+    g_sq, counts = (t.numpy() for t in snap.grad_reductions(grads))
     want = [0 if g is None else int((~np.isfinite(g.numpy())).sum()) for g in grads]
-    assert counts.tolist() == want == [2, 0, 1]
+    assert counts.tolist() == want == [2, 0, 1, 0]
+    assert np.isnan(g_sq[0]) and g_sq[1] == 0 and np.isinf(g_sq[2])
+    np.testing.assert_allclose(g_sq[3], float((grads[3].double() ** 2).sum()), rtol=1e-6)
     w_sq = snap.take()  # the buffer holds the weights again
     np.testing.assert_allclose(
         w_sq.numpy(), [float((p.detach() ** 2).sum()) for p in params], rtol=1e-6
@@ -745,11 +748,11 @@ def test_activation_reductions_match_float64(make, path: str) -> None:
         log.act_device = probe.device(x)
     else:
         probe(x.to("cuda") if path == "cuda" else x, log, 0)
-    total, sum_sq, zeros, finite_count = log.tensors()[0].tolist()
+    total, sum_sq, nonzero, nonfinite = log.tensors()[0].tolist()
     a = x.double().numpy().ravel()
     finite = np.isfinite(a)
-    assert zeros == np.count_nonzero(a == 0)
-    assert finite_count == np.count_nonzero(finite)
+    assert nonzero == np.count_nonzero(a != 0)
+    assert nonfinite == np.count_nonzero(~finite)
     if finite.all():
         np.testing.assert_allclose(total, a.sum(), rtol=1e-5, atol=1e-6 * np.abs(a).sum())
         rtol = 1e-4 if path == "device" else 1e-6
@@ -780,7 +783,8 @@ def test_host_rows_grow_past_their_capacity_and_keep_every_call(native: bool) ->
     a = [x.double().numpy() for x in xs]
     np.testing.assert_allclose(act[:, 0], [v.sum() for v in a], rtol=1e-5, atol=1e-4)
     np.testing.assert_allclose(act[:, 1], [(v * v).sum() for v in a], rtol=1e-6)
-    np.testing.assert_array_equal(act[:, 3], [v.size for v in a])  # all entries finite
+    np.testing.assert_array_equal(act[:, 2], [np.count_nonzero(v) for v in a])
+    np.testing.assert_array_equal(act[:, 3], 0)  # all entries finite
     np.testing.assert_allclose(gout, [(4 * v * v).sum() for v in a], rtol=1e-6)
     assert log.act_ids == log.gout_ids == list(range(150))
     assert log.gout_n == [x.numel() for x in xs]
