@@ -149,6 +149,32 @@ class HostRows:
         return self.array[: self.n]
 
 
+class DeviceRows:
+    """Per-call float64 reductions on an accelerator, written in place by the reductions'
+    ``out=`` (one stack of hundreds of 0-d tensors would cost a copy call each)."""
+
+    CHUNK = 256
+
+    def __init__(self, device: torch.device, width: int) -> None:
+        self.device, self.width = device, width
+        self.chunks: list[torch.Tensor] = []
+        self.n = 0
+
+    def claim(self) -> tuple[torch.Tensor, ...]:
+        """The ``width`` 0-d views of a new row."""
+        i = self.n % self.CHUNK
+        if i == 0:
+            shape = (self.CHUNK, self.width)
+            self.chunks.append(torch.empty(shape, dtype=torch.float64, device=self.device))
+        self.n += 1
+        return self.chunks[-1][i].unbind()
+
+    @property
+    def rows(self) -> torch.Tensor:
+        whole = self.chunks[0] if len(self.chunks) == 1 else torch.cat(self.chunks)
+        return whole[: self.n]
+
+
 @dataclass
 class CallLog:
     """Per-call activation and output-gradient reductions of one recorded step.
@@ -160,11 +186,11 @@ class CallLog:
     act_ids: list[int] = field(default_factory=list)
     act_n: list[int] = field(default_factory=list)
     act_host: HostRows = field(default_factory=HostRows)
-    act_device: list[torch.Tensor] = field(default_factory=list)  # sum, norm, nonzero, nonfinite
+    act_device: DeviceRows | None = None  # sum, norm, nonzero, nonfinite
     gout_ids: list[int] = field(default_factory=list)
     gout_n: list[int] = field(default_factory=list)
     gout_host: HostRows = field(default_factory=HostRows)  # column 1: the sum of squares
-    gout_device: list[torch.Tensor] = field(default_factory=list)  # norm per call
+    gout_device: DeviceRows | None = None  # norm per call
     hook_s: float = 0.0  # seconds spent in output-gradient hooks (backward)
     reduced: torch.Tensor | None = None  # set by all_reduce: tensors(), summed over ranks
 
@@ -195,14 +221,14 @@ class CallLog:
             act = self.act_host.rows.copy()
             act[:, 2] = np.asarray(self.act_n, np.float64) - act[:, 2]  # zeros -> nonzero
             out.append(torch.from_numpy(act.reshape(-1)))
-        elif self.act_device:
-            act_t = torch.stack(self.act_device).double().view(-1, 4)
+        elif self.act_device is not None:
+            act_t = self.act_device.rows.clone()
             act_t[:, 1].square_()  # norms on the device, sums of squares from here on
             out.append(act_t.view(-1))
         if self.gout_host.n:
             out.append(torch.from_numpy(self.gout_host.rows[:, 1].copy()))
-        elif self.gout_device:
-            out.append(torch.stack(self.gout_device).double().square_())
+        elif self.gout_device is not None:
+            out.append(self.gout_device.rows[:, 0].square())
         return out
 
 
@@ -291,27 +317,27 @@ class ActivationProbe:
         self.host = host if host is not None else HostReducer()
 
     @staticmethod
-    def device(x: torch.Tensor) -> list[torch.Tensor]:
-        """``[sum, norm, nonzero, nonfinite]`` as 0-d tensors on ``x``'s device: five
+    def device(x: torch.Tensor, log: CallLog) -> None:
+        """``[sum, norm, nonzero, nonfinite]`` into a new row of ``log.act_device``: five
         kernels, no host sync (no ``count_nonzero``: on CUDA it copies its count to the
-        host). Counts are 0-norms (``x * 0`` is NaN exactly where ``x`` is NaN or Inf),
-        accumulated in float64: exact. Device reductions are tree-shaped, so a single
-        float32 norm is accurate at any size."""
+        host), accumulated in float64. Counts are 0-norms (``x * 0`` is NaN exactly where
+        ``x`` is NaN or Inf)."""
+        if log.act_device is None:
+            log.act_device = DeviceRows(x.device, 4)
+        total, norm, nonzero, nonfinite = log.act_device.claim()
         flat = x.detach().reshape(-1)
-        acc = _accumulator(x.dtype)
-        return [
-            flat.sum(dtype=acc),
-            torch.linalg.vector_norm(flat, dtype=acc),
-            torch.linalg.vector_norm(flat, 0, dtype=torch.float64),
-            torch.linalg.vector_norm(flat * 0, 0, dtype=torch.float64),
-        ]
+        f64 = torch.float64
+        torch.sum(flat, 0, dtype=f64, out=total)
+        torch.linalg.vector_norm(flat, dtype=f64, out=norm)
+        torch.linalg.vector_norm(flat, 0, dtype=f64, out=nonzero)
+        torch.linalg.vector_norm(flat * 0, 0, dtype=f64, out=nonfinite)
 
     def __call__(self, x: torch.Tensor, log: CallLog, layer_id: int) -> None:
         """Append the reductions of ``x`` (one layer call) to ``log``."""
         if x.is_cpu:
             self.host(x, log.act_host)
         else:
-            log.act_device += self.device(x)
+            self.device(x, log)
         log.act_ids.append(layer_id)
         log.act_n.append(x.numel())
 
@@ -327,8 +353,10 @@ def grad_output_hook(
         if grad.is_cpu:
             host(grad, target.gout_host, squares_only=True)
         else:
-            norm = torch.linalg.vector_norm(grad.detach(), dtype=_accumulator(grad.dtype))
-            target.gout_device.append(norm)
+            if target.gout_device is None:
+                target.gout_device = DeviceRows(grad.device, 1)
+            (norm,) = target.gout_device.claim()
+            torch.linalg.vector_norm(grad.detach(), dtype=torch.float64, out=norm)
         target.gout_ids.append(layer_id)
         target.gout_n.append(grad.numel())
         target.hook_s += time.perf_counter() - t0

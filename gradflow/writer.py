@@ -200,6 +200,8 @@ class WriterThread(threading.Thread):
         # time, since this thread shares the training process's cores and its GIL.
         t0 = time.perf_counter()
         _wait(item.ready)
+        if item.ready is not None:  # a pinned block: hand it back to torch's cache at once
+            item.packed = torch.from_numpy(item.packed.numpy().copy())
         if self.first_nonfinite is None and not (
             np.isfinite(item.packed.numpy()).all()
             and math.isfinite(item.host_scalars.get("loss", 0.0))
