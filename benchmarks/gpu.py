@@ -419,6 +419,11 @@ def run_model(
         except Exception as err:
             result["errors"][f"close {session.name}"] = f"{type(err).__name__}: {err}"
             print(f"closing {session.name} failed: {err}")
+        own = getattr(session.tool, "self_reported", lambda: None)()
+        if own:
+            result.setdefault("self_reported_ms", {})[session.name] = own
+            parts = ", ".join(f"{k} {v:.2f}" for k, v in own.items())
+            print(f"{session.name}: the recorder's own clock per recorded step (ms): {parts}")
     sessions.clear()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
