@@ -239,6 +239,19 @@ def count_syncs(session: Session, steps: int) -> dict[str, Any]:
     return out
 
 
+def phase_state(session: Session) -> str:
+    """How the recorder's parameter-statistics phases run: replayed CUDA graphs or eager."""
+    probe = getattr(getattr(session.tool, "recorder", None), "_param_probe", None)
+    phases = getattr(getattr(probe, "snapshot", None), "_phases", {})
+    states = []
+    for name, phase in phases.items():
+        graph, failed = getattr(phase, "graph", None), getattr(phase, "failed", False)
+        states.append(
+            f"{name} " + ("replayed" if graph else "eager, capture failed" if failed else "eager")
+        )
+    return ", ".join(states) or "n/a"
+
+
 def _origin(event: Any) -> str:
     """The operators a profiled runtime call was made from, innermost first."""
     names = []
@@ -380,6 +393,9 @@ def run_model(
                 syncs[name] = f"failed: {type(err).__name__}: {err}"
     result["syncs"] = syncs
     print_syncs(syncs)
+    if "param" in sessions:
+        result["param_phases"] = phase_state(sessions["param"])
+        print(f"parameter statistics phases (CUDA graphs): {result['param_phases']}")
     unrecorded = sessions.pop("unrecorded", None)
     if unrecorded is not None:
         unrecorded.tool.close()

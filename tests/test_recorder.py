@@ -642,6 +642,36 @@ def test_flush_commits_rows_for_a_concurrent_reader(tmp_path) -> None:
             assert run.n_steps == 3 and run.n_epochs == 1
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_graph_replays_equal_eager_reductions() -> None:
+    # Each phase runs eagerly once, then replays a captured graph; a parameter whose
+    # storage moves (p.data = ...) makes a new capture.
+    from gradflow.probes import Snapshot
+
+    torch.manual_seed(0)
+    params = [nn.Parameter(torch.randn(s, device="cuda")) for s in (300, 7, 0, 1000)]
+    graphed = Snapshot(params, torch.device("cuda"), graphs=True)
+    eager = Snapshot(params, torch.device("cuda"), graphs=False)
+    for step in range(4):
+        grads = [torch.randn_like(p) if i != 1 or step % 2 else None for i, p in enumerate(params)]
+        grads[0][3] = float("nan") if step == 2 else grads[0][3]
+        results = []
+        for snap in (graphed, eager):
+            g_sq, bad = snap.grad_reductions(grads)
+            w_sq = snap.take()
+            results.append([t.clone() for t in (g_sq, bad, w_sq)])
+        with torch.no_grad():
+            for p in params:
+                p.mul_(0.9).add_(0.01)
+        if step == 1:
+            params[3].data = params[3].data.clone()
+        for snap, res in zip((graphed, eager), results, strict=True):
+            res += [t.clone() for t in snap.delta()]
+        for a, b in zip(*results, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=0, equal_nan=True)
+    assert all(phase.graph is not None for phase in graphed._phases.values())
+
+
 def test_device_path_nonfinite_counts_match_numpy(monkeypatch) -> None:
     # The counting path used on accelerators (no host branch), checked here on the CPU.
     from gradflow.probes import Snapshot
