@@ -6,7 +6,7 @@ SHELL := bash
 PYTHON ?= python
 RESULTS ?= benchmarks/results
 # Paired rounds per overhead run (each fig3b round with all variants takes ~24 s on a quiet
-# 2-core machine; `make bench` took 11 min 20 s in all with 20).
+# 2-core machine; `make bench` took 12 min in all with 20 on 2026-11-26).
 FIG3B_PAIRS ?= 20
 RESUNET_PAIRS ?= 4
 export MPLBACKEND ?= Agg
