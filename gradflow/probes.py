@@ -461,9 +461,10 @@ class Snapshot:
             "delta": self._delta_stats,
         }
         if graphs and device.type == "cuda" and self._sources is not None:
-            sources = self._sources
+            # The gradient phase reads only the buffer, whose storage never moves.
+            reads = {"grads": [], "take": self._sources, "delta": self._sources}
             self._phases = {
-                name: Replayed(fn, device, sources) for name, fn in self._phases.items()
+                name: Replayed(fn, device, reads[name]) for name, fn in self._phases.items()
             }
 
     def _native(self, tensors: Sequence[torch.Tensor | None]) -> ParamKernels | None:
