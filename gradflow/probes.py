@@ -179,8 +179,8 @@ class DeviceRows:
 class CallLog:
     """Per-call activation and output-gradient reductions of one recorded step.
 
-    On the CPU reductions are host numbers already (reading them costs no sync); on
-    accelerators they stay 0-d device tensors, stacked once per step.
+    On the CPU they are host numbers already (reading them costs no sync), in
+    :class:`HostRows`; on accelerators they stay on the device, in :class:`DeviceRows`.
     """
 
     act_ids: list[int] = field(default_factory=list)
@@ -526,7 +526,7 @@ class Snapshot:
         native = self._native(current)
         if native is not None:
             return native.copy_squares(current, self._buffer())
-        self._buffer()
+        self._buffer()  # allocated here, never inside a graph capture
         result: torch.Tensor = self._phases["take"]()
         return result
 

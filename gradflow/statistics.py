@@ -119,7 +119,7 @@ def _act_std(r: Reductions) -> np.ndarray:
 
 @statistic("activation", "zero_fraction", "fraction of exactly-zero outputs (dead units)")
 def _act_zero_fraction(r: Reductions) -> np.ndarray:
-    return _div(np.asarray(r["n"], np.float64) - r["nonzero"], r["n"])
+    return 1.0 - _div(r["nonzero"], r["n"])
 
 
 @statistic("activation", "nonfinite", "number of NaN/Inf outputs")
