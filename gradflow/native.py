@@ -30,6 +30,11 @@ import torch
 _SOURCE = r"""
 #include <math.h>
 #include <pthread.h>
+#include <stdint.h>
+#include <string.h>
+#ifdef __AVX__
+#include <immintrin.h>
+#endif
 #define BLOCK 4096
 
 void gradflow_reduce_f32(const float *x, long n, double *out) {
@@ -63,13 +68,30 @@ static double squares(const float *x, float *dst, long n) {
     for (long i0 = 0; i0 < n; i0 += BLOCK) {
         long i1 = i0 + BLOCK < n ? i0 + BLOCK : n;
         float bq = 0.0f;
-        if (dst)
-            for (long i = i0; i < i1; ++i) {
+        if (dst) {
+            long i = i0;
+#ifdef __AVX__
+            /* Streaming stores: the copy is read back only after the optimizer's pass,
+               so it bypasses the caches (no read of dst's lines before writing them). */
+            if (((uintptr_t)(dst + i) & 31) == 0) {
+                __m256 acc = _mm256_setzero_ps();
+                for (; i + 8 <= i1; i += 8) {
+                    __m256 v = _mm256_loadu_ps(x + i);
+                    _mm256_stream_ps(dst + i, v);
+                    acc = _mm256_add_ps(acc, _mm256_mul_ps(v, v));
+                }
+                float lanes[8];
+                _mm256_storeu_ps(lanes, acc);
+                for (int k = 0; k < 8; ++k)
+                    bq += lanes[k];
+            }
+#endif
+            for (; i < i1; ++i) {
                 float v = x[i];
                 dst[i] = v;
                 bq += v * v;
             }
-        else
+        } else
             for (long i = i0; i < i1; ++i)
                 bq += x[i] * x[i];
         q += bq;
@@ -101,22 +123,28 @@ static void param_op(int op, long t, const float *const *const *a, const long *n
     } else {
         const float *y = a[1][t];
         double q = 0.0, s = 0.0;
-        float m = 0.0f;
+        /* max |d| on the bits of |d|: ordered like the floats (NaN aside, which q
+           reports) and an integer maximum, which the compiler vectorises. */
+        unsigned m = 0;
         for (long i0 = 0; i0 < n[t]; i0 += BLOCK) {
             long i1 = i0 + BLOCK < n[t] ? i0 + BLOCK : n[t];
             float bq = 0.0f, bs = 0.0f;
             for (long i = i0; i < i1; ++i) {
                 float d = x[i] - y[i], ad = fabsf(d);
+                unsigned b;
+                memcpy(&b, &ad, sizeof b);
                 bq += d * d;
                 bs += ad;
-                m = ad > m ? ad : m;
+                m = b > m ? b : m;
             }
             q += bq;
             s += bs;
         }
+        float fm;
+        memcpy(&fm, &m, sizeof fm);
         out[0][t] = q;
         out[1][t] = s;
-        out[2][t] = isnan(q) ? NAN : (double)m;
+        out[2][t] = isnan(q) ? NAN : (double)fm;
     }
 }
 
@@ -132,6 +160,9 @@ static void *run_span(void *p) {
     const struct span *s = p;
     for (long t = s->t0; t < s->t1; ++t)
         param_op(s->op, t, s->a, s->n, s->out);
+#ifdef __AVX__
+    _mm_sfence(); /* the streamed copy is complete before the call returns */
+#endif
     return 0;
 }
 

@@ -738,6 +738,43 @@ def test_snapshot_reductions_of_large_and_empty_tensors_match_float64(
     assert d_sq[1] == d_abs[1] == d_max[1] == 0.0
 
 
+def test_param_kernels_copy_into_any_alignment_and_take_infinite_maxima() -> None:
+    # The copy streams into 32-byte-aligned targets and copies the rest plainly: targets at
+    # every offset modulo 8 floats get exact copies. The maximum of |d| is taken on the
+    # bits of |d|: an infinite update is the maximum, a NaN makes it NaN, -0 counts as 0.
+    from gradflow.native import param_kernels
+
+    sizes = [4099, 8, 1, 13, 5000, 3, 31, 64]
+    kernels = param_kernels(sizes)
+    if kernels is None:
+        pytest.skip("no C compiler here: the native kernels are unavailable")
+    gen = torch.Generator().manual_seed(5)
+    sources = [torch.randn(n, generator=gen) for n in sizes]
+    sources[2][0] = -0.0  # with after = +0.0: d = -0.0, whose bits would be the largest
+    flat = torch.zeros(sum(sizes) + 64)
+    targets, offset = [], 0
+    for k, n in enumerate(sizes):
+        offset += k  # shifts the start by 0..7 floats against the allocation
+        targets.append(flat[offset : offset + n])
+        offset += n
+    w_sq = kernels.copy_squares(sources, targets).numpy()
+    for s, t in zip(sources, targets, strict=True):
+        assert torch.equal(s, t)
+    np.testing.assert_allclose(w_sq, [float((s.double() ** 2).sum()) for s in sources], rtol=1e-6)
+
+    after = [s.clone() for s in sources]
+    after[0][17] = float("inf")
+    after[1][3] = float("nan")
+    after[2][0] = 0.0
+    after[3] = -after[3]
+    d_sq, d_abs, d_max = (t.numpy() for t in kernels.delta(targets, after))
+    d64 = [(t.double() - a.double()).abs().numpy() for t, a in zip(targets, after, strict=True)]
+    assert d_max[0] == np.inf and np.isnan(d_max[1]) and d_max[2] == 0.0
+    np.testing.assert_allclose(d_max[3:], [float(d.max()) for d in d64[3:]], rtol=1e-7)
+    np.testing.assert_allclose(d_abs[2:], [float(d.sum()) for d in d64[2:]], rtol=1e-6)
+    np.testing.assert_allclose(d_sq[2:], [float((d**2).sum()) for d in d64[2:]], rtol=1e-6)
+
+
 @pytest.mark.parametrize(
     "make",
     [
