@@ -6,9 +6,10 @@ SHELL := bash
 PYTHON ?= python
 RESULTS ?= benchmarks/results
 # Paired rounds per overhead run (each fig3b round with all variants takes ~24 s on a quiet
-# 2-core machine; `make bench` took 12 min in all with 20 on 2026-11-26).
+# 2-core machine, a paper-resunet round of 5-step trials ~6 s).
 FIG3B_PAIRS ?= 20
-RESUNET_PAIRS ?= 4
+RESUNET_PAIRS ?= 20
+RESUNET_STEPS ?= 5
 export MPLBACKEND ?= Agg
 
 BENCH_FILES := benchmarks/common.py benchmarks/overhead.py benchmarks/runfile.py \
@@ -20,7 +21,7 @@ BENCH_FILES := benchmarks/common.py benchmarks/overhead.py benchmarks/runfile.py
 help:
 	@echo "make test    pytest"
 	@echo "make lint    ruff check, ruff format --check (benchmarks), mypy"
-	@echo "make bench   the CPU benchmarks (about 11-12 min on a quiet 2-core machine),"
+	@echo "make bench   the CPU benchmarks (about 13 min on a quiet 2-core machine),"
 	@echo "             output and JSON in $(RESULTS)/"
 	@echo "make bench-gpu-dry   benchmarks/gpu.py --device cpu --quick (checks the GPU script)"
 
@@ -46,7 +47,8 @@ bench-overhead: | $(RESULTS)
 # wandb.watch and TensorBoard histograms cost seconds per step on 11 M parameters: left out.
 bench-resunet: | $(RESULTS)
 	$(PYTHON) benchmarks/overhead.py --model paper-resunet --pairs $(RESUNET_PAIRS) \
-		--variants param,param-every10,all,cockpit --memory-steps 10 \
+		--steps-per-trial $(RESUNET_STEPS) --variants param,param-every10,all,cockpit \
+		--memory-steps 10 \
 		--json $(RESULTS)/overhead_resunet.json | tee $(RESULTS)/overhead_resunet.txt
 
 bench-runfile: | $(RESULTS)

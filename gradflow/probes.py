@@ -634,7 +634,10 @@ class ParamProbe:
 
     def grad_reductions(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-tensor sum of squares and non-finite count of the gradients (float64 [P])."""
-        grads = [local(p.grad) if p.grad is not None else None for p in self.params]
+        if self.reduce_shards is None:
+            grads = [p.grad for p in self.params]
+        else:
+            grads = [local(p.grad) if p.grad is not None else None for p in self.params]
         return self.snapshot.grad_reductions(grads)
 
     def before_step(self) -> None:
