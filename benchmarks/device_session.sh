@@ -6,6 +6,8 @@
 #   mkdir -p .isbi && cp -r ../shared/data/isbi2012/train .isbi/
 #   bash benchmarks/device_session.sh      # results under $OUT (default: device-out/)
 # SMOKE=0 skips the record/plot smoke run; BENCH_S sets the benchmark's budget (seconds).
+# The benchmark times plain, param, all (fused Triton kernel for layer outputs) and
+# all-torch (the same with torch reductions), interleaved.
 set -u
 export PYTHONUNBUFFERED=1 MPLBACKEND=Agg
 OUT=${OUT:-device-out}

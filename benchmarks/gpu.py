@@ -37,6 +37,7 @@ import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import torch
 from common import (
@@ -86,8 +87,22 @@ VARIANTS = {
         ),
         recorder_variant("param", "gradflow parameter statistics every step", 1, ("param",)),
         recorder_variant("all", "gradflow all probes every step", 1, STEP_PROBES),
+        recorder_variant(
+            "all-torch", "all probes, torch reductions (no fused kernel)", 1, STEP_PROBES
+        ),
     )
 }
+# The variants timed against plain training.
+TIMED = ("param", "all", "all-torch")
+
+
+class TorchReductions(Session):
+    """Steps with the accelerator path's torch reductions of layer outputs instead of the
+    fused Triton kernel (:mod:`gradflow.fused`): the kernel's own effect, side by side."""
+
+    def run(self, steps: int) -> None:
+        with mock.patch("gradflow.probes.reducer", lambda device: None):
+            super().run(steps)
 
 
 # -- timing ---------------------------------------------------------------------------------------
@@ -115,7 +130,7 @@ def time_variants(
 ) -> dict[str, Any]:
     cuda = args.device.startswith("cuda")
     timer: Any = CudaTimer() if cuda else cpu_timer
-    others = [sessions[n] for n in ("param", "all") if n in sessions]
+    others = [sessions[n] for n in TIMED if n in sessions]
     pairs = paired_trials(
         sessions["plain"],
         others,
@@ -254,7 +269,7 @@ def phase_state(session: Session) -> str:
 
 def _origin(event: Any) -> str:
     """The operators a profiled runtime call was made from, innermost first."""
-    names = []
+    names: list[str] = []
     parent = getattr(event, "cpu_parent", None)
     while parent is not None and len(names) < 3:
         names.append(parent.name)
@@ -358,7 +373,8 @@ def build(variant: Variant, workload: Workload, tmp: Path, warmup: int) -> Sessi
     folder = tmp / workload.model
     folder.mkdir(exist_ok=True)
     tool = variant.build(trainer, folder)
-    session = Session(variant.name, trainer, tool)
+    kind = TorchReductions if variant.name == "all-torch" else Session
+    session = kind(variant.name, trainer, tool)
     session.run(warmup)
     tool.settle()
     return session
@@ -372,7 +388,7 @@ def run_model(
     print(f"== {workload.describe()}")
     sessions: dict[str, Session] = {}
     table = VARIANTS
-    for name in ("plain", "param", "all", "unrecorded"):
+    for name in ("plain", *TIMED, "unrecorded"):
         try:
             sessions[name] = build(table[name], workload, tmp, args.warmup)
         except Exception as err:
@@ -485,7 +501,7 @@ def print_syncs(syncs: dict[str, Any]) -> None:
 def print_timing(timing: dict[str, Any], table: dict[str, Variant]) -> None:
     plain = timing["plain_s_per_step"]
     rows = [["plain", f"{1e3 * plain['median']:.2f}", "1", "-", "-", "-", table["plain"].label]]
-    for name in ("param", "all"):
+    for name in TIMED:
         if name not in timing:
             continue
         t, q = timing[name]["s_per_step"], timing[name]["ratio"]
@@ -508,7 +524,11 @@ def print_timing(timing: dict[str, Any], table: dict[str, Variant]) -> None:
 
 def headlines(report: dict[str, Any], device: str) -> list[str]:
     lines = []
-    labels = {"param": "parameter statistics every step", "all": "all probes every step"}
+    labels = {
+        "param": "parameter statistics every step",
+        "all": "all probes every step",
+        "all-torch": "all probes every step, torch reductions",
+    }
     for model, result in report["models"].items():
         w = result["workload"]
         where = f"{model}, batch {w.batch} x {w.crop}x{w.crop}, {device}"

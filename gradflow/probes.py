@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from gradflow.errors import GradflowError
+from gradflow.fused import Launch, reducer
 from gradflow.native import ParamKernels, kernel, param_kernels
 from gradflow.store import Layer
 
@@ -150,24 +151,30 @@ class HostRows:
 
 
 class DeviceRows:
-    """Per-call float64 reductions on an accelerator, written in place by the reductions'
-    ``out=`` (one stack of hundreds of 0-d tensors would cost a copy call each)."""
+    """Per-call float64 reductions on an accelerator, written in place (one stack of
+    hundreds of 0-d tensors would cost a copy call each): by the reductions' ``out=``, or
+    by ``fused`` (:func:`gradflow.fused.reducer`), which adds into zeroed rows."""
 
     CHUNK = 256
 
-    def __init__(self, device: torch.device, width: int) -> None:
-        self.device, self.width = device, width
+    def __init__(self, device: torch.device, width: int, fused: Launch | None = None) -> None:
+        self.device, self.width, self.fused = device, width, fused
         self.chunks: list[torch.Tensor] = []
         self.n = 0
 
-    def claim(self) -> tuple[torch.Tensor, ...]:
-        """The ``width`` 0-d views of a new row."""
+    def next_row(self) -> tuple[torch.Tensor, int]:
+        """The chunk and index of a new row."""
         i = self.n % self.CHUNK
         if i == 0:
-            shape = (self.CHUNK, self.width)
-            self.chunks.append(torch.empty(shape, dtype=torch.float64, device=self.device))
+            new = torch.zeros if self.fused is not None else torch.empty
+            self.chunks.append(new(self.CHUNK, self.width, dtype=torch.float64, device=self.device))
         self.n += 1
-        return self.chunks[-1][i].unbind()
+        return self.chunks[-1], i
+
+    def claim(self) -> tuple[torch.Tensor, ...]:
+        """The ``width`` 0-d views of a new row."""
+        chunk, i = self.next_row()
+        return chunk[i].unbind()
 
     @property
     def rows(self) -> torch.Tensor:
@@ -222,9 +229,11 @@ class CallLog:
             act[:, 2] = np.asarray(self.act_n, np.float64) - act[:, 2]  # zeros -> nonzero
             out.append(torch.from_numpy(act.reshape(-1)))
         elif self.act_device is not None:
-            act_t = self.act_device.rows.clone()
-            act_t[:, 1].square_()  # norms on the device, sums of squares from here on
-            out.append(act_t.view(-1))
+            act_t = self.act_device.rows
+            if self.act_device.fused is None:
+                act_t = act_t.clone()
+                act_t[:, 1].square_()  # norms on the device, sums of squares from here on
+            out.append(act_t.reshape(-1))
         if self.gout_host.n:
             out.append(torch.from_numpy(self.gout_host.rows[:, 1].copy()))
         elif self.gout_device is not None:
@@ -318,13 +327,19 @@ class ActivationProbe:
 
     @staticmethod
     def device(x: torch.Tensor, log: CallLog) -> None:
-        """``[sum, norm, nonzero, nonfinite]`` into a new row of ``log.act_device``: five
-        kernels, no host sync (no ``count_nonzero``: on CUDA it copies its count to the
-        host), accumulated in float64. Counts are 0-norms (``x * 0`` is NaN exactly where
-        ``x`` is NaN or Inf)."""
-        if log.act_device is None:
-            log.act_device = DeviceRows(x.device, 4)
-        total, norm, nonzero, nonfinite = log.act_device.claim()
+        """``[sum, sum of squares, nonzero, nonfinite]`` into a new row of
+        ``log.act_device``, no host sync: on CUDA with Triton one fused kernel
+        (:mod:`gradflow.fused`); elsewhere five torch kernels accumulating in float64, the
+        second a norm (squared when read), counts as 0-norms (``x * 0`` is NaN exactly
+        where ``x`` is NaN or Inf; ``count_nonzero`` would copy its count to the host)."""
+        rows = log.act_device
+        if rows is None:
+            rows = log.act_device = DeviceRows(x.device, 4, reducer(x.device))
+        if rows.fused is not None:
+            chunk, i = rows.next_row()
+            rows.fused(x.detach(), chunk, i)
+            return
+        total, norm, nonzero, nonfinite = rows.claim()
         flat = x.detach().reshape(-1)
         f64 = torch.float64
         torch.sum(flat, 0, dtype=f64, out=total)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -775,6 +776,40 @@ def test_param_kernels_copy_into_any_alignment_and_take_infinite_maxima() -> Non
     np.testing.assert_allclose(d_sq[2:], [float((d**2).sum()) for d in d64[2:]], rtol=1e-6)
 
 
+@pytest.fixture
+def interpreted_kernel(tmp_path) -> Callable[[list[torch.Tensor]], np.ndarray]:
+    """The accelerator path with its fused Triton kernel, run by Triton's interpreter on
+    the CPU in a process of its own: ``run(tensors, per_launch)`` gives their logged rows
+    [N, 4] (tensors longer than ``per_launch`` entries take several launches)."""
+    import importlib.util
+    import os
+    import subprocess
+    import sys
+
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("Triton is not installed (pip install triton): the fused kernel is unchecked")
+    script = Path(__file__).parent / "scripts" / "fused_interpreted.py"
+
+    def run(tensors: list[torch.Tensor], per_launch: int = 2**30) -> np.ndarray:
+        torch.save(tensors, tmp_path / "inputs.pt")
+        env = {**os.environ, "TRITON_INTERPRET": "1"}
+        files = [str(tmp_path / "inputs.pt"), str(tmp_path / "rows.pt"), str(per_launch)]
+        done = subprocess.run(
+            [sys.executable, str(script), *files],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert done.returncode == 0, done.stderr[-2000:]
+        return torch.load(tmp_path / "rows.pt").numpy()
+
+    return run
+
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
 @pytest.mark.parametrize(
     "make",
     [
@@ -792,29 +827,35 @@ def test_param_kernels_copy_into_any_alignment_and_take_infinite_maxima() -> Non
         "native",
         "torch",
         "device",
-        pytest.param(
-            "cuda",
-            marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
-        ),
+        "fused",
+        pytest.param("cuda", marks=needs_cuda),
+        pytest.param("cuda-torch", marks=needs_cuda),
     ],
 )
-def test_activation_reductions_match_float64(make, path: str) -> None:
+def test_activation_reductions_match_float64(make, path: str, request, monkeypatch) -> None:
     # "native": the one-pass C kernel; "torch": the CPU fallback of torch operations;
-    # "device": the path used on accelerators (float64 reductions written in place, no
-    # host branch), run on the CPU; "cuda": that path where it belongs.
+    # "device": the torch path used on accelerators (float64 reductions written in place,
+    # no host branch), run on the CPU; "fused": the accelerator path's Triton kernel, run
+    # by Triton's interpreter; "cuda": the accelerator path where it belongs (the fused
+    # kernel where Triton is installed), "cuda-torch" its torch operations.
     from gradflow.native import kernel
     from gradflow.probes import ActivationProbe, CallLog, HostReducer
 
     if path == "native" and kernel() is None:
         pytest.skip("no C compiler here: the native kernel is unavailable")
+    if path == "cuda-torch":
+        monkeypatch.setattr("gradflow.probes.reducer", lambda device: None)
     x = make(torch.Generator().manual_seed(5))
     probe = ActivationProbe(HostReducer(native=path == "native"))
     log = CallLog()
-    if path == "device":
-        probe.device(x, log)
+    if path == "fused":
+        total, sum_sq, nonzero, nonfinite = request.getfixturevalue("interpreted_kernel")([x])[0]
     else:
-        probe(x.to("cuda") if path == "cuda" else x, log, 0)
-    total, sum_sq, nonzero, nonfinite = log.tensors()[0].tolist()
+        if path == "device":
+            probe.device(x, log)
+        else:
+            probe(x.to("cuda") if path.startswith("cuda") else x, log, 0)
+        total, sum_sq, nonzero, nonfinite = log.tensors()[0].tolist()
     a = x.double().numpy().ravel()
     finite = np.isfinite(a)
     assert nonzero == np.count_nonzero(a != 0)
@@ -826,19 +867,55 @@ def test_activation_reductions_match_float64(make, path: str) -> None:
         assert not np.isfinite(total) and not np.isfinite(sum_sq)
 
 
-def test_device_rows_span_several_chunks() -> None:
-    # 300 calls: the accelerator path's rows live in chunks of 256 (run here on the CPU).
+def test_fused_kernel_is_used_only_where_it_agrees_with_torch(monkeypatch) -> None:
+    # The first-use check that decides between the fused kernel and torch operations, fed
+    # with stand-in kernels: one exact, one off by a little in the sum, one that counts
+    # NaN but not Inf. Never on the CPU, nor with GRADFLOW_TRITON=0.
+    from gradflow import fused
+
+    def sums(x: torch.Tensor, nan_only: bool = False) -> torch.Tensor:
+        a = x.double()
+        bad = a.isnan() if nan_only else ~a.isfinite()
+        return torch.stack([a.sum(), (a * a).sum(), (a != 0).sum(), bad.sum()]).double()
+
+    def kernel_like(compute: Callable[[torch.Tensor], torch.Tensor]) -> Callable[..., None]:
+        def run(x: torch.Tensor, rows: torch.Tensor, index: int) -> None:
+            rows[index] += compute(x)
+
+        return run
+
+    cpu = torch.device("cpu")
+    off = torch.tensor([1.001, 1.0, 1.0, 1.0], dtype=torch.float64)
+    assert fused._agrees(kernel_like(sums), cpu)
+    assert not fused._agrees(kernel_like(lambda x: sums(x) * off), cpu)
+    assert not fused._agrees(kernel_like(lambda x: sums(x, nan_only=True)), cpu)
+    assert fused.reducer(cpu) is None
+    monkeypatch.setenv("GRADFLOW_TRITON", "0")
+    fused.reducer.cache_clear()
+    assert fused.reducer(torch.device("cuda", 0)) is None
+    fused.reducer.cache_clear()
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["torch", "fused"])
+def test_device_rows_span_several_chunks(fused: bool, request) -> None:
+    # 300 calls: the accelerator path's rows live in chunks of 256 (run here on the CPU,
+    # the fused kernel by Triton's interpreter).
     from gradflow.probes import ActivationProbe, CallLog
 
-    log = CallLog()
     gen = torch.Generator().manual_seed(4)
     xs = [torch.randn(1 + 13 * i, generator=gen).relu() for i in range(300)]
-    for x in xs:
-        ActivationProbe.device(x, log)
-    act = log.tensors()[0].numpy().reshape(-1, 4)
+    if fused:  # most of them in several launches of 1000 entries
+        act = request.getfixturevalue("interpreted_kernel")(xs, per_launch=1000)
+    else:
+        log = CallLog()
+        for x in xs:
+            ActivationProbe.device(x, log)
+        act = log.tensors()[0].numpy().reshape(-1, 4)
     a = [x.double().numpy() for x in xs]
-    np.testing.assert_allclose(act[:, 0], [v.sum() for v in a], rtol=1e-12)
-    np.testing.assert_allclose(act[:, 1], [(v * v).sum() for v in a], rtol=1e-12)
+    # torch's path accumulates in float64; the kernel in float32 within a block of 4096.
+    rtol = 1e-6 if fused else 1e-12
+    np.testing.assert_allclose(act[:, 0], [v.sum() for v in a], rtol=rtol, atol=rtol * 1e2)
+    np.testing.assert_allclose(act[:, 1], [(v * v).sum() for v in a], rtol=rtol)
     np.testing.assert_array_equal(act[:, 2], [np.count_nonzero(v) for v in a])
     np.testing.assert_array_equal(act[:, 3], 0)
 
