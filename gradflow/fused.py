@@ -70,10 +70,10 @@ def launch(x: torch.Tensor, rows: torch.Tensor, index: int, programs: int) -> No
     layout) into ``rows[index]`` (float64 [R, 4], zeroed before), in at most ``programs``
     programs. Needs Triton; runs on the CPU under ``TRITON_INTERPRET=1``."""
     if not (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)):
-        x = x.contiguous()  # a strided view: reduced from a dense copy
+        x = x.detach().contiguous()  # a strided view: reduced from a dense copy
     n = x.numel()
     if n > LIMIT:
-        flat = x.reshape(-1)
+        flat = x.detach().reshape(-1)
         for start in range(0, n, LIMIT):
             launch(flat[start : start + LIMIT], rows, index, programs)
         return

@@ -337,7 +337,7 @@ class ActivationProbe:
             rows = log.act_device = DeviceRows(x.device, 4, reducer(x.device))
         if rows.fused is not None:
             chunk, i = rows.next_row()
-            rows.fused(x.detach(), chunk, i)
+            rows.fused(x, chunk, i)
             return
         total, norm, nonzero, nonfinite = rows.claim()
         flat = x.detach().reshape(-1)
