@@ -16,7 +16,7 @@ BENCH_FILES := benchmarks/common.py benchmarks/overhead.py benchmarks/runfile.py
 	benchmarks/gpu.py benchmarks/soak.py
 
 .PHONY: help test lint bench bench-overhead bench-resunet bench-runfile bench-plot bench-soak \
-	bench-gpu-dry bench-summary
+	bench-gpu-dry bench-gpu bench-summary
 
 help:
 	@echo "make test    pytest"
@@ -24,6 +24,7 @@ help:
 	@echo "make bench   the CPU benchmarks (about 13 min on a quiet 2-core machine),"
 	@echo "             output and JSON in $(RESULTS)/"
 	@echo "make bench-gpu-dry   benchmarks/gpu.py --device cpu --quick (checks the GPU script)"
+	@echo "make bench-gpu       on a CUDA machine: CUDA tests + paper-resunet GPU overhead"
 
 test:
 	$(PYTHON) -m pytest
@@ -70,3 +71,9 @@ bench-summary:
 
 bench-gpu-dry:
 	$(PYTHON) benchmarks/gpu.py --device cpu --quick
+
+# On a lent CUDA machine, in one call of under 7 minutes: the CUDA tests, then the GPU goal's
+# workload (paper-resunet, batch 4 x 256x256) with param, all and all-torch against plain.
+bench-gpu:
+	OUT=$${OUT:-device-out} SMOKE=0 BENCH_S=300 \
+		GPU_ARGS="--models paper-resunet:256:4 --pairs 60" bash benchmarks/device_session.sh

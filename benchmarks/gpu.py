@@ -388,7 +388,7 @@ def run_model(
     print(f"== {workload.describe()}")
     sessions: dict[str, Session] = {}
     table = VARIANTS
-    for name in ("plain", *TIMED, "unrecorded"):
+    for name in ("plain", *args.variants, "unrecorded"):
         try:
             sessions[name] = build(table[name], workload, tmp, args.warmup)
         except Exception as err:
@@ -572,6 +572,11 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--sync-steps", type=int, help="steps per sync count or profile (default 5)")
     p.add_argument("--budget-s", type=float, default=420.0, help="whole run, seconds")
     p.add_argument("--json", help="default: $OUT/gpu_bench.json when OUT is set")
+    p.add_argument(
+        "--variants",
+        default=",".join(TIMED),
+        help=f"comma-separated subset of {','.join(TIMED)} to time against plain (default: all)",
+    )
     p.add_argument("--profile", action="store_true", help="also profile a few steps")
     p.add_argument("--verbose", action="store_true")
     args = p.parse_args()
@@ -581,6 +586,10 @@ def parse_args() -> argparse.Namespace:
             setattr(args, key, value)
     if args.json is None and os.environ.get("OUT"):
         args.json = str(Path(os.environ["OUT"]) / "gpu_bench.json")
+    args.variants = tuple(v for v in args.variants.split(",") if v)
+    unknown = set(args.variants) - set(TIMED)
+    if unknown:
+        p.error(f"unknown variants {sorted(unknown)}; choose from {','.join(TIMED)}")
     return args
 
 
