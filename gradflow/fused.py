@@ -39,8 +39,9 @@ def _kernel() -> Any:
     except ImportError:
         return None
 
-    # The row index varies per call: not specialised (one compiled variant, not three).
-    @triton.jit(do_not_specialize=["row"])
+    # Sizes and row indices vary per call: not specialised (one compiled variant per dtype
+    # and pointer alignment, not three per value class, each a compile at first use).
+    @triton.jit(do_not_specialize=["n", "row"])
     def activation_sums(x_ptr, n, rows_ptr, row, BLOCK: tl.constexpr, F64: tl.constexpr):
         acc = tl.float64 if F64 else tl.float32
         # Per-lane partial sums over this program's blocks, one tree sum across lanes at the end.
