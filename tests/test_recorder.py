@@ -11,6 +11,10 @@ std, which is computed from sums of squares (atol 1e-6 for values near zero).
 
 from __future__ import annotations
 
+import importlib.util
+import os
+import subprocess
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -781,11 +785,6 @@ def interpreted_kernel(tmp_path) -> Callable[[list[torch.Tensor]], np.ndarray]:
     """The accelerator path with its fused Triton kernel, run by Triton's interpreter on
     the CPU in a process of its own: ``run(tensors, per_launch)`` gives their logged rows
     [N, 4] (tensors longer than ``per_launch`` entries take several launches)."""
-    import importlib.util
-    import os
-    import subprocess
-    import sys
-
     if importlib.util.find_spec("triton") is None:
         pytest.skip("Triton is not installed (pip install triton): the fused kernel is unchecked")
     script = Path(__file__).parent / "scripts" / "fused_interpreted.py"
