@@ -24,10 +24,8 @@ import torch
 from gradflow import statistics
 from gradflow.errors import GradflowError, reason
 from gradflow.probes import ACTIVATION_REDUCTIONS, reduce_per_layer
+from gradflow.statistics import EPOCH_STATS, STEP_PROBES
 from gradflow.store import OVERHEAD_COLUMNS, Event, Layer, RunWriter, StepRows
-
-STEP_PROBES = ("param", "activation", "grad_output")
-EPOCH_STATS = ("update_abs_mean", "update_ratio", "update_norm", "update_abs_max")
 
 
 @dataclass

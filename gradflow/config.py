@@ -1,0 +1,133 @@
+"""The settings of a training run (:class:`TrainConfig`), importable without torch.
+
+``gradflow record`` parses and validates its options before torch is imported.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal, get_args
+
+from gradflow.errors import GradflowError, unknown_name
+from gradflow.statistics import STEP_PROBES
+
+# The names registered in gradflow.metrics.LOSSES, listed here so that validating a
+# configuration does not import torch (a test keeps the two in step).
+LOSS_NAMES = ("dice", "bce")
+
+OnNonfinite = Literal["stop", "continue"]
+N_VAL = 5  # the paper's split: the last 5 of the 30 ISBI slices validate
+# What shapes the trajectory: a resumed run must agree on all of it (epochs may grow).
+RESUME_KEYS = (
+    "model",
+    "model_overrides",
+    "data",
+    "synthetic_slices",
+    "synthetic_size",
+    "steps_per_epoch",
+    "crop",
+    "batch_size",
+    "lr",
+    "rho",
+    "eps",
+    "weight_decay",
+    "seed",
+    "loss",
+    "augment",
+    "every",
+    "probes",
+)
+_DEVICE = re.compile(r"cpu|cuda(:\d+)?")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that defines a training run; the defaults make a CPU run of a few minutes.
+
+    - model: ``model``, a zoo name (``gradflow models``), with ``model_overrides`` of its
+      :class:`~gradflow.models.FCNConfig` fields (e.g. ``{"batch_norm": False}``).
+    - data: ``data``, an ISBI 2012 folder or ``"synthetic"`` (``synthetic_slices`` slices of
+      ``synthetic_size`` px, always generated from seed 0: one fixed data set, like a real
+      one); the last 5 slices validate, the others train.
+    - training: ``epochs`` x ``steps_per_epoch`` optimizer steps on batches of ``batch_size``
+      random ``crop`` px crops (``augment``: flips, rotations, shear); ``loss`` "dice" or
+      "bce"; RMSprop with ``lr``, ``rho`` (torch's ``alpha``), ``eps`` and ``weight_decay``
+      (L2 on convolution weights only); ``seed``; ``device`` "cpu", "cuda" or "cuda:N".
+    - validation: after every ``val_every``-th epoch (default 1: every epoch; 0: never;
+      the metrics are NaN in other epochs) on the first ``val_slices`` validation slices
+      (default None: all 5).
+    - recording: record every ``every``-th step (default 1) with ``probes`` (default: all);
+      the run file is flushed every ``flush_every`` rows or ``flush_seconds`` seconds;
+      ``on_nonfinite``: "stop" after the first step with a non-finite value, or "continue".
+    - ``log_every``: steps between progress lines; ``command``: the command line, stored in
+      the run file.
+    """
+
+    model: str = "fig3a-long-short-9"
+    model_overrides: Mapping[str, Any] = field(default_factory=dict)
+    data: str = "synthetic"
+    synthetic_slices: int = 30
+    synthetic_size: int = 512
+    epochs: int = 20
+    steps_per_epoch: int = 20
+    crop: int = 96
+    batch_size: int = 4
+    lr: float = 1e-3
+    rho: float = 0.9
+    eps: float = 1e-8
+    weight_decay: float = 1e-4
+    seed: int = 0
+    device: str = "cpu"
+    loss: str = "dice"
+    augment: bool = True
+    val_every: int = 1
+    val_slices: int | None = None
+    every: int = 1
+    probes: tuple[str, ...] = STEP_PROBES
+    flush_every: int = 100
+    flush_seconds: float = 5.0
+    on_nonfinite: OnNonfinite = "stop"
+    log_every: int = 10
+    command: str | None = None
+
+    def validate(self) -> None:
+        """Raise one clear :class:`GradflowError` for the first bad setting."""
+        at_least = {
+            "epochs": 1,
+            "steps_per_epoch": 1,
+            "batch_size": 1,
+            "crop": 1,
+            "synthetic_slices": N_VAL + 1,
+            "synthetic_size": 1,
+            "seed": 0,
+            "val_every": 0,
+            "every": 1,
+            "flush_every": 1,
+            "log_every": 1,
+        }
+        for name, low in at_least.items():
+            value = getattr(self, name)
+            if value < low:
+                raise GradflowError(f"{name} must be at least {low}, got {value}")
+        if self.val_slices is not None and not 1 <= self.val_slices <= N_VAL:
+            raise GradflowError(f"val_slices must be 1 to {N_VAL}, got {self.val_slices}")
+        for name in ("lr", "eps", "flush_seconds"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):
+                raise GradflowError(f"{name} must be a positive number, got {value}")
+        if not 0 <= self.rho < 1 or not self.weight_decay >= 0:
+            raise GradflowError(
+                f"need 0 <= rho < 1 and weight_decay >= 0, got {self.rho} and {self.weight_decay}"
+            )
+        if self.loss not in LOSS_NAMES:
+            raise unknown_name("loss", self.loss, LOSS_NAMES)
+        if self.on_nonfinite not in get_args(OnNonfinite):
+            raise unknown_name("on_nonfinite choice", self.on_nonfinite, get_args(OnNonfinite))
+        for probe in self.probes:
+            if probe not in STEP_PROBES:
+                raise unknown_name("probe", probe, STEP_PROBES)
+        if not _DEVICE.fullmatch(self.device):
+            raise GradflowError(f"device must be cpu, cuda or cuda:N, got {self.device!r}")
