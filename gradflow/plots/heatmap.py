@@ -18,7 +18,7 @@ from matplotlib.ticker import MaxNLocator
 from gradflow.errors import GradflowError
 from gradflow.plots.binning import MAX_TIME_BINS, LayerTime, common_window, load
 from gradflow.plots.catalog import FIGURES, PlotWarning
-from gradflow.plots.selection import TimeWindow, select_layers
+from gradflow.plots.selection import TimeWindow, match_layers, select_layers
 from gradflow.plots.style import (
     DIFF_CMAP,
     FIXED_LIMITS,
@@ -262,16 +262,12 @@ def diff_heatmap(
     stat = stat or _update_stat(window)
     window = common_window(runs, stat, window)
     label_a, label_b = run_labels(runs)
-    chosen_a, chosen_b = (select_layers(run, layers, all_layers) for run in runs)
-    by_name_b = {lay.name: lay for lay in chosen_b}
-    common = [lay for lay in chosen_a if lay.name in by_name_b]
-    only_a = [lay.name for lay in chosen_a if lay.name not in by_name_b]
-    names_a = {lay.name for lay in chosen_a}
-    only_b = [lay.name for lay in chosen_b if lay.name not in names_a]
-    if not common:
+    matched = match_layers(*(select_layers(run, layers, all_layers) for run in runs))
+    only_a, only_b = matched.only_a, matched.only_b
+    if not matched.a:
         raise GradflowError(f"{label_a} and {label_b} share no layer name; nothing to compare")
-    a = load(runs[0], stat, common, window, max_bins)
-    b = load(runs[1], stat, [by_name_b[lay.name] for lay in common], window, max_bins)
+    a = load(runs[0], stat, matched.a, window, max_bins)
+    b = load(runs[1], stat, matched.b, window, max_bins)
     if not np.array_equal(a.edges, b.edges):
         raise GradflowError(
             f"{label_a} and {label_b} recorded different {window.unit}s in "

@@ -82,6 +82,30 @@ def select_layers(run: Run, pattern: str | None = None, all_layers: bool = False
 
 
 @dataclass(frozen=True)
+class Matched:
+    """Layers of run A also in run B (matched by name, in A's order), their partners in B,
+    and the names found in only one of the two."""
+
+    a: list[Layer]
+    b: list[Layer]
+    only_a: list[str]
+    only_b: list[str]
+
+
+def match_layers(chosen_a: list[Layer], chosen_b: list[Layer]) -> Matched:
+    """Align two runs' layers by name, for run-to-run differences."""
+    by_name_b = {lay.name: lay for lay in chosen_b}
+    names_a = {lay.name for lay in chosen_a}
+    common = [lay for lay in chosen_a if lay.name in by_name_b]
+    return Matched(
+        common,
+        [by_name_b[lay.name] for lay in common],
+        [lay.name for lay in chosen_a if lay.name not in by_name_b],
+        [lay.name for lay in chosen_b if lay.name not in names_a],
+    )
+
+
+@dataclass(frozen=True)
 class Stage:
     """A run of consecutive drawn layers sharing the first component of their name."""
 
