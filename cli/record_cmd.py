@@ -12,9 +12,9 @@ import typer
 from rich.console import Console
 
 from gradflow.cli.app import app
+from gradflow.config import TrainConfig
 from gradflow.errors import GradflowError
-from gradflow.train import TrainConfig, train
-from gradflow.writer import STEP_PROBES
+from gradflow.statistics import STEP_PROBES
 
 _DEFAULTS = TrainConfig()
 _PROBES = ",".join(STEP_PROBES)
@@ -150,6 +150,8 @@ def record(
         log_every=log_every,
         command=shlex.join(["gradflow", *sys.argv[1:]]),
     )
+    from gradflow.train import train  # torch loads here, not for --help
+
     summary = train(config, out, force=force, resume=resume)
     if summary is None:  # a DDP rank other than 0
         return

@@ -1,10 +1,43 @@
-"""gradflow: per-layer gradient and weight-update flow, recorded while a network trains."""
+"""gradflow: per-layer gradient and weight-update flow, recorded while a network trains.
+
+The public names load on first use, so that ``import gradflow`` (and the commands that only
+read run files) do not import torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from gradflow.errors import GradflowError
+
+if TYPE_CHECKING:
+    from gradflow.recorder import Recorder
+    from gradflow.schedule import every, log_spaced
+    from gradflow.store import Run, open_run
 
 __version__ = "0.1.0"
 
-from gradflow.errors import GradflowError
-from gradflow.recorder import Recorder
-from gradflow.schedule import every, log_spaced
-from gradflow.store import Run, open_run
+# Public name -> the module that defines it.
+_LAZY = {
+    "Recorder": "gradflow.recorder",
+    "every": "gradflow.schedule",
+    "log_spaced": "gradflow.schedule",
+    "Run": "gradflow.store",
+    "open_run": "gradflow.store",
+}
 
 __all__ = ["GradflowError", "Recorder", "Run", "__version__", "every", "log_spaced", "open_run"]
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'gradflow' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

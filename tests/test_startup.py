@@ -1,0 +1,121 @@
+"""The commands that only read run files start without importing torch (a test of imports,
+not of time: ``benchmarks/startup.py`` measures the time)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from runfiles import write_run
+
+from gradflow.cli import commands  # noqa: F401  (registers every command on the app)
+from gradflow.cli.app import app
+
+# Runs the command line in a fresh interpreter and fails (exit 3) when torch was imported.
+WRAPPER = """
+import sys
+from gradflow.cli.main import main
+try:
+    main(sys.argv[1:])
+finally:
+    heavy = sorted(m for m in sys.modules if m == "torch" or m.startswith("torch."))
+    if heavy:
+        print(f"imported torch: {len(heavy)} torch modules", file=sys.stderr)
+        sys.exit(3)
+"""
+
+COMMANDS = sorted(c.name or c.callback.__name__ for c in app.registered_commands if c.callback)
+
+
+def gradflow(*args: object, columns: int = 100) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "MPLBACKEND": "Agg", "COLUMNS": str(columns), "OMP_NUM_THREADS": "1"}
+    return subprocess.run(
+        [sys.executable, "-c", WRAPPER, *map(str, args)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+
+
+@pytest.fixture(scope="module")
+def run_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_run(tmp_path_factory.mktemp("startup") / "a.h5", epochs=2, steps_per_epoch=5)
+
+
+def test_the_wrapper_sees_torch() -> None:
+    """The check itself can fail: ``gradflow models`` needs torch and is reported."""
+    result = gradflow("models")
+    assert result.returncode == 3 and "imported torch" in result.stderr
+
+
+def test_help_does_not_import_torch() -> None:
+    result = gradflow("--help")
+    assert result.returncode == 0, result.stderr
+    for name in COMMANDS:
+        assert name in result.stdout
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_command_help_does_not_import_torch(command: str) -> None:
+    result = gradflow(command, "--help")
+    assert result.returncode == 0, result.stderr
+
+
+def test_info_does_not_import_torch(run_file: Path) -> None:
+    result = gradflow("info", run_file)
+    assert result.returncode == 0, result.stderr
+    assert "a.h5" in result.stdout
+
+
+def test_plot_does_not_import_torch(run_file: Path, tmp_path: Path) -> None:
+    out = tmp_path / "updates.png"
+    result = gradflow("plot", "updates-heatmap", run_file, "--out", out)
+    assert result.returncode == 0, result.stderr
+    assert out.read_bytes().startswith(b"\x89PNG")
+
+
+def test_import_gradflow_is_lazy() -> None:
+    code = (
+        "import sys, gradflow\n"
+        "assert 'torch' not in sys.modules, 'import gradflow imported torch'\n"
+        "from gradflow import Recorder, Run, open_run, every, log_spaced\n"
+        "assert 'torch' in sys.modules and gradflow.Recorder is Recorder\n"
+        "assert Recorder.__module__ == 'gradflow.recorder'\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+
+
+def test_unknown_attribute_is_an_attribute_error() -> None:
+    import gradflow
+
+    with pytest.raises(AttributeError, match="no attribute 'Recoder'"):
+        gradflow.Recoder  # noqa: B018
+
+
+def test_loss_names_match_the_registry() -> None:
+    from gradflow.config import LOSS_NAMES
+    from gradflow.metrics import LOSSES
+
+    assert list(LOSS_NAMES) == LOSSES.names()
+
+
+def test_models_never_cuts_a_name_at_80_columns() -> None:
+    from gradflow.models import list_models
+
+    result = subprocess.run(
+        [sys.executable, "-m", "gradflow.cli.main", "models"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "COLUMNS": "80", "OMP_NUM_THREADS": "1"},
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert max(len(line) for line in lines) <= 80
+    for name in list_models():
+        assert any(name in line.split() for line in lines), f"{name} cut or wrapped"
