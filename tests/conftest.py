@@ -16,3 +16,12 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def private_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """The synthetic-volume cache of every test (and of the processes it starts) in a
+    temporary folder, never the user's."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("GRADFLOW_CACHE_DIR", str(tmp_path_factory.mktemp("gradflow-cache")))
+        yield
