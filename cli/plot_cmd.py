@@ -49,7 +49,11 @@ def plot(
         str | None, typer.Option(help="Layer names to draw: fnmatch glob or regular expression.")
     ] = None,
     all_layers: Annotated[
-        bool, typer.Option("--all-layers", help="Draw every layer, not only conv layers.")
+        bool,
+        typer.Option(
+            "--all-layers",
+            help="Draw every layer (default: conv layers of zoo FCNs, weight layers otherwise).",
+        ),
     ] = False,
     shared_scale: Annotated[
         bool | None,

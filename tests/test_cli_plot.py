@@ -139,7 +139,7 @@ def test_force_overwrites(
             ["updates-heatmp", "{a}"],
             "unknown figure 'updates-heatmp'; did you mean 'updates-heatmap'",
         ),
-        (["updates-heatmap", "{a}", "--layers", "nothing*"], "matches no conv layer"),
+        (["updates-heatmap", "{a}", "--layers", "nothing*"], "matches no weight layer"),
         (["updates-heatmap", "{a}", "--out", "{existing}"], "file exists; pass --force"),
         (["updates-heatmap", "{a}", "--out", "{jpg}"], "unknown output type '.jpg'"),
         (["learning-curves", "{a}", "--layers", "down*"], "learning-curves takes no layers option"),

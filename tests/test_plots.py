@@ -175,7 +175,7 @@ def test_layer_patterns_select_by_glob_or_regex(run_a: Run) -> None:
     assert drawn(fig).shape[0] == len(names)
     fig = updates_heatmap([run_a], layers=r"up\d\.0\.(conv|bn)", all_layers=True)
     assert drawn(fig).shape[0] == 4
-    with pytest.raises(GradflowError, match="matches no conv layer"):
+    with pytest.raises(GradflowError, match="matches no weight layer"):
         updates_heatmap([run_a], layers="*.bn")
 
 

@@ -134,21 +134,24 @@ def _spaced_labels(found: list[Stage], min_gap: float) -> list[Stage]:
 
 
 def mark_stages(ax: Axes, layers: list[Layer], axis: Literal["x", "y"], scale: float = 1.0) -> None:
-    """Stage names at their centres, thin lines between stages, the bottleneck stage with a
-    shaded label and a dark strip along the axis (positions are drawn-layer index x scale)."""
+    """Group names (:func:`~gradflow.plots.selection.stages`) at their centres, lines
+    between groups (darker where the group one level up changes), the bottleneck stage with
+    a shaded label and a dark strip along the axis (positions: drawn-layer index x scale)."""
     found = stages(layers)
     labelled = _spaced_labels(found, min_gap=len(layers) / MAX_STAGE_LABELS)
     centres = [(s.start + s.stop) / 2 * scale for s in labelled]
+    line = ax.axhline if axis == "y" else ax.axvline
+    for s in found[1:]:
+        major = s.first_of_parent
+        line(s.start * scale, color="k", lw=0.7 if major else 0.4, alpha=0.7 if major else 0.3)
     if axis == "y":
-        for s in found[1:]:
-            ax.axhline(s.start * scale, color="k", lw=0.5, alpha=0.6)
         ax.set_yticks(centres, [s.name for s in labelled])
         ticklabels = ax.get_yticklabels()
     else:
-        for s in found[1:]:
-            ax.axvline(s.start * scale, color="k", lw=0.5, alpha=0.6)
         ax.set_xticks(centres, [s.name for s in labelled])
         ticklabels = ax.get_xticklabels()
+        if sum(len(s.name) for s in labelled) > 60:  # would overlap side by side
+            ax.tick_params(axis="x", labelrotation=90)
     ax.tick_params(axis=axis, length=0)
     for s, text in zip(labelled, ticklabels, strict=True):
         if s.bottleneck:
