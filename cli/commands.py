@@ -4,4 +4,5 @@ from gradflow.cli import (
     models_cmd,  # noqa: F401
     plot_cmd,  # noqa: F401
     record_cmd,  # noqa: F401
+    report_cmd,  # noqa: F401
 )

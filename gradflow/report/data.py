@@ -1,0 +1,241 @@
+"""What the report shows, as one JSON-ready dict: facts, health, curves and heat maps of runs.
+
+Heat maps are binned along time to at most :data:`SCREEN_BINS` columns (about a panel's
+width in pixels) with :mod:`gradflow.plots.binning`, and shipped as base64 float32, layer
+by layer, so that a 1000-layer run stays a few megabytes and the page decodes it at once.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections import Counter
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from matplotlib.colors import to_hex
+
+from gradflow.errors import GradflowError
+from gradflow.plots.binning import LayerTime, bin_means, bin_starts, common_window, load
+from gradflow.plots.health import health
+from gradflow.plots.info import overhead_line
+from gradflow.plots.selection import match_layers, select_layers, stages
+from gradflow.plots.style import (
+    BAD_COLOUR,
+    DIFF_CMAP,
+    FIXED_LIMITS,
+    HEAT_CMAP,
+    colormap,
+    finite_range,
+    run_labels,
+    stat_label,
+)
+from gradflow.store import Layer, Run
+
+SCREEN_BINS = 500
+CURVE_POINTS = 2000
+HEATMAP_STATS = (
+    "epoch/update_abs_mean",
+    "param/update_ratio",
+    "param/grad_norm",
+    "grad_output/norm",
+    "activation/zero_fraction",
+)
+
+
+def _floats(values: np.ndarray) -> list[float | None]:
+    # JSON has no NaN: a missing value is null.
+    return [float(v) if np.isfinite(v) else None for v in np.asarray(values, np.float64)]
+
+
+def _matrix(values: np.ndarray) -> str:
+    """``values[bin, layer]`` as base64 float32, one layer's row of bins after another."""
+    return base64.b64encode(np.ascontiguousarray(values.T, dtype="<f4").tobytes()).decode()
+
+
+def _range(values: Sequence[np.ndarray], positive: bool = False) -> list[float] | None:
+    lo, hi = finite_range(values, positive=positive)
+    return None if np.isnan(lo) else [lo, hi]
+
+
+def _colourscale(name: str, n: int = 11) -> list[list[Any]]:
+    """The PNG figures' colour map as a plotly colour scale."""
+    cmap = colormap(name)
+    return [[i / (n - 1), to_hex(cmap(i / (n - 1)))] for i in range(n)]
+
+
+def _has(run: Run, stat: str) -> bool:
+    probe, name = stat.split("/", 1)
+    if probe == "epoch":
+        return name in run.epoch_stats() and run.n_epochs > 0
+    return name in run.probes().get(probe, []) and run.n_steps > 0
+
+
+def _panel(run_index: int, title: str, data: LayerTime, rows: list[int]) -> dict[str, Any]:
+    return {
+        "run": run_index,
+        "title": title,
+        "edges": _floats(data.edges),
+        "spans": data.spans.astype(np.int64).tolist(),
+        "rows": rows,
+        "values": _matrix(data.values),
+    }
+
+
+def _events(run: Run) -> list[dict[str, Any]]:
+    ev = run.first_nonfinite
+    if ev is None:
+        return []
+    return [{"layer": ev.layer, "step": ev.step, "epoch": ev.epoch, "probe": ev.probe}]
+
+
+def _facts(run: Run) -> list[list[str]]:
+    attrs = run.attrs
+    steps = run.steps
+    kinds = ", ".join(f"{k} {n}" for k, n in Counter(lay.kind for lay in run.layers).items())
+    stats = [f"{p}: {', '.join(names)}" for p, names in run.probes().items()]
+    if run.epoch_stats():
+        stats.append(f"epoch: {', '.join(run.epoch_stats())}")
+    return [
+        ["file", f"{run.path.name} ({run.path.stat().st_size / 1e6:.1f} MB)"],
+        ["created", str(attrs.get("created", "?"))],
+        [
+            "versions",
+            f"schema v{attrs.get('schema_version')}, gradflow {attrs.get('gradflow_version', '?')}"
+            f", torch {attrs.get('torch_version', '?')}",
+        ],
+        ["device", f"{attrs.get('device', '?')}, world size {attrs.get('world_size', 1)}"],
+        [
+            "steps",
+            f"{run.n_steps} recorded" + (f" ({steps[0]}..{steps[-1]})" if len(steps) else ""),
+        ],
+        ["epochs", f"{run.n_epochs} closed"],
+        [
+            "layers",
+            f"{run.n_layers} ({kinds}), {sum(lay.n_params for lay in run.layers):,} parameters",
+        ],
+        ["statistics", "; ".join(stats)],
+        ["overhead", overhead_line(run) or "not recorded"],
+    ]
+
+
+def _curves(run: Run) -> dict[str, Any]:
+    loss: dict[str, Any] = {"x": [], "y": []}
+    if run.n_steps:
+        steps = run.steps
+        starts = bin_starts(steps, CURVE_POINTS)
+        means = bin_means([(0, run.loss[:, None])], starts, 1)[:, 0]
+        loss = {"x": steps[starts].tolist(), "y": _floats(means)}
+    epochs = run.epochs.tolist()
+    return {
+        "loss": loss,
+        "metrics": {k: {"x": epochs, "y": _floats(v)} for k, v in run.metrics.items()},
+    }
+
+
+def _run(run: Run, label: str, drawn: list[Layer]) -> dict[str, Any]:
+    found = stages(drawn)
+    stage_of = np.zeros(len(drawn), np.int64)
+    for i, s in enumerate(found):
+        stage_of[s.start : s.stop] = i
+    return {
+        "label": label,
+        "file": run.path.name,
+        "steps": run.n_steps,
+        "epochs": run.n_epochs,
+        "facts": _facts(run),
+        "config": [
+            [k, v if isinstance(v, str) else json.dumps(v, default=str)]
+            for k, v in run.config.items()
+        ],
+        "health": [
+            {"check": f.check, "layer": f.layer, "value": f.value, "detail": f.detail}
+            for f in health(run)
+        ],
+        "layers": [{"name": lay.name, "kind": lay.kind, "depth": lay.depth} for lay in drawn],
+        "stage_of": stage_of.tolist(),
+        "stages": [{"name": s.name, "bottleneck": s.bottleneck} for s in found],
+        "events": _events(run),
+        "curves": _curves(run),
+    }
+
+
+def _diff(
+    runs: Sequence[Run], labels: list[str], stat: str, drawn: list[list[Layer]], max_bins: int
+) -> dict[str, Any]:
+    """Run A minus run B (and log10 A/B) over the layers both have, as ``diff-heatmap``."""
+    matched = match_layers(drawn[0], drawn[1])
+    only = [
+        f"only in {label} ({len(names)}): {', '.join(names[:6])}"
+        + (f", ... (+{len(names) - 6} more)" if len(names) > 6 else "")
+        for label, names in zip(labels, (matched.only_a, matched.only_b), strict=True)
+        if names
+    ]
+    title = f"{labels[0]} − {labels[1]}"
+    if not matched.a:
+        return {"title": title, "note": "the two runs share no layer name"}
+    window = common_window(runs, stat, None)
+    a = load(runs[0], stat, matched.a, window, max_bins)
+    b = load(runs[1], stat, matched.b, window, max_bins)
+    if not np.array_equal(a.edges, b.edges):
+        return {"title": title, "note": f"the runs recorded different {window.unit}s"}
+    with np.errstate(divide="ignore", invalid="ignore"):
+        diff, ratio = a.values - b.values, np.log10(a.values / b.values)
+    position = {lay.name: i for i, lay in enumerate(drawn[0])}
+    panel = _panel(0, title, a, [position[lay.name] for lay in matched.a])
+    del panel["values"]
+    return {
+        **panel,
+        "diff": _matrix(diff),
+        "ratio": _matrix(ratio),
+        "diff_range": _range([np.abs(diff)]),
+        "ratio_range": _range([np.abs(ratio)]),
+        "note": "layers " + "; ".join(only) if only else "",
+    }
+
+
+def _heatmap(
+    runs: Sequence[Run], labels: list[str], stat: str, drawn: list[list[Layer]], max_bins: int
+) -> dict[str, Any] | None:
+    have = [i for i, run in enumerate(runs) if _has(run, stat)]
+    if not have:
+        return None
+    data = {i: load(runs[i], stat, drawn[i], None, max_bins) for i in have}
+    values = [d.values for d in data.values()]
+    fixed = FIXED_LIMITS.get(stat)
+    section: dict[str, Any] = {
+        "stat": stat,
+        "label": stat_label(stat),
+        "unit": data[have[0]].unit,
+        "log": fixed is None,
+        "range": list(fixed) if fixed else _range(values),
+        "log_range": _range(values, positive=True),
+        "panels": [_panel(i, labels[i], data[i], list(range(len(drawn[i])))) for i in have],
+    }
+    if len(runs) == 2 and len(have) == 2:
+        section["diff"] = _diff(runs, labels, stat, drawn, max_bins)
+    return section
+
+
+def payload(runs: Sequence[Run], max_bins: int = SCREEN_BINS) -> dict[str, Any]:
+    """Everything the report page draws for ``runs``, JSON-serialisable (no NaN)."""
+    if not runs:
+        raise GradflowError("no run files to report on")
+    labels = run_labels(runs)
+    drawn = [select_layers(run, all_layers=True) for run in runs]
+    sections = [_heatmap(runs, labels, stat, drawn, max_bins) for stat in HEATMAP_STATS]
+    return {
+        "colourscales": {"heat": _colourscale(HEAT_CMAP), "diff": _colourscale(DIFF_CMAP)},
+        "no_value": BAD_COLOUR,
+        "runs": [
+            _run(run, label, layers) for run, label, layers in zip(runs, labels, drawn, strict=True)
+        ],
+        "heatmaps": [s for s in sections if s is not None],
+    }
+
+
+def to_json(data: dict[str, Any]) -> str:
+    """``data`` as compact JSON, safe inside an HTML ``<script>`` element."""
+    text = json.dumps(data, separators=(",", ":"), allow_nan=False)
+    return text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")

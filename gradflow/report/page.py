@@ -1,0 +1,94 @@
+"""The report page: one HTML document with plotly.js, the page's script and the data inlined."""
+
+from __future__ import annotations
+
+import html
+from collections.abc import Sequence
+from contextlib import ExitStack
+from importlib import resources
+from pathlib import Path
+
+from gradflow.errors import GradflowError
+from gradflow.report.data import SCREEN_BINS, payload, to_json
+from gradflow.store import open_run
+
+_TEMPLATE = """<!DOCTYPE html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>{title}</title>
+<style>{css}</style>
+<script>{plotly}</script>
+</head>
+<body>
+<header>
+  <h1>{title}</h1>
+  <div id="controls">
+    <label>layers <input id="layer-filter" type="search" placeholder="name, substring or regex"
+      autocomplete="off" spellcheck="false"></label>
+    <span id="layer-count"></span>
+    <label><input id="log-colour" type="checkbox" checked> log colour</label>
+    <span id="live-status"></span>
+  </div>
+</header>
+<main>
+  <section id="runs"></section>
+  <section id="heatmaps"></section>
+  <section id="curves"></section>
+</main>
+<div id="tooltip" role="tooltip" hidden></div>
+<script id="gradflow-data" type="application/json">{data}</script>
+<script>{script}</script>
+</body>
+</html>
+"""
+
+
+def _asset(name: str) -> str:
+    return (resources.files("gradflow.report") / name).read_text(encoding="utf-8")
+
+
+def _plotly_js() -> str:
+    try:
+        return (resources.files("plotly") / "package_data" / "plotly.min.js").read_text("utf-8")
+    except (ModuleNotFoundError, FileNotFoundError) as err:
+        raise GradflowError("the HTML report needs plotly: pip install plotly") from err
+
+
+def page(data: str, title: str) -> str:
+    """The page around ``data`` (JSON from :func:`~gradflow.report.data.to_json`; ``null``
+    makes the page poll ``/data.json`` of the server that sent it)."""
+    return _TEMPLATE.format(
+        title=html.escape(title),
+        css=_asset("report.css"),
+        plotly=_plotly_js(),
+        data=data,
+        script=_asset("report.js"),
+    )
+
+
+def build_report(
+    paths: Sequence[str | Path],
+    out: str | Path,
+    *,
+    force: bool = False,
+    max_bins: int = SCREEN_BINS,
+) -> Path:
+    """Write the self-contained HTML report of the run files ``paths`` to ``out``."""
+    target = Path(out)
+    if target.suffix.lower() not in (".html", ".htm"):
+        raise GradflowError(f"{target}: the report is an HTML file; name it .html")
+    if target.exists() and not force:
+        raise GradflowError(f"{target} exists; pass --force to overwrite it")
+    if not target.parent.is_dir():
+        raise GradflowError(f"{target}: directory {target.parent} does not exist")
+    with ExitStack() as stack:
+        runs = [stack.enter_context(open_run(path)) for path in paths]
+        data = to_json(payload(runs, max_bins))
+        title = "gradflow: " + ", ".join(run.path.name for run in runs)
+    text = page(data, title)
+    tmp = target.with_name(f".{target.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(target)
+    return target

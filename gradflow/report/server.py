@@ -1,0 +1,207 @@
+"""``gradflow serve``: the report page over HTTP, redrawn as the run files grow.
+
+The page polls ``/status.json`` (the committed row counts) every second and fetches
+``/data.json`` when they change. The run files are read through their live (SWMR) reader,
+which never blocks the writer, and re-read at most once a second whatever the number of
+open pages. Only the files named on the command line are served; no path is taken from
+the URL.
+"""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import json
+import threading
+import time
+from collections.abc import Callable, Sequence
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from gradflow.errors import GradflowError, reason
+from gradflow.report.data import SCREEN_BINS, payload, to_json
+from gradflow.report.page import page
+from gradflow.store import Run, open_run
+
+MIN_REREAD_S = 1.0
+LOOPBACK_NAMES = {"localhost", "127.0.0.1", "::1"}
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` is only reachable from this machine."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _file_id(path: Path) -> tuple[int, int]:
+    st = path.stat()
+    return st.st_dev, st.st_ino
+
+
+class LiveRuns:
+    """The named run files and their JSON, re-read at most every ``min_interval`` seconds."""
+
+    def __init__(
+        self,
+        paths: Sequence[Path],
+        *,
+        min_interval: float = MIN_REREAD_S,
+        max_bins: int = SCREEN_BINS,
+    ) -> None:
+        self.paths = list(paths)
+        self.min_interval = min_interval
+        self.max_bins = max_bins
+        self._runs: list[Run] = []
+        self._ids: list[tuple[int, int]] = []
+        self._lock = threading.Lock()
+        self._read_at = -float("inf")
+        self._counts: list[list[int]] | None = None
+        self._error = ""
+        self._data = b"null"
+        try:
+            for path in self.paths:
+                self._ids.append(_file_id(path))
+                self._runs.append(open_run(path))
+        except (GradflowError, OSError):
+            self.close()
+            raise
+        self._read()
+
+    def _read(self) -> None:
+        for i, path in enumerate(self.paths):
+            # A run that closes cleanly is rewritten compressed and renamed into place.
+            try:
+                replaced = _file_id(path) != self._ids[i]
+            except OSError:
+                replaced = False  # mid-rename: read the open file this time
+            if replaced:
+                fresh = open_run(path)
+                self._runs[i].close()
+                self._runs[i], self._ids[i] = fresh, _file_id(path)
+            else:
+                self._runs[i].refresh()
+        counts = [[run.n_steps, run.n_epochs, run.n_events] for run in self._runs]
+        if counts != self._counts:
+            self._data = to_json(payload(self._runs, self.max_bins)).encode()
+            self._counts = counts
+
+    def refresh(self) -> None:
+        """Re-read the files unless that was done less than ``min_interval`` seconds ago."""
+        with self._lock:
+            if time.monotonic() - self._read_at < self.min_interval:
+                return
+            self._read_at = time.monotonic()
+            try:
+                self._read()
+                self._error = ""
+            except (GradflowError, OSError) as err:
+                self._error = reason(err)  # the last good data stays on the page
+
+    def status(self) -> bytes:
+        """The committed row counts of every run (and the last read error), as JSON."""
+        self.refresh()
+        with self._lock:
+            return json.dumps({"counts": self._counts, "error": self._error}).encode()
+
+    def data(self) -> bytes:
+        """The report data of every run, as JSON."""
+        self.refresh()
+        with self._lock:
+            return self._data
+
+    def close(self) -> None:
+        """Close every run file."""
+        for run in self._runs:
+            run.close()
+
+
+def _handler(live: LiveRuns, html: bytes, check_host: bool) -> type[BaseHTTPRequestHandler]:
+    routes: dict[str, tuple[str, Callable[[], bytes]]] = {
+        "/": ("text/html; charset=utf-8", lambda: html),
+        "/data.json": ("application/json", live.data),
+        "/status.json": ("application/json", live.status),
+    }
+
+    class Handler(BaseHTTPRequestHandler):
+        server_version = "gradflow"
+        sys_version = ""
+
+        def do_GET(self) -> None:
+            host = (self.headers.get("Host") or "").rsplit(":", 1)[0].strip("[]")
+            if check_host and host not in LOOPBACK_NAMES:
+                # A page from another site that resolves its name to 127.0.0.1 gets nothing.
+                self.send_error(403, "unexpected Host header")
+                return
+            route = routes.get(urlsplit(self.path).path)
+            if route is None:
+                self.send_error(404, "not found: this server has /, /data.json, /status.json")
+                return
+            kind, body = route
+            content = body()
+            self.send_response(200)
+            self.send_header("Content-Type", kind)
+            self.send_header("Content-Length", str(len(content)))
+            self.send_header("Cache-Control", "no-store")
+            self.send_header("X-Content-Type-Options", "nosniff")
+            self.end_headers()
+            self.wfile.write(content)
+
+        def log_message(self, format: str, *args: object) -> None:
+            """Requests are not logged: the page polls every second."""
+
+    return Handler
+
+
+class ReportServer(ThreadingHTTPServer):
+    """The live report of run files over HTTP; closing the server closes the files."""
+
+    daemon_threads = True
+
+    def __init__(
+        self, paths: Sequence[str | Path], *, host: str = "127.0.0.1", port: int = 8050
+    ) -> None:
+        self.live = LiveRuns([Path(p) for p in paths])
+        title = "gradflow (live): " + ", ".join(Path(p).name for p in paths)
+        handler = _handler(self.live, page("null", title).encode(), check_host=is_loopback(host))
+        try:
+            super().__init__((host, port), handler)
+        except OSError as err:
+            self.live.close()
+            if err.errno == errno.EADDRINUSE:
+                raise GradflowError(
+                    f"port {port} is in use on {host}; pick another with --port"
+                ) from None
+            raise GradflowError(f"cannot listen on {host}:{port}: {reason(err)}") from None
+
+    @property
+    def url(self) -> str:
+        """The page's address."""
+        host, port = str(self.server_address[0]), self.server_address[1]
+        shown = f"[{host}]" if ":" in host else host
+        return f"http://{shown}:{port}/"
+
+    def server_close(self) -> None:
+        super().server_close()
+        self.live.close()
+
+
+def serve(
+    paths: Sequence[str | Path],
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8050,
+    on_ready: Callable[[str], None] | None = None,
+) -> None:
+    """Serve the live report of ``paths`` at ``http://host:port/`` until interrupted.
+
+    ``on_ready`` gets the page's URL once the server listens (``port=0``: any free port).
+    """
+    with ReportServer(paths, host=host, port=port) as server:
+        if on_ready is not None:
+            on_ready(server.url)
+        server.serve_forever(poll_interval=0.2)
