@@ -625,13 +625,16 @@ class ShardReducer:
 class ParamProbe:
     """Gradient, weight and update reductions of every layer's trainable parameters.
 
-    One float32 snapshot of all trainable parameters, allocated at the first recorded step
-    and reused, holds ``W_before``; after the step it is turned into ``W_before - W_after``
-    in place, so measuring the update needs no second copy. Sharded parameters are
-    measured on their local shards and completed across ranks by a :class:`ShardReducer`.
+    Parameters are split into groups, one per optimizer (``owners[i]``: the group of the
+    i-th parameter in layer order); each group is measured around its own optimizer's step.
+    A group holds one float32 snapshot of its parameters, allocated at the first recorded
+    step and reused, with ``W_before``; after the step it is turned into
+    ``W_before - W_after`` in place, so measuring the update needs no second copy. Sharded
+    parameters are measured on their local shards and completed across ranks by a
+    :class:`ShardReducer`. Sparse gradients are measured by their coalesced values.
     """
 
-    def __init__(self, layers: Sequence[LayerSpec]) -> None:
+    def __init__(self, layers: Sequence[LayerSpec], owners: Sequence[int] | None = None) -> None:
         self.params: list[nn.Parameter] = [p for lay in layers for p in lay.params]
         counts = [len(lay.params) for lay in layers]
         self.layer_starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
@@ -642,29 +645,87 @@ class ParamProbe:
                 f"parameters on several devices ({sorted(map(str, devices))}) are not supported"
             )
         self.device = next(iter(devices)) if devices else torch.device("cpu")
-        self.snapshot = Snapshot(self.params, self.device, graphs=True)
+        owner = np.zeros(len(self.params), np.int64) if owners is None else np.asarray(owners)
+        n_groups = int(owner.max()) + 1 if len(owner) else 1
+        self._members = [np.flatnonzero(owner == k) for k in range(n_groups)]
+        self._index = [torch.from_numpy(m).to(self.device) for m in self._members]
+        self._whole = n_groups == 1
+        self.snapshots = [
+            Snapshot([self.params[i] for i in m], self.device, graphs=True) if len(m) else None
+            for m in self._members
+        ]
+        self.snapshot = self.snapshots[0]
+        # Only modules with sparse gradients (nn.Embedding/EmbeddingBag(sparse=True)) can
+        # hand the optimizer sparse gradients: only their parameters are checked per step.
+        sparse_modules = [lay for lay in layers if getattr(lay.module, "sparse", False) is True]
+        sparse_ids = {id(p) for lay in sparse_modules for p in lay.params}
+        self._maybe_sparse = [
+            [j for j, i in enumerate(m) if id(self.params[i]) in sparse_ids] for m in self._members
+        ]
+        self.signature = self.current_signature()
         sharded = any(hasattr(p, "device_mesh") for p in self.params)
         self.reduce_shards = ShardReducer(self.params) if sharded else None
-        self._pre: list[torch.Tensor] = []
+        self._pre: dict[int, list[torch.Tensor]] = {}
+        self._done: dict[int, torch.Tensor] = {}
 
-    def grad_reductions(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-tensor sum of squares and non-finite count of the gradients (float64 [P])."""
+    def current_signature(self) -> list[tuple[Any, ...]]:
+        """Shape, dtype and device of every parameter: a change means a new probe."""
+        return [(p.shape, p.dtype, p.device) for p in self.params]
+
+    def grad_reductions(self, group: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-tensor sum of squares and non-finite count of one group's gradients
+        (float64 [P_group])."""
+        snapshot = self.snapshots[group]
+        assert snapshot is not None
+        params = snapshot.params
         if self.reduce_shards is None:
-            grads = [p.grad for p in self.params]
+            grads = [p.grad for p in params]
         else:
-            grads = [local(p.grad) if p.grad is not None else None for p in self.params]
-        return self.snapshot.grad_reductions(grads)
+            grads = [local(p.grad) if p.grad is not None else None for p in params]
+        sparse = {
+            j: g for j in self._maybe_sparse[group] if (g := grads[j]) is not None and g.is_sparse
+        }
+        if not sparse:
+            return snapshot.grad_reductions(grads)
+        dense = [None if j in sparse else g for j, g in enumerate(grads)]
+        g_sq, nonfinite = (t.clone() for t in snapshot.grad_reductions(dense))
+        for j, grad in sparse.items():
+            values = grad.coalesce().values().detach()
+            g_sq[j] = values.double().square().sum()
+            nonfinite[j] = (~torch.isfinite(values)).sum()
+        return g_sq, nonfinite
 
-    def before_step(self) -> None:
-        """Reduce gradients and weights, and snapshot the weights (call before ``step()``)."""
-        g_sq, nonfinite = self.grad_reductions()
-        self._pre = [self.snapshot.take(), g_sq, nonfinite]
+    def before_step(self, group: int = 0) -> None:
+        """Reduce one group's gradients and weights, and snapshot the weights (call before
+        its optimizer's ``step()``)."""
+        snapshot = self.snapshots[group]
+        if snapshot is None:
+            return
+        g_sq, nonfinite = self.grad_reductions(group)
+        self._pre[group] = [snapshot.take(), g_sq, nonfinite]
 
-    def after_step(self, stepped: bool = True) -> torch.Tensor:
-        """Reduce ``W_after - W_before``; returns all reductions as one float64 vector [6P]."""
-        w_sq = self._pre[0]
-        deltas = self.snapshot.delta() if stepped else [torch.zeros_like(w_sq)] * 3
-        return self.complete(torch.cat([*self._pre, *deltas]))
+    def after_step(self, group: int = 0, stepped: bool = True) -> None:
+        """Reduce ``W_after - W_before`` of a group measured by :meth:`before_step`."""
+        pre = self._pre.pop(group, None)
+        snapshot = self.snapshots[group]
+        if pre is None or snapshot is None:
+            return
+        deltas = snapshot.delta() if stepped else [torch.zeros_like(pre[0])] * 3
+        self._done[group] = torch.cat([*pre, *deltas])
+
+    def row(self) -> torch.Tensor | None:
+        """All reductions measured since the last row as one float64 vector [6P] (NaN for
+        parameters whose optimizer did not step), or None if nothing was measured."""
+        done, self._done = self._done, {}
+        self._pre = {}
+        if not done:
+            return None
+        if self._whole:
+            return self.complete(done[0])
+        full = torch.full((6, len(self.params)), math.nan, dtype=torch.float64, device=self.device)
+        for group, vec in done.items():
+            full[:, self._index[group]] = vec.double().view(6, -1)
+        return self.complete(full.reshape(-1))
 
     def complete(self, vec: torch.Tensor) -> torch.Tensor:
         """Per-tensor reductions made global across shards (if any), as float64."""

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import math
 import os
+import sys
 import threading
 import time
 import weakref
@@ -18,6 +20,7 @@ import torch
 from torch import nn
 
 from gradflow.errors import GradflowError, reason, unknown_name
+from gradflow.native import kernel_backend
 from gradflow.probes import (
     ActivationProbe,
     CallLog,
@@ -31,11 +34,42 @@ from gradflow.probes import (
     order_by_first_call,
 )
 from gradflow.schedule import Schedule, as_schedule
-from gradflow.store import Event, check_writable
-from gradflow.writer import STEP_PROBES, EpochItem, Layout, NullWriter, StepItem, WriterThread
+from gradflow.statistics import STEP_PROBES
+from gradflow.store import Event, WriteLock, check_writable
+from gradflow.writer import EpochItem, Layout, NullWriter, Relayout, StepItem, WriterThread
 
 _OPEN: weakref.WeakKeyDictionary[nn.Module, Recorder] = weakref.WeakKeyDictionary()
 LayerSelect = Sequence[str] | Callable[[str, nn.Module], bool] | None
+
+
+def unwrap_optimizer(optimizer: Any) -> torch.optim.Optimizer:
+    """The torch optimizer inside wrappers that hold it as ``.optimizer`` (accelerate's
+    ``AcceleratedOptimizer``, Lightning's ``LightningOptimizer``), unwrapped repeatedly."""
+    seen: set[int] = set()
+    current = optimizer
+    # A wrapper may subclass Optimizer without its step hooks (AcceleratedOptimizer does).
+    while not (
+        isinstance(current, torch.optim.Optimizer) and hasattr(current, "_optimizer_step_pre_hooks")
+    ):
+        inner = getattr(current, "optimizer", None)
+        if inner is None or id(current) in seen:
+            raise GradflowError(
+                "optimizer must be a torch.optim.Optimizer or an object holding one as "
+                f".optimizer, got {type(optimizer).__name__}"
+            )
+        seen.add(id(current))
+        current = inner
+    return current
+
+
+def _optimizers(optimizer: Any) -> list[torch.optim.Optimizer]:
+    if optimizer is None:
+        return []
+    items = list(optimizer) if isinstance(optimizer, (list, tuple)) else [optimizer]
+    found = [unwrap_optimizer(item) for item in items]
+    if len({id(o) for o in found}) != len(found):
+        raise GradflowError("the same optimizer is given twice")
+    return found
 
 
 class Recorder:
@@ -54,12 +88,31 @@ class Recorder:
     after accumulation, all-reduce and AMP unscaling, the update around the real step.
     With ``optimizer=None`` every backward pass is a row instead (no update statistics).
 
+    ``optimizer.step(closure)`` (LBFGS, Lightning's automatic optimization): the gradients
+    and weights are read right after the closure's first call, so they are those at the
+    weights before the step; the update is measured around the whole ``step()``. Only the
+    first closure call's forward and backward count for the activation and output-gradient
+    statistics (LBFGS evaluates the closure again at trial weights).
+
+    Several optimizers (``[opt_a, opt_b]``): each parameter is measured around the step of
+    the optimizer that holds it (parameters no optimizer holds go with the first). A row
+    closes when every optimizer has stepped once since it opened, or, when one steps a
+    second time before that, just before that second step; parameters whose optimizer did
+    not step within a row are NaN there.
+
+    Layer outputs computed again during backward (activation checkpointing) are not counted
+    again. A parameter whose size, dtype or device changed, a new parameter group, or a
+    replaced submodule make the next recorded step measure the new parameters (the run
+    file's layers keep the sizes they were written with); a change of the set of recorded
+    layers raises :class:`GradflowError`.
+
     Args:
-        model: the module to watch (a DDP wrapper is unwrapped).
-        optimizer: its optimizer, or None.
+        model: the module to watch (DDP and ``torch.compile`` wrappers are unwrapped).
+        optimizer: its optimizer, a list of optimizers, or None; wrappers holding the real
+            optimizer as ``.optimizer`` (accelerate, Lightning) are unwrapped.
         path: the run file to write.
         every: which steps to record: an int ``n`` (every n-th step) or ``step -> bool``.
-        probes: any of ``"param"``, ``"activation"``, ``"grad_output"``.
+        probes: one or several of ``"param"``, ``"activation"``, ``"grad_output"``.
         layers: name prefixes or a ``(name, module) -> bool`` predicate selecting layers.
         scaler: a ``torch.amp.GradScaler`` in use (records scale and skipped steps).
         flush_every: rows between flushes to disk; ``flush_seconds``: seconds between them.
@@ -80,11 +133,11 @@ class Recorder:
     def __init__(
         self,
         model: nn.Module,
-        optimizer: torch.optim.Optimizer | None = None,
+        optimizer: Any = None,
         path: str | os.PathLike[str] = "run.h5",
         *,
         every: int | Schedule | None = None,
-        probes: Iterable[str] = STEP_PROBES,
+        probes: str | Iterable[str] = STEP_PROBES,
         layers: LayerSelect = None,
         scaler: Any = None,
         flush_every: int = 100,
@@ -98,14 +151,31 @@ class Recorder:
     ) -> None:
         if isinstance(model, nn.parallel.DistributedDataParallel):
             model = model.module
+        model = getattr(model, "_orig_mod", model)  # torch.compile's OptimizedModule
         if not isinstance(model, nn.Module):
             raise GradflowError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        self.probes = tuple(dict.fromkeys(probes))
-        for probe in self.probes:
-            if probe not in STEP_PROBES:
-                raise unknown_name("probe", probe, STEP_PROBES)
-        if flush_every < 1 or flush_seconds <= 0:
-            raise GradflowError("flush_every must be >= 1 and flush_seconds > 0")
+        self.probes = _check_probes(probes)
+        _check_arguments(
+            path=path,
+            flush_every=flush_every,
+            flush_seconds=flush_seconds,
+            scaler=scaler,
+            config=config,
+            resume=resume,
+            write_rank=write_rank,
+            flags={
+                "overwrite": overwrite,
+                "epoch_stats": epoch_stats,
+                "reduce_activations": reduce_activations,
+            },
+        )
+        if layers is not None and not (callable(layers) or _is_names(layers)):
+            raise GradflowError(
+                "layers must be a name prefix, a list of them, or a (name, module) -> bool "
+                f"predicate, got {type(layers).__name__}"
+            )
+        self._optimizers = _optimizers(optimizer)
+        self.schedule = as_schedule(every)
         self.path = Path(path)
         if model in _OPEN:
             other: Recorder = _OPEN[model]
@@ -116,6 +186,8 @@ class Recorder:
         distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
         self.rank = torch.distributed.get_rank() if distributed else 0
         self.world_size = torch.distributed.get_world_size() if distributed else 1
+        if write_rank >= self.world_size:
+            raise GradflowError(f"write_rank {write_rank} is not a rank of {self.world_size}")
         self._writes = self.rank == write_rank
         self._reduce_activations = reduce_activations and self.world_size > 1
         # gradflow's own collectives run in a group of their own, apart from the model's.
@@ -124,9 +196,10 @@ class Recorder:
             check_writable(self.path, overwrite=overwrite)
         elif self._writes and not self.path.exists():
             raise GradflowError(f"{self.path}: cannot resume, no such run file")
+        if self._writes:  # refused here, not at the first write, while another process writes it
+            WriteLock.acquire(self.path).release()
         self.model = model
-        self.optimizer = optimizer
-        self.schedule = as_schedule(every)
+        self.optimizer = self._optimizers[0] if self._optimizers else None
         self.step, self.epoch = resume if resume is not None else (0, 0)
         self._resume = resume
         self._config = dict(config or {})
@@ -134,26 +207,38 @@ class Recorder:
         self._epoch_stats = epoch_stats
         self._flush = (flush_every, flush_seconds)
 
+        self._select = layers
         self._layers = _select(discover_layers(model), layers)
         self._layout_sent = False
         self._param_probe: ParamProbe | None = None
         self._epoch_snapshot: Snapshot | None = None
         self._epoch_probe: ParamProbe | None = None
         self._epoch_w_sq: torch.Tensor | None = None
+        self._epoch_stale = False
         self._call_order: dict[str, int] = {}
         self._active = self.schedule(self.step)
         self._log = CallLog()
         self._host = HostReducer()
         self._activation = ActivationProbe(self._host) if "activation" in self.probes else None
         self._gout_hooks: list[Callable[[torch.Tensor], None]] = []
+        self._no_grad_calls: dict[int, int] = {}
         self._next_scalars: dict[str, Any] = {}
         self._open_row: dict[str, Any] | None = None
+        self._row_steps: set[int] = set()  # optimizers that stepped in the row being measured
+        self._row_skipped = False
+        self._replaying = 0  # inside a second or later call of a step's closure
+        self._forward_seen = False  # a forward of the model ran since the Recorder attached
+        self._rows_unseen = 0  # rows closed before any forward was seen
         self._stepped = False
         self._hook_s = 0.0
         self._stats_s = 0.0
         self._t0 = time.perf_counter()
         self._handles: list[Any] = []
+        self._layer_handles: list[Any] = []
         self._order_handles: list[Any] = []
+        self._module_ids: set[int] = set()
+        self._dirty = False  # a submodule or parameter of the model was (re)registered
+        self._n_groups: list[int] = []
         self._scaler = scaler
         self._scaler_step: Any = None
         self._closed = False
@@ -179,8 +264,14 @@ class Recorder:
     # -- public API ------------------------------------------------------------------------------
     @property
     def layer_names(self) -> list[str]:
-        """Names of the recorded layers (forward order once the first forward ran)."""
-        return [lay.name for lay in self._layers]
+        """Names of the recorded layers as in the run file (``(root)`` for the model
+        itself), in forward order once the first forward ran."""
+        return [lay.name or "(root)" for lay in self._layers]
+
+    @property
+    def optimizers(self) -> list[torch.optim.Optimizer]:
+        """The (unwrapped) optimizers whose steps are measured."""
+        return list(self._optimizers)
 
     @property
     def first_nonfinite(self) -> Event | None:
@@ -204,7 +295,7 @@ class Recorder:
             else:
                 value = float(value)
             values[name] = value
-        if self._open_row is not None:
+        if self._open_row is not None and not self._row_steps:
             self._open_row["scalars"].update(values)
         elif self._active:
             self._next_scalars.update(values)
@@ -217,15 +308,17 @@ class Recorder:
             self.epoch += 1
             return
         self._ensure_layout()
-        self._finalize_row()
+        self._end_row()
         device_vals, host_vals = _split_scalars(metrics)
         parts: list[torch.Tensor] = []
         if self._epoch_snapshot is not None and self._epoch_w_sq is not None:
-            w_sq = self._epoch_w_sq
-            zeros = torch.zeros_like(w_sq)
-            vec = torch.cat([w_sq, zeros, zeros, *self._epoch_snapshot.delta()])
-            parts = [self._epoch_probe.complete(vec) if self._epoch_probe else vec]
+            if not self._epoch_stale:  # parameters re-derived within the epoch: no update
+                w_sq = self._epoch_w_sq
+                zeros = torch.zeros_like(w_sq)
+                vec = torch.cat([w_sq, zeros, zeros, *self._epoch_snapshot.delta()])
+                parts = [self._epoch_probe.complete(vec) if self._epoch_probe else vec]
             self._epoch_w_sq = self._epoch_snapshot.take()
+            self._epoch_stale = False
         packed, ready = self._to_host(parts, device_vals)
         self._writer.put(
             EpochItem(
@@ -266,8 +359,10 @@ class Recorder:
         try:
             if not self._inert:
                 self._ensure_layout()
-                self._finalize_row()
+                self._end_row()
         finally:
+            # Compiled code may keep calling hooks it was traced with: they check this.
+            self._active = False
             self._detach()
             _OPEN.pop(self.model, None)
             atexit.unregister(self._atexit)
@@ -292,66 +387,106 @@ class Recorder:
             self.close()
 
     # -- hooks -------------------------------------------------------------------------------------
+    # Hooks that Dynamo may trace (torch.compile) do only attribute checks and dict updates;
+    # their work runs in torch.compiler.disable'd methods, eagerly, on real tensors (a graph
+    # break on recorded steps, none on unrecorded ones: Dynamo guards on the checks).
     def _attach(self) -> None:
         model = self.model
         self._handles.append(model.register_forward_pre_hook(self._on_root_pre))
         self._handles.append(model.register_forward_hook(self._on_root_post))
-        if "grad_output" in self.probes:
-            self._gout_hooks = [
-                grad_output_hook(self._current_log, lay.reg_index, self._host)
-                for lay in self._layers
-            ]
-        if {"activation", "grad_output"} & set(self.probes):
-            for lay in self._layers:
-                self._handles.append(
-                    lay.module.register_forward_hook(partial(self._on_layer_output, lay.reg_index))
-                )
+        self._hook_layers()
         for name, module in model.named_modules():
             self._order_handles.append(
                 module.register_forward_pre_hook(partial(self._note_call, name))
             )
-        if self.optimizer is not None:
-            self._handles.append(self.optimizer.register_step_pre_hook(self._on_step_pre))
-            self._handles.append(self.optimizer.register_step_post_hook(self._on_step_post))
+        for index, opt in enumerate(self._optimizers):
+            self._handles.append(opt.register_step_pre_hook(partial(self._on_step_pre, index)))
+            self._handles.append(opt.register_step_post_hook(partial(self._on_step_post, index)))
+        self._module_ids = {id(m) for m in model.modules()}
+        registration = torch.nn.modules.module
+        self._handles.append(
+            registration.register_module_module_registration_hook(self._on_registration)
+        )
+        self._handles.append(
+            registration.register_module_parameter_registration_hook(self._on_registration)
+        )
         if self._scaler is not None:
             self._wrap_scaler()
 
-    def _detach(self) -> None:
-        for handle in self._handles + self._order_handles:
+    def _hook_layers(self) -> None:
+        for handle in self._layer_handles:
             handle.remove()
-        self._handles, self._order_handles = [], []
+        self._layer_handles = []
+        if "grad_output" in self.probes:
+            self._gout_hooks = [None] * len(self._layers)  # type: ignore[list-item]
+            for lay in self._layers:
+                self._gout_hooks[lay.reg_index] = grad_output_hook(
+                    self._current_log, lay.reg_index, self._host
+                )
+        if {"activation", "grad_output"} & set(self.probes):
+            for lay in self._layers:
+                self._layer_handles.append(
+                    lay.module.register_forward_hook(partial(self._on_layer_output, lay.reg_index))
+                )
+
+    def _detach(self) -> None:
+        for handle in self._handles + self._layer_handles + self._order_handles:
+            handle.remove()
+        self._handles, self._layer_handles, self._order_handles = [], [], []
         if self._scaler_step is not None:
             del self._scaler.step
             self._scaler_step = None
 
+    def _on_registration(self, module: nn.Module, name: str, value: Any) -> None:
+        if id(module) in self._module_ids:
+            self._dirty = True
+
     def _note_call(self, name: str, module: nn.Module, args: Any) -> None:
-        if module.training:
+        if module.training and not self._layout_sent:
             self._call_order.setdefault(name, len(self._call_order))
 
+    @torch.compiler.disable
     def _on_root_pre(self, module: nn.Module, args: Any) -> None:
-        if self._open_row is not None:
+        self._forward_seen = True
+        if self._dirty and self._active and self._layout_sent and not self._row_steps:
+            self._rederive()
+        if self._open_row is not None and not self._row_steps:
             self._finalize_row()
 
+    @torch.compiler.disable
     def _on_root_post(self, module: nn.Module, args: Any, output: Any) -> None:
         if not module.training:
             return
         if not self._layout_sent:
             self._ensure_layout()
-        if self.optimizer is None and self._active:
+        if not self._optimizers and self._active:
             out = first_tensor(output)
             if out is not None and out.requires_grad:
                 out.register_hook(self._queue_backward_end)
 
     def _on_layer_output(self, layer_id: int, module: nn.Module, args: Any, output: Any) -> None:
-        if not (self._active and module.training):
+        if self._active and module.training:
+            self._layer_output(layer_id, output)
+
+    @torch.compiler.disable
+    def _layer_output(self, layer_id: int, output: Any) -> None:
+        out = first_tensor(output)
+        if out is None or self._replaying:
             return
         t0 = time.perf_counter()
-        out = first_tensor(output)
-        if out is not None:
+        if torch._C._current_graph_task_id() == -1:  # a forward, not a recomputation in backward
             if self._activation is not None:
                 self._activation(out, self._log, layer_id)
-            if self._gout_hooks and out.requires_grad:
-                out.register_hook(self._gout_hooks[layer_id])
+            if self._gout_hooks:
+                if out.requires_grad:
+                    out.register_hook(self._gout_hooks[layer_id])
+                else:
+                    self._no_grad_calls[layer_id] = self._no_grad_calls.get(layer_id, 0) + 1
+        elif self._gout_hooks and out.requires_grad and self._no_grad_calls.get(layer_id):
+            # Reentrant checkpointing ran this call without grad; its recomputation in
+            # backward is what the output gradient flows through.
+            self._no_grad_calls[layer_id] -= 1
+            out.register_hook(self._gout_hooks[layer_id])
         self._hook_s += time.perf_counter() - t0
 
     def _current_log(self) -> CallLog:
@@ -362,55 +497,117 @@ class Recorder:
 
     def _on_backward_end(self) -> None:
         self._ensure_layout()
-        t0 = time.perf_counter()
-        probe = self._param_probe
-        if probe is not None:
-            probe.before_step()
-        self._stats_s += time.perf_counter() - t0
-        self._close_step(stepped=False, has_update=False)
+        self._check_layout()
+        self._begin(0, measure=True)
+        self._end(0, stepped=False, has_update=False)
 
-    def _on_step_pre(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+    @torch.compiler.disable
+    def _on_step_pre(self, index: int, optimizer: Any, args: Any, kwargs: Any) -> Any:
         self._ensure_layout()
-        if self._open_row is not None:
-            self._finalize_row()
+        if index in self._row_steps:  # stepped again before every optimizer stepped once
+            self._end_row()
+        if not self._row_steps:
+            self._check_layout()
         self._stepped = True
+        # args[0] is the optimizer itself (step hooks see the bound call's arguments).
+        closure = kwargs.get("closure", args[1] if len(args) > 1 else None)
+        self._begin(index, measure=closure is None)
+        if closure is None or not self._active:
+            return None
+        wrapped = self._wrap_closure(closure, index)
+        if "closure" in kwargs:
+            return args, {**kwargs, "closure": wrapped}
+        return (args[0], wrapped, *args[2:]), kwargs
+
+    @torch.compiler.disable
+    def _on_step_post(self, index: int, optimizer: Any, args: Any, kwargs: Any) -> None:
+        self._end(index, stepped=True, has_update=True)
+
+    def _wrap_closure(self, closure: Callable[..., Any], index: int) -> Callable[..., Any]:
+        calls = 0
+
+        def first_call_measured(*args: Any, **kwargs: Any) -> Any:
+            nonlocal calls
+            calls += 1
+            if calls > 1:
+                self._replaying += 1
+                try:
+                    return closure(*args, **kwargs)
+                finally:
+                    self._replaying -= 1
+            result = closure(*args, **kwargs)
+            # Optimizers call the closure before they change the weights: these are the
+            # weights and gradients of the step.
+            self._measure_before(index)
+            return result
+
+        return first_call_measured
+
+    def _begin(self, index: int, *, measure: bool) -> None:
+        """An optimizer's step starts (``measure``: read gradients and weights now)."""
+        if not self._row_steps and self._open_row is not None:
+            self._finalize_row()
+        self._row_steps.add(index)
+        if measure:
+            self._measure_before(index)
+
+    def _measure_before(self, index: int) -> None:
         if self._active and self._param_probe is not None:
             t0 = time.perf_counter()
-            self._param_probe.before_step()
+            self._param_probe.before_step(index)
             self._stats_s += time.perf_counter() - t0
 
-    def _on_step_post(self, optimizer: Any, args: Any, kwargs: Any) -> None:
-        self._close_step(stepped=True, has_update=True)
+    def _end(self, index: int, *, stepped: bool, has_update: bool, skipped: bool = False) -> None:
+        """An optimizer's step ended; the row closes once every optimizer stepped."""
+        if self._active and self._param_probe is not None:
+            t0 = time.perf_counter()
+            self._param_probe.after_step(index, stepped)
+            self._stats_s += time.perf_counter() - t0
+        self._row_skipped |= skipped
+        if len(self._row_steps) >= max(1, len(self._optimizers)):
+            self._close_step(has_update=has_update)
+
+    def _end_row(self) -> None:
+        """Close a row some optimizers have not stepped in, then hand over any closed row."""
+        if self._row_steps:
+            self._close_step(has_update=True)
+        self._finalize_row()
 
     def _wrap_scaler(self) -> None:
         scaler = self._scaler
         original = scaler.step
+        index_of = {id(opt): i for i, opt in enumerate(self._optimizers)}
 
         def step(optimizer: Any, *args: Any, **kwargs: Any) -> Any:
             self._stepped = False
             scale = getattr(scaler, "_scale", None)
             scale = scale.detach().clone().reshape(()) if isinstance(scale, torch.Tensor) else None
             out = original(optimizer, *args, **kwargs)
-            if not self._stepped:  # the scaler found inf/NaN and skipped optimizer.step()
+            index = index_of.get(id(unwrap_optimizer(optimizer)))
+            if not self._stepped and index is not None:
+                # The scaler found inf/NaN and skipped optimizer.step().
                 self._ensure_layout()
-                if self._active and self._param_probe is not None:
-                    t0 = time.perf_counter()
-                    self._param_probe.before_step()
-                    self._stats_s += time.perf_counter() - t0
-                self._close_step(stepped=False, has_update=True, skipped=True)
+                if index in self._row_steps:
+                    self._end_row()
+                self._begin(index, measure=True)
+                self._end(index, stepped=False, has_update=True, skipped=True)
             if scale is not None and self._open_row is not None:
                 self._open_row["scalars"]["scale"] = scale
+            elif scale is not None and self._active:
+                self._next_scalars["scale"] = scale
             return out
 
         scaler.step = step
         self._scaler_step = step
 
     # -- rows ---------------------------------------------------------------------------
-    def _close_step(self, *, stepped: bool, has_update: bool, skipped: bool = False) -> None:
+    def _close_step(self, *, has_update: bool) -> None:
         if self._active:
+            if not self._forward_seen and self._rows_unseen and self._layer_handles:
+                self._refuse_if_compiled_before()
             t0 = time.perf_counter()
             probe = self._param_probe
-            param = probe.after_step(stepped) if probe is not None else None
+            param = probe.row() if probe is not None else None
             self._stats_s += time.perf_counter() - t0
             self._open_row = {
                 "step": self.step,
@@ -421,13 +618,31 @@ class Recorder:
                 if self._reduce_activations
                 else self._log,
                 "scalars": self._next_scalars,
-                "skipped": skipped,
+                "skipped": self._row_skipped,
                 "has_update": has_update,
             }
         self._log = CallLog()
+        self._no_grad_calls = {}
         self._next_scalars = {}
+        self._row_steps = set()
+        self._row_skipped = False
+        self._rows_unseen += not self._forward_seen
         self.step += 1
         self._active = self.schedule(self.step)
+
+    def _refuse_if_compiled_before(self) -> None:
+        """A second row with gradients but no forward of the model seen: if torch.compile
+        compiled code before the hooks existed, that code does not call them."""
+        dynamo_utils = sys.modules.get("torch._dynamo.utils")
+        if dynamo_utils is None or not dynamo_utils.counters["stats"]["unique_graphs"]:
+            return
+        if any(p.grad is not None for lay in self._layers for p in lay.params):
+            raise GradflowError(
+                "the model ran compiled (torch.compile) before the Recorder attached, so its "
+                "compiled code does not call the Recorder's hooks: create the Recorder before "
+                "the first call of the compiled model, or call torch._dynamo.reset() after "
+                "creating it"
+            )
 
     def _finalize_row(self) -> None:
         row, self._open_row = self._open_row, None
@@ -476,6 +691,7 @@ class Recorder:
         ready.record()
         return host, ready
 
+    # -- layout ---------------------------------------------------------------------------
     def _ensure_layout(self) -> None:
         if self._layout_sent:
             return
@@ -488,12 +704,7 @@ class Recorder:
         reg_to_layer = np.empty(len(layers), dtype=np.int64)
         for index, lay in enumerate(layers):
             reg_to_layer[lay.reg_index] = index
-        probe = ParamProbe(layers) if "param" in self.probes or self._epoch_stats else None
-        self._param_probe = probe if "param" in self.probes else None
-        if self._epoch_stats and probe is not None:
-            self._epoch_probe = probe
-            self._epoch_snapshot = Snapshot(probe.params, probe.device)
-            self._epoch_w_sq = self._epoch_snapshot.take()
+        probe = self._build_probes()
         device = str(probe.device) if probe is not None else "cpu"
         self._writer.put(
             Layout(
@@ -507,9 +718,10 @@ class Recorder:
                 config=self._config,
                 attrs={
                     "device": device,
+                    "kernel_backend": kernel_backend(torch.device(device)),
                     "flush_every": self._flush[0],
                     "flush_seconds": self._flush[1],
-                    "optimizer": type(self.optimizer).__name__ if self.optimizer else "",
+                    "optimizer": ",".join(type(o).__name__ for o in self._optimizers),
                     "world_size": self.world_size,
                     "activation_scope": "all ranks"
                     if self._reduce_activations
@@ -523,6 +735,127 @@ class Recorder:
             self._writer.put(
                 Event(self.step, self.epoch, 0.0, "resume", detail=f"resumed at step {self.step}")
             )
+
+    def _build_probes(self) -> ParamProbe | None:
+        """The parameter probes of the current layers (each parameter owned by the first
+        optimizer holding it, or the first optimizer)."""
+        owner: dict[int, int] = {}
+        for index, opt in enumerate(self._optimizers):
+            for group in opt.param_groups:
+                for p in group["params"]:
+                    owner.setdefault(id(p), index)
+        self._n_groups = [len(opt.param_groups) for opt in self._optimizers]
+        owners = [owner.get(id(p), 0) for lay in self._layers for p in lay.params]
+        probe = None
+        if "param" in self.probes or self._epoch_stats:
+            probe = ParamProbe(self._layers, owners)
+        self._param_probe = probe if "param" in self.probes else None
+        if self._epoch_stats and probe is not None:
+            self._epoch_probe = probe
+            self._epoch_snapshot = Snapshot(probe.params, probe.device)
+            self._epoch_w_sq = self._epoch_snapshot.take()
+        return probe
+
+    def _check_layout(self) -> None:
+        """Re-derive the layers' parameters if any changed (recorded steps only)."""
+        if not self._active:
+            return
+        probe = self._param_probe or self._epoch_probe
+        if (
+            self._dirty
+            or [len(opt.param_groups) for opt in self._optimizers] != self._n_groups
+            or (probe is not None and probe.current_signature() != probe.signature)
+        ):
+            self._rederive()
+
+    def _rederive(self) -> None:
+        self._dirty = False
+        self._module_ids = {id(m) for m in self.model.modules()}
+        old = {lay.name: lay for lay in self._layers}
+        try:
+            found = _select(discover_layers(self.model), self._select)
+        except GradflowError:
+            found = []
+        new = {lay.name: lay for lay in found}
+        if set(new) != set(old):
+            added = ", ".join(sorted(set(new) - set(old))) or "none"
+            gone = ", ".join(sorted(set(old) - set(new))) or "none"
+            raise GradflowError(
+                f"{self.path}: the model's recorded layers changed (new: {added}; gone: {gone}) "
+                "but a run file's layers are fixed: record the changed model into a new run file"
+            )
+        for lay in found:
+            lay.reg_index, lay.depth = old[lay.name].reg_index, old[lay.name].depth
+        self._layers = [new[lay.name] for lay in self._layers]
+        self._hook_layers()
+        probe = self._build_probes()
+        if probe is not None:
+            self._writer.put(Relayout(probe.layer_starts, probe.layer_numel, len(probe.params)))
+        self._epoch_stale = True
+
+
+def _is_names(value: Any) -> bool:
+    return isinstance(value, str) or (
+        isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value)
+    )
+
+
+def _check_probes(probes: Any) -> tuple[str, ...]:
+    names = (probes,) if isinstance(probes, str) else probes
+    try:
+        chosen = tuple(dict.fromkeys(names))
+    except TypeError:
+        raise GradflowError(
+            f"probes must be a probe name or a list of them, got {probes!r}"
+        ) from None
+    for probe in chosen:
+        if probe not in STEP_PROBES:
+            raise unknown_name("probe", str(probe), STEP_PROBES)
+    return chosen
+
+
+def _check_arguments(
+    *,
+    path: Any,
+    flush_every: Any,
+    flush_seconds: Any,
+    scaler: Any,
+    config: Any,
+    resume: Any,
+    write_rank: Any,
+    flags: dict[str, Any],
+) -> None:
+    """One-line errors for arguments of the wrong type or range."""
+
+    def is_int(value: Any) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool)
+
+    if not isinstance(path, (str, os.PathLike)):
+        raise GradflowError(f"path must be a file name, got {type(path).__name__}")
+    if not is_int(flush_every) or flush_every < 1:
+        raise GradflowError(f"flush_every must be an integer >= 1, got {flush_every!r}")
+    if (
+        isinstance(flush_seconds, bool)
+        or not isinstance(flush_seconds, (int, float))
+        or not math.isfinite(flush_seconds)
+        or flush_seconds <= 0
+    ):
+        raise GradflowError(f"flush_seconds must be a finite number > 0, got {flush_seconds!r}")
+    if scaler is not None and not callable(getattr(scaler, "step", None)):
+        raise GradflowError(f"scaler must be a torch.amp.GradScaler, got {type(scaler).__name__}")
+    if config is not None and not isinstance(config, dict):
+        raise GradflowError(f"config must be a dict, got {type(config).__name__}")
+    if resume is not None and not (
+        isinstance(resume, (tuple, list))
+        and len(resume) == 2
+        and all(is_int(v) and v >= 0 for v in resume)
+    ):
+        raise GradflowError(f"resume must be (step, epoch), two integers >= 0, got {resume!r}")
+    if not is_int(write_rank) or write_rank < 0:
+        raise GradflowError(f"write_rank must be an integer >= 0, got {write_rank!r}")
+    for name, value in flags.items():
+        if not isinstance(value, bool):
+            raise GradflowError(f"{name} must be True or False, got {value!r}")
 
 
 def _split_scalars(values: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, float]]:

@@ -4,20 +4,22 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 
+from gradflow.errors import GradflowError
+
 Schedule = Callable[[int], bool]
 
 
 def every(n: int, start: int = 0) -> Schedule:
     """Record steps ``start, start + n, start + 2n, ...``."""
     if n < 1:
-        raise ValueError(f"every(n) needs n >= 1, got {n}")
+        raise GradflowError(f"every must be >= 1, got {n}")
     return lambda step: step >= start and (step - start) % n == 0
 
 
 def log_spaced(dense_until: int = 10, per_decade: int = 10) -> Schedule:
     """Every step up to ``dense_until``, then about ``per_decade`` steps per decade."""
     if per_decade < 1:
-        raise ValueError(f"log_spaced needs per_decade >= 1, got {per_decade}")
+        raise GradflowError(f"log_spaced needs per_decade >= 1, got {per_decade}")
     picked: set[int] = set()
     k = 0
     while True:
@@ -40,7 +42,7 @@ def as_schedule(spec: int | Schedule | None) -> Schedule:
     if spec is None:
         return every(1)
     if isinstance(spec, bool) or not (isinstance(spec, int) or callable(spec)):
-        raise TypeError(f"schedule must be an int or a step -> bool callable, got {spec!r}")
+        raise GradflowError(f"every must be an int >= 1 or a step -> bool callable, got {spec!r}")
     return every(spec) if isinstance(spec, int) else spec
 
 

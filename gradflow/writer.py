@@ -8,6 +8,7 @@ them to the run file every ``flush_every`` rows or ``flush_seconds`` seconds.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 import queue
@@ -43,6 +44,16 @@ class Layout:
     attrs: Mapping[str, Any]
     overwrite: bool
     resume_at: tuple[int, int] | None = None  # (step, epoch) to resume from
+
+
+@dataclass
+class Relayout:
+    """The layers' parameters were re-derived (same layers, new sizes): rows queued after
+    this item are unpacked with these sizes."""
+
+    layer_starts: np.ndarray
+    layer_numel: np.ndarray
+    param_count: int
 
 
 @dataclass
@@ -171,6 +182,14 @@ class WriterThread(threading.Thread):
             self._pending_epochs.append(item)
         elif isinstance(item, Event):
             self._pending_events.append(item)
+        elif isinstance(item, Relayout):
+            self._commit()  # pending rows have the previous sizes
+            self._layout = dataclasses.replace(
+                self._require_layout(),
+                layer_starts=item.layer_starts,
+                layer_numel=item.layer_numel,
+                param_count=item.param_count,
+            )
         elif isinstance(item, threading.Event):  # a flush request: commit, then wake the caller
             self._commit()
             item.set()
@@ -422,6 +441,7 @@ __all__ = [
     "STEP_PROBES",
     "EpochItem",
     "Layout",
+    "Relayout",
     "StepItem",
     "WriterThread",
 ]
