@@ -17,6 +17,8 @@ _TEMPLATE = """<!DOCTYPE html>
 <head>
 <meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
+<meta http-equiv="Content-Security-Policy" content="default-src 'none'; script-src 'unsafe-inline';
+  style-src 'unsafe-inline'; img-src data: blob:; connect-src 'self'">
 <title>{title}</title>
 <style>{css}</style>
 <script>{plotly}</script>
