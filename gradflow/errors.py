@@ -15,6 +15,10 @@ class GradflowError(Exception):
     """
 
 
+class GradflowWarning(UserWarning):
+    """Something gradflow works around at a cost the user can remove (e.g. a slow fallback)."""
+
+
 def unknown_name(kind: str, name: str, choices: Iterable[str]) -> GradflowError:
     """An error for an unknown ``kind`` name that suggests the closest valid names."""
     known = sorted(choices)

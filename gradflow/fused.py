@@ -5,9 +5,11 @@ take five kernel launches and a temporary; in a host-bound training step each la
 the host 10-30 us, hundreds of times per step. This kernel reads the output once and adds
 the four sums (float32 per lane over a program's blocks of 2048 entries, then per
 program; float64 across programs) into a zeroed float64 row with atomics: one launch, no
-host sync. It is used where Triton is installed (PyTorch's CUDA wheels bring it) and where
-it agrees with torch operations on a check input at first use; elsewhere :func:`reducer`
-returns ``None`` and the probes use torch operations (``GRADFLOW_TRITON=0`` forces that).
+host sync. It is opt-in: ``GRADFLOW_TRITON=1`` turns it on, where Triton is installed
+(PyTorch's CUDA wheels bring it) and where it agrees with torch operations on a check input
+at first use; elsewhere :func:`reducer` returns ``None`` and the probes use torch
+operations. It stays off by default until a GPU run of ``benchmarks/gpu.py`` shows it
+faster than torch operations.
 """
 
 from __future__ import annotations
@@ -110,8 +112,9 @@ def _agrees(run: Launch, device: torch.device) -> bool:
 @functools.cache
 def reducer(device: torch.device) -> Launch | None:
     """``run(x, rows, index)`` for CUDA tensors on ``device``, or ``None`` where the kernel
-    is unavailable (no Triton, not CUDA, ``GRADFLOW_TRITON=0``, or a failed check)."""
-    if device.type != "cuda" or os.environ.get("GRADFLOW_TRITON", "1") == "0":
+    is off (``GRADFLOW_TRITON`` is not ``1``) or unavailable (no Triton, not CUDA, or a
+    failed check)."""
+    if device.type != "cuda" or os.environ.get("GRADFLOW_TRITON", "0") != "1":
         return None
     if _kernel() is None:
         return None

@@ -1,241 +1,151 @@
-"""One-pass CPU reductions of float32 tensors in tiny C kernels.
+"""One-pass CPU reductions of float32 tensors in small C kernels (``gradflow/_kernels.c``).
 
 On the CPU, recording activations and output gradients is bound by passes over memory
 and by per-operation dispatch: sum, sum of squares and zero count take four torch
-operations (five passes) per layer call. This kernel does all of them, plus the count of
-non-finite entries, in one vectorised pass and one call. It is compiled on first use
-with the system C compiler (about 0.15 s, for this machine's CPU) into a temporary
-directory that is removed once loaded; where no compiler works, :func:`kernel` returns
-``None`` and the probes use torch operations instead (``GRADFLOW_NATIVE=0`` forces that).
+operations (five passes) per layer call. The kernels do all of them, plus the count of
+non-finite entries, in one vectorised pass and one call. They come from, in this order
+(:func:`cpu_backend` says which one this process uses):
+
+- ``c-extension``: the library that ``pip install`` built next to this module (setup.py);
+- ``c-cached``: else a build with the system C compiler (``$CC``, else ``cc``), made once
+  into a per-user cache directory (``GRADFLOW_CACHE_DIR``, else ``$XDG_CACHE_HOME/gradflow``
+  or ``~/.cache/gradflow``) under a name keyed by the source, the compiler and its flags,
+  and loaded from there by every later process and DDP rank;
+- ``torch``: else torch operations, with one :class:`~gradflow.errors.GradflowWarning`
+  (``GRADFLOW_NATIVE=0`` chooses them without a warning).
 """
 
 from __future__ import annotations
 
 import ctypes
 import functools
+import hashlib
+import importlib.machinery
 import os
+import platform
+import shlex
 import shutil
+import stat
 import subprocess
 import tempfile
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
 
-# Float accumulators per block of 4096 entries (vectorisable, exact for counts), float64
-# across blocks: ~1e-8 relative for sums of squares at any size. Non-finite entries are
-# counted in a second pass, only when the sums say there are any. The parameter functions
-# take k tensors at once (arrays of pointers and sizes): one call per recorded step.
-_SOURCE = r"""
-#include <math.h>
-#include <pthread.h>
-#include <stdint.h>
-#include <string.h>
-#ifdef __AVX__
-#include <immintrin.h>
-#endif
-#define BLOCK 4096
+from gradflow._cbuild import CFLAGS, SHARED, SOURCE
+from gradflow.errors import GradflowWarning
 
-void gradflow_reduce_f32(const float *x, long n, double *out) {
-    double s = 0.0, q = 0.0, z = 0.0;
-    for (long i0 = 0; i0 < n; i0 += BLOCK) {
-        long i1 = i0 + BLOCK < n ? i0 + BLOCK : n;
-        float bs = 0.0f, bq = 0.0f, bz = 0.0f;
-        for (long i = i0; i < i1; ++i) {
-            float v = x[i];
-            bs += v;
-            bq += v * v;
-            bz += (v == 0.0f) ? 1.0f : 0.0f;
-        }
-        s += bs;
-        q += bq;
-        z += bz;
-    }
-    long bad = 0;
-    if (!isfinite(s) || !isfinite(q))
-        for (long i = 0; i < n; ++i)
-            bad += !isfinite(x[i]);
-    out[0] = s;
-    out[1] = q;
-    out[2] = z;
-    out[3] = (double)bad;
-}
-
-/* Sum of squares of x (copied to dst on the way when dst is not NULL). */
-static double squares(const float *x, float *dst, long n) {
-    double q = 0.0;
-    for (long i0 = 0; i0 < n; i0 += BLOCK) {
-        long i1 = i0 + BLOCK < n ? i0 + BLOCK : n;
-        float bq = 0.0f;
-        if (dst) {
-            long i = i0;
-#ifdef __AVX__
-            /* Streaming stores: the copy is read back only after the optimizer's pass,
-               so it bypasses the caches (no read of dst's lines before writing them). */
-            if (((uintptr_t)(dst + i) & 31) == 0) {
-                __m256 acc = _mm256_setzero_ps();
-                for (; i + 8 <= i1; i += 8) {
-                    __m256 v = _mm256_loadu_ps(x + i);
-                    _mm256_stream_ps(dst + i, v);
-                    acc = _mm256_add_ps(acc, _mm256_mul_ps(v, v));
-                }
-                float lanes[8];
-                _mm256_storeu_ps(lanes, acc);
-                for (int k = 0; k < 8; ++k)
-                    bq += lanes[k];
-            }
-#endif
-            for (; i < i1; ++i) {
-                float v = x[i];
-                dst[i] = v;
-                bq += v * v;
-            }
-        } else
-            for (long i = i0; i < i1; ++i)
-                bq += x[i] * x[i];
-        q += bq;
-    }
-    return q;
-}
-
-/* The sum of squares alone (out[1], as in gradflow_reduce_f32): output gradients. */
-void gradflow_squares_f32(const float *x, long n, double *out) {
-    out[1] = squares(x, 0, n);
-}
-
-/* Tensor t of one parameter kernel: 0 sums of squares and non-finite counts of a[0]
-   (NULL counts 0), 1 copy a[0] into a[1] with sums of squares, 2 for d = a[0] - a[1]: sum
-   d^2, sum |d| and max |d| (NaN where d has a NaN). */
-static void param_op(int op, long t, const float *const *const *a, const long *n,
-                     double *const *out) {
-    const float *x = a[0][t];
-    if (op == 0) {
-        double q = x ? squares(x, 0, n[t]) : 0.0;
-        long c = 0;
-        if (!isfinite(q))
-            for (long i = 0; i < n[t]; ++i)
-                c += !isfinite(x[i]);
-        out[0][t] = q;
-        out[1][t] = (double)c;
-    } else if (op == 1) {
-        out[0][t] = squares(x, (float *)a[1][t], n[t]);
-    } else {
-        const float *y = a[1][t];
-        double q = 0.0, s = 0.0;
-        /* max |d| on the bits of |d|: ordered like the floats (NaN aside, which q
-           reports) and an integer maximum, which the compiler vectorises. */
-        unsigned m = 0;
-        for (long i0 = 0; i0 < n[t]; i0 += BLOCK) {
-            long i1 = i0 + BLOCK < n[t] ? i0 + BLOCK : n[t];
-            float bq = 0.0f, bs = 0.0f;
-            for (long i = i0; i < i1; ++i) {
-                float d = x[i] - y[i], ad = fabsf(d);
-                unsigned b;
-                memcpy(&b, &ad, sizeof b);
-                bq += d * d;
-                bs += ad;
-                m = b > m ? b : m;
-            }
-            q += bq;
-            s += bs;
-        }
-        float fm;
-        memcpy(&fm, &m, sizeof fm);
-        out[0][t] = q;
-        out[1][t] = s;
-        out[2][t] = isnan(q) ? NAN : (double)fm;
-    }
-}
-
-struct span {
-    int op;
-    long t0, t1;
-    const float *const *const *a;
-    const long *n;
-    double *const *out;
-};
-
-static void *run_span(void *p) {
-    const struct span *s = p;
-    for (long t = s->t0; t < s->t1; ++t)
-        param_op(s->op, t, s->a, s->n, s->out);
-#ifdef __AVX__
-    _mm_sfence(); /* the streamed copy is complete before the call returns */
-#endif
-    return 0;
-}
-
-/* Kernel op over all tensors, tensors [bounds[i], bounds[i+1]) on thread i of parts (this
-   thread runs part 0; a part whose thread cannot start runs here too). */
-void gradflow_params(int op, long parts, const long *bounds, const float *const *const *a,
-                     const long *n, double *const *out) {
-    struct span spans[64];
-    pthread_t threads[64];
-    int started[64];
-    if (parts > 64)
-        parts = 64;
-    for (long i = 0; i < parts; ++i) {
-        struct span s = {op, bounds[i], bounds[i + 1], a, n, out};
-        spans[i] = s;
-        started[i] = i > 0 && pthread_create(&threads[i], 0, run_span, &spans[i]) == 0;
-    }
-    run_span(&spans[0]);
-    for (long i = 1; i < parts; ++i) {
-        if (started[i])
-            pthread_join(threads[i], 0);
-        else
-            run_span(&spans[i]);
-    }
-}
-"""
-# Reassociation lets the compiler vectorise the sums; NaN and Inf keep their meaning.
-_FLAGS = ["-O3", "-fno-math-errno", "-fassociative-math", "-fno-signed-zeros",
-          "-fno-trapping-math", "-shared", "-fPIC", "-pthread"]  # fmt: skip
+HERE = Path(__file__).parent
+COMPILE_TIMEOUT_S = 120
+# What the torch fallback costs, measured on a 2-core x86-64 machine (see the README).
+FALLBACK_COST = "the per-layer reductions take about 10x longer"
 
 ReduceInto = Callable[[int, int, int], None]
 
 
-def _compile(folder: Path) -> ctypes.CDLL | None:
-    compiler = shutil.which(os.environ.get("CC", "cc"))
-    if compiler is None:
-        return None
-    source = folder / "reduce.c"
-    source.write_text(_SOURCE)
-    for arch in (["-march=native"], []):  # not every compiler knows -march=native
-        library = folder / f"reduce{len(arch)}.so"
-        try:
-            subprocess.run(
-                [compiler, *arch, *_FLAGS, str(source), "-o", str(library)],
-                check=True,
-                capture_output=True,
-                timeout=60,
-            )
-            return ctypes.CDLL(str(library))
-        except (OSError, subprocess.SubprocessError):
-            continue
+class _Loaded(NamedTuple):
+    library: ctypes.CDLL | None
+    backend: str  # c-extension, c-cached or torch
+
+
+def extension_path() -> Path | None:
+    """The library built at install time, if there is one."""
+    stem = Path(SOURCE).stem
+    for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+        path = HERE / f"{stem}{suffix}"
+        if path.is_file():
+            return path
     return None
 
 
-@functools.cache
-def _library() -> ctypes.CDLL | None:
-    """The compiled kernels, checked against plain arithmetic, or ``None``."""
-    if os.environ.get("GRADFLOW_NATIVE", "1") == "0":
-        return None
+def cache_dir() -> Path:
+    """Where kernels built at first use are kept."""
+    chosen = os.environ.get("GRADFLOW_CACHE_DIR")
+    if chosen:
+        return Path(chosen).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "gradflow"
+
+
+def cache_key(source: bytes, command: Sequence[str]) -> str:
+    """The cached library's key: any change of source, compiler, flags or machine type
+    gives another file."""
+    digest = hashlib.sha256(source)
+    for part in (*command, platform.machine()):
+        digest.update(b"\0" + part.encode())
+    return digest.hexdigest()[:24]
+
+
+def _private(folder: Path) -> bool:
+    """Whether only this user can replace the files in ``folder`` (they are loaded as code)."""
+    info = folder.stat()
+    owner = getattr(os, "getuid", None)
+    return (owner is None or info.st_uid == owner()) and not info.st_mode & stat.S_IWOTH
+
+
+def build_cached(folder: Path, flags: Sequence[str] = ()) -> tuple[Path | None, str]:
+    """The cached library in ``folder``, compiled first if missing; ``(None, why)`` where
+    that fails. The compiler runs in its own session, without input and with a timeout,
+    into a temporary file that is renamed into place: processes building at once each
+    leave a complete library, and none ever loads a partial one."""
+    compiler = shlex.split(os.environ.get("CC") or "cc")
+    found = shutil.which(compiler[0]) if compiler else None
+    if found is None:
+        return None, f"no C compiler ({os.environ.get('CC') or 'cc'} not found)"
+    command = [found, *compiler[1:], *CFLAGS, *SHARED, *flags]
+    source = HERE / SOURCE
+    target = folder / f"kernels-{cache_key(source.read_bytes(), command)}.so"
     try:
-        with tempfile.TemporaryDirectory(prefix="gradflow-") as tmp:
-            library = _compile(Path(tmp))
-    except OSError:  # no writable temporary directory: the torch path it is
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if not _private(folder):
+            return None, f"{folder} can be written by other users"
+        if target.is_file():
+            return target, ""
+        fd, partial = tempfile.mkstemp(dir=folder, prefix=".build-", suffix=".so")
+        os.close(fd)
+    except OSError as err:
+        return None, f"cannot use the cache directory {folder}: {err.strerror or err}"
+    try:
+        subprocess.run(
+            [*command, str(source), "-o", partial],
+            check=True,
+            capture_output=True,
+            stdin=subprocess.DEVNULL,
+            cwd=folder,
+            timeout=COMPILE_TIMEOUT_S,
+            start_new_session=True,
+        )
+        os.replace(partial, target)
+    except subprocess.CalledProcessError as err:
+        last = (err.stderr or b"").decode(errors="replace").strip().splitlines()[-1:]
+        return None, f"{found} failed: {last[0] if last else f'status {err.returncode}'}"
+    except subprocess.TimeoutExpired:
+        return None, f"{found} took more than {COMPILE_TIMEOUT_S} s"
+    except OSError as err:
+        return None, f"{found} could not run: {err.strerror or err}"
+    finally:
+        if os.path.exists(partial):
+            os.unlink(partial)
+    return target, ""
+
+
+def load(path: Path) -> ctypes.CDLL | None:
+    """The kernels in the library at ``path``, checked against plain arithmetic, or
+    ``None`` where it does not load or disagrees."""
+    try:
+        library = ctypes.CDLL(str(path))
+        library.gradflow_reduce_f32.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_void_p]
+        library.gradflow_reduce_f32.restype = None
+        library.gradflow_squares_f32.argtypes = library.gradflow_reduce_f32.argtypes
+        library.gradflow_squares_f32.restype = None
+        library.gradflow_params.argtypes = [ctypes.c_int, ctypes.c_long] + [ctypes.c_void_p] * 4
+        library.gradflow_params.restype = None
+    except (OSError, AttributeError):
         return None
-    if library is None:
-        return None
-    library.gradflow_reduce_f32.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_void_p]
-    library.gradflow_reduce_f32.restype = None
-    library.gradflow_squares_f32.argtypes = library.gradflow_reduce_f32.argtypes
-    library.gradflow_squares_f32.restype = None
-    library.gradflow_params.argtypes = [ctypes.c_int, ctypes.c_long] + [ctypes.c_void_p] * 4
-    library.gradflow_params.restype = None
-    # A build that disagrees with plain arithmetic on a known input is not used.
     probe = torch.tensor([0.0, 1.5, -2.0, 0.0] + [0.5] * 5000 + [float("inf")])
     if (
         _reduce(library, probe[:-1]) != [2499.5, 1256.25, 2.0, 0.0]
@@ -243,6 +153,50 @@ def _library() -> ctypes.CDLL | None:
     ):
         return None
     return library
+
+
+@functools.cache
+def _library() -> _Loaded:
+    """The kernels of this process and where they came from (decided once)."""
+    if os.environ.get("GRADFLOW_NATIVE", "1") == "0":
+        return _Loaded(None, "torch")
+    built = extension_path()
+    library = load(built) if built is not None else None
+    if library is not None:
+        return _Loaded(library, "c-extension")
+    cached, why = build_cached(cache_dir())
+    library = load(cached) if cached is not None else None
+    if library is not None:
+        return _Loaded(library, "c-cached")
+    if cached is not None:
+        why = f"{cached} does not load or gives wrong numbers (delete it to rebuild)"
+    warnings.warn(
+        f"gradflow: no C kernels ({why}); recording on the CPU uses torch operations, and "
+        f"{FALLBACK_COST}. Install a C compiler (for example gcc) or reinstall gradflow "
+        "where one works; GRADFLOW_NATIVE=0 chooses torch operations without this warning",
+        GradflowWarning,
+        stacklevel=2,
+    )
+    return _Loaded(None, "torch")
+
+
+def cpu_backend() -> str:
+    """Which CPU kernels this process uses: ``c-extension``, ``c-cached`` or ``torch``."""
+    return _library().backend
+
+
+def kernel_backend(device: torch.device) -> str:
+    """The kernels that reduce tensors on ``device``: :func:`cpu_backend` on the CPU;
+    on CUDA ``triton`` where the fused activation kernel is on (:mod:`gradflow.fused`),
+    else ``cuda-graphs`` (parameter statistics replayed as CUDA graphs, the rest by torch
+    operations); ``torch`` on other devices."""
+    if device.type == "cpu":
+        return cpu_backend()
+    if device.type == "cuda":
+        from gradflow.fused import reducer
+
+        return "triton" if reducer(device) is not None else "cuda-graphs"
+    return "torch"
 
 
 def _reduce(library: ctypes.CDLL, x: torch.Tensor) -> list[float]:
@@ -256,7 +210,7 @@ def kernel(squares_only: bool = False) -> ReduceInto | None:
     ``n`` float32 entries at ``address``, written as four doubles at ``out`` (only
     ``out[1]`` if ``squares_only``); ``None`` where the kernels are unavailable. A raw
     call: the probes pass addresses they own."""
-    library = _library()
+    library = _library().library
     if library is None:
         return None
     return library.gradflow_squares_f32 if squares_only else library.gradflow_reduce_f32
@@ -331,5 +285,5 @@ class ParamKernels:
 
 def param_kernels(sizes: Sequence[int]) -> ParamKernels | None:
     """:class:`ParamKernels` for tensors of these sizes, or ``None`` where unavailable."""
-    library = _library()
+    library = _library().library
     return None if library is None else ParamKernels(library, sizes)

@@ -18,6 +18,8 @@ def every(n: int, start: int = 0) -> Schedule:
 
 def log_spaced(dense_until: int = 10, per_decade: int = 10) -> Schedule:
     """Every step up to ``dense_until``, then about ``per_decade`` steps per decade."""
+    if dense_until < 1:
+        raise GradflowError(f"log_spaced needs dense_until >= 1, got {dense_until}")
     if per_decade < 1:
         raise GradflowError(f"log_spaced needs per_decade >= 1, got {per_decade}")
     picked: set[int] = set()

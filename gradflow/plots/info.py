@@ -77,6 +77,7 @@ def _facts(run: Run) -> Table:
         if val is not None and np.isfinite(val).any():
             best = int(np.nanargmin(val))
             grid.add_row("best val_loss", f"{val[best]:.4g} at epoch {run.epochs[best]}")
+    grid.add_row("kernels", str(attrs.get("kernel_backend", "not recorded")))
     grid.add_row("overhead", overhead_line(run) or "not recorded")
     return grid
 

@@ -1,0 +1,24 @@
+"""The C kernels as an optional extension: built by ``pip install`` where a C compiler
+works, skipped (with a warning from setuptools) where none does; gradflow then builds them
+once into a per-user cache at first use, or falls back to torch operations. The metadata
+lives in pyproject.toml."""
+
+import runpy
+from pathlib import Path
+
+from setuptools import Extension, setup
+
+build = runpy.run_path(str(Path(__file__).parent / "gradflow" / "_cbuild.py"))
+
+setup(
+    ext_modules=[
+        Extension(
+            "gradflow._kernels",
+            sources=[f"gradflow/{build['SOURCE']}"],
+            define_macros=[("GRADFLOW_EXTENSION", "1")],
+            extra_compile_args=build["CFLAGS"],
+            extra_link_args=["-pthread"],
+            optional=True,
+        )
+    ]
+)
