@@ -79,7 +79,30 @@ def record(
     batch_size: Annotated[
         int, typer.Option(help="Global batch size (split over DDP ranks).")
     ] = _DEFAULTS.batch_size,
-    lr: Annotated[float, typer.Option(help="RMSprop learning rate.")] = _DEFAULTS.lr,
+    lr: Annotated[float, typer.Option(help="Learning rate.")] = _DEFAULTS.lr,
+    optimizer: Annotated[
+        str,
+        typer.Option(help="rmsprop (the paper's), sgd or adam.", metavar="rmsprop|sgd|adam"),
+    ] = _DEFAULTS.optimizer,
+    momentum: Annotated[
+        float | None,
+        typer.Option(
+            help="Momentum (adam: beta1). Default: 0 for rmsprop, 0.9 for sgd and adam.",
+            show_default=False,
+        ),
+    ] = None,
+    nesterov: Annotated[
+        bool, typer.Option("--nesterov/--no-nesterov", help="sgd: Nesterov momentum.")
+    ] = _DEFAULTS.nesterov,
+    eps: Annotated[float, typer.Option(help="rmsprop and adam epsilon.")] = _DEFAULTS.eps,
+    init: Annotated[
+        str,
+        typer.Option(
+            help="default (zoo init: zero residual branches, classifier bias at the prior) "
+            "or paper (the authors' Keras he_normal convolutions only).",
+            metavar="default|paper",
+        ),
+    ] = _DEFAULTS.init,
     seed: Annotated[int, typer.Option(help="Seed of init, crops and dropout.")] = _DEFAULTS.seed,
     device: Annotated[
         str, typer.Option(help="cpu, cuda or cuda:N.", metavar="cpu|cuda")
@@ -136,6 +159,11 @@ def record(
         crop=crop,
         batch_size=batch_size,
         lr=lr,
+        optimizer=optimizer,  # type: ignore[arg-type]  # checked by validate()
+        momentum=momentum,
+        nesterov=nesterov,
+        eps=eps,
+        init=init,  # type: ignore[arg-type]  # checked by validate()
         seed=seed,
         device=device,
         loss=loss,

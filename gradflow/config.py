@@ -19,6 +19,8 @@ from gradflow.statistics import STEP_PROBES
 LOSS_NAMES = ("dice", "bce")
 
 OnNonfinite = Literal["stop", "continue"]
+OptimizerName = Literal["rmsprop", "sgd", "adam"]
+Init = Literal["default", "paper"]
 N_VAL = 5  # the paper's split: the last 5 of the 30 ISBI slices validate
 # What shapes the trajectory: a resumed run must agree on all of it (epochs may grow).
 RESUME_KEYS = (
@@ -34,6 +36,10 @@ RESUME_KEYS = (
     "rho",
     "eps",
     "weight_decay",
+    "optimizer",
+    "momentum",
+    "nesterov",
+    "init",
     "seed",
     "loss",
     "augment",
@@ -54,8 +60,15 @@ class TrainConfig:
       one); the last 5 slices validate, the others train.
     - training: ``epochs`` x ``steps_per_epoch`` optimizer steps on batches of ``batch_size``
       random ``crop`` px crops (``augment``: flips, rotations, shear); ``loss`` "dice" or
-      "bce"; RMSprop with ``lr``, ``rho`` (torch's ``alpha``), ``eps`` and ``weight_decay``
-      (L2 on convolution weights only); ``seed``; ``device`` "cpu", "cuda" or "cuda:N".
+      "bce"; L2 ``weight_decay`` on convolution weights only; ``seed``; ``device`` "cpu",
+      "cuda" or "cuda:N".
+    - optimizer: ``optimizer`` "rmsprop" (the paper's: ``lr``, ``rho`` as torch's ``alpha``,
+      ``eps``, ``momentum``), "sgd" (``lr``, ``momentum``, Nesterov's when ``nesterov``) or
+      "adam" (``lr``, ``eps``, ``momentum`` as beta1, beta2 0.999); ``momentum`` None is the
+      optimizer's usual value (:attr:`momentum_value`: 0 for RMSprop, 0.9 for SGD and Adam).
+    - init: ``init`` "default" (the zoo's: He normal, zero-initialised residual branches,
+      classifier bias at the foreground prior) or "paper" (the authors' Keras ``he_normal``
+      on every convolution, zero biases; see :func:`gradflow.models.paper_init`).
     - validation: after every ``val_every``-th epoch (default 1: every epoch; 0: never;
       the metrics are NaN in other epochs) on the first ``val_slices`` validation slices
       (default None: all 5).
@@ -79,6 +92,10 @@ class TrainConfig:
     rho: float = 0.9
     eps: float = 1e-8
     weight_decay: float = 1e-4
+    optimizer: OptimizerName = "rmsprop"
+    momentum: float | None = None
+    nesterov: bool = True
+    init: Init = "default"
     seed: int = 0
     device: str = "cpu"
     loss: str = "dice"
@@ -124,6 +141,11 @@ class TrainConfig:
             )
         if self.loss not in LOSS_NAMES:
             raise unknown_name("loss", self.loss, LOSS_NAMES)
+        for name, choices in (("optimizer", OptimizerName), ("init", Init)):
+            if getattr(self, name) not in get_args(choices):
+                raise unknown_name(name, getattr(self, name), get_args(choices))
+        if self.momentum is not None and not 0 <= self.momentum < 1:
+            raise GradflowError(f"momentum must be in [0, 1), got {self.momentum}")
         if self.on_nonfinite not in get_args(OnNonfinite):
             raise unknown_name("on_nonfinite choice", self.on_nonfinite, get_args(OnNonfinite))
         for probe in self.probes:
@@ -131,3 +153,11 @@ class TrainConfig:
                 raise unknown_name("probe", probe, STEP_PROBES)
         if not _DEVICE.fullmatch(self.device):
             raise GradflowError(f"device must be cpu, cuda or cuda:N, got {self.device!r}")
+
+    @property
+    def momentum_value(self) -> float:
+        """``momentum``, or the optimizer's usual value when None: 0 for RMSprop (the
+        paper's), 0.9 for SGD (the authors' alternative, with Nesterov) and for Adam."""
+        if self.momentum is not None:
+            return self.momentum
+        return 0.0 if self.optimizer == "rmsprop" else 0.9

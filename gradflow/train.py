@@ -53,13 +53,14 @@ from gradflow.data import EMVolume, epoch_batches, load_dataset, split
 from gradflow.data.augment import check_crop
 from gradflow.errors import GradflowError
 from gradflow.metrics import LOSSES, pixel_error, tiled_predict, v_info, v_rand
-from gradflow.models import FCN, count_convs, create_model
+from gradflow.models import FCN, count_convs, create_model, paper_init
 from gradflow.recorder import Recorder
 from gradflow.store import Event, check_writable, open_run
 
 ProgressMode = Literal["auto", "bar", "lines", "off"]
 VAL_TILE = 512  # the paper's input size: larger slices are predicted in tiles
 VAL_METRICS = ("val_loss", "pixel_error", "v_rand", "v_info")
+_RENAMED = {"alpha": "rho"}  # torch's name -> the paper's (and the run file's)
 
 
 @dataclass(frozen=True)
@@ -171,13 +172,15 @@ def train(
         )
     device = _device(config.device, world)
     out = Path(out)
+    say = _say if progress != "off" and world.main else _silent
+    say(f"building model {config.model} (seed {config.seed}, {config.init} init)...")
     model = build_model(config)
     try:
         model.check_input_size(config.crop, config.crop)
     except GradflowError as err:
         raise GradflowError(f"crop {config.crop} does not suit {config.model}: {err}") from None
     checkpoint = _check_outputs(out, config, force=force, resume=resume, device=device)
-    train_set, val_set, source = _load_data(config)
+    train_set, val_set, source = _load_data(config, say)
     ckpt_file = checkpoint_path(out)
     if checkpoint is None and world.main:
         ckpt_file.unlink(missing_ok=True)  # a stale checkpoint must not resume this new run
@@ -212,13 +215,18 @@ def train(
 
 # -- the model, the optimizer, the loss ---------------------------------------------------------
 def build_model(config: TrainConfig) -> FCN:
-    """The configured zoo model, initialised from ``config.seed`` (the same on every rank)."""
+    """The configured zoo model, initialised from ``config.seed`` (the same on every rank)
+    by the zoo's init or, with ``config.init == "paper"``, by :func:`paper_init`."""
     torch.manual_seed(config.seed)
-    return create_model(config.model, **config.model_overrides)
+    model = create_model(config.model, **config.model_overrides)
+    if config.init == "paper":
+        paper_init(model)
+    return model
 
 
-def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.RMSprop:
-    """RMSprop as in the paper, with L2 weight decay on convolution weights only."""
+def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    """The configured optimizer (RMSprop as in the paper by default), with L2 weight decay
+    on convolution weights only."""
     conv_weights = {id(m.weight) for m in model.modules() if isinstance(m, nn.Conv2d)}
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [
@@ -228,8 +236,15 @@ def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.RMSpro
         },
         {"params": [p for p in params if id(p) not in conv_weights], "weight_decay": 0.0},
     ]
+    groups = [g for g in groups if g["params"]]
+    momentum = config.momentum_value
+    if config.optimizer == "sgd":
+        nesterov = config.nesterov and momentum > 0
+        return torch.optim.SGD(groups, lr=config.lr, momentum=momentum, nesterov=nesterov)
+    if config.optimizer == "adam":
+        return torch.optim.Adam(groups, lr=config.lr, betas=(momentum, 0.999), eps=config.eps)
     return torch.optim.RMSprop(
-        [g for g in groups if g["params"]], lr=config.lr, alpha=config.rho, eps=config.eps
+        groups, lr=config.lr, alpha=config.rho, eps=config.eps, momentum=momentum
     )
 
 
@@ -478,14 +493,8 @@ def _run_config(config: TrainConfig, trainer: _Trainer, source: str) -> dict[str
             "train_slices": len(trainer.train_set),
             "val_slices": len(trainer.val_set),
         },
-        "optimizer": {
-            "name": "RMSprop",
-            "lr": config.lr,
-            "rho": config.rho,
-            "eps": config.eps,
-            "weight_decay": config.weight_decay,
-            "weight_decay_on": "convolution weights",
-        },
+        "optimizer": _optimizer_config(trainer.optimizer, config),
+        "init": config.init,
         "loss": config.loss,
         "seed": config.seed,
         "epochs": config.epochs,
@@ -496,6 +505,18 @@ def _run_config(config: TrainConfig, trainer: _Trainer, source: str) -> dict[str
         "world_size": trainer.world.size,
         "device": str(trainer.device),
         "command": config.command,
+    }
+
+
+def _optimizer_config(optimizer: torch.optim.Optimizer, config: TrainConfig) -> dict[str, Any]:
+    """The optimizer's class and hyperparameters as torch holds them (``rho`` for RMSprop's
+    ``alpha``), with the weight decay of the convolution weights."""
+    shown = ("lr", "alpha", "eps", "momentum", "nesterov", "betas")
+    return {
+        "name": type(optimizer).__name__,
+        **{_RENAMED.get(k, k): v for k, v in optimizer.defaults.items() if k in shown},
+        "weight_decay": config.weight_decay,
+        "weight_decay_on": "convolution weights",
     }
 
 
@@ -536,13 +557,14 @@ def _comparable(value: Any) -> Any:
     return list(value) if isinstance(value, tuple) else value
 
 
-def _load_data(config: TrainConfig) -> tuple[EMVolume, EMVolume, str]:
+def _load_data(config: TrainConfig, say: Callable[[str], None]) -> tuple[EMVolume, EMVolume, str]:
     """(train, validation, description of the data); the crop must fit the slices."""
     volume = load_dataset(
         config.data,
         seed=0,
         n_synthetic=config.synthetic_slices,
         synthetic_size=config.synthetic_size,
+        say=say,
     )
     check_crop(config.crop, volume.slice_shape, volume.source)
     train_set, val_set = split(volume, N_VAL)
@@ -671,6 +693,15 @@ class _Progress:
             self._bar.console.print(text)
         elif self.mode == "lines":
             print(text, flush=True)
+
+
+def _say(text: str) -> None:
+    """One line on what the run is doing before its first step."""
+    print(text, flush=True)
+
+
+def _silent(text: str) -> None:
+    """Says nothing (progress off, or a DDP rank other than 0)."""
 
 
 def _epoch_line(epoch: int, train_loss: float, metrics: Mapping[str, float]) -> str:

@@ -16,6 +16,7 @@ from gradflow.data import (
     Augmentation,
     EMVolume,
     augment_pair,
+    cache_dir,
     epoch_batches,
     load_dataset,
     load_isbi,
@@ -387,3 +388,97 @@ def test_rank_shards_union_is_the_global_batch(small: EMVolume, world_size: int)
 def test_steps_per_epoch(small: EMVolume) -> None:
     assert steps_per_epoch(small, crop=96, batch_size=4) == 2  # 6 whole slices, batch 4
     assert steps_per_epoch(small, crop=48, batch_size=4) == 6
+
+
+# --- the synthetic volume cache -----------------------------------------------------------------
+
+
+@pytest.fixture
+def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    folder = tmp_path / "cache"
+    monkeypatch.setenv("GRADFLOW_CACHE_DIR", str(folder))
+    return folder
+
+
+def _build(heard: list[str]) -> EMVolume:
+    return load_dataset("synthetic", seed=2, n_synthetic=2, synthetic_size=64, say=heard.append)
+
+
+def _same(a: EMVolume, b: EMVolume) -> None:
+    np.testing.assert_array_equal(a.images, b.images)
+    np.testing.assert_array_equal(a.labels, b.labels)
+    assert a.images.dtype == a.labels.dtype == np.float32
+    assert a.source == b.source
+
+
+def test_cache_dir_follows_the_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("GRADFLOW_CACHE_DIR", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    assert cache_dir() == tmp_path / "home" / ".cache" / "gradflow"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert cache_dir() == tmp_path / "xdg" / "gradflow"
+    monkeypatch.setenv("GRADFLOW_CACHE_DIR", str(tmp_path / "mine"))
+    assert cache_dir() == tmp_path / "mine"
+
+
+def test_second_build_loads_the_cache_exactly(cache: Path) -> None:
+    heard: list[str] = []
+    first = _build(heard)
+    second = _build(heard)
+    assert heard[0].startswith("building the synthetic EM volume (seed 2, 2 x 64 px)")
+    assert heard[1].startswith("loading the synthetic EM volume") and str(cache) in heard[1]
+    _same(first, second)
+    _same(second, synthetic_volume(2, 64, seed=2))
+    assert [p.suffix for p in cache.iterdir()] == [".npz"]  # no temporary file left behind
+
+
+def _rewrite(path: Path, **changes: object) -> None:
+    with np.load(path) as entry:
+        arrays = {k: entry[k] for k in entry.files}
+    np.savez(path, **{**arrays, **changes})
+
+
+@pytest.mark.parametrize(
+    "damage",
+    ["truncated", "not a zip", "flipped value", "wrong dtype", "wrong shape", "no checksum"],
+)
+def test_a_damaged_entry_is_rebuilt(cache: Path, damage: str) -> None:
+    heard: list[str] = []
+    good = _build(heard)
+    (path,) = cache.iterdir()
+    with np.load(path) as entry:
+        images = entry["images"]
+    if damage == "truncated":
+        path.write_bytes(path.read_bytes()[:-100])
+    elif damage == "not a zip":
+        path.write_bytes(b"\x00" * 100)
+    elif damage == "flipped value":
+        images = images.copy()
+        images[0, 5, 5] += 1.0
+        _rewrite(path, images=images)
+    elif damage == "wrong dtype":
+        _rewrite(path, images=images.astype(np.float64))
+    elif damage == "wrong shape":
+        _rewrite(path, images=images[:1])
+    else:
+        with np.load(path) as entry:
+            np.savez(path, images=entry["images"], labels=entry["labels"])
+    again = _build(heard)
+    assert "unusable" in heard[1] and heard[2].startswith("building")
+    _same(again, good)
+    assert _build(heard).images is not None and heard[-1].startswith("loading")  # repaired
+
+
+def test_an_unwritable_cache_still_gives_the_volume(cache: Path) -> None:
+    cache.write_text("a file where the folder should be")
+    heard: list[str] = []
+    volume = _build(heard)
+    _same(volume, synthetic_volume(2, 64, seed=2))
+    assert heard[-1].startswith("could not cache it")
+
+
+def test_isbi_loading_is_announced(isbi: EMVolume) -> None:
+    heard: list[str] = []
+    load_dataset(ISBI, say=heard.append)
+    assert heard == [f"loading ISBI 2012 from {ISBI}..."]

@@ -5,14 +5,18 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import replace
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import typer
+from scipy.stats import truncnorm
 from torch import nn
 
 import gradflow.cli.commands  # noqa: F401  (registers the commands on the app)
 from gradflow.cli.app import app
+from gradflow.config import RESUME_KEYS, TrainConfig
 from gradflow.errors import GradflowError
 from gradflow.models import (
     FCN,
@@ -22,9 +26,12 @@ from gradflow.models import (
     Stage,
     count_convs,
     create_model,
+    he_normal_,
     list_models,
     model_info,
 )
+from gradflow.store import open_run
+from gradflow.train import build_model, build_optimizer, train
 
 MODELS = list_models()
 SMALL = [name for name in MODELS if name != "paper-resunet"]
@@ -220,3 +227,172 @@ def test_models_command_lists_every_preset(
     for name in MODELS:
         assert name in output
     assert "142" in output
+
+
+def test_models_command_never_cuts_a_name_at_80_columns(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("COLUMNS", "80")
+    typer.main.get_group(app).main(["models"], prog_name="gradflow", standalone_mode=False)
+    lines = capsys.readouterr().out.splitlines()
+    assert max(len(line) for line in lines) <= 80
+    for name in MODELS:
+        assert any(name in line.split() for line in lines), f"{name} is cut or wrapped"
+
+
+# --- gradflow record --init and --optimizer -------------------------------------------------------
+
+TRUNCATED = truncnorm(-2.0, 2.0)  # the independent reference for Keras' he_normal
+
+
+def he_scaled(model: nn.Module) -> list[torch.Tensor]:
+    """Every convolution's weights over sqrt(2 / fan_in), in float64."""
+    return [
+        (m.weight.detach().double() / math.sqrt(2.0 / m.weight[0].numel())).flatten()
+        for m in model.modules()
+        if isinstance(m, nn.Conv2d)
+    ]
+
+
+def test_he_normal_is_keras_truncated_normal() -> None:
+    weight = torch.empty(256, 64, 3, 3)  # fan_in 576, 147 456 draws
+    he_normal_(weight)
+    z_all = (weight.double() / math.sqrt(2.0 / 576)).numpy().ravel()
+    scale = 1.0 / TRUNCATED.std()  # draws are N(0, scale^2) cut at 2 scale: std 1 after the cut
+    assert z_all.std() == pytest.approx(1.0, abs=0.01)
+    assert abs(z_all.mean()) < 0.01
+    assert np.abs(z_all).max() <= 2.0 * scale + 1e-6
+    assert np.abs(z_all).max() > 0.99 * 2.0 * scale  # cut where Keras cuts, not earlier
+    # The 4th moment tells a truncated normal (2.65) from a plain one (3).
+    kurtosis = TRUNCATED.moment(4) / TRUNCATED.var() ** 2
+    assert np.mean(z_all**4) == pytest.approx(kurtosis, abs=0.05)
+    assert kurtosis < 2.8
+
+
+@pytest.mark.parametrize("name", ["fig3a-long-short-9", "fig3d-long-7-nobn"])
+def test_paper_init_is_plain_he_normal(name: str) -> None:
+    model = build_model(TrainConfig(model=name, init="paper"))
+    scaled = he_scaled(model)
+    z = torch.cat(scaled).numpy()
+    assert z.std() == pytest.approx(1.0, abs=0.02) and abs(z.mean()) < 0.02
+    assert np.abs(z).max() <= 2.0 / TRUNCATED.std() + 1e-6
+    for layer in scaled:  # no zeroed residual branch: every layer has the std
+        tolerance = 6 * 0.6 / math.sqrt(layer.numel())  # 6 standard errors of a sample std
+        assert layer.std().item() == pytest.approx(1.0, abs=max(tolerance, 0.02))
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d) and m.bias is not None:
+            assert (m.bias == 0).all()  # the classifier's too: no prior bias
+        if isinstance(m, nn.BatchNorm2d):
+            assert (m.weight == 1).all() and (m.bias == 0).all()
+    assert model.classifier.bias is not None and (model.classifier.bias == 0).all()
+
+
+def test_default_init_is_unchanged() -> None:
+    model = build_model(TrainConfig(model="tiny", seed=3))
+    torch.manual_seed(3)
+    reference = create_model("tiny")
+    for (name, a), b in zip(
+        model.state_dict().items(), reference.state_dict().values(), strict=True
+    ):
+        assert torch.equal(a, b), name
+    assert any((b.last_conv.weight == 0).all() for b in model.modules() if isinstance(b, Block))
+    paper = build_model(TrainConfig(model="tiny", seed=3, init="paper"))
+    assert not torch.equal(paper.classifier.weight, model.classifier.weight)
+
+
+@pytest.mark.parametrize(
+    ("options", "kind", "expected"),
+    [
+        ({}, torch.optim.RMSprop, {"lr": 1e-3, "alpha": 0.9, "eps": 1e-8, "momentum": 0.0}),
+        ({"eps": 1e-4}, torch.optim.RMSprop, {"eps": 1e-4, "momentum": 0.0}),
+        ({"optimizer": "sgd"}, torch.optim.SGD, {"momentum": 0.9, "nesterov": True}),
+        (
+            {"optimizer": "sgd", "momentum": 0.5, "nesterov": False, "lr": 0.01},
+            torch.optim.SGD,
+            {"momentum": 0.5, "nesterov": False, "lr": 0.01},
+        ),
+        ({"optimizer": "sgd", "momentum": 0.0}, torch.optim.SGD, {"nesterov": False}),
+        (
+            {"optimizer": "adam", "eps": 1e-6, "momentum": 0.8},
+            torch.optim.Adam,
+            {"eps": 1e-6, "betas": (0.8, 0.999)},
+        ),
+    ],
+)
+def test_optimizer_switches(
+    options: dict[str, object], kind: type[torch.optim.Optimizer], expected: dict[str, object]
+) -> None:
+    config = TrainConfig(model="tiny", **options)  # type: ignore[arg-type]
+    config.validate()
+    model = build_model(config)
+    optimizer = build_optimizer(model, config)
+    assert type(optimizer) is kind
+    for key, value in expected.items():
+        assert all(group[key] == value for group in optimizer.param_groups), key
+    convs = {id(m.weight) for m in model.modules() if isinstance(m, nn.Conv2d)}
+    for group in optimizer.param_groups:  # L2 on convolution weights only, as before
+        on_convs = all(id(p) in convs for p in group["params"])
+        assert group["weight_decay"] == (1e-4 if on_convs else 0.0)
+
+
+def test_sgd_nesterov_steps_as_the_formula() -> None:
+    config = TrainConfig(model="tiny", optimizer="sgd", lr=0.1, momentum=0.9)
+    model = build_model(config)
+    optimizer = build_optimizer(model, config)
+    weight = model.classifier.weight
+    w = weight.detach().double().clone()
+    buffer = torch.zeros_like(w)
+    for step in range(3):
+        grad = torch.full_like(weight, 0.5 + step)
+        weight.grad = grad
+        optimizer.step()
+        g = grad.double() + 1e-4 * w  # L2 on a convolution weight
+        buffer = g if step == 0 else 0.9 * buffer + g
+        w = w - 0.1 * (g + 0.9 * buffer)  # Nesterov's look-ahead
+        torch.testing.assert_close(weight.detach().double(), w, rtol=1e-6, atol=1e-7)
+
+
+def test_bad_switches_are_clear_errors() -> None:
+    with pytest.raises(GradflowError, match=r"unknown optimizer 'sdg'; did you mean 'sgd'"):
+        TrainConfig(optimizer="sdg").validate()  # type: ignore[arg-type]
+    with pytest.raises(GradflowError, match=r"unknown init 'he'"):
+        TrainConfig(init="he").validate()  # type: ignore[arg-type]
+    with pytest.raises(GradflowError, match=r"momentum must be in \[0, 1\)"):
+        TrainConfig(momentum=1.5).validate()
+
+
+def test_switches_are_stored_and_fixed_for_resume(tmp_path: Path) -> None:
+    assert {"optimizer", "momentum", "nesterov", "init", "eps"} <= set(RESUME_KEYS)
+    config = TrainConfig(
+        model="tiny",
+        synthetic_slices=6,
+        synthetic_size=64,
+        epochs=1,
+        steps_per_epoch=1,
+        crop=32,
+        batch_size=2,
+        val_every=0,
+        optimizer="sgd",
+        init="paper",
+    )
+    out = tmp_path / "r.h5"
+    train(config, out, progress="off")
+    with open_run(out) as run:
+        assert run.config["init"] == "paper"
+        stored = run.config["optimizer"]
+    assert stored["name"] == "SGD" and stored["momentum"] == 0.9 and stored["nesterov"] is True
+    with pytest.raises(GradflowError, match=r"optimizer 'sgd' -> 'rmsprop'"):
+        train(replace(config, epochs=2, optimizer="rmsprop"), out, resume=True, progress="off")
+
+
+def test_record_passes_the_switches(monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: list[TrainConfig] = []
+    monkeypatch.setattr("gradflow.train.train", lambda config, *a, **k: seen.append(config))
+    argv = ["record", "--out", "x.h5", "--optimizer", "sgd", "--momentum", "0.5"]
+    argv += ["--no-nesterov", "--eps", "1e-4", "--init", "paper", "--lr", "0.01"]
+    typer.main.get_group(app).main(argv, prog_name="gradflow", standalone_mode=False)
+    (config,) = seen
+    assert (config.optimizer, config.momentum, config.nesterov) == ("sgd", 0.5, False)
+    assert (config.eps, config.init, config.lr) == (1e-4, "paper", 0.01)
+    default = TrainConfig()
+    assert (default.optimizer, default.momentum, default.init) == ("rmsprop", None, "default")

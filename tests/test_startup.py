@@ -102,20 +102,3 @@ def test_loss_names_match_the_registry() -> None:
     from gradflow.metrics import LOSSES
 
     assert list(LOSS_NAMES) == LOSSES.names()
-
-
-def test_models_never_cuts_a_name_at_80_columns() -> None:
-    from gradflow.models import list_models
-
-    result = subprocess.run(
-        [sys.executable, "-m", "gradflow.cli.main", "models"],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "COLUMNS": "80", "OMP_NUM_THREADS": "1"},
-        timeout=120,
-    )
-    assert result.returncode == 0, result.stderr
-    lines = result.stdout.splitlines()
-    assert max(len(line) for line in lines) <= 80
-    for name in list_models():
-        assert any(name in line.split() for line in lines), f"{name} cut or wrapped"

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from gradflow.data.augment import Augmentation, augment_pair, random_crop
 from gradflow.data.batches import epoch_batches, steps_per_epoch
+from gradflow.data.cache import Say, cache_dir, cached_synthetic_volume
 from gradflow.data.isbi import load_isbi
 from gradflow.data.synthetic import synthetic_volume
 from gradflow.data.volume import EMVolume, split, standardise
@@ -14,6 +15,8 @@ __all__ = [
     "Augmentation",
     "EMVolume",
     "augment_pair",
+    "cache_dir",
+    "cached_synthetic_volume",
     "epoch_batches",
     "load_dataset",
     "load_isbi",
@@ -31,12 +34,17 @@ def load_dataset(
     seed: int = 0,
     n_synthetic: int = 30,
     synthetic_size: int = 512,
+    say: Say | None = None,
 ) -> EMVolume:
     """The labelled slices at ``path`` (see :func:`load_isbi`), or synthetic ones.
 
     ``None`` or ``"synthetic"`` gives ``n_synthetic`` synthetic slices of ``synthetic_size``
-    px generated from ``seed`` (see :func:`synthetic_volume`); ``seed`` is unused for real data.
+    px generated from ``seed`` (see :func:`synthetic_volume`), kept in the user cache (see
+    :mod:`gradflow.data.cache`); ``seed`` is unused for real data. ``say`` hears one line
+    on what is being loaded or built.
     """
     if path is None or str(path) == "synthetic":
-        return synthetic_volume(n_synthetic, synthetic_size, seed)
+        return cached_synthetic_volume(n_synthetic, synthetic_size, seed, say)
+    if say is not None:
+        say(f"loading ISBI 2012 from {path}...")
     return load_isbi(path)

@@ -12,6 +12,7 @@ from torch import nn
 from gradflow.errors import unknown_name
 from gradflow.models.blocks import Block, Projection
 from gradflow.models.fcn import FCN, FCNConfig, Stage
+from gradflow.models.init import he_normal_, paper_init
 from gradflow.registry import Registry
 
 __all__ = [
@@ -22,8 +23,10 @@ __all__ = [
     "Stage",
     "count_convs",
     "create_model",
+    "he_normal_",
     "list_models",
     "model_info",
+    "paper_init",
     "register_model",
 ]
 
