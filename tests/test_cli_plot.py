@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
+from matplotlib.figure import Figure
 from runfiles import SyntheticRun, fcn_layers, write_run
 
 from gradflow.cli.main import main
-from gradflow.plots import FIGURES
+from gradflow.plots import FIGURES, output, render
+from gradflow.store import Run
 
 MAGIC = {".png": b"\x89PNG", ".pdf": b"%PDF", ".svg": b"<?xml"}
 
@@ -216,3 +220,27 @@ def test_a_real_process_exits_cleanly(runs: dict[str, Path], tmp_path: Path) -> 
     )
     assert bad.returncode == 2
     assert bad.stderr.startswith("gradflow: error: ") and "Traceback" not in bad.stderr
+
+
+@pytest.mark.parametrize("flag, shared", [("--shared-scale", True), ("--per-panel-scale", False)])
+def test_shared_scale_flag_reaches_the_figure(
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    runs: dict[str, Path],
+    tmp_path: Path,
+    flag: str,
+    shared: bool,
+) -> None:
+    drawn: list[Figure] = []
+
+    def keep(name: str, opened: Sequence[Run], **options: Any) -> Figure:
+        drawn.append(render(name, opened, **options))
+        return drawn[-1]
+
+    monkeypatch.setattr(output, "render", keep)
+    args = ["updates-heatmap", runs["a"], runs["b"], runs["a"], runs["b"], "--log", flag]
+    status, _, err = gradflow(capsys, "plot", *args, "-o", tmp_path / "u.png")
+    assert status == 0, err
+    norms = [drawn[0].axes[i].images[0].norm for i in range(4)]
+    limits = {(norm.vmin, norm.vmax) for norm in norms}
+    assert len(limits) == (1 if shared else 2)  # a and b differ; the two copies agree

@@ -30,7 +30,8 @@ from gradflow.plots import (
 from gradflow.plots.binning import bin_means
 from gradflow.plots.health import health
 from gradflow.plots.heatmap import ZeroAwareLogNorm
-from gradflow.store import Run, open_run
+from gradflow.plots.selection import MAX_GROUPS, is_zoo_fcn, select_layers, stages
+from gradflow.store import Layer, Run, open_run
 
 EPOCHS, PER_EPOCH = 4, 10
 
@@ -290,3 +291,204 @@ def test_health_finds_planted_problems(run_a: Run, run_b: Run) -> None:
     assert ("dead units", "up1.1.conv") in found
     assert ("non-finite", "across.1.conv") in found
     assert not health(run_b)
+
+
+# -- any model: default layers, hierarchical labels, shared scale, curves over seeds -------------
+def layer_list(specs: list[tuple[str, str, str]]) -> list[Layer]:
+    """Layers from (name, kind, shape) in forward order."""
+    return [
+        Layer(index=i, name=name, kind=kind, type=kind, depth=i, n_params=1, shape=shape)
+        for i, (name, kind, shape) in enumerate(specs)
+    ]
+
+
+def vit_layers(blocks: int = 12) -> list[Layer]:
+    """A timm-style ViT: 2 + 6 x blocks + 2 layers (76 for 12 blocks)."""
+    specs = [("(root)", "other", "1x1x64+1x65x64"), ("patch_embed.proj", "conv", "64x1x4x4+64")]
+    for b in range(blocks):
+        specs += [
+            (f"blocks.{b}.norm1", "ln", "64+64"),
+            (f"blocks.{b}.attn.qkv", "linear", "192x64+192"),
+            (f"blocks.{b}.attn.proj", "linear", "64x64+64"),
+            (f"blocks.{b}.norm2", "other", "64"),  # an RMSNorm-like class: 1-D only
+            (f"blocks.{b}.mlp.fc1", "linear", "256x64+256"),
+            (f"blocks.{b}.mlp.fc2", "linear", "64x256+64"),
+        ]
+    return layer_list([*specs, ("norm", "ln", "64+64"), ("head", "linear", "10x64+10")])
+
+
+def resnet_layers() -> list[Layer]:
+    """torchvision's ResNet-18 names: 21 conv/linear and 20 batch-norm layers."""
+    specs = [("conv1", "conv", "8x3x7x7"), ("bn1", "bn", "8+8")]
+    for stage in range(1, 5):
+        for block in range(2):
+            p = f"layer{stage}.{block}"
+            specs += [(f"{p}.conv1", "conv", "8x8x3x3"), (f"{p}.bn1", "bn", "8+8")]
+            specs += [(f"{p}.conv2", "conv", "8x8x3x3"), (f"{p}.bn2", "bn", "8+8")]
+            if stage > 1 and block == 0:
+                specs += [
+                    (f"{p}.downsample.0", "conv", "8x8x1x1"),
+                    (f"{p}.downsample.1", "bn", "8"),
+                ]
+    return layer_list([*specs, ("fc", "linear", "10x8+10")])
+
+
+def deep_layers(n: int = 1000) -> list[Layer]:
+    return layer_list(
+        [*((f"layers.{i}", "linear", "8x8+8") for i in range(n)), ("head", "linear", "1x8")]
+    )
+
+
+def one_epoch_run(path: Path, layers: list[Layer], model: object = "custom") -> Run:
+    with SyntheticRun(path, layers, model=model, steps_per_epoch=2) as writer:  # type: ignore[arg-type]
+        writer.steps(2).epoch()
+    return open_run(path)
+
+
+def tick_labels(fig: Figure) -> dict[str, float]:
+    ax = fig.axes[0]
+    return {t.get_text(): y for t, y in zip(ax.get_yticklabels(), ax.get_yticks(), strict=True)}
+
+
+def test_default_layers_are_zoo_convs_or_any_models_weight_layers(tmp_path: Path) -> None:
+    layers = fcn_layers()
+    layers.append(Layer(len(layers), "head", "linear", "Linear", len(layers), 330, "10x32+10"))
+    zoo_config = {"name": "tiny", "conv_layers": 12, "config": {}}
+    with one_epoch_run(tmp_path / "zoo.h5", layers, model=zoo_config) as zoo:
+        assert is_zoo_fcn(zoo)
+        assert [lay.name for lay in select_layers(zoo)] == [
+            lay.name for lay in layers if lay.kind == "conv"
+        ]
+    with one_epoch_run(tmp_path / "any.h5", layers) as other:
+        assert not is_zoo_fcn(other)
+        want = [lay.name for lay in layers if lay.kind in ("conv", "linear")]
+        assert [lay.name for lay in select_layers(other)] == want
+        assert len(select_layers(other, all_layers=True)) == len(layers)
+    with one_epoch_run(tmp_path / "vit.h5", vit_layers()) as vit:
+        chosen = [lay.name for lay in select_layers(vit)]
+        assert len(vit.layers) == 76 and len(chosen) == 51  # no norm of any class
+        assert chosen[:3] == ["(root)", "patch_embed.proj", "blocks.0.attn.qkv"]
+        assert not any("norm" in name for name in chosen) and chosen[-1] == "head"
+    norms_only = layer_list([("a.norm", "ln", "4+4"), ("b.scale", "other", "4")])
+    with one_epoch_run(tmp_path / "norms.h5", norms_only) as norms:  # nothing else: draw them
+        assert len(select_layers(norms)) == 2
+
+
+def test_transformer_labels_name_every_block_at_its_rows(tmp_path: Path) -> None:
+    with one_epoch_run(tmp_path / "vit.h5", vit_layers()) as vit:
+        fig = updates_heatmap([vit])
+        rows = [lay.name for lay in select_layers(vit)]
+    labels = tick_labels(fig)
+    assert {f"blocks.{b}" for b in range(12)} | {"(root)", "head"} <= set(labels)
+    for label, y in labels.items():  # each label at the centre of the rows it names
+        inside = [i for i, name in enumerate(rows) if name == label or name.startswith(label + ".")]
+        assert inside == list(range(inside[0], inside[-1] + 1))
+        assert y == pytest.approx((inside[0] + inside[-1] + 1) / 2)
+    # GPT-2 style names: the common "transformer" level is skipped for its blocks.
+    gpt = [("transformer.wte", "embedding", "100x32"), ("transformer.wpe", "embedding", "32x32")]
+    for b in range(12):
+        gpt += [(f"transformer.h.{b}.attn.c_attn", "other", "32x96+96")]
+        gpt += [(f"transformer.h.{b}.mlp.c_fc", "other", "32x128+128")]
+    names = [s.name for s in stages(layer_list(gpt))]
+    assert names == ["transformer.wte", "transformer.wpe"] + [
+        f"transformer.h.{b}" for b in range(12)
+    ]
+
+
+def test_resnet_labels_are_blocks_with_darker_lines_between_stages(tmp_path: Path) -> None:
+    with one_epoch_run(tmp_path / "resnet.h5", resnet_layers()) as resnet:
+        fig = updates_heatmap([resnet])
+        rows = [lay.name for lay in select_layers(resnet)]
+    blocks = [f"layer{s}.{b}" for s in range(1, 5) for b in range(2)]
+    assert list(tick_labels(fig)) == ["conv1", *blocks, "fc"]
+    stage_starts = [
+        i for i in range(1, len(rows)) if rows[i].split(".")[0] != rows[i - 1].split(".")[0]
+    ]
+    lines = [line for line in fig.axes[0].lines if line.get_linestyle() == "-"]
+    dark = sorted(line.get_ydata()[0] for line in lines if line.get_linewidth() == 0.7)
+    light = sorted(line.get_ydata()[0] for line in lines if line.get_linewidth() == 0.4)
+    assert dark == stage_starts  # conv1 | layer1 | layer2 | layer3 | layer4 | fc
+    assert light == [rows.index(f"layer{s}.1.conv1") for s in range(1, 5)]
+
+
+def test_a_deep_fcn_is_labelled_by_stage_and_a_1000_layer_model_by_ranges(tmp_path: Path) -> None:
+    fcn = fcn_layers(blocks=9, bn=False)  # 47 blocks: too many; stages instead
+    assert [s.name for s in stages(fcn)] == [
+        "down1",
+        "down2",
+        "across",
+        "up1",
+        "up2",
+        "final",
+        "classifier",
+    ]
+    with one_epoch_run(tmp_path / "deep.h5", deep_layers()) as deep:
+        fig = updates_heatmap([deep])
+        assert drawn(fig).shape[0] == 1001
+    labels = list(tick_labels(fig))
+    assert len(labels) <= MAX_GROUPS
+    assert labels == [f"layers.{i}–{i + 99}" for i in range(0, 1000, 100)] + ["head"]
+    assert len(fig.axes[0].lines) <= MAX_GROUPS  # separators stay countable too
+    flat = layer_list([(str(i), "linear", "4x4") for i in range(1000)])  # nn.Sequential names
+    assert [s.name for s in stages(flat)] == [f"{i}–{i + 49}" for i in range(0, 1000, 50)]
+
+
+def test_shared_scale_gives_every_panel_one_norm(runs_dir: Path, tmp_path: Path) -> None:
+    paths = [runs_dir / "a.h5", runs_dir / "b.h5"]
+    for seed in (2, 3):
+        paths.append(write_run(tmp_path / f"s{seed}.h5", layers=fcn_layers(blocks=seed), seed=seed))
+    runs = [open_run(p) for p in paths]
+    try:
+        stored = [run.stat("epoch", "update_abs_mean", layers=conv(run)) for run in runs]
+        for log in (False, True):
+            fig = updates_heatmap(runs, log=log, shared_scale=True)
+            norms = [fig.axes[i].images[0].norm for i in range(4)]
+            keep = [v[v > 0] if log else v for v in stored]
+            lo, hi = min(v.min() for v in keep), max(v.max() for v in keep)
+            for norm in norms:
+                assert (norm.vmin, norm.vmax) == pytest.approx((lo, hi), rel=1e-6)
+            assert len(fig.axes) == 5  # four panels, one colour bar
+            own = updates_heatmap(runs, log=log, shared_scale=False)
+            limits = [
+                (own.axes[i].images[0].norm.vmin, own.axes[i].images[0].norm.vmax) for i in range(4)
+            ]
+            want = [(v.min(), v.max()) for v in keep]
+            np.testing.assert_allclose(limits, want, rtol=1e-6)
+            assert len({lim[1] for lim in limits}) == 4  # the panels do differ
+    finally:
+        for run in runs:
+            run.close()
+
+
+def test_learning_curves_over_seeds_are_a_mean_with_a_min_max_band(
+    run_a: Run, tmp_path: Path
+) -> None:
+    rng = np.random.default_rng(0)
+    losses = rng.uniform(0.1, 1.0, (3, 5, 2))  # seed, epoch, (train, val)
+    runs = []
+    for seed in range(3):
+        with SyntheticRun(tmp_path / f"s{seed}.h5", fcn_layers(), model="long-9", seed=seed) as run:
+            for e in range(5):
+                run.steps(10).epoch(
+                    {"train_loss": losses[seed, e, 0], "val_loss": losses[seed, e, 1]}
+                )
+        runs.append(open_run(tmp_path / f"s{seed}.h5"))
+    try:
+        fig = learning_curves([*runs, run_a])
+    finally:
+        for run in runs:
+            run.close()
+    ax = fig.axes[0]
+    lines = {line.get_label(): line for line in ax.lines}
+    for m, metric in enumerate(("train_loss", "val_loss")):
+        line = lines[f"long-9, {metric} (mean, min–max of 3 runs)"]
+        np.testing.assert_allclose(line.get_ydata(), losses[:, :, m].mean(axis=0), rtol=1e-12)
+        np.testing.assert_array_equal(line.get_xdata(), np.arange(5))
+        band = ax.collections[m].get_paths()[0].vertices
+        for e in range(5):
+            at = band[np.isclose(band[:, 0], e), 1]
+            assert at.min() == pytest.approx(losses[:, e, m].min(), rel=1e-12)
+            assert at.max() == pytest.approx(losses[:, e, m].max(), rel=1e-12)
+    single = lines["long-short, train_loss"]  # a model with one run: its stored values
+    np.testing.assert_array_equal(single.get_ydata(), run_a.metrics["train_loss"])
+    assert len(ax.collections) == 2  # no band for a single run

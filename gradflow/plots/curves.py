@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 from matplotlib.figure import Figure
@@ -14,6 +16,9 @@ from gradflow.plots.catalog import FIGURES
 from gradflow.plots.selection import TimeWindow, select_layers
 from gradflow.plots.style import mark_stages, run_colours, run_labels, stat_label, styled
 from gradflow.store import Run
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 LOSSES = ("train_loss", "val_loss")
 LINESTYLES = {"train_loss": "-", "val_loss": "--"}
@@ -31,6 +36,21 @@ def epoch_metric(run: Run, name: str) -> tuple[np.ndarray, np.ndarray]:
     return run.epochs, metrics[name]
 
 
+def seed_groups(runs: Sequence[Run]) -> list[tuple[str, list[Run]]]:
+    """Runs grouped by their config without ``seed`` and ``command`` (repeats of one
+    experiment over seeds), in first-seen order, each with a label: the model name, plus
+    the first run's file stem where two groups share a model name."""
+    groups: dict[str, list[Run]] = {}
+    for run in runs:
+        rest = {k: v for k, v in run.config.items() if k not in ("seed", "command")}
+        groups.setdefault(json.dumps(rest, sort_keys=True, default=str), []).append(run)
+    return list(zip(run_labels([g[0] for g in groups.values()]), groups.values(), strict=True))
+
+
+def _min_max(values: pd.Series) -> tuple[float, float]:
+    return float(values.min()), float(values.max())
+
+
 @FIGURES.register("learning-curves")
 @styled
 def learning_curves(
@@ -41,27 +61,43 @@ def learning_curves(
     window: TimeWindow | None = None,
     title: str | None = None,
 ) -> Figure:
-    """Training (solid) and validation (dashed) loss per epoch, one colour per run.
+    """Training (solid) and validation (dashed) loss per epoch, one colour per experiment.
 
+    Runs that differ only in their seed (:func:`seed_groups`) are drawn as their mean per
+    epoch with a band from the minimum to the maximum over the runs (``seaborn.lineplot``).
     ``stat`` names another stored per-epoch metric to draw instead (``v_rand``, ...).
     """
+    import pandas as pd
+    import seaborn as sns
+
     if window is not None and window.unit != "epoch":
         raise GradflowError("learning-curves are per epoch; select them with --epochs")
     fig = Figure(figsize=(6.4, 4.2), layout="constrained")
     ax = fig.subplots()
-    for run, label, colour in zip(runs, run_labels(runs), run_colours(len(runs)), strict=True):
+    groups = seed_groups(runs)
+    for (label, group), colour in zip(groups, run_colours(len(groups)), strict=True):
         # With neither loss stored, asking for train_loss yields the error listing what is.
-        names = [stat] if stat else [m for m in LOSSES if m in run.metrics] or [LOSSES[0]]
+        names = [stat] if stat else [m for m in LOSSES if m in group[0].metrics] or [LOSSES[0]]
         for name in names:
-            epochs, values = epoch_metric(run, name)
-            a, b = window_rows(epochs, window)
-            ax.plot(
-                epochs[a:b],
-                values[a:b],
+            frames = []
+            for run in group:
+                epochs, values = epoch_metric(run, name)
+                a, b = window_rows(epochs, window)
+                frames.append(pd.DataFrame({"epoch": epochs[a:b], name: values[a:b]}))
+            data = pd.concat(frames, ignore_index=True)
+            spread = f" (mean, min–max of {len(group)} runs)" if len(group) > 1 else ""
+            sns.lineplot(
+                data=data,
+                x="epoch",
+                y=name,
+                estimator="mean",
+                errorbar=_min_max if len(group) > 1 else None,
                 color=colour,
-                ls=LINESTYLES.get(name, "-"),
-                marker="." if b - a < 30 else None,
-                label=f"{label}, {name}",
+                linestyle=LINESTYLES.get(name, "-"),
+                marker="." if data["epoch"].nunique() < 30 else None,
+                markeredgecolor=colour,
+                label=f"{label}, {name}{spread}",
+                ax=ax,
             )
     ax.set_xlabel("epoch")
     ax.set_ylabel(stat or "loss")
