@@ -223,22 +223,50 @@ class CallLog:
         nonzero and non-finite entries) then output-gradient sums of squares [C']."""
         if self.reduced is not None:
             return [self.reduced]
-        out = []
+        return [t for t in (self._activations(), self._output_grads()) if t is not None]
+
+    def _activations(self) -> torch.Tensor | None:
         if self.act_host.n:
             act = self.act_host.rows.copy()
             act[:, 2] = np.asarray(self.act_n, np.float64) - act[:, 2]  # zeros -> nonzero
-            out.append(torch.from_numpy(act.reshape(-1)))
-        elif self.act_device is not None:
+            return torch.from_numpy(act.reshape(-1))
+        if self.act_device is not None:
             act_t = self.act_device.rows
             if self.act_device.fused is None:
                 act_t = act_t.clone()
                 act_t[:, 1].square_()  # norms on the device, sums of squares from here on
-            out.append(act_t.reshape(-1))
+            return act_t.reshape(-1)
+        return None
+
+    def _output_grads(self) -> torch.Tensor | None:
         if self.gout_host.n:
-            out.append(torch.from_numpy(self.gout_host.rows[:, 1].copy()))
-        elif self.gout_device is not None:
-            out.append(self.gout_device.rows[:, 0].square())
+            return torch.from_numpy(self.gout_host.rows[:, 1].copy())
+        if self.gout_device is not None:
+            return self.gout_device.rows[:, 0].square()
+        return None
+
+    @staticmethod
+    def merged(logs: Sequence[CallLog]) -> CallLog:
+        """The calls of several logs (in order) as one log."""
+        used = [log for log in logs if log.act_ids or log.gout_ids]
+        if len(used) <= 1:
+            return used[0] if used else CallLog(hook_s=sum(log.hook_s for log in logs))
+        out = CallLog(
+            act_ids=[i for log in used for i in log.act_ids],
+            act_n=[n for log in used for n in log.act_n],
+            gout_ids=[i for log in used for i in log.gout_ids],
+            gout_n=[n for log in used for n in log.gout_n],
+            hook_s=sum(log.hook_s for log in logs),
+        )
+        acts = [a for log in used if (a := log._activations()) is not None]
+        gouts = [g for log in used if (g := log._output_grads()) is not None]
+        out.reduced = torch.cat([t.to(used[0].device()) for t in acts + gouts])
         return out
+
+    def device(self) -> torch.device:
+        """Where the reductions are (the CPU for host rows)."""
+        rows = self.act_device or self.gout_device
+        return rows.device if rows is not None else torch.device("cpu")
 
 
 def _accumulator(dtype: torch.dtype) -> torch.dtype | None:

@@ -217,7 +217,8 @@ class Recorder:
         self._epoch_stale = False
         self._call_order: dict[str, int] = {}
         self._active = self.schedule(self.step)
-        self._log = CallLog()
+        self._log = CallLog()  # layer calls since the last optimizer step
+        self._row_logs: list[CallLog] = []  # those of the row being measured, per step
         self._host = HostReducer()
         self._activation = ActivationProbe(self._host) if "activation" in self.probes else None
         self._gout_hooks: list[Callable[[torch.Tensor], None]] = []
@@ -505,7 +506,8 @@ class Recorder:
     def _on_step_pre(self, index: int, optimizer: Any, args: Any, kwargs: Any) -> Any:
         self._ensure_layout()
         if index in self._row_steps:  # stepped again before every optimizer stepped once
-            self._end_row()
+            # Layer calls since this optimizer's last step belong to the row it opens now.
+            self._close_step(has_update=True, carry=True)
         if not self._row_steps:
             self._check_layout()
         self._stepped = True
@@ -564,6 +566,9 @@ class Recorder:
             self._param_probe.after_step(index, stepped)
             self._stats_s += time.perf_counter() - t0
         self._row_skipped |= skipped
+        if self._active:
+            self._row_logs.append(self._log)
+            self._log = CallLog()
         if len(self._row_steps) >= max(1, len(self._optimizers)):
             self._close_step(has_update=has_update)
 
@@ -588,7 +593,7 @@ class Recorder:
                 # The scaler found inf/NaN and skipped optimizer.step().
                 self._ensure_layout()
                 if index in self._row_steps:
-                    self._end_row()
+                    self._close_step(has_update=True, carry=True)
                 self._begin(index, measure=True)
                 self._end(index, stepped=False, has_update=True, skipped=True)
             if scale is not None and self._open_row is not None:
@@ -601,8 +606,11 @@ class Recorder:
         self._scaler_step = step
 
     # -- rows ---------------------------------------------------------------------------
-    def _close_step(self, *, has_update: bool) -> None:
+    def _close_step(self, *, has_update: bool, carry: bool = False) -> None:
+        """Close the row being measured (``carry``: the layer calls since the last
+        optimizer step stay for the next row)."""
         if self._active:
+            log = CallLog.merged(self._row_logs if carry else [*self._row_logs, self._log])
             if not self._forward_seen and self._rows_unseen and self._layer_handles:
                 self._refuse_if_compiled_before()
             t0 = time.perf_counter()
@@ -614,15 +622,17 @@ class Recorder:
                 "epoch": self.epoch,
                 "time": time.perf_counter() - self._t0,
                 "param": param,
-                "log": self._log.all_reduce(self.world_size, self._group)
+                "log": log.all_reduce(self.world_size, self._group)
                 if self._reduce_activations
-                else self._log,
+                else log,
                 "scalars": self._next_scalars,
                 "skipped": self._row_skipped,
                 "has_update": has_update,
             }
-        self._log = CallLog()
-        self._no_grad_calls = {}
+        self._row_logs = []
+        if not carry:
+            self._log = CallLog()
+            self._no_grad_calls = {}
         self._next_scalars = {}
         self._row_steps = set()
         self._row_skipped = False

@@ -1,0 +1,506 @@
+"""The recorder on training stacks other than ``backward(); step()``, each against its own
+reference.
+
+The reference never uses gradflow code: weights are copied by hand (float64) before and
+after each step, gradients are copied where the step reads them (inside the test's own
+closure for closure steps), layer outputs are captured by the test's own hooks with
+``retain_grad()``, and statistics are computed in float64. Recorded statistics match it to
+1e-5 relative (1e-4 for the activation std, computed from sums of squares).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from functools import partial
+from typing import Any, cast
+
+import numpy as np
+import pytest
+import torch
+import torch.utils.checkpoint
+from torch import nn
+
+from gradflow import GradflowError, Recorder, open_run
+
+RTOL = 1e-5
+Row = dict[tuple[str, str], np.ndarray]
+
+
+def mlp() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Linear(6, 12), nn.Tanh(), nn.Linear(12, 12), nn.Tanh(), nn.Linear(12, 3)
+    )
+
+
+def batches(n: int, n_in: int = 6) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(1)
+    return [(torch.randn(5, n_in, generator=g), torch.randn(5, 3, generator=g)) for _ in range(n)]
+
+
+class Reference:
+    """Hand-made float64 statistics of named layers, one row per optimizer step."""
+
+    def __init__(self, model: nn.Module, layers: list[str]) -> None:
+        self.layers = layers
+        self.outputs: dict[str, list[torch.Tensor]] = {name: [] for name in layers}
+        self.capturing = True
+        self.rows: list[Row] = []
+        self._before: list[list[torch.Tensor]] = []
+        self._grads: list[list[torch.Tensor]] = []
+        self._handles: list[Any] = []
+        self.bind(model)
+
+    def bind(self, model: nn.Module) -> None:
+        """Watch the named layers of ``model`` (again, after a submodule was replaced)."""
+        for handle in self._handles:
+            handle.remove()
+        modules = dict(model.named_modules())
+        self.modules = [modules[name] for name in self.layers]
+        self._handles = [
+            module.register_forward_hook(self._capture(name))
+            for name, module in zip(self.layers, self.modules, strict=True)
+        ]
+
+    def _capture(self, name: str) -> Callable[..., None]:
+        def hook(module: nn.Module, args: Any, output: Any) -> None:
+            out = output[0] if isinstance(output, tuple) else output
+            if self.capturing and module.training and torch.is_grad_enabled():
+                if out.requires_grad:
+                    out.retain_grad()
+                self.outputs[name].append(out)
+
+        return hook
+
+    def params(self, i: int) -> list[nn.Parameter]:
+        return [p for p in self.modules[i].parameters(recurse=False) if p.requires_grad]
+
+    def weights_and_grads(self) -> None:
+        """Copy weights and gradients now (where the optimizer step reads them)."""
+        self._before = [
+            [p.detach().double().clone() for p in self.params(i)] for i in range(len(self.layers))
+        ]
+        self._grads = [
+            [
+                torch.zeros(p.shape, dtype=torch.float64)
+                if p.grad is None
+                else (p.grad.to_dense() if p.grad.is_sparse else p.grad).double().clone()
+                for p in self.params(i)
+            ]
+            for i in range(len(self.layers))
+        ]
+
+    def row(self, stepped: list[bool] | None = None) -> None:
+        """Close a row: the update is the change since :meth:`weights_and_grads`;
+        ``stepped[i]`` False: layer i's optimizer did not step (NaN expected)."""
+        stats: dict[str, list[float]] = {}
+        for i, name in enumerate(self.layers):
+            w = torch.cat([t.reshape(-1) for t in self._before[i]])
+            g = torch.cat([t.reshape(-1) for t in self._grads[i]])
+            d = torch.cat([p.detach().double().reshape(-1) for p in self.params(i)]) - w
+            nan = stepped is not None and not stepped[i]
+            outs = self.outputs[name]
+            act = torch.cat([o.detach().double().reshape(-1) for o in outs]) if outs else None
+            gouts = [o.grad for o in outs if o.grad is not None]
+            gout = torch.cat([t.double().reshape(-1) for t in gouts]) if gouts else None
+            values = {
+                ("param", "weight_norm"): w.norm(),
+                ("param", "grad_norm"): g.norm(),
+                ("param", "grad_nonfinite"): (~torch.isfinite(g)).sum(),
+                ("param", "update_norm"): d.norm(),
+                ("param", "update_ratio"): d.norm() / w.norm(),
+                ("param", "update_abs_mean"): d.abs().mean(),
+                ("param", "update_abs_max"): d.abs().max(),
+                ("activation", "mean"): act.mean() if act is not None else None,
+                ("activation", "std"): act.std(unbiased=False) if act is not None else None,
+                ("activation", "zero_fraction"): (act == 0).double().mean()
+                if act is not None
+                else None,
+                ("activation", "nonfinite"): (~torch.isfinite(act)).sum()
+                if act is not None
+                else None,
+                ("grad_output", "norm"): gout.norm() if gout is not None else None,
+                ("grad_output", "rms"): gout.square().mean().sqrt() if gout is not None else None,
+            }
+            for (probe, stat), v in values.items():
+                missing = v is None or (nan and probe == "param")
+                stats.setdefault(f"{probe}/{stat}", []).append(np.nan if missing else float(v))
+        self.rows.append({tuple(k.split("/")): np.array(v) for k, v in stats.items()})  # type: ignore[misc]
+        self.outputs = {name: [] for name in self.layers}
+
+    def check(self, path: Any, skip: tuple[str, ...] = ()) -> None:
+        """The run file's statistics equal the reference rows (NaN where NaN)."""
+        for handle in self._handles:
+            handle.remove()
+        run = open_run(path)
+        assert run.n_steps == len(self.rows)
+        cols = [run.layer_names.index(name) for name in self.layers]
+        for probe, stat in self.rows[0]:
+            if probe in skip:
+                continue
+            got = run.stat(probe, stat)[:, cols].astype(np.float64)
+            want = np.stack([r[(probe, stat)] for r in self.rows])
+            rtol = 1e-4 if stat == "std" else RTOL
+            np.testing.assert_allclose(got, want, rtol=rtol, atol=1e-7, err_msg=f"{probe}/{stat}")
+        run.close()
+
+
+def closure_steps(
+    make_opt: Callable[[nn.Module], torch.optim.Optimizer], path: Any, steps: int = 3
+) -> int:
+    model = mlp()
+    opt = make_opt(model)
+    ref = Reference(model, ["0", "2", "4"])
+    calls = 0
+    with Recorder(model, opt, path) as rec:
+        for x, y in batches(steps):
+            first = True
+
+            def closure(x: torch.Tensor = x, y: torch.Tensor = y) -> float:
+                nonlocal first, calls
+                calls += 1
+                opt.zero_grad()
+                ref.capturing = first
+                loss = nn.functional.mse_loss(model(x), y)
+                loss.backward()
+                if first:  # the gradient of the step: at the weights before it
+                    ref.weights_and_grads()
+                first = False
+                return loss  # type: ignore[return-value]  # optimizers return it as given
+
+            loss = opt.step(closure)
+            rec.log(loss=loss)
+            ref.row()
+    ref.check(path)
+    return calls
+
+
+def test_lbfgs_closure_gradient_of_the_first_evaluation(tmp_path) -> None:
+    calls = closure_steps(
+        lambda m: torch.optim.LBFGS(m.parameters(), lr=0.5, max_iter=4), tmp_path / "r.h5"
+    )
+    assert calls > 3  # several evaluations per step
+
+
+@pytest.mark.parametrize(
+    "make_opt",
+    [
+        lambda m: torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9),
+        lambda m: torch.optim.Adam(m.parameters(), lr=1e-2),
+    ],
+    ids=["sgd", "adam"],
+)
+def test_closure_steps(make_opt, tmp_path) -> None:
+    assert closure_steps(make_opt, tmp_path / "r.h5") == 3
+
+
+class Wrapper:
+    """Holds the real optimizer as ``.optimizer`` (as accelerate and Lightning do)."""
+
+    def __init__(self, optimizer: Any) -> None:
+        self.optimizer = optimizer
+
+    def step(self, closure: Any = None) -> Any:
+        return self.optimizer.step(closure)
+
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad()
+
+
+def plain_steps(
+    model: nn.Module,
+    opts: list[Any],
+    path: Any,
+    ref: Reference,
+    steps: int = 3,
+    stepping: Callable[[int, int], bool] = lambda step, k: True,
+    owner: list[int] | None = None,
+    **kwargs: Any,
+) -> None:
+    """``backward()`` then each optimizer's ``step()`` (optimizer k only where
+    ``stepping(step, k)``); ``owner[i]``: the optimizer of layer i."""
+    with Recorder(model, opts if len(opts) > 1 else opts[0], path, **kwargs):
+        for step, (x, y) in enumerate(batches(steps, x_in(model))):
+            for opt in opts:
+                opt.zero_grad()
+            nn.functional.mse_loss(model(x), y).backward()
+            ref.weights_and_grads()
+            stepped = [stepping(step, k) for k in range(len(opts))]
+            for k, opt in enumerate(opts):
+                if stepped[k]:
+                    opt.step()
+            ref.row([stepped[k] for k in owner] if owner else None)
+
+
+def x_in(model: nn.Module) -> int:
+    first = next(m for m in model.modules() if isinstance(m, nn.Linear))
+    return first.in_features
+
+
+def test_wrapped_optimizers_are_unwrapped(tmp_path) -> None:
+    model = mlp()
+    opt = Wrapper(Wrapper(torch.optim.SGD(model.parameters(), lr=0.1)))
+    ref = Reference(model, ["0", "2", "4"])
+    plain_steps(model, [opt], tmp_path / "r.h5", ref)
+    ref.check(tmp_path / "r.h5")
+    with pytest.raises(GradflowError, match=r"torch\.optim\.Optimizer"):
+        Recorder(model, Wrapper(object()), tmp_path / "bad.h5")
+
+
+def test_list_of_optimizers_one_row_per_step(tmp_path) -> None:
+    model = mlp()
+    opt_a = torch.optim.SGD(list(model[0].parameters()) + list(model[4].parameters()), lr=0.1)
+    opt_b = torch.optim.Adam(model[2].parameters(), lr=1e-2)
+    ref = Reference(model, ["0", "2", "4"])
+    # opt_b steps every other step: its layer is NaN in the rows it did not step in.
+    plain_steps(
+        model,
+        [opt_a, opt_b],
+        tmp_path / "r.h5",
+        ref,
+        steps=4,
+        stepping=lambda step, k: k == 0 or step % 2 == 0,
+        owner=[0, 1, 0],
+    )
+    ref.check(tmp_path / "r.h5")
+    run = open_run(tmp_path / "r.h5")
+    assert np.isnan(run.stat("param", "grad_norm")[1, run.layer_names.index("2")])
+    assert run.attrs["optimizer"] == "SGD,Adam"
+
+
+class Bag(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Embedding(20, 6, sparse=True)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.embed(x)).mean(1))
+
+
+def test_sparse_gradients_with_two_optimizers(tmp_path) -> None:
+    model = Bag()
+    sparse = torch.optim.SparseAdam(model.embed.parameters(), lr=1e-2)
+    dense = torch.optim.Adam(model.head.parameters(), lr=1e-2)
+    ref = Reference(model, ["embed", "head"])
+    g = torch.Generator().manual_seed(2)
+    path = tmp_path / "r.h5"
+    with Recorder(model, [sparse, dense], path):
+        for _ in range(3):
+            # Repeated indices: the coalesced gradient sums their rows.
+            x, y = torch.randint(0, 20, (4, 5), generator=g), torch.randn(4, 3, generator=g)
+            x[:, 0] = x[:, 1]
+            sparse.zero_grad()
+            dense.zero_grad()
+            nn.functional.mse_loss(model(x), y).backward()
+            assert model.embed.weight.grad is not None and model.embed.weight.grad.is_sparse
+            ref.weights_and_grads()
+            sparse.step()
+            dense.step()
+            ref.row()
+    ref.check(path)
+
+
+class Blocks(nn.Module):
+    def __init__(self, checkpoint: bool | None) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.checkpoint = checkpoint  # None: no checkpointing; else use_reentrant
+        self.inp = nn.Linear(6, 8)
+        self.blocks = nn.ModuleList(
+            nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8)) for _ in range(2)
+        )
+        self.out = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.inp(x)
+        for block in self.blocks:
+            if self.checkpoint is None:
+                h = h + block(h)
+            else:
+                h = h + torch.utils.checkpoint.checkpoint(block, h, use_reentrant=self.checkpoint)
+        return self.out(h)
+
+
+BLOCK_LAYERS = ["inp", "blocks.0.0", "blocks.0.2", "blocks.1.0", "blocks.1.2", "out"]
+
+
+@pytest.mark.parametrize("reentrant", [True, False], ids=["reentrant", "non-reentrant"])
+def test_activation_checkpointing_counts_each_forward_once(reentrant: bool, tmp_path) -> None:
+    plain = Blocks(None)
+    ref = Reference(plain, BLOCK_LAYERS)
+    plain_steps(plain, [torch.optim.SGD(plain.parameters(), lr=0.1)], tmp_path / "plain.h5", ref)
+    ref.check(tmp_path / "plain.h5")
+    # The checkpointed model is the same model: its run equals the plain run's reference.
+    model = Blocks(reentrant)
+    ref.bind(model)
+    ref.rows, rows = [], ref.rows
+    ref.capturing = False
+    plain_steps(
+        model,
+        [torch.optim.SGD(model.parameters(), lr=0.1)],
+        tmp_path / "ckpt.h5",
+        Reference(model, []),
+    )
+    ref.rows = rows
+    ref.check(tmp_path / "ckpt.h5")
+
+
+@contextmanager
+def fresh_dynamo() -> Iterator[None]:
+    torch._dynamo.reset()
+    try:
+        yield
+    finally:
+        torch._dynamo.reset()
+
+
+@pytest.mark.parametrize(
+    ("when", "backend"),
+    [
+        pytest.param("before", "inductor", marks=pytest.mark.slow),  # ~20 s compiling
+        ("after", "aot_eager"),
+    ],
+    ids=["compiled-before-attach-inductor", "compiled-after-attach-aot-eager"],
+)
+def test_compiled_model_records_the_eager_statistics(when: str, backend: str, tmp_path) -> None:
+    eager = mlp()
+    ref = Reference(eager, ["0", "2", "4"])
+    plain_steps(
+        eager,
+        [torch.optim.SGD(eager.parameters(), lr=0.1)],
+        tmp_path / "eager.h5",
+        ref,
+        every=2,
+        steps=4,
+    )
+    ref.rows = ref.rows[::2]  # the recorded steps 0 and 2
+    ref.check(tmp_path / "eager.h5")
+    with fresh_dynamo():
+        model = mlp()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        compile = partial(torch.compile, backend=backend)
+        compiled = cast(nn.Module, compile(model)) if when == "before" else model
+        with Recorder(compiled, opt, tmp_path / "c.h5", every=2):
+            if when == "after":
+                compiled = cast(nn.Module, compile(model))
+            for x, y in batches(4):
+                opt.zero_grad()
+                nn.functional.mse_loss(compiled(x), y).backward()
+                opt.step()
+    eager_run, compiled_run = open_run(tmp_path / "eager.h5"), open_run(tmp_path / "c.h5")
+    assert compiled_run.layer_names == eager_run.layer_names and compiled_run.n_steps == 2
+    for probe, names in eager_run.probes().items():
+        for stat in names:
+            np.testing.assert_allclose(
+                compiled_run.stat(probe, stat),
+                eager_run.stat(probe, stat),
+                rtol=RTOL,
+                atol=1e-7,
+                err_msg=stat,
+            )
+
+
+def test_compiled_model_that_ran_before_attaching_is_refused(tmp_path) -> None:
+    with fresh_dynamo():
+        model = mlp()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        compiled = torch.compile(model, backend="eager")
+        data = batches(3)
+        nn.functional.mse_loss(compiled(data[0][0]), data[0][1]).backward()
+        with (
+            pytest.raises(GradflowError, match=r"torch._dynamo.reset\(\)"),
+            Recorder(model, opt, tmp_path / "r.h5"),
+        ):
+            for x, y in data:
+                opt.zero_grad()
+                nn.functional.mse_loss(compiled(x), y).backward()
+                opt.step()
+
+
+def test_resized_parameter_is_measured_at_its_new_size(tmp_path) -> None:
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    ref = Reference(model, ["0", "2", "4"])
+    path = tmp_path / "r.h5"
+    with Recorder(model, opt, path):
+        for step, (x, y) in enumerate(batches(4)):
+            if step == 2:  # layer 2 shrinks to 12 -> 7 -> 12 units: new weights, new sizes
+                with torch.no_grad():
+                    model[2].weight.data = torch.randn(7, 12)
+                    model[2].bias.data = torch.randn(7)
+                    model[4].weight.data = torch.randn(3, 7)
+            opt.zero_grad()
+            nn.functional.mse_loss(model(x), y).backward()
+            ref.weights_and_grads()
+            opt.step()
+            ref.row()
+    ref.check(path)
+
+
+def test_new_param_group_and_replaced_submodule_are_recorded(tmp_path) -> None:
+    model = mlp()
+    model[4].requires_grad_(False)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    ref = Reference(model, ["0", "2"])
+    path = tmp_path / "r.h5"
+    with Recorder(model, opt, path) as rec:
+        for step, (x, y) in enumerate(batches(4)):
+            if step == 1:  # a replaced submodule in a new parameter group
+                model[2] = nn.Linear(12, 12)
+                opt.add_param_group({"params": model[2].parameters(), "lr": 0.05})
+                ref.bind(model)
+            opt.zero_grad()
+            nn.functional.mse_loss(model(x), y).backward()
+            ref.weights_and_grads()
+            opt.step()
+            ref.row()
+        assert rec.layer_names == ["0", "2"]
+    ref.check(path)
+
+
+def test_changed_layer_set_is_refused(tmp_path) -> None:
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    ((x, y),) = batches(1)
+    with pytest.raises(GradflowError, match="new: 5"), Recorder(model, opt, tmp_path / "r.h5"):
+        opt.zero_grad()
+        nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+        model.append(nn.Linear(3, 3))
+        opt.add_param_group({"params": model[5].parameters()})
+        opt.zero_grad()
+        nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+
+
+def test_layer_names_probe_string_and_bad_arguments(tmp_path) -> None:
+    model = nn.Linear(3, 2)
+    with Recorder(model, None, tmp_path / "r.h5", probes="param") as rec:
+        assert rec.layer_names == ["(root)"] and rec.probes == ("param",)
+        model(torch.randn(2, 3)).sum().backward()
+    run = open_run(tmp_path / "r.h5")
+    assert run.layer_names == ["(root)"] and list(run.probes()) == ["param"]
+    bad: list[tuple[dict[str, Any], str]] = [
+        ({"every": 0}, "every must be >= 1"),
+        ({"every": "x"}, "every must be"),
+        ({"flush_seconds": float("nan")}, "flush_seconds"),
+        ({"flush_seconds": float("inf")}, "flush_seconds"),
+        ({"flush_every": 0}, "flush_every"),
+        ({"probes": 3}, "probes must be"),
+        ({"probes": "params"}, "unknown probe 'params'"),
+        ({"layers": 3}, "layers must be"),
+        ({"resume": (1,)}, "resume must be"),
+        ({"write_rank": -1}, "write_rank"),
+        ({"config": [1]}, "config must be a dict"),
+        ({"scaler": object()}, "scaler must be"),
+        ({"overwrite": "yes"}, "overwrite must be True or False"),
+    ]
+    for kwargs, message in bad:
+        with pytest.raises(GradflowError, match=message):
+            Recorder(model, None, tmp_path / "bad.h5", **kwargs)
+    with pytest.raises(GradflowError, match="same optimizer"):
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        Recorder(model, [opt, opt], tmp_path / "bad.h5")
