@@ -78,6 +78,9 @@ gradflow plot depth-profile "$A" "$B" "$D" --log --force \
 
 gradflow plot centre-edge "$RUNS"/*-s*.h5 --force --out "$OUT/centre_edge.md"
 
+# A model from outside the zoo: a 12-block ViT in plain torch, recorded with gradflow.Recorder.
+python figures/transformer_example.py --run "$RUNS/vit-12.h5" --out "$OUT/transformer_updates.png"
+
 big=$(find "$OUT" -name '*.png' -size +500k)
 if [[ -n "$big" ]]; then
     echo "make_figures: over 500 KB (lower DPI in gradflow/plots/style.py): $big" >&2
