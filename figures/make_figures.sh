@@ -57,8 +57,10 @@ A=$(run fig3a-long-short-9 "$SEED0")
 B=$(run fig3b-long-9 "$SEED0")
 C=$(run fig3c-long-3 "$SEED0")
 D=$(run fig3d-long-7-nobn "$SEED0")
-S=$(run short-only-9 "$SEED0")
-curves=("$A" "$S" "$B")  # the first seed: one curve per model stays readable
+curves=()  # every seed: one mean curve per model with a min-max band over the seeds
+for model in fig3a-long-short-9 short-only-9 fig3b-long-9; do
+    for seed in $SEEDS; do curves+=("$(run "$model" "$seed")"); done
+done
 
 # Updates span decades across layers, and (d)'s lower learning rate shifts its whole
 # range: a log scale per panel keeps every panel's depth pattern readable.
