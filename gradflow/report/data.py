@@ -90,6 +90,10 @@ def _events(run: Run) -> list[dict[str, Any]]:
     return [{"layer": ev.layer, "step": ev.step, "epoch": ev.epoch, "probe": ev.probe}]
 
 
+def _megabytes(n_bytes: int) -> str:
+    return f"{n_bytes / 1e6:.1f} MB" if n_bytes >= 1e5 else f"{n_bytes / 1e3:.0f} kB"
+
+
 def _facts(run: Run) -> list[list[str]]:
     attrs = run.attrs
     steps = run.steps
@@ -98,7 +102,7 @@ def _facts(run: Run) -> list[list[str]]:
     if run.epoch_stats():
         stats.append(f"epoch: {', '.join(run.epoch_stats())}")
     return [
-        ["file", f"{run.path.name} ({run.path.stat().st_size / 1e6:.1f} MB)"],
+        ["file", f"{run.path.name} ({_megabytes(run.path.stat().st_size)})"],
         ["created", str(attrs.get("created", "?"))],
         [
             "versions",

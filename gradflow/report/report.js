@@ -99,6 +99,12 @@
     return { tickvals: vals, ticktext: vals.map((k) => `1e${k}`) };
   }
 
+  // Steps and epochs are whole numbers: a tick per unit where few fit, plotly's choice otherwise.
+  function integerTicks(edges) {
+    const first = Math.ceil(edges[0]);
+    return edges[edges.length - 1] - edges[0] <= 12 ? { tickmode: "linear", tick0: first, dtick: 1 } : {};
+  }
+
   function drawPanel(div, section, panel, diff, showscale) {
     const data = state.data;
     const run = data.runs[panel.run];
@@ -156,9 +162,9 @@
     const layout = {
       title: { text: panel.title, x: 0, xanchor: "left", font: { size: 13 } },
       margin: { l: 90, r: 10, t: 34, b: 40 },
-      height: 460,
+      height: Math.min(560, Math.max(320, 120 + 10 * keep.length)),
       plot_bgcolor: data.no_value, // no value: the layer did not run, nothing in the bin
-      xaxis: { title: { text: section.unit }, zeroline: false, showgrid: false },
+      xaxis: { title: { text: section.unit }, zeroline: false, showgrid: false, ...integerTicks(panel.edges) },
       yaxis: {
         autorange: "reversed", tickmode: "array", tickvals: marks.tickvals,
         ticktext: marks.ticktext, ticks: "", showgrid: false, zeroline: false,
@@ -218,8 +224,9 @@
 
   function drawHeatmaps() {
     const root = document.getElementById("heatmaps");
-    const jobs = [];
     const seen = new Set();
+    // Every section and div first: plotly sizes a plot to its div's width when drawn.
+    const todo = [];
     state.data.heatmaps.forEach((section) => {
       const sid = `heat-${section.stat.replace(/\W+/g, "-")}`;
       seen.add(sid);
@@ -232,16 +239,14 @@
         box.appendChild(el("p", "", "note"));
         root.appendChild(box);
       }
+      box.classList.toggle("wide", section.panels.length > 1);
       const row = box.querySelector(".row");
       const d = section.diff;
-      // Every div of the row first: plotly sizes a plot to its div's width when drawn.
-      const todo = section.panels.map((panel) => [`${sid}-run${panel.run}`, panel, false]);
-      if (d && d.diff) todo.push([`${sid}-diff`, d, true]);
-      const divs = todo.map(([id]) => plotDiv(row, id));
-      todo.forEach(([, panel, diff], i) => {
-        const scale = diff || i === section.panels.length - 1;
-        jobs.push(drawPanel(divs[i], section, panel, diff, scale));
+      section.panels.forEach((panel, i) => {
+        const div = plotDiv(row, `${sid}-run${panel.run}`);
+        todo.push([div, section, panel, false, i === section.panels.length - 1]);
       });
+      if (d && d.diff) todo.push([plotDiv(row, `${sid}-diff`), section, d, true, true]);
       const notes = [];
       if (section.log && !section.log_range) notes.push("no positive values: linear colour");
       if (!section.log) notes.push("fixed scale 0..1");
@@ -257,17 +262,23 @@
     document.getElementById("layer-count").textContent = state.data.runs
       .map((run) => `${run.label}: ${run.layers.filter((l) => match(l.name)).length} of ${run.layers.length} layers`)
       .join("; ");
-    return jobs;
+    return todo.map((args) => drawPanel(...args));
+  }
+
+  function epochSpan(traces) {
+    const xs = traces.flatMap((t) => t.x);
+    return [Math.min(...xs), Math.max(...xs)];
   }
 
   function drawCurves() {
     const root = document.getElementById("curves");
     const runs = state.data.runs;
     const jobs = [];
-    const layout = (title, x) => ({
+    const layout = (title, x, range) => ({
       title: { text: title, x: 0, xanchor: "left", font: { size: 13 } },
-      height: 360, margin: { l: 60, r: 10, t: 34, b: 40 }, xaxis: { title: { text: x } },
-      legend: { orientation: "h", y: -0.2 },
+      height: 360, margin: { l: 60, r: 10, t: 34, b: 40 },
+      xaxis: { title: { text: x }, ...integerTicks(range) },
+      legend: { orientation: "h", y: -0.2 }, showlegend: true,
     });
     const loss = runs
       .filter((run) => run.curves.loss.x.length)
@@ -285,11 +296,11 @@
     if (!root.querySelector("h2")) root.appendChild(el("h2", "learning curves"));
     if (loss.length) {
       jobs.push(Plotly.react(plotDiv(root, "curve-loss"),
-        loss, layout("loss per recorded step (mean per bin)", "step"), { displaylogo: false }));
+        loss, layout("loss per recorded step (mean per bin)", "step", [0, Infinity]), { displaylogo: false }));
     }
     if (metrics.some((t) => t.x.length)) {
       jobs.push(Plotly.react(plotDiv(root, "curve-metrics"),
-        metrics, layout("per-epoch metrics (click the legend to hide one)", "epoch"), { displaylogo: false }));
+        metrics, layout("per-epoch metrics (click the legend to hide one)", "epoch", epochSpan(metrics)), { displaylogo: false }));
     }
     return jobs;
   }

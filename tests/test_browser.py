@@ -1,0 +1,245 @@
+"""``gradflow report`` and ``gradflow serve`` in a real browser: headless Chromium (the
+system's, never a downloaded one) driven by playwright.
+
+Expected values are read from the run file with h5py, not from the page's data. With
+``GRADFLOW_SCREENSHOTS=DIR`` the tests also save the overview, hover and live views there.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+import pytest
+
+from gradflow.errors import GradflowError
+from gradflow.report import build_report
+from gradflow.store import open_run
+
+sync_api = pytest.importorskip(
+    "playwright.sync_api", reason="playwright is not installed: pip install -e '.[dev]'"
+)
+
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+SCREENSHOTS = os.environ.get("GRADFLOW_SCREENSHOTS")
+# The middle of a plotly heat-map cell in page coordinates (plotly's axis objects).
+CELL_CENTRE = """([id, row, col]) => {
+  const div = document.getElementById(id);
+  const xa = div._fullLayout.xaxis, ya = div._fullLayout.yaxis;
+  const edges = div.data[0].x, box = div.getBoundingClientRect();
+  return {x: box.left + xa._offset + xa.l2p((edges[col] + edges[col + 1]) / 2),
+          y: box.top + ya._offset + ya.l2p(row)};
+}"""
+
+
+def chromium() -> str | None:
+    """The system Chromium: $GRADFLOW_CHROMIUM, /usr/bin/chromium or one on PATH."""
+    for candidate in (
+        os.environ.get("GRADFLOW_CHROMIUM"),
+        "/usr/bin/chromium",
+        shutil.which("chromium"),
+        shutil.which("chromium-browser"),
+    ):
+        if candidate and os.access(candidate, os.X_OK):
+            return candidate
+    return None
+
+
+def _tiny_run_script() -> Any:
+    spec = importlib.util.spec_from_file_location(
+        "tiny_run", Path(__file__).parent / "scripts" / "tiny_run.py"
+    )
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+tiny_run = _tiny_run_script()
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    path = chromium()
+    if path is None:
+        pytest.skip(
+            "no Chromium (looked at $GRADFLOW_CHROMIUM, /usr/bin/chromium, PATH): "
+            "apt-get install chromium; .ci/run installs it"
+        )
+    with sync_api.sync_playwright() as driver:
+        launched = driver.chromium.launch(executable_path=path, args=CHROMIUM_ARGS)
+        yield launched
+        launched.close()
+
+
+@pytest.fixture
+def page(browser: Any) -> Iterator[tuple[Any, list[str]]]:
+    """A fresh page and the console errors and uncaught exceptions it reports."""
+    context = browser.new_context(viewport={"width": 1400, "height": 900})
+    tab = context.new_page()
+    errors: list[str] = []
+    tab.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+    tab.on("pageerror", lambda exc: errors.append(str(exc)))
+    yield tab, errors
+    context.close()
+
+
+@pytest.fixture(scope="module")
+def recorded(tmp_path_factory: pytest.TempPathFactory, one_thread: None) -> Path:
+    path = tmp_path_factory.mktemp("browser") / "tiny.h5"
+    tiny_run.record(path, steps=20)
+    return path
+
+
+def shoot(tab: Any, name: str, full_page: bool = False) -> None:
+    if SCREENSHOTS:
+        Path(SCREENSHOTS).mkdir(parents=True, exist_ok=True)
+        tab.screenshot(path=str(Path(SCREENSHOTS) / name), full_page=full_page)
+
+
+def wait_until(tab: Any, expression: str, timeout: float = 60.0) -> None:
+    """Poll ``expression`` in the page until it is true. Not playwright's wait_for_function:
+    its polling evaluates strings, which the page's Content-Security-Policy forbids."""
+    deadline = time.monotonic() + timeout
+    while not tab.evaluate(expression):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"still false after {timeout} s: {expression}")
+        time.sleep(0.1)
+
+
+def drawn_layers(path: Path) -> list[tuple[str, str, int, int]]:
+    """(name, kind, depth, file column) of every layer, input first, read with h5py."""
+    with h5py.File(path, "r") as f:
+        table = f["layers"][()]
+    rows = [
+        (r["name"].decode(), r["kind"].decode(), int(r["depth"]), i) for i, r in enumerate(table)
+    ]
+    return sorted(rows, key=lambda r: (r[2], r[3]))
+
+
+def test_report_opens_offline_and_shows_the_stored_values(
+    tmp_path: Path, recorded: Path, page: tuple[Any, list[str]]
+) -> None:
+    tab, errors = page
+    out = build_report([recorded], tmp_path / "report.html")
+    requested: list[str] = []
+
+    def only_the_file(route: Any) -> None:
+        requested.append(route.request.url)
+        if route.request.url.startswith("file://"):
+            route.continue_()
+        else:
+            route.abort()
+
+    tab.route("**/*", only_the_file)
+    tab.goto(out.as_uri())
+    wait_until(tab, "window.gradflowReady === true")
+    assert errors == []
+    assert requested == [out.as_uri()]
+    shoot(tab, "report_overview.png", full_page=True)
+
+    layers = drawn_layers(recorded)
+    with h5py.File(recorded, "r") as f:
+        assert np.array_equal(f["steps"][()], np.arange(20))  # one heat-map column per step
+        ratio = np.asarray(f["stats/param/update_ratio"][()], np.float64)
+    plot = "heat-param-update_ratio-run0"
+    row, step = 3, 7
+    name, kind, depth, column = layers[row]
+    tab.locator(f"#{plot}").scroll_into_view_if_needed()
+    point = tab.evaluate(CELL_CENTRE, [plot, row, step])
+    tab.mouse.move(point["x"], point["y"])
+    tab.wait_for_selector("#tooltip:not([hidden])", timeout=10_000)
+    assert tab.inner_text("#tooltip .val-layer") == name
+    assert tab.inner_text("#tooltip .val-kind") == f"{kind}, depth {depth}"
+    assert tab.inner_text("#tooltip .val-at") == f"step {step}"
+    shown = float(tab.inner_text("#tooltip .val-value"))
+    assert shown == pytest.approx(ratio[step, column], rel=5e-4)  # 4 significant digits
+    shoot(tab, "report_hover.png")
+
+    # Log colour: the scale's top is log10 of the largest value; linear: the value itself.
+    top = tab.evaluate(f"document.getElementById('{plot}').data[0].zmax")
+    assert top == pytest.approx(np.log10(ratio.max()), rel=1e-5)
+    tab.uncheck("#log-colour")
+    wait_until(tab, f"document.getElementById('{plot}').data[0].zmax !== {top}")
+    top = tab.evaluate(f"document.getElementById('{plot}').data[0].zmax")
+    assert top == pytest.approx(ratio.max(), rel=1e-5)
+
+    assert tab.get_attribute(f"#{plot}", "data-rows") == str(len(layers))
+    tab.fill("#layer-filter", "down")
+    matching = [lay for lay in layers if "down" in lay[0]]
+    assert 0 < len(matching) < len(layers)
+    wait_until(tab, f"document.getElementById('{plot}').dataset.rows === '{len(matching)}'")
+    assert f"{len(matching)} of {len(layers)} layers" in tab.inner_text("#layer-count")
+    assert errors == []
+
+
+def _wait_for_steps(path: Path, at_least: int, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with open_run(path) as run:
+                if run.n_steps >= at_least:
+                    return
+        except GradflowError:
+            pass  # not created yet
+        time.sleep(0.1)
+    raise AssertionError(f"{path} did not reach {at_least} steps in {timeout} s")
+
+
+@pytest.mark.slow
+def test_serve_shows_a_run_while_it_is_written(
+    tmp_path: Path, page: tuple[Any, list[str]], one_thread: None
+) -> None:
+    tab, errors = page
+    path = tmp_path / "live.h5"
+    writer = threading.Thread(target=tiny_run.record, args=(path, 120, 0.1))
+    writer.start()
+    server = None
+    try:
+        _wait_for_steps(path, 1)
+        server = subprocess.Popen(
+            [sys.executable, "-m", "gradflow.cli.main", "serve", str(path), "--port", "0"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            # Ctrl-C reaches the server even where the test runner ignores SIGINT.
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        )
+        assert server.stdout is not None
+        line = server.stdout.readline()
+        assert " at http://127.0.0.1:" in line, line
+        tab.goto(line.split(" at ")[1].split()[0])
+        wait_until(tab, "window.gradflowReady === true")
+        first = int(tab.get_attribute("#run-0-steps", "data-steps") or 0)
+        assert first >= 1
+        wait_until(tab, f"Number(document.getElementById('run-0-steps').dataset.steps) > {first}")
+        assert writer.is_alive(), "the run finished before the page saw it grow"
+        shoot(tab, "report_live.png")
+        assert errors == []
+        server.send_signal(signal.SIGINT)
+        _, err = server.communicate(timeout=30)
+        assert server.returncode == 0 and err == "gradflow: stopped serving\n"
+    finally:
+        if server is not None and server.poll() is None:
+            server.kill()
+            server.communicate()
+        writer.join()
