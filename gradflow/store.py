@@ -24,7 +24,8 @@ Crash safety: the file is created complete (all datasets, no rows) under a tempo
 and renamed into place, then written in HDF5 SWMR mode, which keeps the file structure
 valid at every moment. Rows count only once ``/counts`` says so; ``/counts`` is written
 after the rows and their flush, so a reader never sees a half-written row, also after the
-writer was killed. Readers open with ``swmr=True``, which also reads a killed writer's file.
+writer was killed. Readers open a file in SWMR mode only while its writer has it open (or
+was killed); see :mod:`gradflow.validate` for the checks every file passes before use.
 """
 
 from __future__ import annotations
@@ -33,8 +34,6 @@ import datetime as _dt
 import io
 import json
 import os
-import subprocess
-import sys
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,6 +43,7 @@ import h5py
 import numpy as np
 
 from gradflow.errors import GradflowError, unknown_name
+from gradflow.validate import Layout, check_layout, check_rows, open_hdf5, printable, read_counts
 
 SCHEMA_VERSION = 1
 MAX_NAMED = 32  # capacity of /scalars and /epochs/metrics: SWMR cannot add datasets later
@@ -498,40 +498,49 @@ class Run:
     """A run file opened for reading; safe on files that are still being written.
 
     Arrays are read on access. ``refresh()`` picks up rows a live writer added since.
+    Text read from the file (layer, statistic and metric names, attributes, events) comes
+    without control characters; ``config`` is the stored JSON object.
     """
 
-    def __init__(self, path: Path, file: h5py.File) -> None:
+    def __init__(self, path: Path, file: h5py.File, layout: Layout) -> None:
         self.path = path
         self._f = file
-        self.attrs: dict[str, Any] = {k: _attr(v) for k, v in file.attrs.items()}
-        try:
-            self.config: dict[str, Any] = json.loads(self.attrs.get("config", "{}"))
-        except json.JSONDecodeError as err:
-            raise GradflowError(f"{path}: damaged run file (config is not JSON)") from err
-        table = file["layers"][()]
-        self.layers: list[Layer] = [
-            Layer(
-                index=i,
-                name=_decode(r["name"]),
-                kind=_decode(r["kind"]),
-                type=_decode(r["type"]),
-                depth=int(r["depth"]),
-                n_params=int(r["n_params"]),
-                shape=_decode(r["shape"]),
-            )
-            for i, r in enumerate(table)
-        ]
-        self.refresh()
+        self._layout = layout
+        self._datasets = layout.datasets
+        self.attrs: dict[str, Any] = layout.attrs
+        self.config: dict[str, Any] = layout.config
+        self.layers: list[Layer] = [Layer(index=i, **row) for i, row in enumerate(layout.layers)]
+        self.n_steps, self.n_epochs, self.n_events = layout.counts
 
     def refresh(self) -> None:
-        """Re-read the committed row counts (for a run that is still being written)."""
-        counts = self._f["counts"]
-        if self._f.swmr_mode:
-            for ds in self._f.values():
-                if isinstance(ds, h5py.Dataset):
-                    ds.refresh()
-            counts.refresh()
-        self.n_steps, self.n_epochs, self.n_events = (int(c) for c in counts[()])
+        """Re-read the committed row counts (for a run that is still being written).
+
+        ``/counts`` is read first, then every dataset's extent: the writer grows a dataset
+        and flushes its rows before it publishes them in ``/counts``, so each extent then
+        holds the counted rows and every series has the same length.
+        """
+        if not self._f.swmr_mode:
+            return
+        counts_ds = self._datasets["counts"]
+        try:
+            counts_ds.refresh()
+            counts = read_counts(self.path, counts_ds)
+            for ds in self._datasets.values():
+                ds.refresh()
+            check_rows(self.path, self.path.stat().st_size, self._datasets, counts)
+        except (OSError, RuntimeError, KeyError, ValueError) as err:
+            raise GradflowError(f"{self.path}: damaged run file ({_first_line(err)})") from err
+        self.n_steps, self.n_epochs, self.n_events = counts
+
+    def _read(self, key: str, rows: slice | None = None) -> np.ndarray:
+        """Rows of a checked dataset; HDF5's errors on damaged data as one line."""
+        try:
+            ds = self._datasets[key]
+            return np.asarray(ds[()] if rows is None else ds[rows])
+        except (OSError, RuntimeError, ValueError) as err:
+            raise GradflowError(
+                f"{self.path}: damaged run file (/{key}: {_first_line(err)})"
+            ) from err
 
     # -- description ------------------------------------------------------------------------
     @property
@@ -548,23 +557,19 @@ class Run:
         model = self.config.get("model")
         if isinstance(model, dict):
             model = model.get("name")
-        return str(model) if model else self.path.stem
+        return printable(str(model)) if model else self.path.stem
 
     def probes(self) -> dict[str, list[str]]:
         """Per-step statistics stored, by probe (``{"param": ["grad_norm", ...], ...}``)."""
-        group = self._f.get("stats")
-        if group is None:
-            return {}
-        return {probe: sorted(group[probe]) for probe in group}
+        return {probe: list(names) for probe, names in self._layout.probes.items()}
 
     def epoch_stats(self) -> list[str]:
         """Per-epoch per-layer statistics stored (e.g. ``update_abs_mean``)."""
-        skip = {"index", "end_step", "metrics"}
-        return sorted(k for k in self._f["epochs"] if k not in skip)
+        return list(self._layout.epoch_stats)
 
     # -- per-step data ----------------------------------------------------------------------
     def _series(self, key: str) -> np.ndarray:
-        return np.asarray(self._f[key][: self.n_steps])
+        return self._read(key, slice(0, self.n_steps))
 
     @property
     def steps(self) -> np.ndarray:
@@ -608,20 +613,18 @@ class Run:
     @property
     def scalars(self) -> dict[str, np.ndarray]:
         """Other logged per-step scalars by name, float64 [T]."""
-        names = _names(self._f["scalars/names"])
-        values = self._f["scalars/values"][: self.n_steps]
-        return {name: np.asarray(values[:, i]) for i, name in enumerate(names)}
+        values = self._series("scalars/values")
+        return {name: values[:, i] for i, name in enumerate(self._layout.scalar_names)}
 
-    def _dataset(self, probe: str, name: str) -> h5py.Dataset:
+    def _key(self, probe: str, name: str) -> str:
         key = f"epochs/{name}" if probe == "epoch" else f"stats/{probe}/{name}"
-        if probe == "epoch" and name in ("index", "end_step", "metrics"):
-            key = ""
-        if not key or key not in self._f:
-            known = [f"epoch/{s}" for s in self.epoch_stats()] + [
-                f"{p}/{s}" for p, names in self.probes().items() for s in names
+        stored = self._layout.epoch_stats if probe == "epoch" else self._layout.probes.get(probe)
+        if name not in (stored or ()):
+            names = [f"epoch/{s}" for s in self.epoch_stats()] + [
+                f"{p}/{s}" for p, stats in self.probes().items() for s in stats
             ]
-            raise unknown_name(f"statistic in {self.path}", f"{probe}/{name}", known)
-        return self._f[key]
+            raise unknown_name(f"statistic in {self.path}", f"{probe}/{name}", names)
+        return key
 
     def stat(
         self,
@@ -634,11 +637,12 @@ class Run:
 
         ``rows`` selects recorded rows (a slice), ``layers`` layer indices.
         """
-        ds = self._dataset(probe, name)
+        key = self._key(probe, name)
         n = self.n_epochs if probe == "epoch" else self.n_steps
         start, stop, step = (rows or slice(None)).indices(n)
+        ds = self._datasets[key]
         data = (
-            np.asarray(ds[start:stop])[::step]
+            self._read(key, slice(start, stop))[::step]
             if stop > start
             else np.zeros((0, ds.shape[1]), ds.dtype)
         )
@@ -648,30 +652,30 @@ class Run:
         self, probe: str, name: str, block_rows: int = 8192
     ) -> Iterator[tuple[int, np.ndarray]]:
         """Yield ``(first_row, block)`` pieces of a statistic, for runs too large for memory."""
-        ds = self._dataset(probe, name)
+        key = self._key(probe, name)
+        ds = self._datasets[key]
         n = self.n_epochs if probe == "epoch" else self.n_steps
         chunk = ds.chunks[0] if ds.chunks else block_rows
         block_rows = max(chunk, block_rows // chunk * chunk)
         for start in range(0, n, block_rows):
-            yield start, np.asarray(ds[start : min(n, start + block_rows)])
+            yield start, self._read(key, slice(start, min(n, start + block_rows)))
 
     # -- per-epoch data ---------------------------------------------------------------------
     @property
     def epochs(self) -> np.ndarray:
         """int32 [E]: the epoch numbers that were closed."""
-        return np.asarray(self._f["epochs/index"][: self.n_epochs])
+        return self._read("epochs/index", slice(0, self.n_epochs))
 
     @property
     def epoch_end_step(self) -> np.ndarray:
         """int64 [E]: the number of optimizer steps done when each epoch closed."""
-        return np.asarray(self._f["epochs/end_step"][: self.n_epochs])
+        return self._read("epochs/end_step", slice(0, self.n_epochs))
 
     @property
     def metrics(self) -> dict[str, np.ndarray]:
         """Per-epoch scalar metrics (``train_loss``, ``val_loss``, ``v_rand``, ...), [E]."""
-        names = _names(self._f["epochs/metrics/names"])
-        values = self._f["epochs/metrics/values"][: self.n_epochs]
-        return {name: np.asarray(values[:, i]) for i, name in enumerate(names)}
+        values = self._read("epochs/metrics/values", slice(0, self.n_epochs))
+        return {name: values[:, i] for i, name in enumerate(self._layout.metric_names)}
 
     # -- events -------------------------------------------------------------------------------
     @property
@@ -682,12 +686,12 @@ class Run:
                 step=int(r["step"]),
                 epoch=int(r["epoch"]),
                 time=float(r["time"]),
-                kind=_decode(r["kind"]),
-                probe=_decode(r["probe"]),
-                layer=_decode(r["layer"]),
-                detail=_decode(r["detail"]),
+                kind=_text(r["kind"]),
+                probe=_text(r["probe"]),
+                layer=_text(r["layer"]),
+                detail=_text(r["detail"]),
             )
-            for r in self._f["events"][: self.n_events]
+            for r in self._read("events", slice(0, self.n_events))
         ]
 
     @property
@@ -739,74 +743,44 @@ class Run:
         )
 
 
-def _attr(value: Any) -> Any:
-    if isinstance(value, bytes):
-        return value.decode()
-    if isinstance(value, np.generic):
-        return value.item()
-    return value
+def _text(value: bytes) -> str:
+    """Text of a fixed-length string field, undecodable bytes and control characters
+    replaced (events are free text: shown, never matched against names)."""
+    return printable(bytes(value).decode("utf-8", errors="replace"))
 
 
 def open_run(path: str | os.PathLike[str]) -> Run:
-    """Open a run file for reading; any problem raises one clear :class:`GradflowError`."""
+    """Open a run file for reading; any problem raises one clear :class:`GradflowError`.
+
+    The file is checked against the schema before any data is used (see
+    :mod:`gradflow.validate`); opening never hangs on a damaged file.
+    """
     p = Path(path)
     if not p.exists():
         raise GradflowError(f"{p}: no such run file")
     if p.is_dir():
         raise GradflowError(f"{p}: is a directory, not a run file")
+    if not p.is_file():
+        raise GradflowError(f"{p}: not a regular file, so not a gradflow run")
     if p.stat().st_size == 0:
         raise GradflowError(f"{p}: empty file, not a gradflow run")
     with open(p, "rb") as fh:
         if fh.read(8) != _HDF5_SIGNATURE:
             raise GradflowError(f"{p}: not an HDF5 file, so not a gradflow run")
     try:
-        f = _open_h5(p)
+        f = open_hdf5(p)
     except OSError as err:
         raise GradflowError(f"{p}: damaged or truncated HDF5 file ({_first_line(err)})") from err
     try:
-        version = f.attrs.get("schema_version")
-        if version is None or "layers" not in f or "counts" not in f:
-            raise GradflowError(f"{p}: an HDF5 file, but not a gradflow run (no schema_version)")
-        if int(version) > SCHEMA_VERSION:
-            raise GradflowError(
-                f"{p}: written with run-file schema v{int(version)}; this gradflow reads up to "
-                f"v{SCHEMA_VERSION} (upgrade gradflow)"
-            )
-        return Run(p, f)
+        return Run(p, f, check_layout(p, f, SCHEMA_VERSION))
     except GradflowError:
         f.close()
         raise
-    except (OSError, KeyError, ValueError) as err:
+    except (OSError, RuntimeError, KeyError, ValueError, TypeError) as err:
         f.close()
         raise GradflowError(f"{p}: damaged run file ({_first_line(err)})") from err
 
 
-def _open_h5(p: Path) -> h5py.File:
-    """Open for reading in SWMR mode (also a live or killed writer's file). A file shorter
-    than its superblock says is read first in a child process with a time limit: a file
-    cut short by a full disk reads fine, but on a damaged one HDF5 can retry its metadata
-    reads for many minutes."""
-    with open(p, "rb") as fh:
-        head = fh.read(48)
-    offsets = head[9] if len(head) > 9 else 0
-    if len(head) == 48 and head[8] >= 2 and offsets == 8:  # superblock v2+: EOF at 28
-        stored_eof = int.from_bytes(head[28:36], "little")
-        if p.stat().st_size < stored_eof:
-            probe = (
-                "import h5py, sys; f = h5py.File(sys.argv[1], 'r', libver='latest', swmr=True);"
-                "dict(f.attrs); f['layers'][()]; f['counts'][()]"
-            )
-            try:
-                done = subprocess.run(
-                    [sys.executable, "-c", probe, str(p)], capture_output=True, timeout=8
-                )
-            except subprocess.TimeoutExpired:
-                raise OSError(f"truncated file: {p.stat().st_size} of {stored_eof} bytes") from None
-            if done.returncode != 0:
-                raise OSError(f"truncated file: {p.stat().st_size} of {stored_eof} bytes")
-    return h5py.File(p, "r", libver="latest", swmr=True)
-
-
 def _first_line(err: BaseException) -> str:
     text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
+    return printable(text.splitlines()[0]) if text else type(err).__name__

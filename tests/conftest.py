@@ -25,3 +25,12 @@ def private_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("GRADFLOW_CACHE_DIR", str(tmp_path_factory.mktemp("gradflow-cache")))
         yield
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--fuzz-seed",
+        type=int,
+        default=0,
+        help="Seed of the damaged run files in tests/test_security.py (default 0).",
+    )

@@ -13,13 +13,16 @@ from rich.text import Text
 
 from gradflow.plots.health import health
 from gradflow.store import OVERHEAD_COLUMNS, Run
+from gradflow.validate import printable
 
 MAX_CONFIG_KEYS = 12
 
 
-def _short(value: Any, width: int = 70) -> str:
+def _short(value: Any, width: int = 70) -> Text:
+    """A config value on one line, as plain text: no rich markup, no control characters."""
     text = value if isinstance(value, str) else json.dumps(value, default=str)
-    return text if len(text) <= width else text[: width - 3] + "..."
+    text = printable(text if len(text) <= width else text[: width - 3] + "...")
+    return Text(text)
 
 
 def _size(n_bytes: int) -> str:
@@ -47,15 +50,20 @@ def _facts(run: Run) -> Table:
     grid.add_column(style="bold cyan", no_wrap=True)
     grid.add_column()
     attrs = run.attrs
+    # Text objects throughout: strings from the file are never parsed as rich markup.
     grid.add_row(
         "file",
-        f"{run.path} ({_size(run.path.stat().st_size)}), schema v{attrs.get('schema_version')}, "
-        f"gradflow {attrs.get('gradflow_version', '?')}, torch {attrs.get('torch_version', '?')}, "
-        f"{attrs.get('device', '?')}, created {attrs.get('created', '?')}",
+        Text(
+            f"{printable(str(run.path))} ({_size(run.path.stat().st_size)}), "
+            f"schema v{attrs.get('schema_version')}, "
+            f"gradflow {attrs.get('gradflow_version', '?')}, "
+            f"torch {attrs.get('torch_version', '?')}, "
+            f"{attrs.get('device', '?')}, created {attrs.get('created', '?')}"
+        ),
     )
     config = list(run.config.items())
     for key, value in config[:MAX_CONFIG_KEYS]:
-        grid.add_row(f"  {key}", _short(value))
+        grid.add_row(Text(f"  {printable(key)}"), _short(value))
     if len(config) > MAX_CONFIG_KEYS:
         grid.add_row("", f"... {len(config) - MAX_CONFIG_KEYS} more config entries")
     steps = run.steps
@@ -64,20 +72,20 @@ def _facts(run: Run) -> Table:
     grid.add_row("epochs", f"{run.n_epochs} closed")
     kinds = ", ".join(f"{k} {n}" for k, n in Counter(lay.kind for lay in run.layers).items())
     n_params = sum(lay.n_params for lay in run.layers)
-    grid.add_row("layers", f"{run.n_layers} ({kinds}), {n_params:,} parameters")
+    grid.add_row("layers", Text(f"{run.n_layers} ({kinds}), {n_params:,} parameters"))
     stats = [f"{p}: {', '.join(names)}" for p, names in run.probes().items()]
     if run.epoch_stats():
         stats.append(f"epoch: {', '.join(run.epoch_stats())}")
-    grid.add_row("statistics", "\n".join(stats))
+    grid.add_row("statistics", Text("\n".join(stats)))
     metrics = run.metrics
     if metrics and run.n_epochs:
         last = ", ".join(f"{k} {v[-1]:.4g}" for k, v in metrics.items())
-        grid.add_row("last epoch", last)
+        grid.add_row("last epoch", Text(last))
         val = metrics.get("val_loss")
         if val is not None and np.isfinite(val).any():
             best = int(np.nanargmin(val))
             grid.add_row("best val_loss", f"{val[best]:.4g} at epoch {run.epochs[best]}")
-    grid.add_row("kernels", str(attrs.get("kernel_backend", "not recorded")))
+    grid.add_row("kernels", Text(str(attrs.get("kernel_backend", "not recorded"))))
     grid.add_row("overhead", overhead_line(run) or "not recorded")
     return grid
 
@@ -91,9 +99,9 @@ def report(run: Run) -> RenderableType:
             table.add_column(column)
         for f in findings:
             style = "red" if f.check in ("non-finite", "exploding update") else "yellow"
-            table.add_row(Text(f.check, style=style), f.layer, f.value, f.detail)
+            table.add_row(Text(f.check, style=style), Text(f.layer), Text(f.value), Text(f.detail))
         verdict: RenderableType = table
     else:
         verdict = Text("health: no vanishing or exploding updates, dead units or non-finite values")
-    title = Text(f"{run.name}", style="bold")
+    title = Text(run.name, style="bold")
     return Group(title, _facts(run), Text(""), verdict)

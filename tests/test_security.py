@@ -1,0 +1,464 @@
+"""Run files from anyone: no code runs, nothing hangs, one line for every bad file.
+
+A small real run is recorded inside the tests, then damaged (truncated, byte-flipped, its
+metadata blocks hit on purpose) and forged (attributes, shapes, links, external storage) in
+many ways. Each file must either read completely or give one ``GradflowError`` line, fast.
+``--fuzz-seed N`` draws another set of damaged files.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+from rich.console import Console
+
+from gradflow import GradflowError, open_run
+from gradflow.cli.main import main
+from gradflow.plots.info import report
+from gradflow.store import Run
+from gradflow.validate import printable
+
+LIMIT_S = 10.0  # the promise: any file gives an answer within this
+# Signatures that start HDF5 metadata blocks (object headers, B-trees, heaps, chunk indexes).
+METADATA = [b"OHDR", b"OCHK", b"BTHD", b"BTIN", b"BTLF", b"FRHP", b"FHDB", b"FHIB", b"FSHD",
+            b"FSSE", b"GCOL", b"EAHD", b"EAIB", b"EASB", b"EADB", b"FAHD", b"FADB", b"TREE",
+            b"SNOD", b"HEAP"]  # fmt: skip
+LAYER_DTYPE = np.dtype([("name", "S256"), ("kind", "S32"), ("type", "S64"), ("depth", "<i4"),
+                        ("n_params", "<i8"), ("shape", "S256")])  # fmt: skip
+
+
+def _record(path: Path, steps: int = 3, epochs: int = 2) -> None:
+    import torch
+    from torch import nn
+
+    import gradflow
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    probes = ("param", "activation", "grad_output")
+    with gradflow.Recorder(model, opt, path, probes=probes) as rec:
+        for _ in range(epochs):
+            for _ in range(steps):
+                opt.zero_grad()
+                loss = model(torch.randn(5, 3)).pow(2).mean()
+                loss.backward()
+                opt.step()
+                rec.log(loss=loss, lr=0.1)
+            rec.epoch_end(val_loss=0.5)
+
+
+@pytest.fixture(scope="module")
+def good(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("good") / "good.h5"
+    _record(path)
+    return path
+
+
+def read_all(run: Run) -> str:
+    """Use every part of a run, as ``info``, ``plot`` and the API do; the info text."""
+    steps = run.steps
+    for probe, names in run.probes().items():
+        for name in names:
+            assert run.stat(probe, name).shape == (len(steps), run.n_layers)
+    for name in run.epoch_stats():
+        assert run.stat("epoch", name).shape == (run.n_epochs, run.n_layers)
+    for series in (run.epoch, run.time, run.loss, run.scale, run.skipped):
+        assert len(series) == len(steps)
+    assert all(len(v) == len(steps) for v in run.scalars.values())
+    assert all(len(v) == run.n_epochs for v in run.metrics.values())
+    assert len(run.epochs) == len(run.epoch_end_step) == run.n_epochs
+    assert len(run.events) == run.n_events
+    run.to_dataframe()
+    out = io.StringIO()
+    Console(file=out, width=120, color_system=None).print(report(run))
+    return out.getvalue()
+
+
+def outcome(path: Path) -> tuple[str, float]:
+    """``"ok"`` or the one-line error for ``path``, and the seconds it took."""
+    start = time.perf_counter()
+    try:
+        with open_run(path) as run:
+            read_all(run)
+        answer = "ok"
+    except GradflowError as err:
+        answer = str(err)
+        assert "\n" not in answer and answer.startswith(str(path)), answer
+    return answer, time.perf_counter() - start
+
+
+# ---------------------------------------------------------------------------------------
+# Damaged files
+# ---------------------------------------------------------------------------------------
+def _metadata_offsets(data: bytes) -> list[int]:
+    found = []
+    for signature in METADATA:
+        start = data.find(signature)
+        while start >= 0:
+            found.append(start)
+            start = data.find(signature, start + 1)
+    return sorted(found)
+
+
+def damaged(data: bytes, seed: int) -> Iterator[tuple[str, bytes]]:
+    """Truncations, single and multiple byte flips, a third of them in metadata blocks."""
+    rng = random.Random(seed)
+    size = len(data)
+    blocks = _metadata_offsets(data)
+    assert len(blocks) > 20, "the run file should have many metadata blocks"
+    cuts = {8, 11, 12, 47, 48, 100, 200, 511, 1024, size // 2, size - 1}
+    cuts |= {rng.randrange(1, size) for _ in range(40)}
+    for cut in sorted(cuts):
+        yield f"truncated at {cut}", data[:cut]
+    for i in range(120):
+        if i % 3 == 0:
+            offset = rng.choice(blocks) + rng.randrange(64)
+        elif i % 3 == 1:
+            offset = rng.randrange(min(size, 4096))  # superblock and root group
+        else:
+            offset = rng.randrange(size)
+        mutated = bytearray(data)
+        mutated[offset % size] ^= 1 << rng.randrange(8) if i % 2 else 0xFF
+        yield f"byte {offset % size} flipped", bytes(mutated)
+    for _ in range(40):
+        mutated = bytearray(data)
+        offsets = [rng.randrange(size) for _ in range(rng.randrange(2, 9))]
+        for offset in offsets:
+            mutated[offset] = rng.randrange(256)
+        yield f"bytes {offsets} changed", bytes(mutated)
+
+
+# ---------------------------------------------------------------------------------------
+# Forged files: (name, edit of a copy opened r+, words the error must contain or "ok")
+# ---------------------------------------------------------------------------------------
+Forge = Callable[[h5py.File, Path], None]
+
+
+def _attr(name: str, value: object) -> Forge:
+    def edit(f: h5py.File, _: Path) -> None:
+        f.attrs[name] = value
+
+    return edit
+
+
+def _replace(name: str, data: np.ndarray) -> Forge:
+    def edit(f: h5py.File, _: Path) -> None:
+        del f[name]
+        f.create_dataset(name, data=data)
+
+    return edit
+
+
+def _resize(rows: int, counts: bool) -> Forge:
+    def edit(f: h5py.File, _: Path) -> None:
+        for name in ("steps", "stats/param/grad_norm", "scalars/values"):
+            f[name].resize(rows, axis=0)
+        if counts:
+            f["counts"][0] = rows
+
+    return edit
+
+
+def _external_storage(f: h5py.File, path: Path) -> None:
+    secret = path.parent / "secret.txt"
+    secret.write_bytes(b"root:x:0:0:secret-password".ljust(256 * 2, b"\0"))
+    del f["layers"]
+    f.create_dataset("layers", shape=(2,), dtype=LAYER_DTYPE, external=[(secret, 0, 2 * 648)])
+
+
+def _soft_link(f: h5py.File, _: Path) -> None:
+    del f["loss"]
+    f["loss"] = h5py.SoftLink("/time")
+
+
+def _external_link(f: h5py.File, path: Path) -> None:
+    other = path.parent / "other.h5"
+    with h5py.File(other, "w") as g:
+        g.create_dataset("loss", data=np.zeros(6, np.float32))
+    del f["loss"]
+    f["loss"] = h5py.ExternalLink(str(other), "/loss")
+
+
+def _virtual(f: h5py.File, path: Path) -> None:
+    layout = h5py.VirtualLayout(shape=(6,), dtype=np.float32)
+    layout[:] = h5py.VirtualSource(str(path), "time", shape=(6,))
+    del f["loss"]
+    f.create_virtual_dataset("loss", layout, fillvalue=0)
+
+
+def _drop(name: str) -> Forge:
+    def edit(f: h5py.File, _: Path) -> None:
+        del f[name]
+
+    return edit
+
+
+def _metric_name(raw: bytes) -> Forge:
+    def edit(f: h5py.File, _: Path) -> None:
+        f["epochs/metrics/names"][0] = raw
+
+    return edit
+
+
+def _layer_name(raw: bytes) -> Forge:
+    def edit(f: h5py.File, _: Path) -> None:
+        table = f["layers"][()]
+        table["name"][0] = raw
+        f["layers"][...] = table
+
+    return edit
+
+
+def _wrong_columns(f: h5py.File, _: Path) -> None:
+    del f["stats/param/grad_norm"]
+    f.create_dataset("stats/param/grad_norm", data=np.zeros((6, 3), np.float32))
+
+
+def _lzf(f: h5py.File, _: Path) -> None:
+    del f["loss"]
+    f.create_dataset("loss", data=np.zeros(6, np.float32), compression="lzf")
+
+
+def _huge_chunks(f: h5py.File, _: Path) -> None:
+    del f["stats/param/grad_norm"]
+    f.create_dataset(
+        "stats/param/grad_norm", shape=(6, 2), maxshape=(None, 2), chunks=(2**25, 2),
+        dtype=np.float32, compression="gzip",
+    )  # fmt: skip
+
+
+def _deep(depth: int) -> str:
+    return "[" * depth + "]" * depth
+
+
+FORGED: list[tuple[str, Forge, str]] = [
+    ("config null", _attr("config", "null"), "JSON NoneType"),
+    ("config list", _attr("config", "[1, 2]"), "JSON list"),
+    ("config string", _attr("config", '"text"'), "JSON str"),
+    ("config int", _attr("config", "7"), "JSON int"),
+    ("config deep", _attr("config", _deep(100_000)), "nested too deeply"),
+    ("config not JSON", _attr("config", "{model"), "config is not JSON"),
+    ("config not text", _attr("config", 5), "config is not JSON text"),
+    ("config markup", _attr("config", json.dumps({"model": "[/bold]", "x[/red]": "[b]"})), "ok"),
+    ("config escapes", _attr("config", json.dumps({"model": "\x1b]0;owned\x07\x1b[2J"})), "ok"),
+    ("schema 0", _attr("schema_version", 0), "schema_version 0 "),
+    ("schema -5", _attr("schema_version", -5), "schema_version -5 "),
+    ("schema 1.9", _attr("schema_version", 1.9), "schema_version 1.9 "),
+    ("schema 1.0", _attr("schema_version", 1.0), "schema_version 1.0 "),
+    ("schema text", _attr("schema_version", "1"), "schema_version '1' "),
+    ("schema 2", _attr("schema_version", 2), "schema v2"),
+    ("device number", _attr("device", 3), "'device' is not text"),
+    ("attribute compound", _attr("extra", np.zeros(2, [("a", "i4")])), "unsupported type"),
+    ("counts negative", _replace("counts", np.array([-1, 2, 0])), "negative"),
+    ("counts forged", _replace("counts", np.array([1000, 2, 0])), "says 1000 steps"),
+    ("counts epochs", _replace("counts", np.array([6, 50, 0])), "says 50 epochs"),
+    ("counts shape", _replace("counts", np.array([6, 2])), "3 integers"),
+    ("counts float", _replace("counts", np.array([6.0, 2.0, 0.0])), "3 integers"),
+    ("layers plain", _replace("layers", np.arange(2)), "compound"),
+    ("layers empty", _replace("layers", np.zeros(0, LAYER_DTYPE)), "no layers"),
+    ("layer name not UTF-8", _layer_name(b"\xff\xfe"), "not UTF-8"),
+    ("layer name markup", _layer_name(b"[/bold]\x1b[31m"), "ok"),
+    ("metric name not UTF-8", _metric_name(b"\xc3\x28"), "not UTF-8"),
+    ("metric name markup", _metric_name(b"[/red]"), "ok"),
+    ("no epochs", _drop("epochs"), "no /epochs"),
+    ("no steps", _drop("steps"), "no /steps"),
+    ("stats group a dataset", _replace("stats/param", np.zeros(3)), "not a group"),
+    ("wrong columns", _wrong_columns, "3 columns, not 2"),
+    ("steps 2-D", _replace("steps", np.zeros((6, 2), np.int64)), "not 1-D"),
+    ("steps text", _replace("steps", np.array([b"a"] * 6)), "not the schema's type"),
+    ("external storage", _external_storage, "external file"),
+    ("soft link", _soft_link, "soft link"),
+    ("external link", _external_link, "external link"),
+    ("virtual dataset", _virtual, "virtual dataset"),
+    ("lzf filter", _lzf, "filter 32000"),
+    ("memory bomb, rows", _resize(200_000_000, counts=False), "ok"),
+    ("memory bomb, rows and counts", _resize(200_000_000, counts=True), "holds"),
+    ("huge chunks", _huge_chunks, "chunks of"),
+]
+
+
+def forged(good: Path, folder: Path) -> Iterator[tuple[str, Path, str]]:
+    for i, (name, edit, expect) in enumerate(FORGED):
+        path = folder / f"forged-{i}.h5"
+        shutil.copyfile(good, path)
+        with h5py.File(path, "r+") as f:
+            edit(f, path)
+        yield name, path, expect
+
+
+def _listing(folder: Path) -> set[str]:
+    return {str(p.relative_to(folder)) for p in folder.rglob("*")}
+
+
+def test_fuzz(
+    good: Path, tmp_path: Path, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """>= 200 damaged and forged files: each reads completely or gives one line, fast."""
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    seed = request.config.getoption("--fuzz-seed")
+    data = good.read_bytes()
+    cases: list[tuple[str, Path, str | None]] = []
+    for i, (name, mutated) in enumerate(damaged(data, seed)):
+        path = tmp_path / f"damaged-{i}.h5"
+        path.write_bytes(mutated)
+        cases.append((name, path, None))
+    cases += list(forged(good, tmp_path))
+    assert len(cases) >= 200
+    before = _listing(tmp_path)
+    worst, answers = 0.0, {"ok": 0, "error": 0}
+    for name, path, expect in cases:
+        answer, seconds = outcome(path)
+        worst = max(worst, seconds)
+        assert seconds < LIMIT_S, f"{name}: {seconds:.1f} s"
+        answers["ok" if answer == "ok" else "error"] += 1
+        if expect is not None:
+            assert (answer == "ok") if expect == "ok" else (expect in answer), (name, answer)
+    assert _listing(tmp_path) == before  # nothing written, here or in the working directory
+    print(f"\n{len(cases)} files (seed {seed}): {answers}, slowest {worst:.2f} s")
+    assert answers["ok"] > 0 and answers["error"] > len(FORGED) // 2
+
+
+def test_good_file_reads(good: Path) -> None:
+    with open_run(good) as run:
+        text = read_all(run)
+        assert run.n_steps == 6 and run.n_epochs == 2 and run.n_layers == 2
+        assert list(run.metrics) == ["val_loss"] and list(run.scalars) == ["lr"]
+        assert np.array_equal(run.steps, np.arange(6))
+        assert run.attrs["schema_version"] == 1
+    assert "6 recorded" in text
+
+
+def test_shown_text_is_text(good: Path, tmp_path: Path) -> None:
+    """Rich markup and terminal escapes from a file are shown as text, not obeyed."""
+    path = tmp_path / "markup.h5"
+    shutil.copyfile(good, path)
+    config = {"model": "[/bold]\x1b[2J", "[red]key": "\x1b]0;title\x07[/]"}
+    with h5py.File(path, "r+") as f:
+        f.attrs["config"] = json.dumps(config)
+        f.attrs["device"] = "cpu\x1b[31m"
+        _layer_name("[/b]layer\x9b2J".encode())(f, path)
+    with open_run(path) as run:
+        text = read_all(run)
+        assert run.config == config  # stored as is; shown cleaned
+        assert run.layers[0].name == "[/b]layer\ufffd2J" and run.name == "[/bold]\ufffd[2J"
+    assert "\x1b" not in text and "\x9b" not in text and "\x07" not in text
+    assert "[/bold]" in text and "[red]key" in text
+
+
+@pytest.mark.parametrize("text", ["plain", "\x1b[2Jx", "a\u202eb", "tab\there", "\ud800"])
+def test_printable(text: str) -> None:
+    shown = printable(text)
+    assert shown.isprintable() and len(shown) == len(text)
+    assert shown == text or "\ufffd" in shown
+
+
+# ---------------------------------------------------------------------------------------
+# The command line on crafted files
+# ---------------------------------------------------------------------------------------
+def test_cli_info_on_crafted_files(
+    good: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``gradflow info``: exit 2 and one line on stderr, never a traceback."""
+    small = tmp_path / "eight.h5"
+    small.write_bytes(good.read_bytes()[:8])
+    paths = [small] + [path for _, path, expect in forged(good, tmp_path) if expect != "ok"]
+    for path in paths:
+        with pytest.raises(SystemExit) as exit_info:
+            main(["info", str(path)])
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2, (path, err)
+        assert err.count("\n") == 1 and err.startswith("gradflow: error: "), err
+    with pytest.raises(SystemExit) as exit_info:
+        main(["info", str(good)])
+    assert exit_info.value.code == 0 and "6 recorded" in capsys.readouterr().out
+
+
+def _gradflow(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    """The installed ``gradflow`` command (its own directory first on sys.path, as installed)."""
+    script = Path(sys.executable).with_name("gradflow")
+    command = [str(script)] if script.exists() else [sys.executable, "-m", "gradflow.cli.main"]
+    env = {**os.environ, "MPLBACKEND": "Agg"}
+    return subprocess.run(
+        [*command, *args], cwd=cwd, capture_output=True, text=True, timeout=60, env=env
+    )
+
+
+PLANT = "import pathlib; pathlib.Path({marker!r}).write_text('ran'); raise SystemExit(3)\n"
+
+
+def test_planted_h5py_beside_a_truncated_file_does_not_run(good: Path, tmp_path: Path) -> None:
+    """A ``h5py.py`` next to the file must not be imported by anything gradflow starts."""
+    folder = tmp_path / "mail"
+    folder.mkdir()
+    marker = tmp_path / "marker"
+    (folder / "h5py.py").write_text(PLANT.format(marker=str(marker)))
+    data = good.read_bytes()
+    (folder / "run.h5").write_bytes(data[: len(data) * 3 // 4])
+    done = _gradflow("info", "run.h5", cwd=folder)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr, done.stderr
+    done = _gradflow("plot", "updates-heatmap", "run.h5", "--out", "x.png", cwd=folder)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert not marker.exists()
+
+
+def test_live_file_probe_is_isolated(good: Path, tmp_path: Path) -> None:
+    """Where HDF5's read attempts cannot be limited, a live file's metadata is read first in
+    an isolated, time-limited child: it must not import from the file's folder either."""
+    from gradflow import validate
+
+    marker = tmp_path / "marker"
+    (tmp_path / "h5py.py").write_text(PLANT.format(marker=str(marker)))
+    path = tmp_path / "run.h5"
+    shutil.copyfile(good, path)
+    validate._probe_in_child(path)
+    assert not marker.exists()
+
+
+KILLED_WRITER = (
+    "import h5py, os, sys\n"
+    "f = h5py.File(sys.argv[1], 'r+', libver='latest')\n"
+    "f.swmr_mode = True\n"
+    "f.flush()\n"
+    "os._exit(0)\n"
+)
+
+
+def test_killed_writers_files_damaged_or_not(good: Path, tmp_path: Path) -> None:
+    """A file a writer left open is read in SWMR mode: it reads, and damaged it fails fast
+    (HDF5's default SWMR retries of a bad checksum took 15 minutes and more)."""
+    live = tmp_path / "live.h5"
+    shutil.copyfile(good, live)
+    subprocess.run([sys.executable, "-I", "-c", KILLED_WRITER, str(live)], check=True)
+    data = live.read_bytes()
+    assert data[11] & 0b100, "the superblock should say: open for SWMR writing"
+    with open_run(live) as run:
+        assert run._f.swmr_mode
+        read_all(run)
+        run.refresh()
+        assert run.n_steps == 6
+    rng = random.Random(0)
+    offsets = [o + rng.randrange(48) for o in rng.sample(_metadata_offsets(data), 12)]
+    worst = 0.0
+    for offset in [*offsets, 711]:
+        mutated = bytearray(data)
+        mutated[offset] ^= 0xFF
+        path = tmp_path / f"live-{offset}.h5"
+        path.write_bytes(bytes(mutated))
+        worst = max(worst, outcome(path)[1])
+    assert worst < 2.0, worst
