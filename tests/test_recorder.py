@@ -26,6 +26,7 @@ from torch import nn
 
 import gradflow
 from gradflow import GradflowError, Recorder, open_run
+from gradflow.statistics import STATISTICS
 
 RTOL = 1e-5
 ATOL = 1e-7
@@ -245,6 +246,14 @@ def train_with_reference(
 
 def assert_matches(path, case: Case, ref: Reference) -> None:
     run = open_run(path)
+    # Every registered statistic of the recorded probes has a reference: a new statistic
+    # without one fails here.
+    registered = {
+        (stat.probe, stat.name)
+        for stat in map(STATISTICS.get, STATISTICS)
+        if stat.probe in run.probes()
+    }
+    assert registered - set(ref.rows[0]) == set(), "statistics without a reference"
     assert sorted(run.layer_names) == sorted(case.layers)
     cols = [run.layer_names.index(n) for n in case.layers]
     assert run.n_steps == len(ref.rows)
@@ -263,6 +272,18 @@ def test_statistics_match_reference(name: str, device: str, tmp_path) -> None:
     case = CASES[name]
     ref = train_with_reference(case, tmp_path / "run.h5", device=device)
     assert_matches(tmp_path / "run.h5", case, ref)
+
+
+def test_a_statistic_without_reference_fails_the_reference_check(tmp_path, monkeypatch) -> None:
+    from gradflow.statistics import Statistic
+
+    extra = Statistic(
+        "param", "grad_sum_sq", "a statistic the reference lacks", lambda r: r["g_sq"]
+    )
+    monkeypatch.setitem(STATISTICS._items, extra.key, extra)
+    ref = train_with_reference(CASES["mlp"], tmp_path / "r.h5", steps=1)
+    with pytest.raises(AssertionError, match="without a reference"):
+        assert_matches(tmp_path / "r.h5", CASES["mlp"], ref)
 
 
 @pytest.mark.parametrize(

@@ -504,3 +504,37 @@ def test_layer_names_probe_string_and_bad_arguments(tmp_path) -> None:
     with pytest.raises(GradflowError, match="same optimizer"):
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
         Recorder(model, [opt, opt], tmp_path / "bad.h5")
+
+
+class WithUnused(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.used = nn.Linear(6, 3)
+        self.unused = nn.Linear(6, 3)  # never called: its outputs are never measured
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.used(x)
+
+
+def test_info_health_lists_statistics_never_measured(tmp_path) -> None:
+    from gradflow.plots.health import health
+
+    ((x, y),) = batches(1)
+    for name, layers in (("some.h5", None), ("all.h5", ["unused"])):
+        model = WithUnused()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        with Recorder(model, opt, tmp_path / name, layers=layers):
+            for _ in range(2):
+                opt.zero_grad()
+                nn.functional.mse_loss(model(x), y).backward()
+                opt.step()
+    with open_run(tmp_path / "some.h5") as run:
+        found = [(f.check, f.layer, f.value) for f in health(run)]
+    assert found == [
+        ("never measured", "unused", "activation/*"),
+        ("never measured", "unused", "grad_output/*"),
+    ]
+    with open_run(tmp_path / "all.h5") as run:
+        found = [(f.check, f.layer, f.value) for f in health(run)]
+    assert ("never measured", "(all layers)", "activation/*") in found
+    assert all(f[2] != "param/*" for f in found)  # gradients (zero) and updates were measured

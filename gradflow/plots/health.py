@@ -82,6 +82,40 @@ def nonfinite(run: Run) -> list[Finding]:
     ]
 
 
+# Every statistic of a probe is computed from the same per-layer reductions, so one per
+# probe tells whether it was measured: counts where there are some (NaN only when
+# unmeasured, never because of non-finite values), and the update only where an optimizer
+# stepped (optimizer=None records no update by design).
+_MEASURED_BY = {
+    "param": ("grad_nonfinite", "update_norm"),
+    "activation": ("nonfinite",),
+    "grad_output": ("norm",),
+}
+
+
+def never_measured(run: Run) -> list[Finding]:
+    """Statistics that are NaN in every row: for a whole probe or for single layers."""
+    if not run.n_steps:
+        return []
+    found = []
+    names = np.array(run.layer_names)
+    for probe, stats in run.probes().items():
+        reported = np.zeros(len(names), bool)  # a layer whose whole probe is missing
+        for stat in _MEASURED_BY.get(probe, tuple(stats[:1])):
+            if stat not in stats or (stat.startswith("update") and not run.attrs.get("optimizer")):
+                continue
+            key = f"{probe}/{stat}"
+            missing = np.isnan(_layer_means(run, key)) & ~reported
+            what = f"{probe}/update_*" if stat.startswith("update") else f"{probe}/*"
+            detail = f"{key} is NaN in every row"
+            if missing.all():
+                found.append(Finding("never measured", "(all layers)", what, detail))
+            else:
+                found += [Finding("never measured", n, what, detail) for n in names[missing]]
+            reported |= missing
+    return found
+
+
 def health(run: Run) -> list[Finding]:
     """All findings, non-finite values first."""
-    return nonfinite(run) + update_outliers(run) + dead_units(run)
+    return nonfinite(run) + never_measured(run) + update_outliers(run) + dead_units(run)
