@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -19,6 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import chromium
 import h5py
 import numpy as np
 import pytest
@@ -31,15 +31,6 @@ sync_api = pytest.importorskip(
     "playwright.sync_api", reason="playwright is not installed: pip install -e '.[dev]'"
 )
 
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
 SCREENSHOTS = os.environ.get("GRADFLOW_SCREENSHOTS")
 # The middle of a plotly heat-map cell in page coordinates (plotly's axis objects).
 CELL_CENTRE = """([id, row, col]) => {
@@ -49,19 +40,6 @@ CELL_CENTRE = """([id, row, col]) => {
   return {x: box.left + xa._offset + xa.l2p((edges[col] + edges[col + 1]) / 2),
           y: box.top + ya._offset + ya.l2p(row)};
 }"""
-
-
-def chromium() -> str | None:
-    """The system Chromium: $GRADFLOW_CHROMIUM, /usr/bin/chromium or one on PATH."""
-    for candidate in (
-        os.environ.get("GRADFLOW_CHROMIUM"),
-        "/usr/bin/chromium",
-        shutil.which("chromium"),
-        shutil.which("chromium-browser"),
-    ):
-        if candidate and os.access(candidate, os.X_OK):
-            return candidate
-    return None
 
 
 def _tiny_run_script() -> Any:
@@ -79,14 +57,13 @@ tiny_run = _tiny_run_script()
 
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
-    path = chromium()
+    path = chromium.executable()
     if path is None:
-        pytest.skip(
-            "no Chromium (looked at $GRADFLOW_CHROMIUM, /usr/bin/chromium, PATH): "
-            "apt-get install chromium; .ci/run installs it"
-        )
+        if os.environ.get("GRADFLOW_REQUIRE_BROWSER"):
+            pytest.fail(f"GRADFLOW_REQUIRE_BROWSER is set but there is {chromium.MISSING}")
+        pytest.skip(chromium.MISSING)
     with sync_api.sync_playwright() as driver:
-        launched = driver.chromium.launch(executable_path=path, args=CHROMIUM_ARGS)
+        launched = driver.chromium.launch(executable_path=path, args=chromium.ARGS)
         yield launched
         launched.close()
 
