@@ -32,7 +32,7 @@ The ISBI 2012 slices (a folder with train/images and train/labels):
   gradflow record --model fig3b-long-9 --data ../shared/data/isbi2012 \\
     --out runs/b.h5
 
-Extend that run to 40 epochs from its checkpoint runs/b.ckpt.pt:
+Extend that run to 40 epochs from its checkpoint runs/b.h5.ckpt.pt:
 
   gradflow record --model fig3b-long-9 --data ../shared/data/isbi2012 \\
     --epochs 40 --out runs/b.h5 --resume
@@ -184,6 +184,9 @@ def record(
     if summary is None:  # a DDP rank other than 0
         return
     Console().print(summary)
+    if summary.interrupted is not None:  # SIGINT or SIGTERM: the shell's 128 + signal
+        print(summary.interruption, file=sys.stderr)
+        raise typer.Exit(128 + summary.interrupted)
     if summary.stop_reason is not None:
         print(f"gradflow: error: {summary.stop_reason}", file=sys.stderr)
         raise typer.Exit(1)

@@ -1,4 +1,5 @@
-"""Training checkpoints beside the run file (``RUN.h5`` -> ``RUN.ckpt.pt``), written atomically."""
+"""Training checkpoints beside the run file (``RUN.h5`` -> ``RUN.h5.ckpt.pt``), written
+atomically."""
 
 from __future__ import annotations
 
@@ -31,9 +32,27 @@ class Checkpoint:
 
 
 def checkpoint_path(run_path: str | os.PathLike[str]) -> Path:
-    """The checkpoint file of a run file: ``RUN.h5`` -> ``RUN.ckpt.pt``."""
+    """The checkpoint file of a run file: ``RUN.h5`` -> ``RUN.h5.ckpt.pt``.
+
+    The whole file name is kept, so ``x.h5`` and ``x.hdf5`` have checkpoints of their own.
+    """
+    path = Path(run_path)
+    return path.with_name(f"{path.name}.ckpt.pt")
+
+
+def legacy_checkpoint_path(run_path: str | os.PathLike[str]) -> Path:
+    """The name older gradflow versions gave the checkpoint: ``RUN.h5`` -> ``RUN.ckpt.pt``."""
     path = Path(run_path)
     return path.with_name(f"{path.stem if path.suffix else path.name}.ckpt.pt")
+
+
+def find_checkpoint(run_path: str | os.PathLike[str]) -> Path | None:
+    """The checkpoint a resumed run continues from: :func:`checkpoint_path`, else the
+    :func:`legacy_checkpoint_path` of a run written by an older version, else None."""
+    for path in (checkpoint_path(run_path), legacy_checkpoint_path(run_path)):
+        if path.is_file():
+            return path
+    return None
 
 
 def save_checkpoint(path: Path, checkpoint: Checkpoint) -> None:
@@ -75,12 +94,37 @@ def load_checkpoint(path: Path, map_location: torch.device | str = "cpu") -> Che
         raise GradflowError(f"{path}: not a gradflow checkpoint")
     if payload["format"] != FORMAT:
         raise GradflowError(
-            f"{path}: checkpoint format {payload['format']}, this gradflow reads {FORMAT}"
+            f"{path}: checkpoint format {payload['format']!r}, this gradflow reads {FORMAT}"
         )
+    problem = _problem(payload)
+    if problem:
+        raise GradflowError(f"{path}: damaged checkpoint ({problem})")
     return Checkpoint(
         model=payload["model"],
         optimizer=payload["optimizer"],
-        epoch=int(payload["epoch"]),
-        step=int(payload["step"]),
+        epoch=payload["epoch"],
+        step=payload["step"],
         config=payload["config"],
     )
+
+
+def _problem(payload: dict[Any, Any]) -> str:
+    """What is wrong with the types of a loaded checkpoint's fields ("" when nothing)."""
+    model, optimizer = payload["model"], payload["optimizer"]
+    if not isinstance(model, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in model.items()
+    ):
+        return "model is not a dict of named tensors"
+    if not (
+        isinstance(optimizer, dict)
+        and isinstance(optimizer.get("state"), dict)
+        and isinstance(optimizer.get("param_groups"), list)
+    ):
+        return "optimizer is not an optimizer state"
+    for key in ("epoch", "step"):
+        value = payload[key]
+        if type(value) is not int or value < 0:
+            return f"{key} is {value!r}, not a count"
+    if not isinstance(payload["config"], dict):
+        return "config is not a dict"
+    return ""

@@ -30,10 +30,14 @@ was killed); see :mod:`gradflow.validate` for the checks every file passes befor
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import io
 import json
 import os
+import stat as _stat
+import sys
+import threading
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,6 +48,11 @@ import numpy as np
 
 from gradflow.errors import GradflowError, unknown_name
 from gradflow.validate import Layout, check_layout, check_rows, open_hdf5, printable, read_counts
+
+if sys.platform == "win32":  # no flock(): a second writer is not detected there
+    fcntl = None
+else:
+    import fcntl
 
 SCHEMA_VERSION = 1
 MAX_NAMED = 32  # capacity of /scalars and /epochs/metrics: SWMR cannot add datasets later
@@ -133,11 +142,16 @@ def _names(ds: h5py.Dataset) -> list[str]:
 
 
 class RunWriter:
-    """Synchronous writer of one run file (the recorder drives it from its writer thread)."""
+    """Synchronous writer of one run file (the recorder drives it from its writer thread).
 
-    def __init__(self, path: Path, file: h5py.File) -> None:
+    It holds the file's :class:`WriteLock` from :meth:`create` or :meth:`resume` to
+    :meth:`close`: a second writer, in another process, is refused.
+    """
+
+    def __init__(self, path: Path, file: h5py.File, lock: WriteLock) -> None:
         self.path = path
         self._f = file
+        self._lock = lock
         counts = file["counts"][()]
         self._n_steps, self._n_epochs, self._n_events = (int(c) for c in counts)
         self._scalar_names = _names(file["scalars/names"])
@@ -159,14 +173,31 @@ class RunWriter:
     ) -> RunWriter:
         """Create the complete (empty) run file atomically and open it for SWMR writing."""
         target = Path(path)
-        check_writable(target, overwrite=overwrite)
+        lock = WriteLock.acquire(target)  # before anything is checked or replaced
+        try:
+            check_writable(target, overwrite=overwrite)
+            cls._write_new(target, layers, step_stats, epoch_stats, config, attrs or {})
+            return cls._open_swmr(target, lock)
+        except BaseException:
+            lock.release()
+            raise
+
+    @staticmethod
+    def _write_new(
+        target: Path,
+        layers: Sequence[Layer],
+        step_stats: Mapping[str, Sequence[str]],
+        epoch_stats: Sequence[str],
+        config: Mapping[str, Any],
+        attrs: Mapping[str, Any],
+    ) -> None:
         tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
         try:
             # Built in memory, then written by plain file I/O: a full disk fails here cleanly,
             # not inside HDF5, which cannot close a file it failed to write.
             image = io.BytesIO()
             with h5py.File(image, "w", libver="latest") as f:
-                _write_layout(f, layers, step_stats, epoch_stats, config, attrs or {})
+                _write_layout(f, layers, step_stats, epoch_stats, config, attrs)
             tmp.write_bytes(image.getvalue())
             os.replace(tmp, target)
         except OSError as err:
@@ -174,7 +205,6 @@ class RunWriter:
             raise GradflowError(
                 f"{target}: cannot write the run file ({err.strerror or err})"
             ) from err
-        return cls._open_swmr(target)
 
     @classmethod
     def resume(
@@ -186,6 +216,17 @@ class RunWriter:
         for writing. The committed rows are copied into a fresh file that replaces it.
         """
         target = Path(path)
+        lock = WriteLock.acquire(target)
+        try:
+            check_writable(target, overwrite=True)
+            cls._rewrite_truncated(target, keep_steps_below, keep_epochs)
+            return cls._open_swmr(target, lock)
+        except BaseException:
+            lock.release()
+            raise
+
+    @staticmethod
+    def _rewrite_truncated(target: Path, keep_steps_below: int, keep_epochs: int) -> None:
         run = open_run(target)
         n_steps = int(np.searchsorted(run.steps, keep_steps_below))
         n_epochs = min(keep_epochs, run.n_epochs)
@@ -203,10 +244,9 @@ class RunWriter:
             raise GradflowError(f"{target}: cannot rewrite the run file ({err})") from err
         finally:
             run.close()
-        return cls._open_swmr(target)
 
     @classmethod
-    def _open_swmr(cls, target: Path) -> RunWriter:
+    def _open_swmr(cls, target: Path, lock: WriteLock) -> RunWriter:
         # No raw-data chunk cache: a failed write (disk full) then raises at the write, not
         # later inside a dataset handle's close, which HDF5 cannot finish and retries at
         # exit, crashing the process. Free: each write's dataset handle is closed right
@@ -219,7 +259,7 @@ class RunWriter:
         fapl.set_cache(mdc, slots, 0, w0)
         flags = h5py.h5f.ACC_RDWR | h5py.h5f.ACC_SWMR_WRITE
         f = h5py.File(h5py.h5f.open(os.fsencode(target), flags, fapl=fapl))
-        return cls(target, f)
+        return cls(target, f, lock)
 
     # -- appending --------------------------------------------------------------------------
     @property
@@ -298,15 +338,18 @@ class RunWriter:
 
     def close(self, *, compact_file: bool = True) -> None:
         """Commit and close the file (idempotent), also after a failed commit; then
-        :func:`compact` it."""
+        :func:`compact` it and release the write lock."""
         if not self._f.id.valid:
             return
         try:
-            self.commit()
+            try:
+                self.commit()
+            finally:
+                _close(self._f)
+            if compact_file:
+                compact(self.path)
         finally:
-            _close(self._f)
-        if compact_file:
-            compact(self.path)
+            self._lock.release()
 
     def _column(self, names: list[str], dataset: str, name: str) -> int:
         if name in names:
@@ -477,18 +520,142 @@ def _copy_truncated(
 
 
 def check_writable(path: Path, *, overwrite: bool) -> None:
-    """Fail fast, in one line, when ``path`` cannot or must not be written."""
-    if path.is_dir():
-        raise GradflowError(f"{path}: is a directory, not a run file path")
+    """Fail fast, in one line, when ``path`` cannot or must not be written: only a regular
+    file is ever replaced (never a device, a FIFO or a directory), and only with ``overwrite``."""
+    _check_place(path)
     if path.exists() and not overwrite:
         raise GradflowError(f"{path}: file exists; pass --force (overwrite=True) to replace it")
+    if not os.access(path.parent if str(path.parent) else ".", os.W_OK):
+        raise GradflowError(f"{path}: directory {path.parent} is not writable")
+
+
+def _check_place(path: Path) -> None:
+    """``path`` is a regular file or nothing, in an existing directory."""
     parent = path.parent if str(path.parent) else Path(".")
     if parent.exists() and not parent.is_dir():
         raise GradflowError(f"{path}: {parent} is not a directory")
     if not parent.is_dir():
         raise GradflowError(f"{path}: directory {parent} does not exist")
-    if not os.access(parent, os.W_OK):
-        raise GradflowError(f"{path}: directory {parent} is not writable")
+    try:
+        mode: int | None = path.stat().st_mode
+    except FileNotFoundError:
+        mode = None
+    except OSError as err:
+        raise GradflowError(f"{path}: cannot inspect it ({err.strerror or err})") from None
+    if mode is not None and _stat.S_ISDIR(mode):
+        raise GradflowError(f"{path}: is a directory, not a run file path")
+    if mode is not None and not _stat.S_ISREG(mode):
+        raise GradflowError(f"{path}: {_file_kind(mode)}, not a regular file; not replacing it")
+
+
+def _file_kind(mode: int) -> str:
+    kinds = {
+        _stat.S_ISCHR: "a character device",
+        _stat.S_ISBLK: "a block device",
+        _stat.S_ISFIFO: "a FIFO",
+        _stat.S_ISSOCK: "a socket",
+    }
+    return next((text for test, text in kinds.items() if test(mode)), "a special file")
+
+
+def lock_path(path: Path) -> Path:
+    """The lock file of a run file: ``RUN.h5`` -> ``RUN.h5.lock``."""
+    return path.with_name(f"{path.name}.lock")
+
+
+_HELD: dict[str, list[int]] = {}  # lock file -> [descriptor, holders] for this process
+_HELD_GUARD = threading.Lock()
+
+
+class WriteLock:
+    """This process's exclusive right to write one run file; :meth:`acquire` it.
+
+    An OS lock (``flock``) on ``RUN.h5.lock`` beside the run file, which holds the
+    writer's process id. The kernel drops the lock when its process ends, also by
+    ``kill -9``. The lock sits on a file of its own because the run file itself is replaced
+    by renames (creation, ``--force``, resume, compaction). Within a process the lock is
+    re-entrant (the training loop holds it while its recorder's writer takes it again).
+    Readers never look at it. On Windows nothing is locked.
+    """
+
+    def __init__(self, path: Path, key: str) -> None:
+        self.path = path
+        self._key = key
+        self._held = True
+
+    @classmethod
+    def acquire(cls, path: str | os.PathLike[str]) -> WriteLock:
+        """Claim ``path`` for writing, or raise ``RUN.h5 is being written by process PID``."""
+        path = Path(path)
+        _check_place(path)  # before the lock file is made beside it
+        parent = os.path.realpath(path.parent if str(path.parent) else ".")
+        key = os.path.join(parent, lock_path(path).name)
+        with _HELD_GUARD:
+            if key in _HELD:
+                _HELD[key][1] += 1
+            elif fcntl is not None:
+                _HELD[key] = [_lock(path, key), 1]
+        return cls(path, key)
+
+    def release(self) -> None:
+        """Give the lock up (idempotent); the last holder in this process removes the file."""
+        with _HELD_GUARD:
+            if not self._held:
+                return
+            self._held = False
+            entry = _HELD.get(self._key)
+            if entry is None:
+                return
+            entry[1] -= 1
+            if entry[1] == 0:
+                del _HELD[self._key]
+                # Removed while still locked: a process that opened the old file meanwhile
+                # sees, once it gets the lock, that the name no longer leads to it (_lock).
+                with contextlib.suppress(OSError):
+                    os.unlink(self._key)
+                os.close(entry[0])
+
+    def __enter__(self) -> WriteLock:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def _lock(path: Path, key: str) -> int:
+    """Open and lock the lock file ``key`` of ``path``; its descriptor."""
+    assert fcntl is not None
+    flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+    for _ in range(100):
+        try:
+            fd = os.open(key, flags, 0o644)
+        except OSError as err:
+            raise GradflowError(
+                f"{path}: cannot open the lock file {key} ({err.strerror or err})"
+            ) from None
+        try:
+            opened = os.fstat(fd)
+            if not _stat.S_ISREG(opened.st_mode):
+                raise GradflowError(f"{path}: the lock file {key} is not a regular file")
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                pid = os.pread(fd, 32, 0).decode(errors="replace").strip()
+                who = f"process {pid}" if pid.isdigit() else "another process"
+                raise GradflowError(f"{path} is being written by {who}") from None
+            try:
+                now = os.stat(key, follow_symlinks=False)
+            except FileNotFoundError:
+                now = None
+            if now is not None and (now.st_dev, now.st_ino) == (opened.st_dev, opened.st_ino):
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+                return fd
+        except BaseException:
+            os.close(fd)
+            raise
+        os.close(fd)  # the holder removed this file as we locked it: lock the new one
+    raise GradflowError(f"{path}: cannot lock {key} (it keeps being replaced)")
 
 
 # ---------------------------------------------------------------------------------------

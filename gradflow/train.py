@@ -22,11 +22,13 @@ from __future__ import annotations
 
 import math
 import os
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager, nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from functools import partial
 from pathlib import Path
 from typing import Any, Literal
@@ -47,7 +49,13 @@ from rich.table import Table
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from gradflow.checkpoint import Checkpoint, checkpoint_path, load_checkpoint, save_checkpoint
+from gradflow.checkpoint import (
+    Checkpoint,
+    checkpoint_path,
+    find_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
 from gradflow.config import N_VAL, RESUME_KEYS, TrainConfig
 from gradflow.data import EMVolume, epoch_batches, load_dataset, split
 from gradflow.data.augment import check_crop
@@ -55,7 +63,8 @@ from gradflow.errors import GradflowError
 from gradflow.metrics import LOSSES, pixel_error, tiled_predict, v_info, v_rand
 from gradflow.models import FCN, count_convs, create_model, paper_init
 from gradflow.recorder import Recorder
-from gradflow.store import Event, check_writable, open_run
+from gradflow.schedule import as_schedule
+from gradflow.store import Event, Run, WriteLock, check_writable, open_run
 
 ProgressMode = Literal["auto", "bar", "lines", "off"]
 VAL_TILE = 512  # the paper's input size: larger slices are predicted in tiles
@@ -93,6 +102,22 @@ class Summary:
     overhead: dict[str, float]
     nonfinite: Event | None
     stopped_step: int | None
+    interrupted: int | None = None  # the signal (SIGINT, SIGTERM) that stopped training
+
+    @property
+    def interruption(self) -> str | None:
+        """``gradflow: interrupted at step S; ...`` when a signal stopped training, else None.
+
+        S counts the steps done; a resumed run continues from the last epoch end.
+        """
+        if self.interrupted is None:
+            return None
+        how = (
+            "resume with --resume"
+            if self.checkpoint.is_file()
+            else "no checkpoint to resume from (one is written at every epoch end)"
+        )
+        return f"gradflow: interrupted at step {self.steps}; {how}"
 
     @property
     def stop_reason(self) -> str | None:
@@ -151,15 +176,19 @@ def train(
 ) -> Summary | None:
     """Train as ``config`` says while the Recorder writes the run file ``out``.
 
-    A checkpoint ``RUN.ckpt.pt`` beside ``out`` is replaced at every epoch end. ``force``
-    replaces an existing ``out``; ``resume`` continues from the checkpoint, which must come
-    from the same settings (see ``RESUME_KEYS``; ``epochs`` may grow to extend a run).
+    A checkpoint ``RUN.h5.ckpt.pt`` beside ``out`` is replaced at every epoch end. ``force``
+    replaces an existing ``out`` (a regular file only); ``resume`` continues from the
+    checkpoint, which must come from the same settings (see ``RESUME_KEYS``; ``epochs`` may
+    grow to extend a run) and agree with the run file.
     ``progress``: "auto" (a bar on a terminal, else plain lines), "bar", "lines" or "off".
 
     Every setting, the data and the files are checked before anything is trained or
-    written; problems raise :class:`GradflowError`. A run stopped by a non-finite value
-    returns normally: see :attr:`Summary.stop_reason`. Under torchrun only rank 0 records,
-    validates and checkpoints; the other ranks return None.
+    written; problems raise :class:`GradflowError`. The run file's :class:`WriteLock` is
+    held throughout: while another process writes ``out`` this one is refused. A run stopped
+    by a non-finite value returns normally (see :attr:`Summary.stop_reason`), and so does
+    one stopped by SIGINT or SIGTERM, at the next step boundary with the run file closed
+    (see :attr:`Summary.interruption`). Under torchrun only rank 0 records, validates and
+    checkpoints; the other ranks return None.
     """
     config.validate()
     if force and resume:
@@ -179,14 +208,49 @@ def train(
         model.check_input_size(config.crop, config.crop)
     except GradflowError as err:
         raise GradflowError(f"crop {config.crop} does not suit {config.model}: {err}") from None
-    checkpoint = _check_outputs(out, config, force=force, resume=resume, device=device)
+    _check_batch_norm(model, config.crop, config.batch_size // world.size)
+    # Taken before any file is checked, deleted or replaced; released when training ends.
+    with WriteLock.acquire(out) if world.main else nullcontext():
+        return _train(
+            config,
+            out,
+            world,
+            device,
+            model,
+            force=force,
+            resume=resume,
+            progress=progress,
+            say=say,
+        )
+
+
+def _train(
+    config: TrainConfig,
+    out: Path,
+    world: _World,
+    device: torch.device,
+    model: FCN,
+    *,
+    force: bool,
+    resume: bool,
+    progress: ProgressMode,
+    say: Callable[[str], None],
+) -> Summary | None:
+    """:func:`train` once its settings are checked, under the run file's write lock."""
+    checkpoint = _check_outputs(out, config, model, force=force, resume=resume, device=device)
     train_set, val_set, source = _load_data(config, say)
     ckpt_file = checkpoint_path(out)
     if checkpoint is None and world.main:
         ckpt_file.unlink(missing_ok=True)  # a stale checkpoint must not resume this new run
 
-    with _determinism(device), _process_group(world, device) as control:
-        trainer = _Trainer(config, world, device, model.to(device), train_set, val_set, control)
+    with (
+        _determinism(device),
+        _process_group(world, device) as control,
+        _StopSignals() as signals,
+    ):
+        trainer = _Trainer(
+            config, world, device, model.to(device), train_set, val_set, control, signals
+        )
         if checkpoint is not None:
             trainer.restore(checkpoint)
         run_config = _run_config(config, trainer, source)
@@ -201,6 +265,8 @@ def train(
             ) as bar,
         ):
             for epoch in range(trainer.epoch, config.epochs):
+                if trainer.interrupted():
+                    break
                 train_loss = trainer.run_epoch(epoch, rec, bar)
                 if train_loss is None:
                     break
@@ -327,6 +393,7 @@ class _Trainer:
         train_set: EMVolume,
         val_set: EMVolume,
         control: Any,
+        signals: _StopSignals,
     ) -> None:
         self.config, self.world, self.device = config, world, device
         self.model, self.train_set, self.val_set = model, train_set, val_set
@@ -338,6 +405,8 @@ class _Trainer:
             self.net = DistributedDataParallel(model, device_ids=ids)
             self.loss_fn = partial(_global_batch_loss, config.loss, world.size)
         self.control = control
+        self.signals = signals
+        self.stopped_by: int | None = None  # the signal that stopped training
         self.epoch = self.step = 0
         self.stopped_step: int | None = None
         self.train_seconds = 0.0
@@ -383,13 +452,15 @@ class _Trainer:
                 timed_from = time.perf_counter()
             else:
                 self.steps_timed += 1
-            if config.on_nonfinite == "stop" and self._nonfinite(loss, rec):
+            nonfinite, signalled = self._stop_flags(loss, rec)
+            if nonfinite:
                 self.stopped_step = self.step - 1
+            if nonfinite or signalled:
                 break
         mean = float(total) / config.steps_per_epoch  # waits for the GPU: the time is right
         if timed_from is not None:
             self.train_seconds += time.perf_counter() - timed_from
-        return None if self.stopped_step is not None else mean
+        return None if self.stopped_step is not None or self.stopped_by is not None else mean
 
     def _step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         x = x.to(self.device, non_blocking=True)
@@ -400,21 +471,37 @@ class _Trainer:
         self.optimizer.step()
         return loss
 
-    def _nonfinite(self, loss: torch.Tensor, rec: Recorder | None) -> bool:
-        """Whether this step (or, by the recorder, a recent one) saw a non-finite value.
+    def _stop_flags(self, loss: torch.Tensor, rec: Recorder | None) -> tuple[bool, bool]:
+        """(a non-finite value stops training, a signal stops it) after this step.
 
-        On the CPU reading the loss costs nothing; on CUDA it would wait for the GPU every
-        step, so there only the recorder's event (filled by its writer thread) counts. Under
-        DDP rank 0, which holds the recorder, decides for all ranks.
+        Non-finite (with ``on_nonfinite="stop"``): this step or, by the recorder, a recent
+        one saw a non-finite value. On the CPU reading the loss costs nothing; on CUDA it
+        would wait for the GPU every step, so there only the recorder's event (filled by its
+        writer thread) counts. Under DDP rank 0, which holds the recorder, decides for all
+        ranks.
         """
-        hit = rec is not None and rec.first_nonfinite is not None
-        if self.device.type == "cpu":
-            hit = hit or not math.isfinite(loss.item())
+        hit = False
+        if self.config.on_nonfinite == "stop":
+            hit = rec is not None and rec.first_nonfinite is not None
+            if self.device.type == "cpu":
+                hit = hit or not math.isfinite(loss.item())
+        nonfinite, signalled = self._from_rank0([hit, self.signals.received is not None])
+        if signalled:
+            self.stopped_by = self.signals.received or signal.SIGTERM
+        return nonfinite, signalled
+
+    def interrupted(self) -> bool:
+        """Whether a signal asks training to stop (rank 0 decides for all ranks)."""
+        if self._from_rank0([self.signals.received is not None])[0]:
+            self.stopped_by = self.signals.received or signal.SIGTERM
+        return self.stopped_by is not None
+
+    def _from_rank0(self, flags: list[bool]) -> list[bool]:
         if self.world.size == 1:
-            return hit
-        flag = torch.tensor([hit], dtype=torch.uint8)
-        dist.broadcast(flag, src=0, group=self.control)
-        return bool(flag.item())
+            return flags
+        sent = torch.tensor(flags, dtype=torch.uint8)
+        dist.broadcast(sent, src=0, group=self.control)
+        return [bool(v) for v in sent.tolist()]
 
     def validate(self, epoch: int) -> dict[str, float]:
         """Validation metrics on rank 0 when ``epoch`` is due, NaN otherwise."""
@@ -443,7 +530,7 @@ class _Trainer:
                     optimizer=self.optimizer.state_dict(),
                     epoch=epochs_done,
                     step=self.step,
-                    config=asdict(self.config),
+                    config=asdict(replace(self.config, data=_resolved_data(self.config.data))),
                 ),
             )
         if self.world.size > 1:
@@ -522,39 +609,141 @@ def _optimizer_config(optimizer: torch.optim.Optimizer, config: TrainConfig) -> 
 
 # -- checks before anything runs ----------------------------------------------------------------
 def _check_outputs(
-    out: Path, config: TrainConfig, *, force: bool, resume: bool, device: torch.device
+    out: Path,
+    config: TrainConfig,
+    model: FCN,
+    *,
+    force: bool,
+    resume: bool,
+    device: torch.device,
 ) -> Checkpoint | None:
-    """Fail before training when ``out`` must not be written; load the checkpoint to resume."""
+    """Fail before training when ``out`` must not be written; load the checkpoint to resume
+    and check it against the settings, the model and the run file."""
     if not resume:
         check_writable(out, overwrite=force)
         return None
-    checkpoint = load_checkpoint(checkpoint_path(out), map_location=device)
+    check_writable(out, overwrite=True)  # a regular file (or none: open_run says so)
+    found = find_checkpoint(out)
+    checkpoint = load_checkpoint(found or checkpoint_path(out), map_location=device)
+    where = f"cannot resume {out} from {found}"
     changed = [
         f"{key} {checkpoint.config.get(key)!r} -> {value!r}"
         for key, value in asdict(config).items()
-        if key in RESUME_KEYS and _comparable(checkpoint.config.get(key)) != _comparable(value)
+        if key in RESUME_KEYS
+        and _comparable(key, checkpoint.config.get(key)) != _comparable(key, value)
     ]
     if changed:
         raise GradflowError(
-            f"cannot resume {out} with other settings than its checkpoint's: "
-            f"{', '.join(changed)} (only epochs, validation, logging and flush may change)"
+            f"{where} with other settings than its checkpoint's: {', '.join(changed)} "
+            "(only epochs, validation, logging and flush may change)"
         )
     if checkpoint.epoch >= config.epochs:
         raise GradflowError(
             f"cannot resume {out}: it already has {checkpoint.epoch} epochs; "
             f"raise epochs above {checkpoint.epoch} to extend it"
         )
+    if checkpoint.epoch < 1 or checkpoint.step != checkpoint.epoch * config.steps_per_epoch:
+        raise GradflowError(
+            f"{where}: its step {checkpoint.step} is not the end of epoch {checkpoint.epoch} "
+            f"({config.steps_per_epoch} steps per epoch)"
+        )
+    _check_state(where, checkpoint, model, config)
     with open_run(out) as run:
-        if run.n_epochs < checkpoint.epoch:
-            raise GradflowError(
-                f"cannot resume {out}: it holds {run.n_epochs} epochs but its checkpoint "
-                f"{checkpoint.epoch} (the run file was not flushed before the process ended)"
-            )
+        _check_run_file(where, run, checkpoint, config, model)
     return checkpoint
 
 
-def _comparable(value: Any) -> Any:
+def _check_state(where: str, checkpoint: Checkpoint, model: FCN, config: TrainConfig) -> None:
+    """The checkpoint's weights and optimizer state fit ``model``, shape by shape."""
+    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    stored = {name: tuple(t.shape) for name, t in checkpoint.model.items()}
+    for name in sorted(expected.keys() | stored.keys()):
+        if expected.get(name) != stored.get(name):
+            raise GradflowError(
+                f"{where}: its weights do not fit {config.model}: {name} is "
+                f"{stored.get(name, 'missing')} in the checkpoint, the model has "
+                f"{expected.get(name, 'none')}"
+            )
+    optimizer = build_optimizer(model, config)
+    try:
+        optimizer.load_state_dict(checkpoint.optimizer)
+    except (KeyError, ValueError, TypeError, RuntimeError, IndexError) as err:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise GradflowError(f"{where}: its optimizer state does not fit ({first})") from None
+    for param, state in optimizer.state.items():
+        for key, value in state.items():
+            if isinstance(value, torch.Tensor) and value.dim() and value.shape != param.shape:
+                raise GradflowError(
+                    f"{where}: its optimizer state {key} is {tuple(value.shape)} for a "
+                    f"parameter of {tuple(param.shape)}"
+                )
+
+
+def _check_run_file(
+    where: str, run: Run, checkpoint: Checkpoint, config: TrainConfig, model: FCN
+) -> None:
+    """The run file holds exactly what was recorded up to the checkpoint, for this model."""
+    epoch, step = checkpoint.epoch, checkpoint.step
+    if run.n_epochs < epoch:
+        raise GradflowError(
+            f"{where}: the run file holds {run.n_epochs} epochs but the checkpoint "
+            f"{epoch} (the run file was not flushed before the process ended)"
+        )
+    ended = int(run.epoch_end_step[epoch - 1])
+    if ended != step:
+        raise GradflowError(
+            f"{where}: epoch {epoch} ended at step {ended} in the run file, at step {step} "
+            "in the checkpoint"
+        )
+    schedule = as_schedule(config.every)
+    expected = np.array([s for s in range(step) if schedule(s)], np.int64)
+    steps = run.steps
+    if not np.array_equal(steps[steps < step], expected):
+        raise GradflowError(
+            f"{where}: the run file does not hold the {len(expected)} recorded steps before "
+            f"step {step}"
+        )
+    n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    if sum(layer.n_params for layer in run.layers) != n_params:
+        raise GradflowError(
+            f"{where}: the run file's layers do not hold the {n_params} parameters of "
+            f"{config.model}"
+        )
+    if set(run.probes()) != set(config.probes):
+        raise GradflowError(
+            f"{where}: the run file records probes {sorted(run.probes())}, the settings "
+            f"{sorted(config.probes)}"
+        )
+
+
+def _check_batch_norm(model: nn.Module, crop: int, batch_per_process: int) -> None:
+    """Batch norm in training needs more than one value per channel: at the bottleneck,
+    the smallest feature map, a batch of ``batch_per_process`` crops of ``crop`` px has
+    ``batch * (crop / downsampling)^2`` of them."""
+    if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        return
+    factor = model.config.downsampling if isinstance(model, FCN) else 1
+    side = crop // factor
+    if batch_per_process * side * side < 2:
+        raise GradflowError(
+            f"batch norm needs more than one value per channel: a batch of "
+            f"{batch_per_process} with crop {crop} leaves {side}x{side} px at the bottleneck "
+            f"(downsampling {factor}); use a batch size of at least 2 or crop {2 * factor}"
+        )
+
+
+def _comparable(key: str, value: Any) -> Any:
+    """A setting as resuming compares it: data paths resolved, probes as a set."""
+    if key == "data" and isinstance(value, str):
+        return _resolved_data(value)
+    if key == "probes" and isinstance(value, list | tuple):
+        return sorted(set(value))
     return list(value) if isinstance(value, tuple) else value
+
+
+def _resolved_data(data: str) -> str:
+    """``config.data`` as an absolute path (``"synthetic"`` stays itself)."""
+    return data if data == "synthetic" else str(Path(data).expanduser().resolve())
 
 
 def _load_data(config: TrainConfig, say: Callable[[str], None]) -> tuple[EMVolume, EMVolume, str]:
@@ -572,6 +761,39 @@ def _load_data(config: TrainConfig, say: Callable[[str], None]) -> tuple[EMVolum
     if n is not None and n < len(val_set):
         val_set = EMVolume(val_set.images[:n], val_set.labels[:n], f"{val_set.source}, first {n}")
     return train_set, val_set, volume.source
+
+
+class _StopSignals:
+    """SIGINT and SIGTERM ask training to stop at the next step boundary.
+
+    The first signal is only noted in :attr:`received`; the handlers in place before are
+    restored then, so a second one acts at once (a second Ctrl-C raises KeyboardInterrupt).
+    Handlers can only be set in the main thread; elsewhere signals keep their handlers.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> _StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._note)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._restore()
+
+    def _note(self, signum: int, frame: Any) -> None:
+        self.received = signum
+        self._restore()
+
+    def _restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)
+        self._previous.clear()
 
 
 # -- the machine --------------------------------------------------------------------------------
@@ -732,7 +954,7 @@ def _summarize(out: Path, config: TrainConfig, trainer: _Trainer, source: str) -
         nan = math.nan
         summary = Summary(
             path=out,
-            checkpoint=checkpoint_path(out),
+            checkpoint=find_checkpoint(out) or checkpoint_path(out),
             file_bytes=out.stat().st_size,
             model=config.model,
             conv_layers=count_convs(trainer.model)[0],
@@ -754,5 +976,6 @@ def _summarize(out: Path, config: TrainConfig, trainer: _Trainer, source: str) -
             overhead=run.overhead,
             nonfinite=run.first_nonfinite,
             stopped_step=trainer.stopped_step,
+            interrupted=trainer.stopped_by,
         )
     return summary

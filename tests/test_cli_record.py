@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -18,9 +19,10 @@ import torch
 from PIL import Image
 
 from gradflow import open_run
-from gradflow.checkpoint import checkpoint_path
+from gradflow.checkpoint import checkpoint_path, legacy_checkpoint_path, load_checkpoint
 from gradflow.cli.main import main
 from gradflow.data import load_dataset
+from gradflow.store import lock_path
 
 TINY = [
     "--model", "tiny", "--epochs", "1", "--steps-per-epoch", "2", "--crop", "32",
@@ -107,7 +109,8 @@ def test_record_end_to_end_on_synthetic_data(tmp_path: Path) -> None:
     )
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
-    assert lines[0].startswith("step 0 epoch 0 loss ")
+    first = next(line for line in lines if line.startswith("step "))
+    assert first.startswith("step 0 epoch 0 loss ")
     assert any(line.startswith("epoch 1 train_loss ") for line in lines)
     assert "gradflow record" in done.stdout and "best val_loss" in done.stdout
     with open_run(out) as run:
@@ -128,7 +131,8 @@ def test_resume_extends_a_run(capsys: pytest.CaptureFixture[str], em: Path, tmp_
         capsys, "record", *TINY, "--data", em, "--out", out, "--epochs", "2", "--resume"
     )
     assert status == 0, err
-    assert stdout.startswith("step 2 epoch 1 loss ")
+    steps = [line for line in stdout.splitlines() if line.startswith("step ")]
+    assert steps[0].startswith("step 2 epoch 1 loss ")
     with open_run(out) as run:
         np.testing.assert_array_equal(run.steps, np.arange(4))
         assert [(e.kind, e.step) for e in run.events] == [("resume", 2)]
@@ -222,6 +226,177 @@ def test_resume_without_checkpoint(
     assert protected["lonely"].read_bytes() == before
 
 
+def test_x_h5_and_x_hdf5_keep_checkpoints_of_their_own(
+    capsys: pytest.CaptureFixture[str], em: Path, tmp_path: Path
+) -> None:
+    h5, hdf5 = tmp_path / "x.h5", tmp_path / "x.hdf5"
+    for out, seed in ((h5, "1"), (hdf5, "2")):
+        status, _, err = gradflow(
+            capsys, "record", *TINY, "--data", em, "--seed", seed, "--out", out
+        )
+        assert status == 0, err
+    assert checkpoint_path(h5).name == "x.h5.ckpt.pt"
+    assert load_checkpoint(checkpoint_path(h5)).config["seed"] == 1
+    assert load_checkpoint(checkpoint_path(hdf5)).config["seed"] == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "x.h5", "x.h5.ckpt.pt", "x.hdf5", "x.hdf5.ckpt.pt",
+    ]  # fmt: skip
+    status, _, err = gradflow(
+        capsys, "record", *TINY, "--data", em, "--seed", "1", "--epochs", "2", "--out", h5,
+        "--resume",
+    )  # fmt: skip
+    assert status == 0, err
+
+
+def test_resume_reads_the_older_checkpoint_name(
+    capsys: pytest.CaptureFixture[str], em: Path, protected: dict[str, Path], tmp_path: Path
+) -> None:
+    out = tmp_path / "run.h5"
+    shutil.copy(protected["run"], out)
+    shutil.copy(protected["ckpt"], legacy_checkpoint_path(out))
+    assert legacy_checkpoint_path(out).name == "run.ckpt.pt"
+    status, _, err = gradflow(
+        capsys, "record", *TINY, "--data", em, "--epochs", "2", "--out", out, "--resume"
+    )
+    assert status == 0, err
+    assert load_checkpoint(checkpoint_path(out)).epoch == 2
+    with open_run(out) as run:
+        np.testing.assert_array_equal(run.steps, np.arange(4))
+
+
+def test_resume_compares_resolved_data_paths_and_probe_sets(
+    capsys: pytest.CaptureFixture[str],
+    em: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    out = tmp_path / "run.h5"
+    probes = ["--probes", "param,activation"]
+    status, _, err = gradflow(capsys, "record", *TINY, "--data", em, *probes, "--out", out)
+    assert status == 0, err
+    monkeypatch.chdir(em.parent)
+    status, _, err = gradflow(
+        capsys, "record", *TINY, "--data", f"./{em.name}/", "--probes", "activation,param",
+        "--epochs", "2", "--out", out, "--resume",
+    )  # fmt: skip
+    assert status == 0, err
+    with open_run(out) as run:
+        np.testing.assert_array_equal(run.steps, np.arange(4))
+        assert set(run.probes()) == {"param", "activation"}
+    status, _, err = gradflow(
+        capsys, "record", *TINY, "--data", f"./{em.name}/", "--probes", "activation",
+        "--epochs", "3", "--out", out, "--resume",
+    )  # fmt: skip
+    assert_one_line_error(status, err, "other settings than its checkpoint's: probes")
+
+
+def _forged(checkpoint: Path, change: str) -> None:
+    """Rewrite a real checkpoint with one field forged."""
+    payload = torch.load(checkpoint, weights_only=True)
+    if change == "garbage":
+        checkpoint.write_bytes(b"PK\x03\x04 not a checkpoint")
+        return
+    if change == "step":
+        payload["step"] = 1000
+    elif change == "epoch":
+        payload["epoch"], payload["step"] = 2, 4
+    elif change == "epoch type":
+        payload["epoch"] = "1"
+    elif change == "model type":
+        payload["model"] = [1, 2]
+    elif change == "weights":
+        name = next(iter(payload["model"]))
+        payload["model"][name] = torch.zeros(3, 3)
+    elif change == "optimizer state":
+        state = payload["optimizer"]["state"][0]
+        state["square_avg"] = torch.zeros(7)
+    torch.save(payload, checkpoint)
+
+
+FORGED = [
+    ("garbage", "not a readable gradflow checkpoint"),
+    ("step", "its step 1000 is not the end of epoch 1 (2 steps per epoch)"),
+    ("epoch", "the run file holds 1 epochs but the checkpoint 2"),
+    ("epoch type", "damaged checkpoint (epoch is '1', not a count)"),
+    ("model type", "damaged checkpoint (model is not a dict of named tensors)"),
+    ("weights", "its weights do not fit tiny: down1.conv.weight is (3, 3) in the checkpoint"),
+    ("optimizer state", "its optimizer state square_avg is (7,)"),
+]
+
+
+@pytest.mark.parametrize(("change", "message"), FORGED, ids=[c for c, _ in FORGED])
+def test_damaged_or_mismatched_checkpoint_is_one_line_before_any_write(
+    capsys: pytest.CaptureFixture[str],
+    em: Path,
+    protected: dict[str, Path],
+    tmp_path: Path,
+    change: str,
+    message: str,
+) -> None:
+    out = tmp_path / "run.h5"
+    shutil.copy(protected["run"], out)
+    shutil.copy(protected["ckpt"], checkpoint_path(out))
+    _forged(checkpoint_path(out), change)
+    before = out.read_bytes(), checkpoint_path(out).read_bytes()
+    status, _, err = gradflow(
+        capsys, "record", *TINY, "--data", em, "--epochs", "3", "--out", out, "--resume"
+    )
+    assert_one_line_error(status, err, message)
+    assert (out.read_bytes(), checkpoint_path(out).read_bytes()) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run.h5", "run.h5.ckpt.pt"]
+
+
+@pytest.mark.parametrize(("model", "crop"), [("tiny", "8"), ("fig3a-long-short-9", "32")])
+def test_batch_norm_with_one_value_per_channel_is_refused_before_any_file(
+    capsys: pytest.CaptureFixture[str], em: Path, tmp_path: Path, model: str, crop: str
+) -> None:
+    out = tmp_path / "run.h5"
+    status, _, err = gradflow(
+        capsys, "record", *TINY, "--data", em, "--model", model, "--crop", crop,
+        "--batch-size", "1", "--out", out,
+    )  # fmt: skip
+    message = f"batch norm needs more than one value per channel: a batch of 1 with crop {crop}"
+    assert_one_line_error(status, err, message)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_batch_norm_check_counts_the_bottleneck_values() -> None:
+    from gradflow.models import create_model
+    from gradflow.train import _check_batch_norm
+
+    tiny = create_model("tiny")  # downsampling 8
+    for crop, batch in ((16, 1), (8, 2)):  # 2x2 px of 1 sample, 1x1 px of 2 samples
+        _check_batch_norm(tiny, crop, batch)
+    _check_batch_norm(create_model("tiny", batch_norm=False), 8, 1)
+
+
+def _special_files(tmp_path: Path) -> list[tuple[Path, str, list[str]]]:
+    """(path, what it is, extra options): a FIFO and a character device of our own with
+    --force, and the system's /dev/null without --force (which never replaces anything)."""
+    fifo = tmp_path / "fifo.h5"
+    os.mkfifo(fifo)
+    cases = [(fifo, "a FIFO", ["--force"]), (Path("/dev/null"), "a character device", [])]
+    null = tmp_path / "null.h5"
+    try:  # the same device as /dev/null, in the test's own folder (needs root)
+        os.mknod(null, stat.S_IFCHR | 0o666, os.makedev(1, 3))
+        cases.append((null, "a character device", ["--force"]))
+    except PermissionError:
+        pass
+    return cases
+
+
+def test_only_regular_files_are_replaced(
+    capsys: pytest.CaptureFixture[str], em: Path, tmp_path: Path
+) -> None:
+    for path, kind, extra in _special_files(tmp_path):
+        mode = path.stat().st_mode
+        status, _, err = gradflow(capsys, "record", *TINY, "--data", em, "--out", path, *extra)
+        assert_one_line_error(status, err, f"{path}: {kind}, not a regular file; not replacing it")
+        assert path.stat().st_mode == mode
+        assert not lock_path(path).exists() and not checkpoint_path(path).exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) <= ["fifo.h5", "null.h5"]
+
+
 def test_missing_out(capsys: pytest.CaptureFixture[str], em: Path) -> None:
     status, _, err = gradflow(capsys, "record", *TINY, "--data", em)
     assert_one_line_error(status, err, "missing --out")
@@ -287,7 +462,7 @@ def test_ddp_records_what_one_process_records(
         capture_output=True, text=True, timeout=300, env=ENV,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
-    assert sorted(p.name for p in ddp.iterdir()) == ["run.ckpt.pt", "run.h5"]
+    assert sorted(p.name for p in ddp.iterdir()) == ["run.h5", "run.h5.ckpt.pt"]
     status, _, err = gradflow(capsys, *args, "--out", tmp_path / "single.h5")
     assert status == 0, err
     with open_run(ddp / "run.h5") as two, open_run(tmp_path / "single.h5") as one:

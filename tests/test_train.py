@@ -221,7 +221,7 @@ def test_cuda_requested_without_cuda(tmp_path: Path) -> None:
 def test_resume_checks(runs: dict[str, Path], tmp_path: Path) -> None:
     copy = tmp_path / "a.h5"
     copy.write_bytes(runs["a"].read_bytes())
-    with pytest.raises(GradflowError, match=r"cannot resume: no checkpoint .*a\.ckpt\.pt"):
+    with pytest.raises(GradflowError, match=r"cannot resume: no checkpoint .*a\.h5\.ckpt\.pt"):
         run(copy, epochs=4, resume=True)
     checkpoint_path(copy).write_bytes(checkpoint_path(runs["a"]).read_bytes())
     with pytest.raises(GradflowError, match="already has 3 epochs; raise epochs above 3"):
@@ -254,7 +254,8 @@ def test_damaged_checkpoint_is_one_error(tmp_path: Path) -> None:
 
 
 def test_checkpoint_path_sits_beside_the_run_file() -> None:
-    assert checkpoint_path("runs/a.h5") == Path("runs/a.ckpt.pt")
+    assert checkpoint_path("runs/a.h5") == Path("runs/a.h5.ckpt.pt")
+    assert checkpoint_path("runs/a.hdf5") == Path("runs/a.hdf5.ckpt.pt")
     assert checkpoint_path("runs/a") == Path("runs/a.ckpt.pt")
 
 
