@@ -310,6 +310,7 @@ class Recorder:
             return
         self._ensure_layout()
         self._end_row()
+        self._check_layout(always=True)  # the epoch's snapshot is read on any step
         device_vals, host_vals = _split_scalars(metrics)
         parts: list[torch.Tensor] = []
         if self._epoch_snapshot is not None and self._epoch_w_sq is not None:
@@ -766,9 +767,10 @@ class Recorder:
             self._epoch_w_sq = self._epoch_snapshot.take()
         return probe
 
-    def _check_layout(self) -> None:
-        """Re-derive the layers' parameters if any changed (recorded steps only)."""
-        if not self._active:
+    def _check_layout(self, always: bool = False) -> None:
+        """Re-derive the layers' parameters if any changed (on recorded steps, or
+        ``always``)."""
+        if not (self._active or always):
             return
         probe = self._param_probe or self._epoch_probe
         if (

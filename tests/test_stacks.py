@@ -538,3 +538,37 @@ def test_info_health_lists_statistics_never_measured(tmp_path) -> None:
         found = [(f.check, f.layer, f.value) for f in health(run)]
     assert ("never measured", "(all layers)", "activation/*") in found
     assert all(f[2] != "param/*" for f in found)  # gradients (zero) and updates were measured
+
+
+def test_resize_between_recorded_steps_gives_that_epoch_no_update(tmp_path) -> None:
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    path = tmp_path / "r.h5"
+    data = batches(3)
+
+    def step(i: int) -> None:
+        opt.zero_grad()
+        nn.functional.mse_loss(model(data[i][0]), data[i][1]).backward()
+        opt.step()
+
+    with Recorder(model, opt, path, every=100) as rec:
+        step(0)
+        model[2].weight.data = torch.randn(7, 12)  # layer 2 shrinks to 7 units
+        model[2].bias.data = torch.randn(7)
+        model[4].weight.data = torch.randn(3, 7)
+        step(1)  # not recorded
+        rec.epoch_end()
+        before = [p.detach().double().clone() for p in model.parameters()]
+        step(2)
+        rec.epoch_end()
+    after = [p.detach().double() for p in model.parameters()]
+    want = [
+        torch.cat(
+            [(a - b).reshape(-1) for a, b in zip(after[i : i + 2], before[i : i + 2], strict=True)]
+        ).norm()
+        for i in (0, 2, 4)
+    ]
+    with open_run(path) as run:
+        got = run.stat("epoch", "update_norm").astype(np.float64)
+        assert np.isnan(got[0]).all()  # sizes changed within epoch 0: no update measured
+        np.testing.assert_allclose(got[1], np.array(want), rtol=RTOL)
