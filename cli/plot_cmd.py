@@ -13,9 +13,6 @@ from rich.console import Console
 
 from gradflow.cli.app import app
 from gradflow.errors import GradflowError
-from gradflow.plots import FIGURES, PlotWarning, TimeWindow, save
-from gradflow.plots.info import report
-from gradflow.store import open_run
 
 
 @app.command()
@@ -70,6 +67,10 @@ def plot(
     ] = False,
 ) -> None:
     """Draw FIGURE from one or more run files into --out."""
+    # Imported here: matplotlib and h5py load for this command only, not for --help.
+    from gradflow.plots import FIGURES, PlotWarning, TimeWindow, save
+    from gradflow.store import open_run
+
     if list_figures:
         width = max(map(len, FIGURES.names()))
         for name in FIGURES.names():
@@ -113,5 +114,8 @@ def plot(
 @app.command()
 def info(run: Annotated[Path, typer.Argument(metavar="RUN.h5", help="Run file.")]) -> None:
     """Summarise a run file: model, data, size, overhead and a layer health table."""
+    from gradflow.plots.info import report
+    from gradflow.store import open_run
+
     with open_run(run) as opened:
         Console().print(report(opened))

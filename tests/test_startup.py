@@ -1,5 +1,6 @@
-"""The commands that only read run files start without importing torch (a test of imports,
-not of time: ``benchmarks/startup.py`` measures the time)."""
+"""The commands that only read run files start without importing torch, and ``--help`` and
+``info`` without matplotlib (a test of imports, not of time: ``benchmarks/startup.py``
+measures the time)."""
 
 from __future__ import annotations
 
@@ -14,24 +15,27 @@ from runfiles import write_run
 from gradflow.cli import commands  # noqa: F401  (registers every command on the app)
 from gradflow.cli.app import app
 
-# Runs the command line in a fresh interpreter and fails (exit 3) when torch was imported.
+# Runs the command line in a fresh interpreter and fails (exit 3) when one of the packages
+# named in GRADFLOW_TEST_FORBIDDEN was imported.
 WRAPPER = """
-import sys
+import os, sys
 from gradflow.cli.main import main
 try:
     main(sys.argv[1:])
 finally:
-    heavy = sorted(m for m in sys.modules if m == "torch" or m.startswith("torch."))
+    forbidden = os.environ["GRADFLOW_TEST_FORBIDDEN"].split(",")
+    heavy = sorted({m.partition(".")[0] for m in sys.modules} & set(forbidden))
     if heavy:
-        print(f"imported torch: {len(heavy)} torch modules", file=sys.stderr)
+        print(f"imported {', '.join(heavy)}", file=sys.stderr)
         sys.exit(3)
 """
 
 COMMANDS = sorted(c.name or c.callback.__name__ for c in app.registered_commands if c.callback)
 
 
-def gradflow(*args: object, columns: int = 100) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "MPLBACKEND": "Agg", "COLUMNS": str(columns), "OMP_NUM_THREADS": "1"}
+def gradflow(*args: object, forbidden: str = "torch") -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "MPLBACKEND": "Agg", "COLUMNS": "100", "OMP_NUM_THREADS": "1"}
+    env["GRADFLOW_TEST_FORBIDDEN"] = forbidden
     return subprocess.run(
         [sys.executable, "-c", WRAPPER, *map(str, args)],
         capture_output=True,
@@ -52,8 +56,8 @@ def test_the_wrapper_sees_torch() -> None:
     assert result.returncode == 3 and "imported torch" in result.stderr
 
 
-def test_help_does_not_import_torch() -> None:
-    result = gradflow("--help")
+def test_help_does_not_import_torch_matplotlib_or_h5py() -> None:
+    result = gradflow("--help", forbidden="torch,matplotlib,h5py")
     assert result.returncode == 0, result.stderr
     for name in COMMANDS:
         assert name in result.stdout
@@ -65,8 +69,8 @@ def test_command_help_does_not_import_torch(command: str) -> None:
     assert result.returncode == 0, result.stderr
 
 
-def test_info_does_not_import_torch(run_file: Path) -> None:
-    result = gradflow("info", run_file)
+def test_info_does_not_import_torch_or_matplotlib(run_file: Path) -> None:
+    result = gradflow("info", run_file, forbidden="torch,matplotlib")
     assert result.returncode == 0, result.stderr
     assert "a.h5" in result.stdout
 
