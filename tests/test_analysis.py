@@ -15,12 +15,11 @@ from gradflow.analysis import centre_edge_ratio
 from gradflow.plots.tables import centre_edge_table
 
 
-def _numpy_ratio(path: Path) -> float:
+def _numpy_ratio(path: Path, probe: str = "epoch", stat: str = "update_abs_mean") -> float:
     with open_run(path) as run:
         conv = [lay for lay in sorted(run.layers, key=lambda lay: lay.depth) if lay.kind == "conv"]
-        per_layer = run.stat("epoch", "update_abs_mean")[:, [lay.index for lay in conv]].mean(
-            axis=0
-        )
+        per_layer = run.stat(probe, stat)[:, [lay.index for lay in conv]].astype(np.float64)
+        per_layer = per_layer.mean(axis=0)
     n = len(per_layer)
     k = n // 3
     middle = per_layer[k : n - k]
@@ -34,6 +33,19 @@ def test_centre_edge_ratio_matches_numpy(tmp_path: Path) -> None:
         got = centre_edge_ratio(run)
     assert got == pytest.approx(_numpy_ratio(path), rel=1e-6)
     assert got < 1  # the synthetic runs starve the middle, like a long-skip-only FCN
+
+
+def test_centre_edge_ratio_of_a_step_statistic(tmp_path: Path) -> None:
+    path = write_run(tmp_path / "a.h5", layers=fcn_layers(blocks=3))
+    with open_run(path) as run:
+        got = centre_edge_ratio(run, "norm", probe="grad_output")
+        assert got != pytest.approx(centre_edge_ratio(run))
+    assert got == pytest.approx(_numpy_ratio(path, "grad_output", "norm"), rel=1e-6)
+    with (
+        open_run(write_run(tmp_path / "none.h5", epochs=0)) as run,
+        pytest.raises(GradflowError, match="no recorded steps"),
+    ):
+        centre_edge_ratio(run, "norm", probe="grad_output")
 
 
 def test_centre_edge_needs_epochs_and_layers(tmp_path: Path) -> None:
