@@ -137,14 +137,16 @@ def open_hdf5(path: Path) -> h5py.File:
         head = fh.read(12)
     # Superblock v2/v3 (what gradflow writes): byte 11 holds the file consistency flags,
     # bit 0 "open for writing", bit 2 "open for SWMR writing" (also left by a killed writer).
+    # No HDF5 file lock: a reader must never keep a writer from opening the file.
     if len(head) < 12 or head[8] < 2 or not head[11] & 0b101:
-        return h5py.File(path, "r")
+        return h5py.File(path, "r", locking=False)
     setter = _read_attempts_setter()
     if setter is None:
         _probe_in_child(path)
-        return h5py.File(path, "r", libver="latest", swmr=True)
+        return h5py.File(path, "r", libver="latest", swmr=True, locking=False)
     fapl = h5py.h5p.create(h5py.h5p.FILE_ACCESS)
     fapl.set_libver_bounds(h5py.h5f.LIBVER_LATEST, h5py.h5f.LIBVER_LATEST)
+    fapl.set_file_locking(False, True)
     if setter(fapl.id, SWMR_READ_ATTEMPTS) < 0:
         raise OSError("cannot limit HDF5's metadata read attempts")
     flags = h5py.h5f.ACC_RDONLY | h5py.h5f.ACC_SWMR_READ

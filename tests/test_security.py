@@ -333,6 +333,23 @@ def test_fuzz(
     assert answers["ok"] > 0 and answers["error"] > len(FORGED) // 2
 
 
+def test_memory_bomb_is_read_cheaply(good: Path, tmp_path: Path) -> None:
+    """Datasets resized to 2e8 rows in a small file: only the counted rows are read, and a
+    /counts that claims them all is refused before anything is allocated."""
+    import tracemalloc
+
+    bombs = [(name, path) for name, path, _ in forged(good, tmp_path) if "bomb" in name]
+    assert len(bombs) == 2 and all(path.stat().st_size < 100_000 for _, path in bombs)
+    for name, path in bombs:
+        tracemalloc.start()
+        try:
+            answer, _ = outcome(path)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert peak < 20 * 2**20, (name, answer, peak)
+
+
 def test_good_file_reads(good: Path) -> None:
     with open_run(good) as run:
         text = read_all(run)
@@ -444,7 +461,8 @@ def test_killed_writers_files_damaged_or_not(good: Path, tmp_path: Path) -> None
     (HDF5's default SWMR retries of a bad checksum took 15 minutes and more)."""
     live = tmp_path / "live.h5"
     shutil.copyfile(good, live)
-    subprocess.run([sys.executable, "-I", "-c", KILLED_WRITER, str(live)], check=True)
+    with open_run(live):  # a reader holds no HDF5 file lock that would keep a writer out
+        subprocess.run([sys.executable, "-I", "-c", KILLED_WRITER, str(live)], check=True)
     data = live.read_bytes()
     assert data[11] & 0b100, "the superblock should say: open for SWMR writing"
     with open_run(live) as run:
@@ -462,3 +480,110 @@ def test_killed_writers_files_damaged_or_not(good: Path, tmp_path: Path) -> None
         path.write_bytes(bytes(mutated))
         worst = max(worst, outcome(path)[1])
     assert worst < 2.0, worst
+
+
+# ---------------------------------------------------------------------------------------
+# The live-reader race
+# ---------------------------------------------------------------------------------------
+STEPPER = """
+import sys, torch
+from torch import nn
+import gradflow
+torch.manual_seed(0)
+model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+opt = torch.optim.SGD(model.parameters(), lr=0.01)
+x = torch.randn(8, 3)
+with gradflow.Recorder(model, opt, sys.argv[1], flush_every=1) as rec:
+    for line in sys.stdin:  # "step": one step, committed; "free": steps until killed
+        while True:
+            opt.zero_grad()
+            loss = model(x).pow(2).mean()
+            loss.backward()
+            opt.step()
+            rec.log(loss=loss, lr=0.01)
+            if line.strip() != "free":
+                break
+        rec.flush()
+        print("ok", flush=True)
+"""
+
+
+class Stepper:
+    """A recorder in another process that commits one step per :meth:`step`, or runs
+    free after :meth:`run_free`, committing every step, until :meth:`stop`."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        script = tmp_path / "stepper.py"
+        script.write_text(STEPPER)
+        self.path = tmp_path / "live.h5"
+        self.proc = subprocess.Popen(
+            [sys.executable, str(script), str(self.path)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+        )
+        for _ in range(3):
+            self.step()
+
+    def _send(self, line: str) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(line + "\n")
+        self.proc.stdin.flush()
+
+    def step(self) -> None:
+        self._send("step")
+        assert self.proc.stdout is not None
+        assert self.proc.stdout.readline().strip() == "ok", "the writer process failed"
+
+    def run_free(self) -> None:
+        self._send("free")
+
+    def stop(self) -> None:
+        self.proc.kill()
+        self.proc.wait(timeout=30)
+
+
+def consistent(run: Run) -> int:
+    """Every series of ``run`` has the same number of rows; that number."""
+    n = len(run.steps)
+    assert np.array_equal(run.steps, np.arange(n))
+    assert len(run.loss) == len(run.time) == n and len(run.scalars["lr"]) == n
+    for probe, names in run.probes().items():
+        for name in names:
+            assert run.stat(probe, name).shape[0] == n, (probe, name, n)
+    assert len(run.to_dataframe()) == n * run.n_layers * sum(map(len, run.probes().values()))
+    return n
+
+
+@pytest.mark.slow  # about 10 s: a recorder process started, 60 steps committed one by one
+def test_live_reader_sees_equal_lengths(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A writer commits a step at every point where the reader refreshes a dataset (the
+    worst interleaving), then runs free with a commit every step: every read of the live
+    file has steps and statistics of equal length."""
+    writer = Stepper(tmp_path)
+    try:
+        with open_run(writer.path) as run:
+            assert run._f.swmr_mode and consistent(run) > 0
+            refresh = h5py.Dataset.refresh
+
+            def refresh_then_write(ds: h5py.Dataset) -> None:
+                refresh(ds)
+                writer.step()
+
+            monkeypatch.setattr(h5py.Dataset, "refresh", refresh_then_write)
+            seen = [consistent(run)]
+            for _ in range(2):
+                run.refresh()
+                seen.append(consistent(run))
+            monkeypatch.undo()
+            assert seen == sorted(seen) and seen[-1] > seen[0], seen
+            writer.run_free()
+            reads, end = 0, time.monotonic() + 2.0
+            while time.monotonic() < end:
+                run.refresh()
+                seen.append(consistent(run))
+                reads += 1
+        assert reads > 10 and seen[-1] > seen[2] + 10, seen
+    finally:
+        writer.stop()
