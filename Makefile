@@ -10,19 +10,22 @@ RESULTS ?= benchmarks/results
 FIG3B_PAIRS ?= 20
 RESUNET_PAIRS ?= 20
 RESUNET_STEPS ?= 5
+# Paired rounds of the side-by-side run (FCN, ResNet-18-like CNN, small GPT-2).
+STACK_PAIRS ?= 10
 export MPLBACKEND ?= Agg
 
 BENCH_FILES := benchmarks/common.py benchmarks/overhead.py benchmarks/runfile.py \
 	benchmarks/gpu.py benchmarks/soak.py
 
 .PHONY: help test lint bench bench-overhead bench-resunet bench-runfile bench-plot bench-soak \
-	bench-gpu-dry bench-gpu bench-summary
+	bench-stacks bench-gpu-dry bench-gpu bench-summary
 
 help:
 	@echo "make test    pytest"
 	@echo "make lint    ruff check, ruff format --check (benchmarks), mypy"
 	@echo "make bench   the CPU benchmarks (about 13 min on a quiet 2-core machine),"
 	@echo "             output and JSON in $(RESULTS)/"
+	@echo "make bench-stacks    fig3b-long-9, resnet18, gpt2-mini side by side, C kernels on/off"
 	@echo "make bench-gpu-dry   benchmarks/gpu.py --device cpu --quick (checks the GPU script)"
 	@echo "make bench-gpu       on a CUDA machine: CUDA tests + paper-resunet GPU overhead"
 
@@ -44,6 +47,13 @@ $(RESULTS):
 bench-overhead: | $(RESULTS)
 	$(PYTHON) benchmarks/overhead.py --model fig3b-long-9 --pairs $(FIG3B_PAIRS) \
 		--memory-steps 10 --json $(RESULTS)/overhead_fig3b.json | tee $(RESULTS)/overhead_fig3b.txt
+
+# The FCN next to third-party workloads (pure torch / transformers configs), with the recorder's
+# C kernels on and off (GRADFLOW_NATIVE=0); not part of `make bench`.
+bench-stacks: | $(RESULTS)
+	$(PYTHON) benchmarks/overhead.py --model fig3b-long-9,resnet18,gpt2-mini --pairs $(STACK_PAIRS) \
+		--variants param,all,param-torch,all-torch --no-memory \
+		--json $(RESULTS)/overhead_stacks.json | tee $(RESULTS)/overhead_stacks.txt
 
 # wandb.watch and TensorBoard histograms cost seconds per step on 11 M parameters: left out;
 # so is every-10th-step recording (shown on fig3b), whose 5-step trials would differ.

@@ -14,6 +14,7 @@ The scripts import this file as ``common`` (Python puts a script's own folder fi
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import json
 import os
@@ -23,7 +24,8 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -293,7 +295,8 @@ def count_hooks(model: nn.Module, optimizer: torch.optim.Optimizer | None = None
 # -- the training workload ------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Workload:
-    """A zoo model trained with RMSprop and BCE on one fixed random batch."""
+    """A model trained with RMSprop on one fixed random batch: a zoo FCN (BCE on a
+    ``crop`` x ``crop`` image) or a third-party model of :data:`THIRD_PARTY`."""
 
     model: str = "fig3b-long-9"
     crop: int = 96
@@ -303,10 +306,117 @@ class Workload:
     seed: int = 0
 
     def describe(self) -> str:
+        if self.model in THIRD_PARTY:
+            return f"{self.model}, {THIRD_PARTY[self.model].describe(self)}, RMSprop, {self.device}"
         return (
             f"{self.model}, batch {self.batch} x {self.crop}x{self.crop}, RMSprop, "
             f"BCE-with-logits, random inputs, {self.device}"
         )
+
+
+LossFn = Callable[[Any, torch.Tensor], torch.Tensor]
+Task = tuple[nn.Module, torch.Tensor, torch.Tensor, LossFn]  # model, inputs, targets, loss
+
+
+class _BasicBlock(nn.Module):
+    """ResNet's two 3x3 convolutions with batch norm and an identity (or 1x1) shortcut."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.downsample = (
+            nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
+            if stride != 1 or c_in != c_out
+            else None
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return torch.relu(out + (x if self.downsample is None else self.downsample(x)))
+
+
+def resnet18_like(num_classes: int = 10) -> nn.Module:
+    """ResNet-18's layout in pure torch (torchvision's module names: ``conv1``,
+    ``layer1.0.conv1``, ..., ``fc``): 7x7 stem, four stages of two basic blocks."""
+    layers: list[tuple[str, nn.Module]] = [
+        ("conv1", nn.Conv2d(3, 64, 7, 2, 3, bias=False)),
+        ("bn1", nn.BatchNorm2d(64)),
+        ("relu", nn.ReLU()),
+        ("maxpool", nn.MaxPool2d(3, 2, 1)),
+    ]
+    c_in = 64
+    for i, width in enumerate((64, 128, 256, 512)):
+        stride = 1 if i == 0 else 2
+        stage = nn.Sequential(_BasicBlock(c_in, width, stride), _BasicBlock(width, width, 1))
+        layers.append((f"layer{i + 1}", stage))
+        c_in = width
+    layers += [
+        ("avgpool", nn.AdaptiveAvgPool2d(1)),
+        ("flatten", nn.Flatten()),
+        ("fc", nn.Linear(512, num_classes)),
+    ]
+    return nn.Sequential(OrderedDict(layers))
+
+
+@dataclass(frozen=True)
+class ThirdParty:
+    """A model built from pure torch or a transformers config, with its batch and loss:
+    ``build(workload, generator) -> (model, x, y, loss_fn)``."""
+
+    describe: Callable[[Workload], str]
+    build: Callable[[Workload, torch.Generator], Task]
+
+
+def _resnet18(workload: Workload, gen: torch.Generator) -> Task:
+    x = torch.randn((workload.batch, 3, workload.crop, workload.crop), generator=gen)
+    y = torch.randint(0, 10, (workload.batch,), generator=gen)
+    return resnet18_like(10), x, y, nn.CrossEntropyLoss()
+
+
+GPT2_MINI: dict[str, Any] = {"n_layer": 6, "n_embd": 256, "n_head": 4, "vocab_size": 4096}
+
+
+def _gpt2_mini(workload: Workload, gen: torch.Generator) -> Task:
+    try:
+        from transformers import GPT2Config, GPT2LMHeadModel
+    except ImportError as err:
+        raise Unavailable(f"needs transformers ({err}); pip install transformers") from err
+    config = GPT2Config(
+        n_positions=max(workload.crop, 16),
+        use_cache=False,
+        bos_token_id=0,
+        eos_token_id=0,
+        **GPT2_MINI,
+    )
+    tokens = torch.randint(0, config.vocab_size, (workload.batch, workload.crop + 1), generator=gen)
+
+    def next_token_loss(out: Any, y: torch.Tensor) -> torch.Tensor:
+        return nn.functional.cross_entropy(out.logits.flatten(0, 1), y.flatten())
+
+    return GPT2LMHeadModel(config), tokens[:, :-1], tokens[:, 1:], next_token_loss
+
+
+THIRD_PARTY = {
+    "resnet18": ThirdParty(
+        lambda w: (
+            f"ResNet-18-like CNN (pure torch), batch {w.batch} x 3x{w.crop}x{w.crop}, "
+            "10-class cross-entropy"
+        ),
+        _resnet18,
+    ),
+    "gpt2-mini": ThirdParty(
+        lambda w: (
+            "GPT-2 from a transformers config ("
+            + ", ".join(f"{k}={v}" for k, v in GPT2_MINI.items())
+            + f"), batch {w.batch} x {w.crop} tokens, next-token cross-entropy"
+        ),
+        _gpt2_mini,
+    ),
+}
 
 
 class Stepper(Protocol):
@@ -328,16 +438,22 @@ class Trainer:
         self.workload = workload
         device = torch.device(workload.device)
         torch.manual_seed(workload.seed)
-        self.model: nn.Module = create_model(workload.model).to(device)
+        gen = torch.Generator().manual_seed(workload.seed + 1)
+        self.loss_fn: LossFn
+        if workload.model in THIRD_PARTY:
+            model, x, y, self.loss_fn = THIRD_PARTY[workload.model].build(workload, gen)
+        else:
+            model = create_model(workload.model)
+            self.loss_fn = nn.BCEWithLogitsLoss()
+            shape = (workload.batch, 1, workload.crop, workload.crop)
+            x = torch.randn(shape, generator=gen)
+            y = (torch.rand(shape, generator=gen) < 0.3).float()
+        self.model: nn.Module = model.to(device)
         self.model.train()
         self.optimizer: torch.optim.Optimizer = torch.optim.RMSprop(
             self.model.parameters(), lr=workload.lr
         )
-        self.loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = nn.BCEWithLogitsLoss()
-        gen = torch.Generator().manual_seed(workload.seed + 1)
-        shape = (workload.batch, 1, workload.crop, workload.crop)
-        self.x = torch.randn(shape, generator=gen).to(device)
-        self.y = (torch.rand(shape, generator=gen) < 0.3).float().to(device)
+        self.x, self.y = x.to(device), y.to(device)
         self.step_index = 0
 
     def step(self, tool: Tool) -> torch.Tensor:
@@ -403,7 +519,8 @@ class Tool:
 
 
 class GradflowTool(Tool):
-    """The gradflow Recorder, used as documented: ``rec.log(loss=loss)`` after each step."""
+    """The gradflow Recorder, used as documented: ``rec.log(loss=loss)`` after each step.
+    ``native=False``: its CPU statistics by torch operations, as with ``GRADFLOW_NATIVE=0``."""
 
     def __init__(
         self,
@@ -412,21 +529,25 @@ class GradflowTool(Tool):
         *,
         every: int = 1,
         probes: Sequence[str] = ("param",),
+        native: bool = True,
         **options: Any,
     ) -> None:
         super().__init__(trainer)
         from gradflow import Recorder
 
         self.path = path
-        self.recorder = Recorder(
-            trainer.model,
-            trainer.optimizer,
-            path,
-            every=every,
-            probes=tuple(probes),
-            overwrite=True,
-            **options,
-        )
+        with contextlib.nullcontext() if native else torch_kernels():
+            self.recorder = Recorder(
+                trainer.model,
+                trainer.optimizer,
+                path,
+                every=every,
+                probes=tuple(probes),
+                overwrite=True,
+                **options,
+            )
+            if not native:
+                trainer.step(self)  # the statistics pick their kernels at the first step
 
     def after_step(self, loss: torch.Tensor) -> None:
         self.recorder.log(loss=loss)
@@ -453,6 +574,17 @@ class GradflowTool(Tool):
         except Exception:
             return None
 
+    def kernel_backend(self) -> str | None:
+        """The kernels the recorder used, as stored in the closed run file."""
+        from gradflow.store import open_run
+
+        try:
+            with open_run(self.path) as run:
+                backend = run.attrs.get("kernel_backend")
+                return None if backend is None else str(backend)
+        except Exception:
+            return None
+
 
 @dataclass(frozen=True)
 class Variant:
@@ -464,13 +596,37 @@ class Variant:
     build: Callable[[Stepper, Path], Tool]
 
 
-def recorder_variant(name: str, label: str, every: int, probes: Sequence[str]) -> Variant:
+def recorder_variant(
+    name: str, label: str, every: int, probes: Sequence[str], native: bool = True
+) -> Variant:
     """A variant recording with gradflow into ``<folder>/<name>.h5``."""
     return Variant(
         name,
         label,
-        lambda t, folder: GradflowTool(t, folder / f"{name}.h5", every=every, probes=probes),
+        lambda t, folder: GradflowTool(
+            t, folder / f"{name}.h5", every=every, probes=probes, native=native
+        ),
     )
+
+
+@contextlib.contextmanager
+def torch_kernels() -> Iterator[None]:
+    """Recorders that pick their CPU kernels inside this block use torch operations, as the
+    whole process does with ``GRADFLOW_NATIVE=0`` (gradflow decides that once per process,
+    so the choice is reset on entry and on exit)."""
+    from gradflow import native
+
+    before = os.environ.get("GRADFLOW_NATIVE")
+    os.environ["GRADFLOW_NATIVE"] = "0"
+    native._library.cache_clear()
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["GRADFLOW_NATIVE"]
+        else:
+            os.environ["GRADFLOW_NATIVE"] = before
+        native._library.cache_clear()
 
 
 # -- interleaved, paired timing -------------------------------------------------------------------

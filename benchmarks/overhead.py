@@ -11,6 +11,12 @@ Peak resident memory is measured per variant in a fresh subprocess running the s
     python benchmarks/overhead.py --model fig3b-long-9            # CPU, batch 4, 96x96
     python benchmarks/overhead.py --model paper-resunet --pairs 10  # CPU, batch 2, 64x64
     python benchmarks/overhead.py --pairs 3 --variants plain,param  # a quick smoke test
+    python benchmarks/overhead.py --model fig3b-long-9,resnet18,gpt2-mini \
+        --variants param,all,param-torch,all-torch --no-memory      # side by side
+
+``resnet18`` (a ResNet-18-like CNN in pure torch) and ``gpt2-mini`` (GPT-2 from a
+transformers config) are third-party workloads next to the zoo's FCNs; the ``-torch``
+variants record with the C kernels off (``GRADFLOW_NATIVE=0``), to show what they save.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ from typing import Any
 
 import torch
 from common import (
+    THIRD_PARTY,
     GradflowTool,
     Session,
     Stepper,
@@ -57,7 +64,14 @@ from torch import nn
 from gradflow.writer import STEP_PROBES
 
 # Per model: (crop, batch) that keep a CPU step well under a second.
-MODEL_DEFAULTS = {"fig3b-long-9": (96, 4), "paper-resunet": (64, 2), "tiny": (32, 4)}
+# For gpt2-mini the "crop" is the sequence length.
+MODEL_DEFAULTS = {
+    "fig3b-long-9": (96, 4),
+    "paper-resunet": (64, 2),
+    "tiny": (32, 4),
+    "resnet18": (64, 4),
+    "gpt2-mini": (64, 4),
+}
 MEMORY_TAG = "@@memory "
 
 
@@ -149,8 +163,8 @@ class CockpitQuantities(Tool):
 
     def __init__(self, trainer: Stepper, tmp: Path) -> None:
         super().__init__(trainer)
-        if not isinstance(trainer, Trainer):
-            raise Unavailable("needs a zoo-model Trainer (its batch and loss function)")
+        if not isinstance(trainer, Trainer) or trainer.workload.model in THIRD_PARTY:
+            raise Unavailable("needs a zoo FCN Trainer (its image batch and BCE loss)")
         self.data = trainer
         try:
             from backpack import extend
@@ -201,6 +215,10 @@ VARIANTS = {
             "param-every10", "gradflow parameter statistics every 10th step", 10, ("param",)
         ),
         recorder_variant("all", "gradflow all probes every step", 1, STEP_PROBES),
+        recorder_variant(
+            "param-torch", "gradflow parameter statistics, C kernels off", 1, ("param",), False
+        ),
+        recorder_variant("all-torch", "gradflow all probes, C kernels off", 1, STEP_PROBES, False),
         Variant("wandb", 'wandb.watch(log="all", log_freq=1), offline', WandbWatch),
         Variant("tensorboard", "TensorBoard add_histogram, weights + grads", TensorBoardHistograms),
         Variant("cockpit", "Cockpit GradNorm+UpdateSize+Distance+Loss", CockpitQuantities),
@@ -350,7 +368,11 @@ def report(
         own = results.get(name, {}).get("self_reported_ms")
         if own:
             parts = ", ".join(f"{k} {v:.2f}" for k, v in own.items())
-            print(f"{name}: the recorder's own timing per recorded step (ms): {parts}")
+            kernels = results[name].get("kernel_backend")
+            print(
+                f"{name}: the recorder's own timing per recorded step (ms): {parts}"
+                + (f" [{kernels} kernels]" if kernels else "")
+            )
     print()
 
     def headline(name: str) -> str:
@@ -362,6 +384,7 @@ def report(
         return f"recorder/plain step-time ratio: n/a ({why}) [{label}]"
 
     lines = [headline("param"), headline("all")]
+    lines += [headline(name) for name in ("param-torch", "all-torch") if name in results]
     if "wandb" in results and "param" in results:
         wandb_over = results["wandb"]["ratio"]["median"] - 1
         gf_over = results["param"]["ratio"]["median"] - 1
@@ -388,12 +411,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--model", default="fig3b-long-9", help="a gradflow zoo preset")
+    p.add_argument(
+        "--model",
+        default="fig3b-long-9",
+        help="a gradflow zoo preset, resnet18 or gpt2-mini; several, comma-separated, are "
+        "measured one after the other and compared side by side",
+    )
     p.add_argument("--pairs", type=int, default=20, help="paired rounds (default 20)")
     p.add_argument("--steps-per-trial", type=int, default=10, help="steps per timed trial")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps per variant first")
-    p.add_argument("--crop", type=int, help="input side (default: 96 fig3b, 64 paper-resunet)")
-    p.add_argument("--batch", type=int, help="batch size (default: 4 fig3b, 2 paper-resunet)")
+    p.add_argument(
+        "--crop",
+        type=int,
+        help="input side, or gpt2-mini's sequence length (default: 96 fig3b, 64 others)",
+    )
+    p.add_argument("--batch", type=int, help="batch size (default: 2 paper-resunet, 4 others)")
     p.add_argument(
         "--variants",
         default=",".join(VARIANTS),
@@ -402,40 +434,31 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--memory-steps", type=int, default=20, help="steps per memory subprocess")
     p.add_argument("--memory-timeout", type=int, default=600)
     p.add_argument("--no-memory", action="store_true", help="skip the peak-RSS subprocesses")
-    p.add_argument("--max-minutes", type=float, help="stop adding pairs after this long")
+    p.add_argument(
+        "--max-minutes", type=float, help="stop adding pairs after this long (per model)"
+    )
     p.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's)")
     p.add_argument("--json", help="write all results to this JSON file")
     p.add_argument("--memory-child", help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
-    crop, batch = MODEL_DEFAULTS.get(args.model, (64, 2))
-    args.crop = args.crop or crop
-    args.batch = args.batch or batch
-    return args
+    return p.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    workload = Workload(model=args.model, crop=args.crop, batch=args.batch)
-    if args.memory_child:
-        memory_child(args, workload)
-        return
-    names = ["plain", *(n for n in args.variants.split(",") if n and n != "plain")]
-    unknown = [n for n in names if n not in VARIANTS]
-    if unknown:
-        sys.exit(f"unknown variant(s) {unknown}; choose from {list(VARIANTS)}")
-    env = environment()
-    print_header("gradflow overhead: seconds per training step, paired against plain", env)
+def workload_for(model: str, args: argparse.Namespace) -> Workload:
+    crop, batch = MODEL_DEFAULTS.get(model, (64, 2))
+    return Workload(model=model, crop=args.crop or crop, batch=args.batch or batch)
+
+
+def n_layers(model: nn.Module) -> int:
+    """Modules that directly own trainable parameters: gradflow's layers."""
+    return sum(any(p.requires_grad for p in m.parameters(recurse=False)) for m in model.modules())
+
+
+def measure(
+    workload: Workload, names: list[str], args: argparse.Namespace
+) -> tuple[dict[str, Any], list[str]]:
+    """Time (and measure the memory of) every variant on one workload; print its table.
+    Returns the workload's results for the JSON file and its headline lines."""
     print(f"workload: {workload.describe()}")
-    print(
-        f"method:   {args.pairs} pairs x {args.steps_per_trial} steps per trial, "
-        f"{args.warmup} warm-up steps per variant, order alternating, medians of pair ratios"
-    )
-    if "param-every10" in names and args.steps_per_trial % 10:
-        print("warning:  --steps-per-trial is not a multiple of 10: every=10 trials differ")
-    print()
-
     started = time.monotonic()
     deadline = started + 60 * args.max_minutes if args.max_minutes else None
     unavailable: dict[str, str] = {}
@@ -447,11 +470,12 @@ def main(argv: list[str] | None = None) -> None:
                 sessions[name] = build_session(VARIANTS[name], workload, Path(tmp), args.warmup)
             except Unavailable as err:
                 unavailable[name] = str(err)
-                stderr(f"{name}: unavailable: {err}")
+                stderr(f"{workload.model} {name}: unavailable: {err}")
         if "plain" not in sessions:
             sys.exit(f"plain training fails: {unavailable.get('plain')}")
-        n_params = sum(p.numel() for p in sessions["plain"].trainer.model.parameters())
-        print(f"model:    {n_params / 1e3:.0f} k parameters")
+        model = sessions["plain"].trainer.model
+        n_params = sum(p.numel() for p in model.parameters())
+        print(f"model:    {n_params / 1e3:.0f} k parameters, {n_layers(model)} layers")
         others = [sessions[n] for n in names if n in sessions and n != "plain"]
         pairs = paired_trials(
             sessions["plain"],
@@ -473,6 +497,7 @@ def main(argv: list[str] | None = None) -> None:
             session.tool.close()
             if isinstance(session.tool, GradflowTool):
                 results[name]["self_reported_ms"] = session.tool.self_reported()
+                results[name]["kernel_backend"] = session.tool.kernel_backend()
         sessions.clear()
     timing_s = time.monotonic() - started
 
@@ -480,31 +505,84 @@ def main(argv: list[str] | None = None) -> None:
     if not args.no_memory:
         for name in names:
             if name not in unavailable:
-                stderr(f"memory: {name} ...")
+                stderr(f"memory: {workload.model} {name} ...")
                 memory[name] = measure_memory(name, args, workload)
     print()
     headlines = report(names, results, unavailable, memory, workload)
     total_s = time.monotonic() - started
     print(f"took {timing_s:.0f} s timing + {total_s - timing_s:.0f} s memory")
-    write_json(
-        args.json,
-        {
-            "environment": env,
-            "workload": workload,
-            "method": {
-                "pairs": args.pairs,
-                "steps_per_trial": args.steps_per_trial,
-                "warmup": args.warmup,
-                "memory_steps": args.memory_steps,
-            },
-            "variants": {n: VARIANTS[n].label for n in names},
-            "results": results,
-            "unavailable": unavailable,
-            "memory": memory,
-            "headlines": headlines,
-        },
-    )
     print()
+    data = {
+        "workload": workload,
+        "parameters": n_params,
+        "layers": n_layers(model),
+        "results": results,
+        "unavailable": unavailable,
+        "memory": memory,
+        "headlines": headlines,
+    }
+    return data, headlines
+
+
+def side_by_side(names: list[str], measured: dict[str, dict[str, Any]]) -> None:
+    """One row per model: plain s/step and each variant's median ratio (IQR)."""
+    variants = [n for n in names if n != "plain"]
+    rows = []
+    for model, data in measured.items():
+        row = [model, f"{data['parameters'] / 1e6:.2f} M", str(data["layers"])]
+        row.append(f"{data['results']['plain']['seconds_per_step']['median']:.4f}")
+        for name in variants:
+            q = data["results"].get(name, {}).get("ratio")
+            row.append(f"{q['median']:.3f} ({q['q1']:.3f}-{q['q3']:.3f})" if q else "n/a")
+        rows.append(row)
+    print("side by side: median ratio to plain (IQR) per model")
+    print(format_table(["model", "params", "layers", "plain s/step", *variants], rows))
+    print()
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    models = [m for m in args.model.split(",") if m]
+    if args.memory_child:
+        memory_child(args, workload_for(models[0], args))
+        return
+    names = ["plain", *(n for n in args.variants.split(",") if n and n != "plain")]
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown:
+        sys.exit(f"unknown variant(s) {unknown}; choose from {list(VARIANTS)}")
+    env = environment()
+    print_header("gradflow overhead: seconds per training step, paired against plain", env)
+    print(
+        f"method:   {args.pairs} pairs x {args.steps_per_trial} steps per trial, "
+        f"{args.warmup} warm-up steps per variant, order alternating, medians of pair ratios"
+    )
+    if "param-every10" in names and args.steps_per_trial % 10:
+        print("warning:  --steps-per-trial is not a multiple of 10: every=10 trials differ")
+    print()
+    measured: dict[str, dict[str, Any]] = {}
+    headlines: list[str] = []
+    for model in models:
+        measured[model], lines = measure(workload_for(model, args), names, args)
+        headlines += lines
+    if len(models) > 1:
+        side_by_side(names, measured)
+    method = {
+        "pairs": args.pairs,
+        "steps_per_trial": args.steps_per_trial,
+        "warmup": args.warmup,
+        "memory_steps": args.memory_steps,
+    }
+    common = {
+        "environment": env,
+        "method": method,
+        "variants": {n: VARIANTS[n].label for n in names},
+    }
+    if len(models) == 1:
+        write_json(args.json, {**common, **measured[models[0]]})
+    else:
+        write_json(args.json, {**common, "models": measured, "headlines": headlines})
     for line in headlines:
         print(line)
 
