@@ -404,7 +404,9 @@ def grad_output_hook(
         target.gout_n.append(grad.numel())
         target.hook_s += time.perf_counter() - t0
 
-    return hook
+    # Eager even where backward is traced (compiled autograd): it reads host memory.
+    disabled: Callable[[torch.Tensor], None] = torch.compiler.disable(hook)
+    return disabled
 
 
 def local(t: torch.Tensor) -> torch.Tensor:
