@@ -102,7 +102,7 @@ QUANTITIES = {  # column prefix -> (probe, statistic)
 header = ["panel", "condition", "seeds"]
 for prefix in QUANTITIES:
     header += [f"{prefix} mean", f"{prefix} min", f"{prefix} max"]
-header += ["steps per run", "s/step"]
+header += ["steps per run", "wall s/step"]
 rows = []
 for panel in os.environ["PANELS"].split():
     for condition in os.environ["CONDITIONS"].split():
