@@ -134,11 +134,18 @@ def open_hdf5(path: Path) -> h5py.File:
     Raises ``OSError`` from HDF5 for a file it cannot open (the caller words it).
     """
     with open(path, "rb") as fh:
-        head = fh.read(12)
+        head = fh.read(36)
     # Superblock v2/v3 (what gradflow writes): byte 11 holds the file consistency flags,
     # bit 0 "open for writing", bit 2 "open for SWMR writing" (also left by a killed writer).
     # No HDF5 file lock: a reader must never keep a writer from opening the file.
-    if len(head) < 12 or head[8] < 2 or not head[11] & 0b101:
+    # A file cut short by a full disk (shorter than the end of file stored at byte 28)
+    # opens only in SWMR mode, which does not check the end of file.
+    cut = (
+        len(head) == 36
+        and head[9] == 8
+        and path.stat().st_size < int.from_bytes(head[28:36], "little")
+    )
+    if len(head) < 12 or head[8] < 2 or not (head[11] & 0b101 or cut):
         return h5py.File(path, "r", locking=False)
     setter = _read_attempts_setter()
     if setter is None:
