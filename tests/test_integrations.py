@@ -272,6 +272,37 @@ def test_lightning_closes_the_file_when_training_raises(tmp_path: Path) -> None:
     Recorder(module, None, tmp_path / "again.h5").close()
 
 
+@pytest.mark.slow
+def test_lightning_ddp_rank0_writes(tmp_path: Path) -> None:
+    _lightning()
+    script = Path(__file__).parent / "scripts" / "lightning_ddp.py"
+    (tmp_path / "run").mkdir()
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node"]
+    cmd += ["2", str(script), str(tmp_path / "run" / "run.h5"), str(tmp_path / "ref.npz")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert [p.name for p in (tmp_path / "run").iterdir()] == ["run.h5"]  # rank 0's only
+    ref = np.load(tmp_path / "ref.npz")
+    # Rank 0's optimizer saw the all-reduced gradients of the global batch, clipped.
+    np.testing.assert_allclose(np.linalg.norm(ref["grads"], axis=1), CLIP, rtol=1e-4)
+    run = open_run(tmp_path / "run" / "run.h5")
+    assert run.attrs["world_size"] == 2
+    np.testing.assert_array_equal(run.steps, np.arange(len(ref["grads"])))
+    bounds = np.cumsum([0, *ref["sizes"]])
+    columns = [run.layer_names.index(str(name).rsplit(".", 1)[0]) for name in ref["names"]]
+    for key, values in (
+        ("grad_norm", ref["grads"]),
+        ("weight_norm", ref["before"]),
+        ("update_norm", ref["after"] - ref["before"]),
+    ):
+        squares = np.zeros((len(values), run.n_layers))
+        for i, j in enumerate(columns):
+            squares[:, j] += (values[:, bounds[i] : bounds[i + 1]] ** 2).sum(1)
+        got = run.stat("param", key)
+        np.testing.assert_allclose(got, np.sqrt(squares), rtol=RTOL, atol=ATOL, err_msg=key)
+
+
 def test_pytorch_lightning_flavour() -> None:
     pl = pytest.importorskip("pytorch_lightning")
     from gradflow.integrations.pytorch_lightning import GradflowCallback
