@@ -505,15 +505,16 @@ class Recorder:
 
     @torch.compiler.disable
     def _on_step_pre(self, index: int, optimizer: Any, args: Any, kwargs: Any) -> Any:
-        self._ensure_layout()
+        # args[0] is the optimizer itself (step hooks see the bound call's arguments).
+        closure = kwargs.get("closure", args[1] if len(args) > 1 else None)
+        if closure is None:  # else the layout waits for the closure's forward (its order)
+            self._ensure_layout()
         if index in self._row_steps:  # stepped again before every optimizer stepped once
             # Layer calls since this optimizer's last step belong to the row it opens now.
             self._close_step(has_update=True, carry=True)
         if not self._row_steps:
             self._check_layout()
         self._stepped = True
-        # args[0] is the optimizer itself (step hooks see the bound call's arguments).
-        closure = kwargs.get("closure", args[1] if len(args) > 1 else None)
         self._begin(index, measure=closure is None)
         if closure is None or not self._active:
             return None
@@ -555,6 +556,8 @@ class Recorder:
             self._measure_before(index)
 
     def _measure_before(self, index: int) -> None:
+        if self._active:
+            self._ensure_layout()
         if self._active and self._param_probe is not None:
             t0 = time.perf_counter()
             self._param_probe.before_step(index)
@@ -562,6 +565,7 @@ class Recorder:
 
     def _end(self, index: int, *, stepped: bool, has_update: bool, skipped: bool = False) -> None:
         """An optimizer's step ended; the row closes once every optimizer stepped."""
+        self._ensure_layout()
         if self._active and self._param_probe is not None:
             t0 = time.perf_counter()
             self._param_probe.after_step(index, stepped)
@@ -770,7 +774,7 @@ class Recorder:
     def _check_layout(self, always: bool = False) -> None:
         """Re-derive the layers' parameters if any changed (on recorded steps, or
         ``always``)."""
-        if not (self._active or always):
+        if not (self._layout_sent and (self._active or always)):
             return
         probe = self._param_probe or self._epoch_probe
         if (

@@ -572,3 +572,31 @@ def test_resize_between_recorded_steps_gives_that_epoch_no_update(tmp_path) -> N
         got = run.stat("epoch", "update_norm").astype(np.float64)
         assert np.isnan(got[0]).all()  # sizes changed within epoch 0: no update measured
         np.testing.assert_allclose(got[1], np.array(want), rtol=RTOL)
+
+
+class Reversed(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(4, 3)
+        self.b = nn.Linear(6, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.a(torch.tanh(self.b(x)))  # b runs first
+
+
+def test_closure_first_step_keeps_forward_order(tmp_path) -> None:
+    model = Reversed()
+    opt = torch.optim.LBFGS(model.parameters(), max_iter=2)
+    ((x, y),) = batches(1)
+
+    def closure() -> float:
+        opt.zero_grad()
+        loss = nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        return loss  # type: ignore[return-value]  # optimizers return it as given
+
+    with Recorder(model, opt, tmp_path / "r.h5") as rec:
+        opt.step(closure)
+        assert rec.layer_names == ["b", "a"]
+    with open_run(tmp_path / "r.h5") as run:
+        assert run.layer_names == ["b", "a"] and np.isfinite(run.stat("param", "grad_norm")).all()
