@@ -517,17 +517,29 @@ def test_wheel_and_sdist_carry_the_kernels(tmp_path: Path) -> None:
     skip = shutil.ignore_patterns("*.so", "__pycache__")
     for name in ("gradflow", "cli"):
         shutil.copytree(REPO / name, project / name, ignore=skip)
-    dist = tmp_path / "dist"
-    for hook in ("build_wheel", "build_sdist"):  # one process each, as pip runs them
+    dist, plain = tmp_path / "dist", tmp_path / "no-compiler"
+
+    def build(hook: str, into: Path, **env: str) -> None:
         code = f"import sys; from setuptools import build_meta; build_meta.{hook}(sys.argv[1])"
         done = subprocess.run(
-            [sys.executable, "-c", code, str(dist)],
+            [sys.executable, "-c", code, str(into)],
             cwd=project,
+            env={**os.environ, **env},
             capture_output=True,
             text=True,
             timeout=300,
         )
         assert done.returncode == 0, done.stderr[-2000:]
+
+    for hook in ("build_wheel", "build_sdist"):  # one process each, as pip runs them
+        build(hook, dist)
+    # Without a compiler the extension is skipped, not the install: the wheel carries the
+    # source for the cached build.
+    shutil.rmtree(project / "build")
+    build("build_wheel", plain, CC=str(tmp_path / "no-such-cc"))
+    with zipfile.ZipFile(next(plain.glob("*.whl"))) as wheel:
+        kernels = [n for n in wheel.namelist() if n.startswith("gradflow/_kernels.")]
+    assert kernels == ["gradflow/_kernels.c"]
     (wheel_path,), (sdist_path,) = dist.glob("*.whl"), dist.glob("*.tar.gz")
     with zipfile.ZipFile(wheel_path) as wheel:
         names = wheel.namelist()
