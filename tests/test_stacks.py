@@ -248,6 +248,17 @@ def test_wrapped_optimizers_are_unwrapped(tmp_path) -> None:
         Recorder(model, Wrapper(object()), tmp_path / "bad.h5")
 
 
+def test_accelerate_optimizer_is_unwrapped(tmp_path) -> None:
+    accelerate = pytest.importorskip("accelerate")
+    model = mlp()
+    accelerator = accelerate.Accelerator(cpu=True)
+    opt = accelerator.prepare_optimizer(torch.optim.Adam(model.parameters(), lr=1e-2))
+    assert type(opt).__name__ == "AcceleratedOptimizer"
+    ref = Reference(model, ["0", "2", "4"])
+    plain_steps(model, [opt], tmp_path / "r.h5", ref)
+    ref.check(tmp_path / "r.h5")
+
+
 def test_list_of_optimizers_one_row_per_step(tmp_path) -> None:
     model = mlp()
     opt_a = torch.optim.SGD(list(model[0].parameters()) + list(model[4].parameters()), lr=0.1)
