@@ -128,6 +128,10 @@ def test_summary_reports_the_run(runs: dict[str, Path], tmp_path: Path) -> None:
 def test_plain_progress_lines(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     train(dataclasses.replace(TINY, epochs=1, log_every=1), tmp_path / "p.h5", progress="lines")
     lines = capsys.readouterr().out.splitlines()
+    # What the run does before its first step: the model, then the data.
+    assert lines[0] == "building model tiny (seed 0, default init)..."
+    assert lines[1].startswith(("building the synthetic EM volume", "loading the synthetic"))
+    lines = lines[2:]
     assert lines[0].startswith("step 0 epoch 0 loss ") and lines[0].endswith(" img/s)")
     assert lines[1].startswith("step 1 epoch 0 loss ")
     assert lines[2].startswith("epoch 0 train_loss ") and " v_rand " in lines[2]
