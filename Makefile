@@ -84,6 +84,7 @@ bench-gpu-dry:
 
 # On a lent CUDA machine, in one call of under 7 minutes: the CUDA tests, then the GPU goal's
 # workload (paper-resunet, batch 4 x 256x256) with param, all and all-torch against plain.
+# GRADFLOW_TRITON=1: "all" with the opt-in Triton kernel, "all-torch" without it.
 bench-gpu:
-	OUT=$${OUT:-device-out} SMOKE=0 BENCH_S=300 \
+	OUT=$${OUT:-device-out} SMOKE=0 BENCH_S=300 GRADFLOW_TRITON=1 \
 		GPU_ARGS="--models paper-resunet:256:4 --pairs 60" bash benchmarks/device_session.sh
