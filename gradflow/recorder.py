@@ -601,7 +601,7 @@ class Recorder:
                     self._close_step(has_update=True, carry=True)
                 self._begin(index, measure=True)
                 self._end(index, stepped=False, has_update=True, skipped=True)
-            if scale is not None and self._open_row is not None:
+            if scale is not None and self._open_row is not None and not self._row_steps:
                 self._open_row["scalars"]["scale"] = scale
             elif scale is not None and self._active:
                 self._next_scalars["scale"] = scale
