@@ -12,7 +12,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -132,7 +131,10 @@ def test_report_opens_offline_and_shows_the_stored_values(
     wait_until(tab, "window.gradflowReady === true")
     assert errors == []
     assert requested == [out.as_uri()]
-    shoot(tab, "report_overview.png", full_page=True)
+    if SCREENSHOTS:  # plots below the screen are drawn when scrolled to, or for printing
+        tab.evaluate("window.dispatchEvent(new Event('beforeprint'))")
+        wait_until(tab, "[...document.querySelectorAll('.plot')].every(d => d.dataset.drawn)")
+        shoot(tab, "report_overview.png", full_page=True)
 
     layers = drawn_layers(recorded)
     with h5py.File(recorded, "r") as f:
@@ -142,6 +144,7 @@ def test_report_opens_offline_and_shows_the_stored_values(
     row, step = 3, 7
     name, kind, depth, column = layers[row]
     tab.locator(f"#{plot}").scroll_into_view_if_needed()
+    wait_until(tab, f"document.getElementById('{plot}').dataset.drawn === '1'")
     point = tab.evaluate(CELL_CENTRE, [plot, row, step])
     tab.mouse.move(point["x"], point["y"])
     tab.wait_for_selector("#tooltip:not([hidden])", timeout=10_000)
@@ -183,13 +186,16 @@ def _wait_for_steps(path: Path, at_least: int, timeout: float = 120.0) -> None:
 
 
 @pytest.mark.slow
-def test_serve_shows_a_run_while_it_is_written(
-    tmp_path: Path, page: tuple[Any, list[str]], one_thread: None
-) -> None:
+def test_serve_shows_a_run_while_it_is_written(tmp_path: Path, page: tuple[Any, list[str]]) -> None:
     tab, errors = page
     path = tmp_path / "live.h5"
-    writer = threading.Thread(target=tiny_run.record, args=(path, 120, 0.1))
-    writer.start()
+    script = Path(__file__).parent / "scripts" / "tiny_run.py"
+    # Ctrl-C reaches the children even where the test runner ignores SIGINT.
+    default_sigint = {"preexec_fn": lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    writer = subprocess.Popen(
+        [sys.executable, str(script), str(path), "100000", "0.1"], env=env, **default_sigint
+    )
     server = None
     try:
         _wait_for_steps(path, 1)
@@ -198,8 +204,7 @@ def test_serve_shows_a_run_while_it_is_written(
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
-            # Ctrl-C reaches the server even where the test runner ignores SIGINT.
-            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+            **default_sigint,
         )
         assert server.stdout is not None
         line = server.stdout.readline()
@@ -209,14 +214,14 @@ def test_serve_shows_a_run_while_it_is_written(
         first = int(tab.get_attribute("#run-0-steps", "data-steps") or 0)
         assert first >= 1
         wait_until(tab, f"Number(document.getElementById('run-0-steps').dataset.steps) > {first}")
-        assert writer.is_alive(), "the run finished before the page saw it grow"
+        assert writer.poll() is None, "the run finished before the page saw it grow"
         shoot(tab, "report_live.png")
         assert errors == []
         server.send_signal(signal.SIGINT)
         _, err = server.communicate(timeout=30)
         assert server.returncode == 0 and err == "gradflow: stopped serving\n"
     finally:
-        if server is not None and server.poll() is None:
-            server.kill()
-            server.communicate()
-        writer.join()
+        for child in (server, writer):
+            if child is not None and child.poll() is None:
+                child.kill()
+                child.communicate()

@@ -9,6 +9,8 @@ from __future__ import annotations
 import base64
 import json
 import re
+import subprocess
+import sys
 import threading
 import urllib.error
 import urllib.request
@@ -168,23 +170,40 @@ def test_bad_report_requests_give_one_line(
 
 def test_live_data_is_reread_at_most_once_per_interval(tmp_path: Path) -> None:
     path = tmp_path / "live.h5"
-    writer = SyntheticRun(path, fcn_layers(), steps_per_epoch=10)
-    writer.steps(10).commit()
-    live = LiveRuns([path], min_interval=3600.0)
+    script = Path(__file__).parent / "scripts" / "synthetic_writer.py"
+    writer = subprocess.Popen(
+        [sys.executable, str(script), str(path)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert writer.stdin is not None and writer.stdout is not None
+
+    def tell(*commands: str) -> None:
+        for command in commands:
+            writer.stdin.write(command + "\n")
+            writer.stdin.flush()
+            assert writer.stdout.readline() == "ok\n"
+
     try:
-        assert json.loads(live.status())["counts"] == [[10, 0, 0]]
-        writer.steps(10).epoch().commit()
-        assert json.loads(live.status())["counts"] == [[10, 0, 0]]  # within the interval
-        live.min_interval = 0.0
-        assert json.loads(live.status())["counts"] == [[20, 1, 0]]
-        assert json.loads(live.data())["runs"][0]["steps"] == 20
-        writer.steps(5)
-        writer.close()  # compacted: a new file is renamed over the one being read
-        assert json.loads(live.status())["counts"] == [[25, 1, 0]]
-        with open_run(path) as run:
-            assert run.n_steps == 25
+        tell("steps 10", "commit")
+        live = LiveRuns([path], min_interval=3600.0)
+        try:
+            assert json.loads(live.status())["counts"] == [[10, 0, 0]]
+            tell("steps 10", "epoch", "commit")
+            assert json.loads(live.status())["counts"] == [[10, 0, 0]]  # within the interval
+            live.min_interval = 0.0
+            assert json.loads(live.status())["counts"] == [[20, 1, 0]]
+            assert json.loads(live.data())["runs"][0]["steps"] == 20
+            # Closing compacts: a new file is renamed over the one being read.
+            tell("steps 5", "close")
+            assert json.loads(live.status())["counts"] == [[25, 1, 0]]
+        finally:
+            live.close()
+        assert writer.wait(timeout=60) == 0
     finally:
-        live.close()
+        writer.kill()
+        writer.communicate()
 
 
 @pytest.fixture
@@ -227,3 +246,21 @@ def test_serve_listens_on_loopback_unless_asked(tmp_path: Path, server: ReportSe
     assert not is_loopback("0.0.0.0") and not is_loopback("192.168.1.2")
     with pytest.raises(GradflowError, match="in use"):
         ReportServer([write_run(tmp_path / "b.h5", epochs=1)], port=server.server_address[1])
+
+
+def test_report_and_serve_never_import_torch(tmp_path: Path) -> None:
+    run = write_run(tmp_path / "a.h5", epochs=1)
+    code = (
+        "import sys\n"
+        "from gradflow.cli.main import main\n"
+        "import gradflow.report.server\n"
+        "try:\n"
+        f"    main(['report', {str(run)!r}, '--out', {str(tmp_path / 'r.html')!r}])\n"
+        "except SystemExit as done:\n"
+        "    assert done.code == 0, done.code\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] == 'torch'))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[-1] == "[]"
+    assert (tmp_path / "r.html").stat().st_size > 0

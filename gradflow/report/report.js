@@ -3,7 +3,44 @@
   "use strict";
   const MAX_STAGE_LABELS = 30;
   const POLL_MS = 1000;
-  const state = { data: null, log: true, filter: "", panels: new Map() };
+  const state = { data: null, log: true, filter: "", panels: new Map(), pending: new Map() };
+
+  // Plots are drawn when they come near the screen: a 1000-layer report has megabytes of
+  // heat maps, and the page is usable as soon as the visible ones are drawn.
+  let firstBatch = null;
+  const firstDrawn = new Promise((resolve) => {
+    firstBatch = resolve;
+  });
+  const observer = new IntersectionObserver((entries) => {
+    const jobs = entries
+      .filter((e) => e.isIntersecting && state.pending.has(e.target))
+      .map((e) => drawNow(e.target));
+    if (firstBatch) {
+      Promise.all(jobs).then(firstBatch);
+      firstBatch = null;
+    }
+  }, { rootMargin: "200px" });
+
+  function drawNow(div) {
+    const job = state.pending.get(div);
+    state.pending.delete(div);
+    observer.unobserve(div);
+    return job().then(() => {
+      div.dataset.drawn = "1";
+    });
+  }
+
+  // Draw now if the plot is on the page already, else when it comes near the screen.
+  function lazy(div, job) {
+    state.pending.set(div, job);
+    if (div.dataset.drawn) return drawNow(div);
+    observer.observe(div);
+    return null;
+  }
+
+  function drawAll() {
+    return Promise.all([...state.pending.keys()].map(drawNow));
+  }
 
   function el(tag, text, cls) {
     const node = document.createElement(tag);
@@ -114,6 +151,7 @@
       if (match(run.layers[row].name)) keep.push(k);
     });
     const logMode = state.log;
+    panel._rows = panel._rows || (diff ? {} : { raw: decode(panel.values, panel.rows.length) });
     let rows;
     let zmin;
     let zmax;
@@ -262,7 +300,7 @@
     document.getElementById("layer-count").textContent = state.data.runs
       .map((run) => `${run.label}: ${run.layers.filter((l) => match(l.name)).length} of ${run.layers.length} layers`)
       .join("; ");
-    return todo.map((args) => drawPanel(...args));
+    return todo.map((args) => lazy(args[0], () => drawPanel(...args)));
   }
 
   function epochSpan(traces) {
@@ -295,12 +333,12 @@
     });
     if (!root.querySelector("h2")) root.appendChild(el("h2", "learning curves"));
     if (loss.length) {
-      jobs.push(Plotly.react(plotDiv(root, "curve-loss"),
-        loss, layout("loss per recorded step (mean per bin)", "step", [0, Infinity]), { displaylogo: false }));
+      jobs.push(lazy(plotDiv(root, "curve-loss"), () => Plotly.react(document.getElementById("curve-loss"),
+        loss, layout("loss per recorded step (mean per bin)", "step", [0, Infinity]), { displaylogo: false })));
     }
     if (metrics.some((t) => t.x.length)) {
-      jobs.push(Plotly.react(plotDiv(root, "curve-metrics"),
-        metrics, layout("per-epoch metrics (click the legend to hide one)", "epoch", epochSpan(metrics)), { displaylogo: false }));
+      jobs.push(lazy(plotDiv(root, "curve-metrics"), () => Plotly.react(document.getElementById("curve-metrics"),
+        metrics, layout("per-epoch metrics (click the legend to hide one)", "epoch", epochSpan(metrics)), { displaylogo: false })));
     }
     return jobs;
   }
@@ -329,13 +367,12 @@
 
   function draw() {
     drawRuns();
-    state.data.heatmaps.forEach((s) => {
-      s.panels.forEach((p) => {
-        p._rows = { raw: decode(p.values, p.rows.length) };
-      });
-      if (s.diff) s.diff._rows = {};
-    });
-    return Promise.all([...drawHeatmaps(), ...drawCurves()]);
+    const jobs = [...drawHeatmaps(), ...drawCurves()].filter((job) => job !== null);
+    if (firstBatch && state.pending.size === 0) {
+      firstBatch();
+      firstBatch = null;
+    }
+    return Promise.all([...jobs, firstDrawn]);
   }
 
   function redraw() {
@@ -380,6 +417,7 @@
       state.log = log.checked;
       redraw();
     });
+    window.addEventListener("beforeprint", drawAll);
     document.getElementById("heatmaps").addEventListener("mouseleave", () => {
       document.getElementById("tooltip").hidden = true;
     });

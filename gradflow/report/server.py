@@ -79,12 +79,14 @@ class LiveRuns:
                 replaced = _file_id(path) != self._ids[i]
             except OSError:
                 replaced = False  # mid-rename: read the open file this time
-            if replaced:
-                fresh = open_run(path)
-                self._runs[i].close()
-                self._runs[i], self._ids[i] = fresh, _file_id(path)
-            else:
-                self._runs[i].refresh()
+            if not replaced:
+                try:
+                    self._runs[i].refresh()
+                    continue
+                except GradflowError:
+                    pass  # HDF5 could not follow the file's growth: read it afresh
+            self._runs[i].close()
+            self._runs[i], self._ids[i] = open_run(path), _file_id(path)
         counts = [[run.n_steps, run.n_epochs, run.n_events] for run in self._runs]
         if counts != self._counts:
             self._data = to_json(payload(self._runs, self.max_bins)).encode()
