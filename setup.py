@@ -8,14 +8,16 @@ from pathlib import Path
 
 from setuptools import Extension, setup
 
-build = runpy.run_path(str(Path(__file__).parent / "gradflow" / "_cbuild.py"))
+here = Path(__file__).parent
+build = runpy.run_path(str(here / "gradflow" / "_cbuild.py"))
+source = f"gradflow/{build['SOURCE']}"  # setuptools wants it relative to this file
 
 setup(
     ext_modules=[
         Extension(
             "gradflow._kernels",
-            sources=[f"gradflow/{build['SOURCE']}"],
-            define_macros=[("GRADFLOW_EXTENSION", "1")],
+            sources=[source],
+            define_macros=[("GRADFLOW_EXTENSION", "1"), build["digest_macro"](here / source)],
             extra_compile_args=build["CFLAGS"],
             extra_link_args=["-pthread"],
             optional=True,

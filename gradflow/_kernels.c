@@ -202,6 +202,12 @@ void gradflow_params(int op, long parts, const long *bounds, const float *const 
     }
 }
 
+/* Which version of this file the library was built from (gradflow/_cbuild.py). */
+#ifndef GRADFLOW_SOURCE_DIGEST
+#define GRADFLOW_SOURCE_DIGEST ""
+#endif
+const char *gradflow_source_digest(void) { return GRADFLOW_SOURCE_DIGEST; }
+
 #ifdef GRADFLOW_EXTENSION
 /* setuptools builds this file as a Python extension module and, on some platforms,
    exports its init function: a stub. gradflow loads the library with ctypes; importing

@@ -36,7 +36,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from gradflow._cbuild import CFLAGS, SHARED, SOURCE
+from gradflow._cbuild import CFLAGS, SHARED, SOURCE, digest_macro, source_digest
 from gradflow.errors import GradflowWarning
 
 HERE = Path(__file__).parent
@@ -99,8 +99,9 @@ def build_cached(folder: Path, flags: Sequence[str] = ()) -> tuple[Path | None, 
     found = shutil.which(compiler[0]) if compiler else None
     if found is None:
         return None, f"no C compiler: {os.environ.get('CC') or 'cc'} not found"
-    command = [found, *compiler[1:], *CFLAGS, *SHARED, *flags]
     source = HERE / SOURCE
+    macro = "-D{}={}".format(*digest_macro(source))
+    command = [found, *compiler[1:], *CFLAGS, *SHARED, macro, *flags]
     target = folder / f"kernels-{cache_key(source.read_bytes(), command)}.so"
     try:
         folder.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -147,6 +148,8 @@ def load(path: Path) -> ctypes.CDLL | None:
         library.gradflow_squares_f32.restype = None
         library.gradflow_params.argtypes = [ctypes.c_int, ctypes.c_long] + [ctypes.c_void_p] * 4
         library.gradflow_params.restype = None
+        library.gradflow_source_digest.argtypes = []
+        library.gradflow_source_digest.restype = ctypes.c_char_p
     except (OSError, AttributeError):
         return None
     probe = torch.tensor([0.0, 1.5, -2.0, 0.0] + [0.5] * 5000 + [float("inf")])
@@ -158,6 +161,12 @@ def load(path: Path) -> ctypes.CDLL | None:
     return library
 
 
+def built_from(library: ctypes.CDLL) -> str:
+    """The digest of the source ``library`` was built from (``_cbuild.source_digest``)."""
+    digest: bytes = library.gradflow_source_digest()
+    return digest.decode()
+
+
 @functools.cache
 def _library() -> _Loaded:
     """The kernels of this process and where they came from (decided once)."""
@@ -165,7 +174,8 @@ def _library() -> _Loaded:
         return _Loaded(None, "torch")
     built = extension_path()
     library = load(built) if built is not None else None
-    if library is not None:
+    # An extension built from another version of the source (an edited checkout): stale.
+    if library is not None and built_from(library) == source_digest(HERE / SOURCE):
         return _Loaded(library, "c-extension")
     cached, why = build_cached(cache_dir())
     library = load(cached) if cached is not None else None

@@ -13,6 +13,7 @@ operations run on the CPU (``device``); the Triton kernel in its CPU interpreter
 from __future__ import annotations
 
 import ctypes
+import importlib.machinery
 import importlib.util
 import os
 import shutil
@@ -434,6 +435,32 @@ def test_a_broken_cached_library_is_named_in_the_warning(
     assert str(library) in str(caught[0].message)
 
 
+@needs_cc
+def test_an_extension_built_from_another_source_is_not_used(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A package folder whose extension was built from the current source, then the source
+    # edited (as in a checkout where _kernels.c changed since pip install -e).
+    package = tmp_path / "package"
+    package.mkdir()
+    built, why = native.build_cached(tmp_path / "build", PORTABLE)
+    assert built is not None, why
+    shutil.copy(built, package / f"_kernels{importlib.machinery.EXTENSION_SUFFIXES[0]}")
+    source = (native.HERE / native.SOURCE).read_text()
+    monkeypatch.setattr(native, "HERE", package)
+    monkeypatch.setenv("GRADFLOW_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.delenv("GRADFLOW_NATIVE", raising=False)
+    try:
+        chosen = []
+        for text in (source, source + "/* edited */\n"):
+            (package / native.SOURCE).write_text(text)
+            native._library.cache_clear()
+            chosen.append(native.cpu_backend())
+    finally:
+        native._library.cache_clear()
+    assert chosen == ["c-extension", "c-cached"]
+
+
 # -- which backend ran ------------------------------------------------------------------------
 
 
@@ -547,7 +574,9 @@ def test_wheel_and_sdist_carry_the_kernels(tmp_path: Path) -> None:
         assert "gradflow/_kernels.c" in names and "gradflow/_cbuild.py" in names
         wheel.extract(library_name, tmp_path)
     extracted = tmp_path / library_name
-    assert native.load(extracted) is not None
+    library = native.load(extracted)
+    assert library is not None
+    assert native.built_from(library) == native.source_digest(project / "gradflow" / native.SOURCE)
     # Never built for this machine alone: no -march in the build, and the AVX2 and
     # baseline variants are both in the library (chosen per CPU when it loads).
     assert not any(flag.startswith("-march") for flag in native.CFLAGS)
