@@ -611,3 +611,24 @@ def test_closure_first_step_keeps_forward_order(tmp_path) -> None:
         assert rec.layer_names == ["b", "a"]
     with open_run(tmp_path / "r.h5") as run:
         assert run.layer_names == ["b", "a"] and np.isfinite(run.stat("param", "grad_norm")).all()
+
+
+def test_info_health_sums_up_many_layers_never_measured(tmp_path) -> None:
+    from gradflow.plots.health import health
+
+    model = nn.TransformerEncoder(
+        nn.TransformerEncoderLayer(d_model=8, nhead=2, dim_feedforward=8, batch_first=True),
+        num_layers=4,
+        enable_nested_tensor=False,
+    )
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    with Recorder(model, opt, tmp_path / "r.h5", probes="activation"):
+        model(torch.randn(2, 3, 8)).square().mean().backward()
+        opt.step()
+    with open_run(tmp_path / "r.h5") as run:
+        found = [f for f in health(run) if f.check == "never measured"]
+    # nn.MultiheadAttention calls its out_proj functionally: no layer output to measure.
+    assert [(f.layer, f.value) for f in found] == [("4 layers", "activation/*")]
+    assert found[0].detail.startswith(
+        "activation/nonfinite is NaN in every row: layers.0.self_attn.out_proj"
+    )

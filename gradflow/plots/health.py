@@ -12,6 +12,7 @@ from gradflow.store import Run
 VANISH_BELOW = 1e-2  # a layer's update ratio below 1/100 of its kind's median
 EXPLODE_ABOVE = 1e2  # ... or above 100x of it
 DEAD_ABOVE = 0.9  # mean fraction of zero activations
+MAX_LISTED = 3  # layers listed one per line; more are summed up in one line
 
 
 @dataclass(frozen=True)
@@ -110,6 +111,10 @@ def never_measured(run: Run) -> list[Finding]:
             detail = f"{key} is NaN in every row"
             if missing.all():
                 found.append(Finding("never measured", "(all layers)", what, detail))
+            elif missing.sum() > MAX_LISTED:  # one line, e.g. every block's attention out_proj
+                shown = ", ".join(names[missing][:MAX_LISTED])
+                where = f"{missing.sum()} layers"
+                found.append(Finding("never measured", where, what, f"{detail}: {shown}, ..."))
             else:
                 found += [Finding("never measured", n, what, detail) for n in names[missing]]
             reported |= missing
