@@ -626,11 +626,13 @@ def _check_outputs(
     found = find_checkpoint(out)
     checkpoint = load_checkpoint(found or checkpoint_path(out), map_location=device)
     where = f"cannot resume {out} from {found}"
+    # A setting added since an older checkpoint was written is missing from it: it had the
+    # default, which keeps the behaviour of before.
+    saved = {**asdict(TrainConfig()), **checkpoint.config}
     changed = [
-        f"{key} {checkpoint.config.get(key)!r} -> {value!r}"
+        f"{key} {saved.get(key)!r} -> {value!r}"
         for key, value in asdict(config).items()
-        if key in RESUME_KEYS
-        and _comparable(key, checkpoint.config.get(key)) != _comparable(key, value)
+        if key in RESUME_KEYS and _comparable(key, saved.get(key)) != _comparable(key, value)
     ]
     if changed:
         raise GradflowError(

@@ -15,6 +15,7 @@ from scipy.stats import truncnorm
 from torch import nn
 
 import gradflow.cli.commands  # noqa: F401  (registers the commands on the app)
+from gradflow.checkpoint import checkpoint_path
 from gradflow.cli.app import app
 from gradflow.config import RESUME_KEYS, TrainConfig
 from gradflow.errors import GradflowError
@@ -383,6 +384,30 @@ def test_switches_are_stored_and_fixed_for_resume(tmp_path: Path) -> None:
     assert stored["name"] == "SGD" and stored["momentum"] == 0.9 and stored["nesterov"] is True
     with pytest.raises(GradflowError, match=r"optimizer 'sgd' -> 'rmsprop'"):
         train(replace(config, epochs=2, optimizer="rmsprop"), out, resume=True, progress="off")
+
+
+def test_a_checkpoint_older_than_the_switches_resumes(tmp_path: Path) -> None:
+    config = TrainConfig(
+        model="tiny",
+        synthetic_slices=6,
+        synthetic_size=64,
+        epochs=1,
+        steps_per_epoch=1,
+        crop=32,
+        batch_size=2,
+        val_every=0,
+    )
+    out = tmp_path / "old.h5"
+    train(config, out, progress="off")
+    path = checkpoint_path(out)
+    payload = torch.load(path, weights_only=True)
+    for key in ("optimizer", "momentum", "nesterov", "init"):
+        del payload["config"][key]  # as written before these settings existed
+    torch.save(payload, path)
+    summary = train(replace(config, epochs=2), out, resume=True, progress="off")
+    assert summary is not None and summary.epochs == 2
+    with pytest.raises(GradflowError, match=r"init 'default' -> 'paper'"):
+        train(replace(config, epochs=3, init="paper"), out, resume=True, progress="off")
 
 
 def test_record_passes_the_switches(monkeypatch: pytest.MonkeyPatch) -> None:
