@@ -10,6 +10,7 @@ activation std (from sums of squares) to rtol 1e-4.
 
 from __future__ import annotations
 
+import importlib
 import os
 import subprocess
 import sys
@@ -122,12 +123,20 @@ def assert_param_stats(path: Path, ref: Reference, every: int = 1) -> None:
 
 
 # -- Lightning ----------------------------------------------------------------------------------
-def _lightning() -> Any:
-    return pytest.importorskip("lightning.pytorch")
+# The package each flavour of the callback is for.
+FLAVOURS = {"lightning": "lightning.pytorch", "pytorch_lightning": "pytorch_lightning"}
 
 
-def _lightning_module(manual: bool) -> Any:
-    pl = _lightning()
+def _lightning(flavour: str = "lightning") -> Any:
+    return pytest.importorskip(FLAVOURS[flavour])
+
+
+def _callback(flavour: str) -> Any:
+    return importlib.import_module(f"gradflow.integrations.{flavour}").GradflowCallback
+
+
+def _lightning_module(manual: bool, flavour: str = "lightning") -> Any:
+    pl = _lightning(flavour)
     torch.manual_seed(0)
 
     class Tiny(pl.LightningModule):
@@ -181,10 +190,15 @@ CLIP = 0.05
 
 
 def _fit_lightning(
-    tmp_path: Path, module: Any, *, every: int = 1, fail_at: int | None = None
+    tmp_path: Path,
+    module: Any,
+    *,
+    every: int = 1,
+    fail_at: int | None = None,
+    flavour: str = "lightning",
 ) -> tuple[Reference, Any]:
-    pl = _lightning()
-    from gradflow.integrations.lightning import GradflowCallback
+    pl = _lightning(flavour)
+    gradflow_callback = _callback(flavour)(tmp_path / "run.h5", every=every)
 
     ref = Reference(module)
     hooks = _ReferenceHooks(ref)
@@ -209,7 +223,7 @@ def _fit_lightning(
         enable_progress_bar=False,
         enable_model_summary=False,
         default_root_dir=tmp_path,
-        callbacks=[Attach(), GradflowCallback(tmp_path / "run.h5", every=every)],
+        callbacks=[Attach(), gradflow_callback],
         **(
             {}
             if not module.automatic_optimization
@@ -251,10 +265,12 @@ def test_lightning_automatic_optimization(tmp_path: Path) -> None:
             np.testing.assert_allclose(got, np.linalg.norm(d), rtol=RTOL, atol=ATOL)
 
 
-@pytest.mark.parametrize("every", [1, 5])
-def test_lightning_manual_optimization(every: int, tmp_path: Path) -> None:
-    module = _lightning_module(manual=True)
-    ref, trainer = _fit_lightning(tmp_path, module, every=every)
+@pytest.mark.parametrize(
+    ("flavour", "every"), [("lightning", 1), ("lightning", 5), ("pytorch_lightning", 1)]
+)
+def test_lightning_manual_optimization(flavour: str, every: int, tmp_path: Path) -> None:
+    module = _lightning_module(manual=True, flavour=flavour)
+    ref, trainer = _fit_lightning(tmp_path, module, every=every, flavour=flavour)
     assert len(ref.after) == trainer.global_step == 12
     _clipped(ref, CLIP)
     assert_param_stats(tmp_path / "run.h5", ref, every)
@@ -301,13 +317,6 @@ def test_lightning_ddp_rank0_writes(tmp_path: Path) -> None:
             squares[:, j] += (values[:, bounds[i] : bounds[i + 1]] ** 2).sum(1)
         got = run.stat("param", key)
         np.testing.assert_allclose(got, np.sqrt(squares), rtol=RTOL, atol=ATOL, err_msg=key)
-
-
-def test_pytorch_lightning_flavour() -> None:
-    pl = pytest.importorskip("pytorch_lightning")
-    from gradflow.integrations.pytorch_lightning import GradflowCallback
-
-    assert issubclass(GradflowCallback, pl.Callback)
 
 
 # -- transformers -------------------------------------------------------------------------------
