@@ -82,6 +82,13 @@ def test_plot_does_not_import_torch(run_file: Path, tmp_path: Path) -> None:
     assert out.read_bytes().startswith(b"\x89PNG")
 
 
+def test_report_does_not_import_torch(run_file: Path, tmp_path: Path) -> None:
+    out = tmp_path / "report.html"
+    result = gradflow("report", run_file, "--out", out)
+    assert result.returncode == 0, result.stderr
+    assert out.stat().st_size > 0
+
+
 def test_import_gradflow_is_lazy() -> None:
     code = (
         "import sys, gradflow\n"
