@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import json
 import re
+import signal
 import subprocess
 import sys
 import threading
@@ -264,3 +265,37 @@ def test_report_and_serve_never_import_torch(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines()[-1] == "[]"
     assert (tmp_path / "r.html").stat().st_size > 0
+
+
+def test_a_run_without_rows_yet_gives_a_page_without_heat_maps(tmp_path: Path) -> None:
+    with SyntheticRun(tmp_path / "new.h5", fcn_layers()):
+        pass
+    with open_run(tmp_path / "new.h5") as fresh:
+        data = payload([fresh])
+    assert data["heatmaps"] == []
+    assert data["runs"][0]["steps"] == 0 and data["runs"][0]["curves"]["loss"]["x"] == []
+
+
+def test_serve_warns_when_asked_for_a_non_loopback_host(tmp_path: Path) -> None:
+    run = write_run(tmp_path / "a.h5", epochs=1)
+    command = ["serve", str(run), "--host", "0.0.0.0", "--port", "0"]
+    server = subprocess.Popen(
+        [sys.executable, "-m", "gradflow.cli.main", *command],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+    try:
+        assert server.stdout is not None and server.stderr is not None
+        assert server.stderr.readline() == (
+            "gradflow: warning: listening on 0.0.0.0: anyone who can reach this machine "
+            "can read these runs\n"
+        )
+        assert " at http://0.0.0.0:" in server.stdout.readline()
+        server.send_signal(signal.SIGINT)
+        assert server.wait(timeout=30) == 0
+        assert server.stderr.read() == "gradflow: stopped serving\n"
+    finally:
+        server.kill()
+        server.communicate()

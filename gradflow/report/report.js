@@ -19,7 +19,7 @@
       Promise.all(jobs).then(firstBatch);
       firstBatch = null;
     }
-  }, { rootMargin: "200px" });
+  });
 
   function drawNow(div) {
     const job = state.pending.get(div);
