@@ -38,6 +38,7 @@ import torch
 
 from gradflow._cbuild import CFLAGS, SHARED, SOURCE, digest_macro, source_digest
 from gradflow.errors import GradflowWarning
+from gradflow.usercache import cache_dir
 
 HERE = Path(__file__).parent
 COMPILE_TIMEOUT_S = 120
@@ -63,15 +64,6 @@ def extension_path() -> Path | None:
         if path.is_file():
             return path
     return None
-
-
-def cache_dir() -> Path:
-    """Where kernels built at first use are kept."""
-    chosen = os.environ.get("GRADFLOW_CACHE_DIR")
-    if chosen:
-        return Path(chosen).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "gradflow"
 
 
 def cache_key(source: bytes, command: Sequence[str]) -> str:
