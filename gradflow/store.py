@@ -257,6 +257,9 @@ class RunWriter:
         fapl.set_libver_bounds(h5py.h5f.LIBVER_LATEST, h5py.h5f.LIBVER_LATEST)
         mdc, slots, _, w0 = fapl.get_cache()
         fapl.set_cache(mdc, slots, 0, w0)
+        # No HDF5 file lock (WriteLock keeps other writers out), as readers open it: HDF5
+        # refuses a second open within one process whose locking flags differ.
+        fapl.set_file_locking(False, True)
         flags = h5py.h5f.ACC_RDWR | h5py.h5f.ACC_SWMR_WRITE
         f = h5py.File(h5py.h5f.open(os.fsencode(target), flags, fapl=fapl))
         return cls(target, f, lock)
