@@ -87,11 +87,17 @@ def build_cached(folder: Path, flags: Sequence[str] = ()) -> tuple[Path | None, 
     that fails. The compiler runs in its own session, without input and with a timeout,
     into a temporary file that is renamed into place: processes building at once each
     leave a complete library, and none ever loads a partial one."""
-    compiler = shlex.split(os.environ.get("CC") or "cc")
+    named = os.environ.get("CC") or "cc"
+    try:
+        compiler = shlex.split(named)
+    except ValueError:
+        compiler = []
     found = shutil.which(compiler[0]) if compiler else None
     if found is None:
-        return None, f"no C compiler: {os.environ.get('CC') or 'cc'} not found"
+        return None, f"no C compiler: {named} not found"
     source = HERE / SOURCE
+    if not source.is_file():
+        return None, f"{source} is missing (reinstall gradflow)"
     macro = "-D{}={}".format(*digest_macro(source))
     command = [found, *compiler[1:], *CFLAGS, *SHARED, macro, *flags]
     target = folder / f"kernels-{cache_key(source.read_bytes(), command)}.so"

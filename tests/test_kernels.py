@@ -387,6 +387,13 @@ def test_failed_or_unsafe_builds_leave_nothing_behind(tmp_path: Path, monkeypatc
     path, why = native.build_cached(shared)
     assert path is None and "other users" in why
     assert list(shared.iterdir()) == []
+    # A CC that is not a command line; an installation without the C source.
+    monkeypatch.setenv("CC", '"cc')
+    assert native.build_cached(cache) == (None, 'no C compiler: "cc not found')
+    monkeypatch.setenv("CC", "cc")
+    monkeypatch.setattr(native, "HERE", tmp_path)
+    path, why = native.build_cached(cache)
+    assert path is None and why.endswith("is missing (reinstall gradflow)")
 
 
 @pytest.fixture
