@@ -390,7 +390,7 @@ def test_failed_or_unsafe_builds_leave_nothing_behind(tmp_path: Path, monkeypatc
     # A CC that is not a command line; an installation without the C source.
     monkeypatch.setenv("CC", '"cc')
     assert native.build_cached(cache) == (None, 'no C compiler: "cc not found')
-    monkeypatch.setenv("CC", "cc")
+    monkeypatch.setenv("CC", str(bad))
     monkeypatch.setattr(native, "HERE", tmp_path)
     path, why = native.build_cached(cache)
     assert path is None and why.endswith("is missing (reinstall gradflow)")
