@@ -770,7 +770,8 @@ class _StopSignals:
 
     The first signal is only noted in :attr:`received`; the handlers in place before are
     restored then, so a second one acts at once (a second Ctrl-C raises KeyboardInterrupt).
-    Handlers can only be set in the main thread; elsewhere signals keep their handlers.
+    Handlers can only be set in the main thread; elsewhere signals keep their handlers, and
+    so do ignored signals.
     """
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -782,7 +783,8 @@ class _StopSignals:
     def __enter__(self) -> _StopSignals:
         if threading.current_thread() is threading.main_thread():
             for sig in self.SIGNALS:
-                self._previous[sig] = signal.signal(sig, self._note)
+                if signal.getsignal(sig) is not signal.SIG_IGN:  # e.g. SIGINT under nohup
+                    self._previous[sig] = signal.signal(sig, self._note)
         return self
 
     def __exit__(self, *exc: object) -> None:
