@@ -23,16 +23,9 @@ import scipy
 
 from gradflow.data.synthetic import GENERATOR_VERSION, synthetic_source, synthetic_volume
 from gradflow.data.volume import EMVolume
+from gradflow.usercache import cache_dir
 
 Say = Callable[[str], None]
-
-
-def cache_dir() -> Path:
-    """The folder of gradflow's cache (it may not exist yet)."""
-    if os.environ.get("GRADFLOW_CACHE_DIR"):
-        return Path(os.environ["GRADFLOW_CACHE_DIR"])
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "gradflow"
 
 
 def cache_path(n: int, size: int, seed: int) -> Path:
