@@ -80,10 +80,12 @@ def page(browser: Any) -> Iterator[tuple[Any, list[str]]]:
 
 
 @pytest.fixture(scope="module")
-def recorded(tmp_path_factory: pytest.TempPathFactory, one_thread: None) -> Path:
-    path = tmp_path_factory.mktemp("browser") / "tiny.h5"
-    tiny_run.record(path, steps=20)
-    return path
+def recorded(tmp_path_factory: pytest.TempPathFactory, one_thread: None) -> tuple[Path, Path]:
+    """Two runs of the tiny model, the second with a smaller learning rate."""
+    root = tmp_path_factory.mktemp("browser")
+    tiny_run.record(root / "a.h5", steps=20)
+    tiny_run.record(root / "b.h5", steps=20, lr=0.01)
+    return root / "a.h5", root / "b.h5"
 
 
 def shoot(tab: Any, name: str, full_page: bool = False) -> None:
@@ -113,10 +115,10 @@ def drawn_layers(path: Path) -> list[tuple[str, str, int, int]]:
 
 
 def test_report_opens_offline_and_shows_the_stored_values(
-    tmp_path: Path, recorded: Path, page: tuple[Any, list[str]]
+    tmp_path: Path, recorded: tuple[Path, Path], page: tuple[Any, list[str]]
 ) -> None:
     tab, errors = page
-    out = build_report([recorded], tmp_path / "report.html")
+    out = build_report(recorded, tmp_path / "report.html")
     requested: list[str] = []
 
     def only_the_file(route: Any) -> None:
@@ -136,10 +138,13 @@ def test_report_opens_offline_and_shows_the_stored_values(
         wait_until(tab, "[...document.querySelectorAll('.plot')].every(d => d.dataset.drawn)")
         shoot(tab, "report_overview.png", full_page=True)
 
-    layers = drawn_layers(recorded)
-    with h5py.File(recorded, "r") as f:
-        assert np.array_equal(f["steps"][()], np.arange(20))  # one heat-map column per step
-        ratio = np.asarray(f["stats/param/update_ratio"][()], np.float64)
+    layers = drawn_layers(recorded[0])
+    ratios = []
+    for path in recorded:
+        with h5py.File(path, "r") as f:
+            assert np.array_equal(f["steps"][()], np.arange(20))  # a heat-map column per step
+            ratios.append(np.asarray(f["stats/param/update_ratio"][()], np.float64))
+    ratio = ratios[0]
     plot = "heat-param-update_ratio-run0"
     row, step = 3, 7
     name, kind, depth, column = layers[row]
@@ -155,20 +160,24 @@ def test_report_opens_offline_and_shows_the_stored_values(
     assert shown == pytest.approx(ratio[step, column], rel=5e-4)  # 4 significant digits
     shoot(tab, "report_hover.png")
 
-    # Log colour: the scale's top is log10 of the largest value; linear: the value itself.
+    # One colour scale for both runs. Log colour: its top is log10 of the largest value of
+    # either run; linear: that value itself.
+    largest = max(r.max() for r in ratios)
     top = tab.evaluate(f"document.getElementById('{plot}').data[0].zmax")
-    assert top == pytest.approx(np.log10(ratio.max()), rel=1e-5)
+    assert top == pytest.approx(np.log10(largest), rel=1e-5)
     tab.uncheck("#log-colour")
     wait_until(tab, f"document.getElementById('{plot}').data[0].zmax !== {top}")
     top = tab.evaluate(f"document.getElementById('{plot}').data[0].zmax")
-    assert top == pytest.approx(ratio.max(), rel=1e-5)
+    assert top == pytest.approx(largest, rel=1e-5)
 
     assert tab.get_attribute(f"#{plot}", "data-rows") == str(len(layers))
     tab.fill("#layer-filter", "down")
     matching = [lay for lay in layers if "down" in lay[0]]
     assert 0 < len(matching) < len(layers)
     wait_until(tab, f"document.getElementById('{plot}').dataset.rows === '{len(matching)}'")
-    assert f"{len(matching)} of {len(layers)} layers" in tab.inner_text("#layer-count")
+    assert tab.inner_text("#layer-count").count(f"{len(matching)} of {len(layers)} layers") == 2
+    # The difference heat map of the two runs filters the same way.
+    assert tab.get_attribute(f"#{plot[: -len('run0')]}diff", "data-rows") == str(len(matching))
     assert errors == []
 
 

@@ -122,6 +122,9 @@ def test_runs_share_one_colour_scale_and_differ_by_layer_name(tmp_path: Path) ->
     np.testing.assert_allclose(matrix(diff["ratio"], len(shown)), ratio, rtol=1e-5, atol=1e-6)
     assert "only in" in diff["note"] and "up1.0.conv" in diff["note"]
     assert "extra.conv" in diff["note"]
+    # Fractions differ as A − B only (the ratio of two zero fractions is 0 / 0).
+    fractions = section(data, "activation/zero_fraction")["diff"]
+    assert "ratio" not in fractions and len(matrix(fractions["diff"], len(shown))) == len(shown)
 
 
 def test_the_report_is_one_file_that_needs_no_network(tmp_path: Path) -> None:

@@ -166,9 +166,15 @@ def _run(run: Run, label: str, drawn: list[Layer]) -> dict[str, Any]:
 
 
 def _diff(
-    runs: Sequence[Run], labels: list[str], stat: str, drawn: list[list[Layer]], max_bins: int
+    runs: Sequence[Run],
+    labels: list[str],
+    stat: str,
+    drawn: list[list[Layer]],
+    max_bins: int,
+    ratio: bool,
 ) -> dict[str, Any]:
-    """Run A minus run B (and log10 A/B) over the layers both have, as ``diff-heatmap``."""
+    """Run A minus run B (and, with ``ratio``, log10 A/B) over the layers both have, as
+    ``diff-heatmap``."""
     matched = match_layers(drawn[0], drawn[1])
     only = [
         f"only in {label} ({len(names)}): {', '.join(names[:6])}"
@@ -184,19 +190,16 @@ def _diff(
     b = load(runs[1], stat, matched.b, window, max_bins)
     if not np.array_equal(a.edges, b.edges):
         return {"title": title, "note": f"the runs recorded different {window.unit}s"}
-    with np.errstate(divide="ignore", invalid="ignore"):
-        diff, ratio = a.values - b.values, np.log10(a.values / b.values)
     position = {lay.name: i for i, lay in enumerate(drawn[0])}
     panel = _panel(0, title, a, [position[lay.name] for lay in matched.a])
     del panel["values"]
-    return {
-        **panel,
-        "diff": _matrix(diff),
-        "ratio": _matrix(ratio),
-        "diff_range": _range([np.abs(diff)]),
-        "ratio_range": _range([np.abs(ratio)]),
-        "note": "layers " + "; ".join(only) if only else "",
-    }
+    diff = a.values - b.values
+    panel.update(diff=_matrix(diff), diff_range=_range([np.abs(diff)]))
+    if ratio:
+        with np.errstate(divide="ignore", invalid="ignore"):
+            log_ratio = np.log10(a.values / b.values)
+        panel.update(ratio=_matrix(log_ratio), ratio_range=_range([np.abs(log_ratio)]))
+    return {**panel, "note": "layers " + "; ".join(only) if only else ""}
 
 
 def _heatmap(
@@ -218,7 +221,7 @@ def _heatmap(
         "panels": [_panel(i, labels[i], data[i], list(range(len(drawn[i])))) for i in have],
     }
     if len(runs) == 2 and len(have) == 2:
-        section["diff"] = _diff(runs, labels, stat, drawn, max_bins)
+        section["diff"] = _diff(runs, labels, stat, drawn, max_bins, ratio=fixed is None)
     return section
 
 

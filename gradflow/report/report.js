@@ -160,13 +160,15 @@
     let what = "value";
     if (diff) {
       colorscale = data.colourscales.diff;
-      const key = logMode ? "ratio" : "diff";
+      // Fractions (a fixed 0..1 scale) differ as A − B: a ratio of zero fractions is 0 / 0.
+      const ratio = logMode && section.log;
+      const key = ratio ? "ratio" : "diff";
       panel._rows[key] = panel._rows[key] || decode(panel[key], panel.rows.length);
       rows = panel._rows[key];
-      const r = (logMode ? panel.ratio_range : panel.diff_range) || [0, 1];
+      const r = (ratio ? panel.ratio_range : panel.diff_range) || [0, 1];
       zmax = r[1] || 1;
       zmin = -zmax;
-      what = logMode ? "log10 A / B" : "A − B";
+      what = ratio ? "log10 A / B" : "A − B";
       colorbar.title.text = `${what}: ${section.label}`;
     } else if (logMode && section.log && section.log_range) {
       const lo = Math.log10(section.log_range[0]);

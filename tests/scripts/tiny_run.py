@@ -35,11 +35,11 @@ class Tiny(nn.Module):
         return self.head(self.up(self.middle(self.down(x))))
 
 
-def record(path: Path, steps: int, pause: float = 0.0) -> None:
+def record(path: Path, steps: int, pause: float = 0.0, lr: float = 0.05) -> None:
     """Train ``steps`` SGD steps on a fixed random batch, closing an epoch every 5 steps."""
     torch.manual_seed(0)
     model = Tiny()
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
     x, y = torch.randn(4, 1, 8, 8), torch.rand(4, 1, 8, 8)
     with gradflow.Recorder(
         model, optimizer, path, every=1, flush_every=1, config={"model": "tiny"}, overwrite=True
