@@ -10,12 +10,13 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from gradflow.errors import GradflowError
 from gradflow.fused import Launch, reducer
@@ -72,14 +73,23 @@ class LayerSpec:
         )
 
 
-def discover_layers(model: nn.Module) -> list[LayerSpec]:
-    """Layers in registration order; a tied parameter belongs to its first owner only."""
+def discover_layers(model: nn.Module, keep: frozenset[int] = frozenset()) -> list[LayerSpec]:
+    """Layers in registration order; a tied parameter belongs to its first owner only.
+
+    A parametrized module (``torch.nn.utils.parametrize``: ``weight_norm``,
+    ``spectral_norm``, ...) owns the parameters its parametrized tensors are computed from
+    (``parametrizations.weight.original0`` ...), before its own. Parameters that do not
+    require gradients are left out unless their id is in ``keep``.
+    """
     seen: set[int] = set()
     layers: list[LayerSpec] = []
     for name, module in model.named_modules():
         params = []
-        for p in module.parameters(recurse=False):
-            if p.requires_grad and id(p) not in seen:
+        owned = list(module.parameters(recurse=False))
+        if parametrize.is_parametrized(module):
+            owned = [*module.parametrizations.parameters(), *owned]
+        for p in owned:
+            if (p.requires_grad or id(p) in keep) and id(p) not in seen:
                 seen.add(id(p))
                 params.append(p)
         if params:
@@ -108,13 +118,16 @@ def order_by_first_call(layers: Sequence[LayerSpec], call_order: dict[str, int])
 
 
 def first_tensor(output: Any) -> torch.Tensor | None:
-    """The first floating-point tensor in a module output (tensor, tuple, list or dict)."""
+    """The first floating-point tensor in a module output (tensor, tuple, list, dict or
+    dataclass, e.g. a transformers ``ModelOutput``)."""
     if isinstance(output, torch.Tensor):
         return output if output.is_floating_point() else None
     if isinstance(output, (tuple, list)):
         items = list(output)
     elif isinstance(output, dict):
         items = list(output.values())
+    elif is_dataclass(output) and not isinstance(output, type):
+        items = [getattr(output, f.name) for f in fields(output)]
     else:
         return None
     for item in items:

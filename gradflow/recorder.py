@@ -788,8 +788,10 @@ class Recorder:
         self._dirty = False
         self._module_ids = {id(m) for m in self.model.modules()}
         old = {lay.name: lay for lay in self._layers}
+        # Parameters frozen since they were recorded stay recorded (no gradient: 0).
+        recorded = frozenset(id(p) for lay in self._layers for p in lay.params)
         try:
-            found = _select(discover_layers(self.model), self._select)
+            found = _select(discover_layers(self.model, keep=recorded), self._select)
         except GradflowError:
             found = []
         new = {lay.name: lay for lay in found}

@@ -20,6 +20,7 @@ import pytest
 import torch
 import torch.utils.checkpoint
 from torch import nn
+from torch.nn.utils import parametrizations, parametrize
 
 from gradflow import GradflowError, Recorder, open_run
 
@@ -46,6 +47,7 @@ class Reference:
         self.layers = layers
         self.outputs: dict[str, list[torch.Tensor]] = {name: [] for name in layers}
         self.capturing = True
+        self.frozen: set[int] = set()  # parameters frozen after attaching: still recorded
         self.rows: list[Row] = []
         self._before: list[list[torch.Tensor]] = []
         self._grads: list[list[torch.Tensor]] = []
@@ -74,7 +76,11 @@ class Reference:
         return hook
 
     def params(self, i: int) -> list[nn.Parameter]:
-        return [p for p in self.modules[i].parameters(recurse=False) if p.requires_grad]
+        module = self.modules[i]
+        owned = list(module.parameters(recurse=False))
+        if parametrize.is_parametrized(module):  # weight_norm's original0/1 make its weight
+            owned += list(module.parametrizations.parameters())
+        return [p for p in owned if p.requires_grad or id(p) in self.frozen]
 
     def weights_and_grads(self) -> None:
         """Copy weights and gradients now (where the optimizer step reads them)."""
@@ -137,7 +143,7 @@ class Reference:
         assert run.n_steps == len(self.rows)
         cols = [run.layer_names.index(name) for name in self.layers]
         for probe, stat in self.rows[0]:
-            if probe in skip:
+            if probe in skip or f"{probe}/{stat}" in skip:
                 continue
             got = run.stat(probe, stat)[:, cols].astype(np.float64)
             want = np.stack([r[(probe, stat)] for r in self.rows])
@@ -632,3 +638,165 @@ def test_info_health_sums_up_many_layers_never_measured(tmp_path) -> None:
     assert found[0].detail.startswith(
         "activation/nonfinite is NaN in every row: layers.0.self_attn.out_proj"
     )
+
+
+def loop(
+    model: nn.Module,
+    opt: torch.optim.Optimizer,
+    path: Any,
+    ref: Reference,
+    data: list[tuple[torch.Tensor, torch.Tensor]],
+    *,
+    micro: int = 1,
+    set_to_none: bool = True,
+    before: Callable[[int], None] = lambda step: None,
+) -> None:
+    """``micro`` backward passes (gradient accumulation) per ``step()``."""
+    with Recorder(model, opt, path):
+        for step, (x, y) in enumerate(data):
+            before(step)
+            opt.zero_grad(set_to_none=set_to_none)
+            for xm, ym in zip(x.chunk(micro), y.chunk(micro), strict=True):
+                (nn.functional.mse_loss(model(xm).float(), ym) / micro).backward()
+            ref.weights_and_grads()
+            opt.step()
+            ref.row()
+    ref.check(path)
+
+
+def test_lazy_modules_attached_before_the_first_forward(tmp_path) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.LazyLinear(12), nn.Tanh(), nn.LazyLinear(3))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    ref = Reference(model, ["0", "2"])
+    loop(model, opt, tmp_path / "r.h5", ref, batches(3))
+    with open_run(tmp_path / "r.h5") as run:
+        assert [lay.shape for lay in run.layers] == ["12x6+12", "3x12+3"]
+
+
+def test_weight_norm_and_spectral_norm_parameters_belong_to_their_layer(tmp_path) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        parametrizations.weight_norm(nn.Linear(6, 12)),
+        nn.Tanh(),
+        parametrizations.spectral_norm(nn.Linear(12, 3)),
+    )
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    ref = Reference(model, ["0", "2"])
+    loop(model, opt, tmp_path / "r.h5", ref, batches(3))
+    with open_run(tmp_path / "r.h5") as run:
+        # No layer for the parametrization modules (their "output" is the weight).
+        assert run.layer_names == ["0", "2"]
+        assert [lay.n_params for lay in run.layers] == [12 + 72 + 12, 36 + 3]
+
+
+def test_accumulation_and_zero_grad_to_zeros(tmp_path) -> None:
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-2)
+    g = torch.Generator().manual_seed(4)
+    data = [(torch.randn(6, 6, generator=g), torch.randn(6, 3, generator=g)) for _ in range(3)]
+    ref = Reference(model, ["0", "2", "4"])
+    loop(model, opt, tmp_path / "r.h5", ref, data, micro=3, set_to_none=False)
+
+
+def test_without_optimizer_each_backward_is_a_row_of_the_gradients_so_far(tmp_path) -> None:
+    model = mlp()
+    ref = Reference(model, ["0", "2", "4"])
+    path = tmp_path / "r.h5"
+    with Recorder(model, None, path):
+        for x, y in batches(2):
+            model.zero_grad()
+            for xm, ym in ((x[:2], y[:2]), (x[2:], y[2:])):
+                nn.functional.mse_loss(model(xm), ym).backward()
+                ref.weights_and_grads()  # accumulated over this step's backward passes so far
+                ref.row()
+    ref.check(
+        path,
+        skip=(
+            "param/update_norm",
+            "param/update_ratio",
+            "param/update_abs_mean",
+            "param/update_abs_max",
+        ),
+    )
+    with open_run(path) as run:
+        assert np.isnan(run.stat("param", "update_norm")).all()  # no step: never measured
+
+
+class Branches(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.inp = nn.Linear(6, 12)
+        self.left = nn.Linear(12, 3)
+        self.right = nn.Linear(12, 3)
+        self.use_right = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (self.right if self.use_right else self.left)(torch.tanh(self.inp(x)))
+
+
+def test_frozen_layer_and_unused_branch_have_zero_gradient(tmp_path) -> None:
+    model = Branches()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    ref = Reference(model, ["inp", "left", "right"])
+
+    def before(step: int) -> None:
+        model.use_right = step == 1  # "left" gets no gradient in step 1, "right" in 0 and 2
+        if step == 2:
+            model.inp.requires_grad_(False)  # frozen: still recorded, gradient 0
+            ref.frozen |= {id(p) for p in model.inp.parameters()}
+            opt.add_param_group({"params": [nn.Parameter(torch.zeros(1))]})  # re-derives
+
+    loop(model, opt, tmp_path / "r.h5", ref, batches(3), before=before)
+    with open_run(tmp_path / "r.h5") as run:
+        inp, left, right = (run.layer_names.index(n) for n in ("inp", "left", "right"))
+        grad = run.stat("param", "grad_norm")
+        assert grad[0, right] == 0 and grad[1, left] == 0 and grad[2, inp] == 0
+        # torch optimizers skip a parameter without a gradient; an uncalled layer's
+        # activations are NaN (not measured), not 0.
+        assert run.stat("param", "update_norm")[1, left] == 0
+        assert np.isnan(run.stat("activation", "mean")[1, left])
+
+
+class SharedBlock(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.inp = nn.Linear(6, 8)
+        self.block = nn.Linear(8, 8)  # called twice per forward
+        self.out = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.block(torch.tanh(self.inp(x))))
+        return self.out(torch.tanh(self.block(h)))
+
+
+def test_module_called_twice_per_forward(tmp_path) -> None:
+    model = SharedBlock()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    ref = Reference(model, ["inp", "block", "out"])
+    loop(model, opt, tmp_path / "r.h5", ref, batches(3))
+
+
+@pytest.mark.parametrize("case", ["bf16", "channels-last", "autocast"])
+def test_bf16_parameters_channels_last_and_autocast(case: str, tmp_path) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(2, 4, 3), nn.Tanh(), nn.Conv2d(4, 3, 3), nn.Flatten(), nn.Linear(12, 3)
+    )
+    g = torch.Generator().manual_seed(3)
+    data = [
+        (torch.randn(4, 2, 6, 6, generator=g), torch.randn(4, 3, generator=g)) for _ in range(3)
+    ]
+    if case == "bf16":
+        model = model.to(torch.bfloat16)
+        data = [(x.bfloat16(), y) for x, y in data]
+    elif case == "channels-last":
+        model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+        assert not model[0].weight.is_contiguous()
+        data = [(x.to(memory_format=torch.channels_last), y) for x, y in data]
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    ref = Reference(model, ["0", "2", "4"])
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=case == "autocast"):
+        loop(model, opt, tmp_path / "r.h5", ref, data)
