@@ -55,17 +55,17 @@ def write(path: Path, n_layers: int, n_steps: int, steps_per_epoch: int) -> floa
     return time.perf_counter() - start
 
 
-def chromium_cpu_seconds() -> float:
-    """User + system CPU seconds of the Chromium processes under this one."""
-    total = 0.0
+def chromium_cpu_seconds() -> dict[int, float]:
+    """User + system CPU seconds of each Chromium process under this one, by pid."""
+    seconds = {}
     for child in psutil.Process().children(recursive=True):
         try:
             if "chrom" in child.name():
                 times = child.cpu_times()
-                total += times.user + times.system
+                seconds[child.pid] = times.user + times.system
         except psutil.NoSuchProcess:
             pass
-    return total
+    return seconds
 
 
 def ready_seconds(html: Path, loads: int) -> list[tuple[float, float]]:
@@ -91,8 +91,10 @@ def ready_seconds(html: Path, loads: int) -> list[tuple[float, float]]:
                 if errors or time.monotonic() > deadline:
                     raise SystemExit(f"the page did not become ready: {errors}")
                 time.sleep(0.05)
-            cpu = chromium_cpu_seconds() - cpu
-            times.append((page.evaluate("window.gradflowReadyMs") / 1000, cpu))
+            # Processes that ended meanwhile (the previous page's) are left out.
+            after = chromium_cpu_seconds()
+            used = sum(seconds - cpu.get(pid, 0.0) for pid, seconds in after.items())
+            times.append((page.evaluate("window.gradflowReadyMs") / 1000, used))
             page.close()
         browser.close()
     return times

@@ -170,6 +170,16 @@ def test_report_opens_offline_and_shows_the_stored_values(
     top = tab.evaluate(f"document.getElementById('{plot}').data[0].zmax")
     assert top == pytest.approx(largest, rel=1e-5)
 
+    # Zoom: dragging over steps 2..8 narrows the time axis to them.
+    start, end = (tab.evaluate(CELL_CENTRE, [plot, 1, col]) for col in (2, 8))
+    tab.mouse.move(start["x"], start["y"])
+    tab.mouse.down()
+    tab.mouse.move(end["x"], end["y"] + 40, steps=8)
+    tab.mouse.up()
+    wait_until(tab, f"document.getElementById('{plot}').layout.xaxis.autorange === false")
+    low, high = tab.evaluate(f"document.getElementById('{plot}').layout.xaxis.range")
+    assert low == pytest.approx(2, abs=0.05) and high == pytest.approx(8, abs=0.05)
+
     assert tab.get_attribute(f"#{plot}", "data-rows") == str(len(layers))
     tab.fill("#layer-filter", "down")
     matching = [lay for lay in layers if "down" in lay[0]]
