@@ -23,6 +23,7 @@ from PIL import Image
 
 from gradflow import Recorder, open_run
 from gradflow.checkpoint import checkpoint_path, load_checkpoint
+from gradflow.cli.main import main
 from gradflow.data import load_dataset
 from gradflow.errors import GradflowError
 from gradflow.models import create_model
@@ -34,6 +35,8 @@ RUN = [
 ]  # fmt: skip
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 INTERRUPTED = re.compile(r"gradflow: interrupted at step (\d+); resume with --resume")
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -94,21 +97,15 @@ class Writer:
                 stream.close()
 
 
-def record(*args: object, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "gradflow.cli.main", "record", *map(str, args)],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=ENV,
-    )
-
-
 def resume_one_more_epoch(out: Path, em: Path) -> int:
-    """Resume ``out`` for one epoch past its checkpoint; the epochs it then holds."""
+    """Resume ``out`` (in this process) for one epoch past its checkpoint; the epochs it
+    then holds."""
     epochs = load_checkpoint(checkpoint_path(out)).epoch + 1
-    done = record(*RUN, "--data", em, "--epochs", epochs, "--out", out, "--resume")
-    assert done.returncode == 0, done.stderr[-3000:]
+    args = [*RUN, "--data", str(em), "--epochs", str(epochs), "--out", str(out), "--resume"]
+    try:
+        main(["record", *args])
+    except SystemExit as done:
+        assert not done.code
     with open_run(out) as run:
         np.testing.assert_array_equal(run.steps, np.arange(2 * epochs))
         assert run.n_epochs == epochs
@@ -146,7 +143,7 @@ def test_second_writer_is_refused_while_the_first_runs(em: Path, tmp_path: Path)
         assert run.epoch_end_step[checkpoint.epoch - 1] == checkpoint.step
 
 
-@pytest.mark.slow  # about 10 s per signal: a run, then its resumption
+@pytest.mark.slow  # about 10 s per signal: a run, then its resumption in this process
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_signal_stops_at_a_step_boundary_and_the_run_resumes(
     em: Path, tmp_path: Path, sig: signal.Signals
