@@ -97,8 +97,9 @@ class Recorder:
     Several optimizers (``[opt_a, opt_b]``): each parameter is measured around the step of
     the optimizer that holds it (parameters no optimizer holds go with the first). A row
     closes when every optimizer has stepped once since it opened, or, when one steps a
-    second time before that, just before that second step; parameters whose optimizer did
-    not step within a row are NaN there.
+    second time before that, just before that second step (or before a step that finds
+    the parameters changed since the row opened); parameters whose optimizer did not step
+    within a row are NaN there.
 
     Layer outputs computed again during backward (activation checkpointing) are not counted
     again. A parameter whose size, dtype or device changed, a new parameter group, or a
@@ -226,6 +227,7 @@ class Recorder:
         self._next_scalars: dict[str, Any] = {}
         self._open_row: dict[str, Any] | None = None
         self._row_steps: set[int] = set()  # optimizers that stepped in the row being measured
+        self._split_steps = 0  # optimizers that stepped in the row split off this one
         self._row_skipped = False
         self._replaying = 0  # inside a second or later call of a step's closure
         self._forward_seen = False  # a forward of the model ran since the Recorder attached
@@ -512,6 +514,13 @@ class Recorder:
         if index in self._row_steps:  # stepped again before every optimizer stepped once
             # Layer calls since this optimizer's last step belong to the row it opens now.
             self._close_step(has_update=True, carry=True)
+        elif self._row_steps and self._active and self._layout_changed():
+            # Parameters changed between two optimizers' steps: the row measured so far
+            # closes with the old layout, this step opens one with the new, which closes
+            # once the optimizers that had not stepped have.
+            stepped = len(self._row_steps)
+            self._close_step(has_update=True, carry=True)
+            self._split_steps = stepped
         if not self._row_steps:
             self._check_layout()
         self._stepped = True
@@ -574,7 +583,7 @@ class Recorder:
         if self._active:
             self._row_logs.append(self._log)
             self._log = CallLog()
-        if len(self._row_steps) >= max(1, len(self._optimizers)):
+        if len(self._row_steps) + self._split_steps >= max(1, len(self._optimizers)):
             self._close_step(has_update=has_update)
 
     def _end_row(self) -> None:
@@ -640,6 +649,7 @@ class Recorder:
             self._no_grad_calls = {}
         self._next_scalars = {}
         self._row_steps = set()
+        self._split_steps = 0
         self._row_skipped = False
         self._rows_unseen += not self._forward_seen
         self.step += 1
@@ -774,17 +784,19 @@ class Recorder:
     def _check_layout(self, always: bool = False) -> None:
         """Re-derive the layers' parameters if any changed (on recorded steps, or
         ``always``)."""
-        if not (self._layout_sent and (self._active or always)):
-            return
+        if self._layout_sent and (self._active or always) and self._layout_changed():
+            self._rederive()
+
+    def _layout_changed(self) -> bool:
         probe = self._param_probe or self._epoch_probe
-        if (
+        return (
             self._dirty
             or [len(opt.param_groups) for opt in self._optimizers] != self._n_groups
             or (probe is not None and probe.current_signature() != probe.signature)
-        ):
-            self._rederive()
+        )
 
     def _rederive(self) -> None:
+        self._finalize_row()  # written with the layout it was measured with
         self._dirty = False
         self._module_ids = {id(m) for m in self.model.modules()}
         old = {lay.name: lay for lay in self._layers}

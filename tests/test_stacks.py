@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from functools import partial
 from typing import Any, cast
 
@@ -800,3 +801,114 @@ def test_bf16_parameters_channels_last_and_autocast(case: str, tmp_path) -> None
     ref = Reference(model, ["0", "2", "4"])
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=case == "autocast"):
         loop(model, opt, tmp_path / "r.h5", ref, data)
+
+
+def test_parameters_changed_between_two_optimizers_steps_split_the_row(tmp_path) -> None:
+    model = mlp()
+    opt_a = torch.optim.SGD(list(model[0].parameters()) + list(model[4].parameters()), lr=0.1)
+    opt_b = torch.optim.Adam(model[2].parameters(), lr=1e-2)
+    ref = Reference(model, ["0", "2", "4"])
+    path = tmp_path / "r.h5"
+    with Recorder(model, [opt_a, opt_b], path) as rec:
+        for step, (x, y) in enumerate(batches(3)):
+            opt_a.zero_grad()
+            opt_b.zero_grad()
+            nn.functional.mse_loss(model(x), y).backward()
+            ref.weights_and_grads()
+            opt_a.step()
+            if step == 1:  # layer 2 shrinks to 7 units after opt_a stepped, before opt_b
+                ref.row([True, False, True])
+                with torch.no_grad():
+                    model[2].weight.data = torch.randn(7, 12)
+                    model[2].bias.data = torch.randn(7)
+                    model[4].weight.data = torch.randn(3, 7)
+                for p in (model[2].weight, model[2].bias, model[4].weight):
+                    p.grad = None
+                opt_b.state.clear()
+                ref.weights_and_grads()
+                opt_b.step()
+                ref.row([False, True, False])
+            else:
+                opt_b.step()
+                ref.row()
+        assert rec.step == 4  # the changed step took two rows
+    ref.check(path)
+
+
+@pytest.mark.parametrize(
+    "reentrant",
+    [pytest.param(True, marks=pytest.mark.slow), False],  # reentrant: ~20 s compiling
+    ids=["reentrant", "non-reentrant"],
+)
+def test_checkpointing_under_torch_compile(reentrant: bool, tmp_path) -> None:
+    plain = Blocks(None)
+    ref = Reference(plain, BLOCK_LAYERS)
+    plain_steps(plain, [torch.optim.SGD(plain.parameters(), lr=0.1)], tmp_path / "plain.h5", ref)
+    with fresh_dynamo():
+        model = Blocks(reentrant)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        with Recorder(model, opt, tmp_path / "c.h5"):
+            compiled = cast(nn.Module, torch.compile(model, backend="aot_eager"))
+            for x, y in batches(3):
+                opt.zero_grad()
+                nn.functional.mse_loss(compiled(x), y).backward()
+                opt.step()
+    ref.bind(model)
+    ref.capturing = False
+    ref.check(tmp_path / "c.h5")
+
+
+class Tied(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Embedding(10, 6)
+        self.head = nn.Linear(6, 10)
+        self.head.weight = self.embed.weight  # tied: recorded with its first owner
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.embed(x)))
+
+
+def test_tied_weight_is_recorded_once_with_its_first_owner(tmp_path) -> None:
+    model = Tied()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x = torch.randint(0, 10, (4, 3), generator=torch.Generator().manual_seed(5))
+    with Recorder(model, opt, tmp_path / "r.h5", probes="param"):
+        opt.zero_grad()
+        model(x).square().mean().backward()
+        # Both uses' gradients, summed by autograd into the one tensor.
+        grads = [model.embed.weight.grad, model.head.bias.grad]
+        want = [g.double().norm() for g in grads if g is not None]
+        opt.step()
+    with open_run(tmp_path / "r.h5") as run:
+        assert run.layer_names == ["embed", "head"]
+        assert [lay.n_params for lay in run.layers] == [60, 10]
+        np.testing.assert_allclose(run.stat("param", "grad_norm")[0], want, rtol=RTOL)
+
+
+@dataclass
+class Output:
+    mask: torch.Tensor
+    hidden: torch.Tensor
+
+
+class ReturnsDataclass(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(6, 4)
+
+    def forward(self, x: torch.Tensor) -> Output:
+        return Output(mask=x > 0, hidden=self.proj(x))
+
+
+def test_layer_output_in_a_dataclass_is_measured(tmp_path) -> None:
+    torch.manual_seed(0)
+    model = ReturnsDataclass()
+    ((x, _),) = batches(1)
+    with Recorder(model, None, tmp_path / "r.h5", probes="activation"):
+        out = model(x)
+        out.hidden.sum().backward()
+    hidden = out.hidden.detach().double()
+    with open_run(tmp_path / "r.h5") as run:  # the first floating-point field
+        np.testing.assert_allclose(run.stat("activation", "mean")[0, 0], hidden.mean(), rtol=RTOL)
