@@ -47,7 +47,15 @@ import h5py
 import numpy as np
 
 from gradflow.errors import GradflowError, unknown_name
-from gradflow.validate import Layout, check_layout, check_rows, open_hdf5, printable, read_counts
+from gradflow.validate import (
+    Layout,
+    check_layout,
+    check_rows,
+    in_child,
+    open_hdf5,
+    printable,
+    read_counts,
+)
 
 if sys.platform == "win32":  # no flock(): a second writer is not detected there
     fcntl = None
@@ -922,8 +930,9 @@ def _text(value: bytes) -> str:
 def open_run(path: str | os.PathLike[str]) -> Run:
     """Open a run file for reading; any problem raises one clear :class:`GradflowError`.
 
-    The file is checked against the schema before any data is used (see
-    :mod:`gradflow.validate`); opening never hangs on a damaged file.
+    The file is checked against the schema before any data is used, first in a child
+    process with a time limit (see :mod:`gradflow.validate`): opening any file, damaged or
+    crafted, gives an answer within seconds.
     """
     p = Path(path)
     if not p.exists():
@@ -937,6 +946,15 @@ def open_run(path: str | os.PathLike[str]) -> Run:
     with open(p, "rb") as fh:
         if fh.read(8) != _HDF5_SIGNATURE:
             raise GradflowError(f"{p}: not an HDF5 file, so not a gradflow run")
+    in_child(p, _check_run, "gradflow.store:_check_run")
+    return _load(p)
+
+
+def _check_run(path: Path) -> None:
+    _load(path).close()
+
+
+def _load(p: Path) -> Run:
     try:
         f = open_hdf5(p)
     except OSError as err:

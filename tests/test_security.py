@@ -13,6 +13,7 @@ import json
 import os
 import random
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -120,10 +121,10 @@ def damaged(data: bytes, seed: int) -> Iterator[tuple[str, bytes]]:
     blocks = _metadata_offsets(data)
     assert len(blocks) > 20, "the run file should have many metadata blocks"
     cuts = {8, 11, 12, 47, 48, 100, 200, 511, 1024, size // 2, size - 1}
-    cuts |= {rng.randrange(1, size) for _ in range(40)}
+    cuts |= {rng.randrange(1, size) for _ in range(30)}
     for cut in sorted(cuts):
         yield f"truncated at {cut}", data[:cut]
-    for i in range(120):
+    for i in range(100):
         if i % 3 == 0:
             offset = rng.choice(blocks) + rng.randrange(64)
         elif i % 3 == 1:
@@ -133,7 +134,7 @@ def damaged(data: bytes, seed: int) -> Iterator[tuple[str, bytes]]:
         mutated = bytearray(data)
         mutated[offset % size] ^= 1 << rng.randrange(8) if i % 2 else 0xFF
         yield f"byte {offset % size} flipped", bytes(mutated)
-    for _ in range(40):
+    for _ in range(36):
         mutated = bytearray(data)
         offsets = [rng.randrange(size) for _ in range(rng.randrange(2, 9))]
         for offset in offsets:
@@ -434,17 +435,60 @@ def test_planted_h5py_beside_a_truncated_file_does_not_run(good: Path, tmp_path:
     assert not marker.exists()
 
 
-def test_live_file_probe_is_isolated(good: Path, tmp_path: Path) -> None:
-    """Where HDF5's read attempts cannot be limited, a live file's metadata is read first in
-    an isolated, time-limited child: it must not import from the file's folder either."""
+def test_spawned_check_is_isolated(
+    good: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without fork() the first check runs in a fresh interpreter: an isolated one, which
+    does not import from the current directory or the file's folder."""
     from gradflow import validate
 
+    monkeypatch.setattr(validate, "_FORK", False)
     marker = tmp_path / "marker"
     (tmp_path / "h5py.py").write_text(PLANT.format(marker=str(marker)))
-    path = tmp_path / "run.h5"
-    shutil.copyfile(good, path)
-    validate._probe_in_child(path)
+    (tmp_path / "gradflow.py").write_text(PLANT.format(marker=str(marker)))
+    monkeypatch.chdir(tmp_path)
+    data = good.read_bytes()
+    Path("run.h5").write_bytes(data[: len(data) * 3 // 4])
+    with pytest.raises(GradflowError, match="damaged or truncated"):
+        open_run("run.h5")
+    shutil.copyfile(good, "good.h5")
+    with open_run("good.h5") as run:
+        assert run.n_steps == 6
     assert not marker.exists()
+
+
+def _heap_free_space(data: bytes) -> int:
+    """Offset of the size of the free space in the file's first global heap collection
+    (where the attributes' text is stored)."""
+    start = data.index(b"GCOL")
+    end, pos = start + int.from_bytes(data[start + 8 : start + 16], "little"), start + 16
+    while pos + 16 <= end:
+        length = int.from_bytes(data[pos + 8 : pos + 16], "little")
+        if int.from_bytes(data[pos : pos + 2], "little") == 0:
+            return pos + 8
+        pos += 16 + (length + 7) // 8 * 8
+    raise AssertionError("no free space object in the global heap")
+
+
+def test_file_on_which_hdf5_loops_forever(good: Path, tmp_path: Path) -> None:
+    """One flipped byte in the global heap makes HDF5 loop forever reading the attributes
+    (plain mode, uninterruptible): the time-limited child answers instead."""
+    data = bytearray(good.read_bytes())
+    data[_heap_free_space(bytes(data))] ^= 0xFF
+    path = tmp_path / "loops.h5"
+    path.write_bytes(bytes(data))
+    answer, seconds = outcome(path)
+    assert "no answer within" in answer and seconds < LIMIT_S, (answer, seconds)
+
+
+def test_crash_in_the_child_is_one_line(good: Path) -> None:
+    from gradflow import validate
+
+    def crash(_: Path) -> None:
+        os.kill(os.getpid(), signal.SIGSEGV)
+
+    with pytest.raises(GradflowError, match="crashed HDF5: signal 11"):
+        validate.in_child(good, crash, "unused:unused")
 
 
 KILLED_WRITER = (
