@@ -84,6 +84,9 @@ def test_heat_maps_are_the_run_files_values_binned_to_the_screen(long_run: Path)
         "grad_output/norm",
         "activation/zero_fraction",
     ]
+    summary = data["runs"][0]["summary"]  # what `gradflow info` prints
+    assert "1200 recorded (steps 0..1199)" in summary and "12 closed" in summary
+    assert "health: no vanishing or exploding updates" in summary
     curves = data["runs"][0]["curves"]
     assert curves["metrics"]["val_loss"]["x"] == list(range(12))
     np.testing.assert_allclose(

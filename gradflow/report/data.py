@@ -8,18 +8,19 @@ by layer, so that a 1000-layer run stays a few megabytes and the page decodes it
 from __future__ import annotations
 
 import base64
+import io
 import json
-from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 from matplotlib.colors import to_hex
+from rich.console import Console
 
 from gradflow.errors import GradflowError
 from gradflow.plots.binning import LayerTime, bin_means, bin_starts, common_window, load
-from gradflow.plots.health import health
-from gradflow.plots.info import overhead_line
+from gradflow.plots.heatmap import _listing
+from gradflow.plots.info import report as info_report
 from gradflow.plots.selection import match_layers, select_layers, stages
 from gradflow.plots.style import (
     BAD_COLOUR,
@@ -35,6 +36,7 @@ from gradflow.store import Layer, Run
 
 SCREEN_BINS = 500
 CURVE_POINTS = 2000
+SUMMARY_WIDTH = 110
 HEATMAP_STATS = (
     "epoch/update_abs_mean",
     "param/update_ratio",
@@ -90,38 +92,11 @@ def _events(run: Run) -> list[dict[str, Any]]:
     return [{"layer": ev.layer, "step": ev.step, "epoch": ev.epoch, "probe": ev.probe}]
 
 
-def _megabytes(n_bytes: int) -> str:
-    return f"{n_bytes / 1e6:.1f} MB" if n_bytes >= 1e5 else f"{n_bytes / 1e3:.0f} kB"
-
-
-def _facts(run: Run) -> list[list[str]]:
-    attrs = run.attrs
-    steps = run.steps
-    kinds = ", ".join(f"{k} {n}" for k, n in Counter(lay.kind for lay in run.layers).items())
-    stats = [f"{p}: {', '.join(names)}" for p, names in run.probes().items()]
-    if run.epoch_stats():
-        stats.append(f"epoch: {', '.join(run.epoch_stats())}")
-    return [
-        ["file", f"{run.path.name} ({_megabytes(run.path.stat().st_size)})"],
-        ["created", str(attrs.get("created", "?"))],
-        [
-            "versions",
-            f"schema v{attrs.get('schema_version')}, gradflow {attrs.get('gradflow_version', '?')}"
-            f", torch {attrs.get('torch_version', '?')}",
-        ],
-        ["device", f"{attrs.get('device', '?')}, world size {attrs.get('world_size', 1)}"],
-        [
-            "steps",
-            f"{run.n_steps} recorded" + (f" ({steps[0]}..{steps[-1]})" if len(steps) else ""),
-        ],
-        ["epochs", f"{run.n_epochs} closed"],
-        [
-            "layers",
-            f"{run.n_layers} ({kinds}), {sum(lay.n_params for lay in run.layers):,} parameters",
-        ],
-        ["statistics", "; ".join(stats)],
-        ["overhead", overhead_line(run) or "not recorded"],
-    ]
+def _summary(run: Run) -> str:
+    """What ``gradflow info`` prints for ``run``: facts, overhead and the health table."""
+    console = Console(record=True, width=SUMMARY_WIDTH, file=io.StringIO(), color_system=None)
+    console.print(info_report(run))
+    return "\n".join(line.rstrip() for line in console.export_text().splitlines())
 
 
 def _curves(run: Run) -> dict[str, Any]:
@@ -148,14 +123,10 @@ def _run(run: Run, label: str, drawn: list[Layer]) -> dict[str, Any]:
         "file": run.path.name,
         "steps": run.n_steps,
         "epochs": run.n_epochs,
-        "facts": _facts(run),
+        "summary": _summary(run),
         "config": [
             [k, v if isinstance(v, str) else json.dumps(v, default=str)]
             for k, v in run.config.items()
-        ],
-        "health": [
-            {"check": f.check, "layer": f.layer, "value": f.value, "detail": f.detail}
-            for f in health(run)
         ],
         "layers": [{"name": lay.name, "kind": lay.kind, "depth": lay.depth} for lay in drawn],
         "stage_of": stage_of.tolist(),
@@ -177,8 +148,7 @@ def _diff(
     ``diff-heatmap``."""
     matched = match_layers(drawn[0], drawn[1])
     only = [
-        f"only in {label} ({len(names)}): {', '.join(names[:6])}"
-        + (f", ... (+{len(names) - 6} more)" if len(names) > 6 else "")
+        f"only in {label} ({len(names)}): {_listing(names)}"
         for label, names in zip(labels, (matched.only_a, matched.only_b), strict=True)
         if names
     ]

@@ -49,13 +49,8 @@
     return node;
   }
 
-  function table(rows, head) {
+  function table(rows) {
     const t = el("table");
-    if (head) {
-      const tr = el("tr");
-      head.forEach((h) => tr.appendChild(el("th", h)));
-      t.appendChild(tr);
-    }
     rows.forEach((cells) => {
       const tr = el("tr");
       cells.forEach((c) => tr.appendChild(el("td", c)));
@@ -354,11 +349,7 @@
       count.id = `run-${i}-steps`;
       count.dataset.steps = String(run.steps);
       card.appendChild(count);
-      card.appendChild(table(run.facts));
-      card.appendChild(el("h3", "health"));
-      card.appendChild(run.health.length
-        ? table(run.health.map((f) => [f.check, f.layer, f.value, f.detail]), ["check", "layer", "value", "detail"])
-        : el("p", "no vanishing or exploding updates, dead units or non-finite values"));
+      card.appendChild(el("pre", run.summary, "summary")); // as `gradflow info` prints it
       const cfg = el("details");
       cfg.appendChild(el("summary", `config (${run.config.length} entries)`));
       cfg.appendChild(table(run.config));
