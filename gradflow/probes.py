@@ -480,7 +480,8 @@ class Replayed:
 
 
 class Snapshot:
-    """A float32 copy of (the local shards of) tensors in one flat buffer.
+    """A float32 copy (float64 if any is float64) of (the local shards of) tensors in one
+    flat buffer.
 
     Each tensor starts on a row of ``BLOCK`` elements (the gaps stay zero), so every
     per-tensor reduction is one vectorised reduction over the rows (float32 within a
@@ -499,6 +500,10 @@ class Snapshot:
         # Plain parameters are read as they are (under no_grad): no per-step wrappers.
         self._sources: list[torch.Tensor] | None = None if sharded else list(self.params)
         self._shapes = [local(p).shape for p in self.params]
+        # float64 parameters keep a float64 copy: a float32 one would round W_before by
+        # ~6e-8 of W, a large error in updates of 1e-5 of W and below.
+        wide = any(local(p).dtype == torch.float64 for p in self.params)
+        self.dtype = torch.float64 if wide else torch.float32
         sizes = np.array([local(p).numel() for p in self.params], dtype=np.int64)
         n_rows = -(-sizes // self.BLOCK)
         self._starts = np.concatenate([[0], np.cumsum(n_rows)[:-1]]).astype(np.int64)
@@ -536,7 +541,7 @@ class Snapshot:
 
     def _buffer(self) -> list[torch.Tensor]:
         if not self._views:  # allocated at first use: unrecorded runs cost no memory
-            flat = torch.zeros(self._n_rows * self.BLOCK, dtype=torch.float32, device=self.device)
+            flat = torch.zeros(self._n_rows * self.BLOCK, dtype=self.dtype, device=self.device)
             self._rows = flat.view(self._n_rows, self.BLOCK)
             self._views = [
                 flat[start * self.BLOCK : start * self.BLOCK + size].view(shape)
