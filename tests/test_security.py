@@ -481,6 +481,30 @@ def test_file_on_which_hdf5_loops_forever(good: Path, tmp_path: Path) -> None:
     assert "no answer within" in answer and seconds < LIMIT_S, (answer, seconds)
 
 
+def test_ctrl_c_stops_info_on_a_looping_file(good: Path, tmp_path: Path) -> None:
+    psutil = pytest.importorskip("psutil")
+    data = bytearray(good.read_bytes())
+    data[_heap_free_space(bytes(data))] ^= 0xFF
+    (tmp_path / "loops.h5").write_bytes(bytes(data))
+    script = Path(sys.executable).with_name("gradflow")
+    command = [str(script)] if script.exists() else [sys.executable, "-m", "gradflow.cli.main"]
+    proc = subprocess.Popen(
+        [*command, "info", "loops.h5"], cwd=tmp_path, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        parent, deadline = psutil.Process(proc.pid), time.monotonic() + 30
+        while not parent.children() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        children = parent.children()
+        assert children, "the check should run in a child process"
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=3) == 130
+        assert proc.stderr is not None and "Traceback" not in proc.stderr.read()
+        assert not any(child.is_running() for child in children)
+    finally:
+        proc.kill()
+
+
 def test_crash_in_the_child_is_one_line(good: Path) -> None:
     from gradflow import validate
 
