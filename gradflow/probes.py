@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any
 
@@ -120,8 +120,15 @@ def order_by_first_call(layers: Sequence[LayerSpec], call_order: dict[str, int])
 def first_tensor(output: Any) -> torch.Tensor | None:
     """The first floating-point tensor in a module output (tensor, tuple, list, dict or
     dataclass, e.g. a transformers ``ModelOutput``)."""
+    return next(floating_tensors(output), None)
+
+
+def floating_tensors(output: Any) -> Iterator[torch.Tensor]:
+    """The floating-point tensors in a module output, in order (see :func:`first_tensor`)."""
     if isinstance(output, torch.Tensor):
-        return output if output.is_floating_point() else None
+        if output.is_floating_point():
+            yield output
+        return
     if isinstance(output, (tuple, list)):
         items = list(output)
     elif isinstance(output, dict):
@@ -129,12 +136,9 @@ def first_tensor(output: Any) -> torch.Tensor | None:
     elif is_dataclass(output) and not isinstance(output, type):
         items = [getattr(output, f.name) for f in fields(output)]
     else:
-        return None
+        return
     for item in items:
-        found = first_tensor(item)
-        if found is not None:
-            return found
-    return None
+        yield from floating_tensors(item)
 
 
 class HostRows:

@@ -30,6 +30,7 @@ from gradflow.probes import (
     Snapshot,
     discover_layers,
     first_tensor,
+    floating_tensors,
     grad_output_hook,
     order_by_first_call,
 )
@@ -101,11 +102,13 @@ class Recorder:
     the parameters changed since the row opened); parameters whose optimizer did not step
     within a row are NaN there.
 
-    Layer outputs computed again during backward (activation checkpointing) are not counted
-    again. A parameter whose size, dtype or device changed, a new parameter group, or a
-    replaced submodule make the next recorded step measure the new parameters (the run
-    file's layers keep the sizes they were written with); a change of the set of recorded
-    layers raises :class:`GradflowError`.
+    A parameter without a gradient at the step (an unused branch, frozen after attaching)
+    counts as a zero gradient; a layer not called within a row has NaN activation and
+    output-gradient statistics there. Layer outputs computed again during backward
+    (activation checkpointing) are not counted again. A parameter whose size, dtype or
+    device changed, a new parameter group, or a replaced submodule make the next recorded
+    step measure the new parameters (the run file's layers keep the sizes they were
+    written with); a change of the set of recorded layers raises :class:`GradflowError`.
 
     Args:
         model: the module to watch (DDP and ``torch.compile`` wrappers are unwrapped).
@@ -230,6 +233,7 @@ class Recorder:
         self._split_steps = 0  # optimizers that stepped in the row split off this one
         self._row_skipped = False
         self._replaying = 0  # inside a second or later call of a step's closure
+        self._backward_task = -1  # the backward pass whose end makes a row (no optimizer)
         self._forward_seen = False  # a forward of the model ran since the Recorder attached
         self._rows_unseen = 0  # rows closed before any forward was seen
         self._stepped = False
@@ -464,9 +468,10 @@ class Recorder:
         if not self._layout_sent:
             self._ensure_layout()
         if not self._optimizers and self._active:
-            out = first_tensor(output)
-            if out is not None and out.requires_grad:
-                out.register_hook(self._queue_backward_end)
+            # Every output: a loss may use any of them (one row per backward, see below).
+            for out in floating_tensors(output):
+                if out.requires_grad:
+                    out.register_hook(self._queue_backward_end)
 
     def _on_layer_output(self, layer_id: int, module: nn.Module, args: Any, output: Any) -> None:
         if self._active and module.training:
@@ -497,7 +502,10 @@ class Recorder:
         return self._log
 
     def _queue_backward_end(self, grad: torch.Tensor) -> None:
-        torch.autograd.Variable._execution_engine.queue_callback(self._on_backward_end)
+        task = torch._C._current_graph_task_id()
+        if task != self._backward_task:  # once per backward, however many outputs it reaches
+            self._backward_task = task
+            torch.autograd.Variable._execution_engine.queue_callback(self._on_backward_end)
 
     def _on_backward_end(self) -> None:
         self._ensure_layout()
