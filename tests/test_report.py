@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import re
 import signal
 import subprocess
@@ -211,6 +212,21 @@ def test_live_data_is_reread_at_most_once_per_interval(tmp_path: Path) -> None:
     finally:
         writer.kill()
         writer.communicate()
+
+
+def test_live_data_survives_a_bad_file_and_reads_the_next_good_one(tmp_path: Path) -> None:
+    path = write_run(tmp_path / "run.h5", epochs=1)
+    live = LiveRuns([path], min_interval=0.0)
+    try:
+        (tmp_path / "junk").write_text("not a run\n")
+        os.replace(tmp_path / "junk", path)
+        status = json.loads(live.status())
+        assert status["counts"] == [[10, 1, 0]] and "not an HDF5 file" in status["error"]
+        assert json.loads(live.data())["runs"][0]["epochs"] == 1  # the last good data
+        os.replace(write_run(tmp_path / "next.h5", epochs=3), path)
+        assert json.loads(live.status()) == {"counts": [[30, 3, 0]], "error": ""}
+    finally:
+        live.close()
 
 
 @pytest.fixture

@@ -56,7 +56,7 @@ class LiveRuns:
         self.paths = list(paths)
         self.min_interval = min_interval
         self.max_bins = max_bins
-        self._runs: list[Run] = []
+        self._runs: list[Run | None] = []  # None: closed, to be opened again
         self._ids: list[tuple[int, int]] = []
         self._lock = threading.Lock()
         self._read_at = -float("inf")
@@ -73,23 +73,31 @@ class LiveRuns:
         self._read()
 
     def _read(self) -> None:
+        runs = []
         for i, path in enumerate(self.paths):
+            run = self._runs[i]
             # A run that closes cleanly is rewritten compressed and renamed into place.
             try:
                 replaced = _file_id(path) != self._ids[i]
             except OSError:
                 replaced = False  # mid-rename: read the open file this time
-            if not replaced:
+            if run is not None and not replaced:
                 try:
-                    self._runs[i].refresh()
+                    run.refresh()
+                    runs.append(run)
                     continue
                 except GradflowError:
                     pass  # HDF5 could not follow the file's growth: read it afresh
-            self._runs[i].close()
-            self._runs[i], self._ids[i] = open_run(path), _file_id(path)
-        counts = [[run.n_steps, run.n_epochs, run.n_events] for run in self._runs]
+            if run is not None:
+                # Closed first: a second handle in this process would share its stale state.
+                run.close()
+                self._runs[i] = None
+            self._ids[i] = _file_id(path)
+            self._runs[i] = run = open_run(path)
+            runs.append(run)
+        counts = [[run.n_steps, run.n_epochs, run.n_events] for run in runs]
         if counts != self._counts:
-            self._data = to_json(payload(self._runs, self.max_bins)).encode()
+            self._data = to_json(payload(runs, self.max_bins)).encode()
             self._counts = counts
 
     def refresh(self) -> None:
@@ -119,7 +127,8 @@ class LiveRuns:
     def close(self) -> None:
         """Close every run file."""
         for run in self._runs:
-            run.close()
+            if run is not None:
+                run.close()
 
 
 def _handler(live: LiveRuns, html: bytes, check_host: bool) -> type[BaseHTTPRequestHandler]:
