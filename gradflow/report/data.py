@@ -36,7 +36,7 @@ from gradflow.store import Layer, Run
 
 SCREEN_BINS = 500
 CURVE_POINTS = 2000
-SUMMARY_WIDTH = 110
+SUMMARY_WIDTH = 88  # two runs side by side fit a 1400-pixel window
 HEATMAP_STATS = (
     "epoch/update_abs_mean",
     "param/update_ratio",
