@@ -99,12 +99,13 @@ def discover_layers(model: nn.Module, keep: frozenset[int] = frozenset()) -> lis
 
 def order_by_first_call(layers: Sequence[LayerSpec], call_order: dict[str, int]) -> list[LayerSpec]:
     """Sort layers by the first call of themselves or, if never called, their nearest called
-    ancestor (so ``attn.out_proj``, used functionally, sits right after ``attn``)."""
+    ancestor below the model (so ``attn.out_proj``, used functionally, sits right after
+    ``attn``); layers with neither go last."""
 
     def key(lay: LayerSpec) -> tuple[float, int]:
         name = lay.name
         while True:
-            if name in call_order:
+            if name in call_order and (name or not lay.name):
                 own = name == lay.name
                 return (call_order[name] + (0.0 if own else 0.5), lay.reg_index)
             if not name:

@@ -806,15 +806,17 @@ class Recorder:
     def _rederive(self) -> None:
         self._finalize_row()  # written with the layout it was measured with
         self._dirty = False
-        self._module_ids = {id(m) for m in self.model.modules()}
+        known, self._module_ids = self._module_ids, {id(m) for m in self.model.modules()}
         old = {lay.name: lay for lay in self._layers}
-        # Parameters frozen since they were recorded stay recorded (no gradient: 0).
+        # Parameters frozen since they were recorded stay recorded (no gradient: 0); layers
+        # frozen when the layout was taken stay unrecorded once unfrozen, as they are
+        # between re-derivations.
         recorded = frozenset(id(p) for lay in self._layers for p in lay.params)
         try:
             found = _select(discover_layers(self.model, keep=recorded), self._select)
         except GradflowError:
             found = []
-        new = {lay.name: lay for lay in found}
+        new = {lay.name: lay for lay in found if lay.name in old or id(lay.module) not in known}
         if set(new) != set(old):
             added = ", ".join(sorted(set(new) - set(old))) or "none"
             gone = ", ".join(sorted(set(old) - set(new))) or "none"
@@ -822,7 +824,7 @@ class Recorder:
                 f"{self.path}: the model's recorded layers changed (new: {added}; gone: {gone}) "
                 "but a run file's layers are fixed: record the changed model into a new run file"
             )
-        for lay in found:
+        for lay in new.values():
             lay.reg_index, lay.depth = old[lay.name].reg_index, old[lay.name].depth
         self._layers = [new[lay.name] for lay in self._layers]
         self._hook_layers()

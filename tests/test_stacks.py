@@ -744,13 +744,32 @@ def test_frozen_layer_and_unused_branch_have_zero_gradient(tmp_path) -> None:
 
     loop(model, opt, tmp_path / "r.h5", ref, batches(3), before=before)
     with open_run(tmp_path / "r.h5") as run:
-        inp, left, right = (run.layer_names.index(n) for n in ("inp", "left", "right"))
+        # Forward order; "right", not called before the layout was taken, goes last.
+        assert run.layer_names == ["inp", "left", "right"]
+        inp, left, right = 0, 1, 2
         grad = run.stat("param", "grad_norm")
         assert grad[0, right] == 0 and grad[1, left] == 0 and grad[2, inp] == 0
         # torch optimizers skip a parameter without a gradient; an uncalled layer's
         # activations are NaN (not measured), not 0.
         assert run.stat("param", "update_norm")[1, left] == 0
         assert np.isnan(run.stat("activation", "mean")[1, left])
+
+
+def test_layer_unfrozen_after_attaching_stays_unrecorded(tmp_path) -> None:
+    model = Branches()
+    model.left.requires_grad_(False)  # frozen when the Recorder attaches: not a layer
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    ref = Reference(model, ["inp", "right"])
+
+    def before(step: int) -> None:
+        model.use_right = step != 1
+        if step == 1:
+            model.left.requires_grad_(True)
+            opt.add_param_group({"params": [nn.Parameter(torch.zeros(1))]})  # re-derives
+
+    loop(model, opt, tmp_path / "r.h5", ref, batches(3), before=before)
+    with open_run(tmp_path / "r.h5") as run:
+        assert run.layer_names == ["inp", "right"]
 
 
 class SharedBlock(nn.Module):
