@@ -4,8 +4,10 @@ Writes a synthetic run (``param/update_ratio``, ``param/grad_norm``, ``grad_outp
 ``activation/zero_fraction`` every step, epoch updates every 1000 steps) into a temporary
 directory, times the report from ``open_run`` to the written HTML, then opens the file in
 headless system Chromium ``--loads`` times and reads how long after the start of navigation
-the page was interactive: every heat map and curve drawn, the hover, filter and colour
-controls attached (``window.gradflowReadyMs``). Run: ``python benchmarks/report_speed.py``.
+the page was interactive (the plots on screen drawn, the hover, filter and colour controls
+attached: ``window.gradflowReadyMs``) and the CPU time Chromium used until then; then the
+same for a page holding nothing but plotly.js, the floor of any plotly page.
+Run: ``python benchmarks/report_speed.py``.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import chromium
 from runfiles import SyntheticRun, conv_stack
 
 from gradflow.report import build_report
+from gradflow.report.page import plotly_js
 
 SIZE_LIMIT_MB = 20.0
 READY_LIMIT_S = 3.0
@@ -120,6 +123,16 @@ def main() -> None:
         loads = ready_seconds(html, args.loads)
         for wall, busy in loads:
             print(f"interactive after {wall:.2f} s (Chromium used {busy:.2f} CPU s)")
+        # The floor: a page with nothing but plotly.js, ready once it has run.
+        bare = Path(tmp) / "plotly_only.html"
+        bare.write_text(
+            f"<!DOCTYPE html><html><head><script>{plotly_js()}</script></head><body>"
+            "<script>window.gradflowReadyMs = performance.now(); window.gradflowReady = true"
+            "</script></body></html>",
+            encoding="utf-8",
+        )
+        for wall, busy in ready_seconds(bare, args.loads):
+            print(f"plotly.js alone: ready after {wall:.2f} s (Chromium used {busy:.2f} CPU s)")
     median = statistics.median(wall for wall, _ in loads)
     busy = statistics.median(busy for _, busy in loads)
     verdict = "PASS" if size_mb < SIZE_LIMIT_MB and median < READY_LIMIT_S else "FAIL"

@@ -51,7 +51,8 @@ def _asset(name: str) -> str:
     return (resources.files("gradflow.report") / name).read_text(encoding="utf-8")
 
 
-def _plotly_js() -> str:
+def plotly_js() -> str:
+    """plotly.js, minified, as the plotly package ships it (about 4.8 MB)."""
     try:
         return (resources.files("plotly") / "package_data" / "plotly.min.js").read_text("utf-8")
     except (ModuleNotFoundError, FileNotFoundError) as err:
@@ -64,7 +65,7 @@ def page(data: str, title: str) -> str:
     return _TEMPLATE.format(
         title=html.escape(title),
         css=_asset("report.css"),
-        plotly=_plotly_js(),
+        plotly=plotly_js(),
         data=data,
         script=_asset("report.js"),
     )
