@@ -10,10 +10,13 @@ closure for closure steps), layer outputs are captured by the test's own hooks w
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 from typing import Any, cast
 
 import numpy as np
@@ -970,3 +973,30 @@ def test_without_optimizer_a_loss_on_any_output_makes_one_row(tmp_path) -> None:
             ref.weights_and_grads()
             ref.row()
     ref.check(path, skip=NO_UPDATE)
+
+
+@pytest.mark.slow  # two torchrun processes and one more run: ~30 s
+def test_ddp_with_closure_steps_equals_one_process(tmp_path) -> None:
+    script = Path(__file__).parent / "scripts" / "ddp_closure.py"
+    single, ddp = tmp_path / "single.h5", tmp_path / "ddp.h5"
+    run = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    for cmd in (
+        [sys.executable, str(script), "single", str(single)],
+        [*run, str(script), "ddp", str(ddp)],
+    ):
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
+        assert done.returncode == 0, done.stderr[-3000:]
+    with open_run(single) as ref, open_run(ddp) as got:
+        assert got.n_steps == ref.n_steps == 3 and got.attrs["world_size"] == 2
+        for probe, names in ref.probes().items():
+            # Each rank's loss is the mean over its half of the batch: twice the output
+            # gradients of one process's mean over all of it (the all-reduce averages).
+            scale = 2.0 if probe == "grad_output" else 1.0
+            for stat in names:
+                np.testing.assert_allclose(
+                    got.stat(probe, stat),
+                    scale * ref.stat(probe, stat),
+                    rtol=1e-4 if stat == "std" else RTOL,
+                    atol=1e-7,
+                    err_msg=f"{probe}/{stat}",
+                )
