@@ -131,6 +131,18 @@ def test_runs_share_one_colour_scale_and_differ_by_layer_name(tmp_path: Path) ->
     assert "ratio" not in fractions and len(matrix(fractions["diff"], len(shown))) == len(shown)
 
 
+def test_the_first_non_finite_value_is_marked(tmp_path: Path) -> None:
+    path = tmp_path / "nan.h5"
+    with SyntheticRun(path, fcn_layers()) as run:
+        run.steps(10).epoch()
+        run.nonfinite(7, "up1.0.conv", probe="grad_output")
+    with open_run(path) as opened:
+        data = payload([opened])
+    assert data["runs"][0]["events"] == [
+        {"layer": "up1.0.conv", "step": 7, "epoch": 0, "probe": "grad_output"}
+    ]
+
+
 def test_the_report_is_one_file_that_needs_no_network(tmp_path: Path) -> None:
     hostile = "</script><script>alert(1)</script>"
     layers = [*fcn_layers()[:-1], Layer(21, hostile, "conv", "Conv2d", 21, 9, "")]
