@@ -612,21 +612,14 @@ def recorder_variant(
 @contextlib.contextmanager
 def torch_kernels() -> Iterator[None]:
     """Recorders that pick their CPU kernels inside this block use torch operations, as the
-    whole process does with ``GRADFLOW_NATIVE=0`` (gradflow decides that once per process,
-    so the choice is reset on entry and on exit)."""
+    whole process does with ``GRADFLOW_NATIVE=0``. gradflow decides that once per process:
+    the decision is stood in for inside the block, and the process's own stays as it was."""
+    from unittest import mock
+
     from gradflow import native
 
-    before = os.environ.get("GRADFLOW_NATIVE")
-    os.environ["GRADFLOW_NATIVE"] = "0"
-    native._library.cache_clear()
-    try:
+    with mock.patch.object(native, "_library", lambda: native._Loaded(None, "torch")):
         yield
-    finally:
-        if before is None:
-            del os.environ["GRADFLOW_NATIVE"]
-        else:
-            os.environ["GRADFLOW_NATIVE"] = before
-        native._library.cache_clear()
 
 
 # -- interleaved, paired timing -------------------------------------------------------------------
