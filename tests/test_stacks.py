@@ -1000,3 +1000,29 @@ def test_ddp_with_closure_steps_equals_one_process(tmp_path) -> None:
                     atol=1e-7,
                     err_msg=f"{probe}/{stat}",
                 )
+
+
+class Attention(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.inp = nn.Linear(6, 8)
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.out = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.inp(x).view(x.shape[0], 1, 8).expand(-1, 2, -1)
+        a, _ = self.attn(h, h, h)  # (output, attention weights)
+        return self.out(a.mean(1))
+
+
+def test_multihead_attention_with_its_functional_out_proj(tmp_path) -> None:
+    model = Attention()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    # attn.out_proj is applied functionally: its parameters are measured, its output
+    # never (NaN, as in the reference, whose hook on it never fires either).
+    ref = Reference(model, ["inp", "attn", "attn.out_proj", "out"])
+    loop(model, opt, tmp_path / "r.h5", ref, batches(3))
+    with open_run(tmp_path / "r.h5") as run:
+        assert run.layer_names == ["inp", "attn", "attn.out_proj", "out"]
+        assert np.isnan(run.stat("activation", "mean")[:, 2]).all()
