@@ -55,6 +55,7 @@ from gradflow.validate import (
     open_hdf5,
     printable,
     read_counts,
+    read_names,
 )
 
 if sys.platform == "win32":  # no flock(): a second writer is not detected there
@@ -468,7 +469,7 @@ def _write_layout(
     series("scale", np.float32)
     series("skipped", np.uint8)
     series("overhead", np.float32, len(OVERHEAD_COLUMNS)).attrs["columns"] = list(OVERHEAD_COLUMNS)
-    f.create_dataset("scalars/names", shape=(MAX_NAMED,), dtype="S64")
+    f.create_dataset("scalars/names", data=np.zeros(MAX_NAMED, "S64"))
     series("scalars/values", np.float64, MAX_NAMED)
     for probe, names in step_stats.items():
         for stat in names:
@@ -477,7 +478,7 @@ def _write_layout(
     series("epochs/end_step", np.int64)
     for stat in epoch_stats:
         series(f"epochs/{stat}", np.float32, n_layers)
-    f.create_dataset("epochs/metrics/names", shape=(MAX_NAMED,), dtype="S64")
+    f.create_dataset("epochs/metrics/names", data=np.zeros(MAX_NAMED, "S64"))
     series("epochs/metrics/values", np.float64, MAX_NAMED)
     f.create_dataset("events", shape=(0,), maxshape=(None,), dtype=_EVENT_DTYPE, chunks=(64,))
     f.create_dataset("counts", data=np.zeros(3, np.int64))
@@ -704,8 +705,15 @@ class Run:
             counts_ds.refresh()
             counts = read_counts(self.path, counts_ds)
             for ds in self._datasets.values():
-                ds.refresh()
+                # Only growing datasets have extents to re-read; refreshing a fixed-size one
+                # (the name lists, written in place) fails in HDF5 once the writer wrote it.
+                if ds.maxshape != ds.shape or ds.chunks is not None:
+                    ds.refresh()
             check_rows(self.path, self.path.stat().st_size, self._datasets, counts)
+            # A name is written before the first row that uses it is counted.
+            layout = self._layout
+            layout.scalar_names = read_names(self.path, "scalars/names", self._datasets)
+            layout.metric_names = read_names(self.path, "epochs/metrics/names", self._datasets)
         except (OSError, RuntimeError, KeyError, ValueError) as err:
             raise GradflowError(f"{self.path}: damaged run file ({_first_line(err)})") from err
         self.n_steps, self.n_epochs, self.n_events = counts

@@ -168,13 +168,14 @@ def open_hdf5(path: Path) -> h5py.File:
 
 
 def _open_swmr(path: Path) -> h5py.File:
-    setter = _read_attempts_setter()
-    if setter is None:  # the caller's time limit (in_child) still applies
-        return h5py.File(path, "r", libver="latest", swmr=True, locking=False)
     fapl = h5py.h5p.create(h5py.h5p.FILE_ACCESS)
     fapl.set_libver_bounds(h5py.h5f.LIBVER_LATEST, h5py.h5f.LIBVER_LATEST)
+    # No sieve buffer: it would keep serving the name lists as first read, while the
+    # writer fills them in place (they are small, read once per refresh).
+    fapl.set_sieve_buf_size(0)
     fapl.set_file_locking(False, True)
-    if setter(fapl.id, SWMR_READ_ATTEMPTS) < 0:
+    setter = _read_attempts_setter()  # without it, the caller's time limit (in_child) applies
+    if setter is not None and setter(fapl.id, SWMR_READ_ATTEMPTS) < 0:
         raise OSError("cannot limit HDF5's metadata read attempts")
     flags = h5py.h5f.ACC_RDONLY | h5py.h5f.ACC_SWMR_READ
     return h5py.File(h5py.h5f.open(os.fsencode(path), flags, fapl=fapl))
@@ -350,8 +351,8 @@ def check_layout(path: Path, f: h5py.File, max_version: int) -> Layout:
             _check_dtype(path, name, datasets[name], spec)
     check_rows(path, size, datasets, counts)
 
-    scalar_names = _names(path, "scalars/names", datasets)
-    metric_names = _names(path, "epochs/metrics/names", datasets)
+    scalar_names = read_names(path, "scalars/names", datasets)
+    metric_names = read_names(path, "epochs/metrics/names", datasets)
     for table, names in (("scalars/values", scalar_names), ("epochs/metrics/values", metric_names)):
         width = datasets[table].shape[1]
         if width < len(names):
@@ -589,5 +590,6 @@ def _layers(path: Path, ds: h5py.Dataset) -> list[dict[str, Any]]:
     ]
 
 
-def _names(path: Path, name: str, datasets: Mapping[str, h5py.Dataset]) -> list[str]:
+def read_names(path: Path, name: str, datasets: Mapping[str, h5py.Dataset]) -> list[str]:
+    """The non-empty entries of a name list (``/scalars/names``, ``/epochs/metrics/names``)."""
     return [_text(path, bytes(v), f"a name in /{name}") for v in datasets[name][()] if v]

@@ -182,3 +182,39 @@ def test_run_file_layout(tmp_path: Path) -> None:
         assert run.attrs["device"] == "cpu"
         assert run.n_layers == 1 and run.layers[0].n_params == 6
         assert run.overhead["wall"] > 0 and run.overhead["stats"] > 0
+
+
+def test_live_reader_sees_epochs_and_metric_names_written_after_it_opened(tmp_path: Path) -> None:
+    """The metric names are written in place by the writer once the first epoch closes;
+    a reader that opened the file before must refresh past them and read them."""
+    path = tmp_path / "live.h5"
+    script = Path(__file__).parent / "scripts" / "synthetic_writer.py"
+    writer = subprocess.Popen(
+        [sys.executable, str(script), str(path)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert writer.stdin is not None and writer.stdout is not None
+
+    def tell(*commands: str) -> None:
+        for command in commands:
+            writer.stdin.write(command + "\n")
+            writer.stdin.flush()
+            assert writer.stdout.readline() == "ok\n"
+
+    try:
+        tell("steps 3", "commit")
+        with open_run(path) as run:
+            assert (run.n_steps, run.n_epochs, run.metrics) == (3, 0, {})
+            tell("steps 7", "epoch", "commit")
+            run.refresh()
+            assert (run.n_steps, run.n_epochs) == (10, 1)
+            assert run.metrics["train_loss"] == pytest.approx([0.7])
+            tell("steps 10", "epoch", "commit")
+            run.refresh()
+            assert run.metrics["val_loss"] == pytest.approx([0.7, 0.45])
+        tell("close")
+    finally:
+        writer.stdin.close()
+        writer.wait(timeout=30)
