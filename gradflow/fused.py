@@ -3,13 +3,13 @@
 By torch operations, ``[sum, sum of squares, nonzero, non-finite]`` of a layer output
 take five kernel launches and a temporary; in a host-bound training step each launch costs
 the host 10-30 us, hundreds of times per step. This kernel reads the output once and adds
-the four sums (float32 per lane over a program's blocks of 2048 entries, then per
-program; float64 across programs) into a zeroed float64 row with atomics: one launch, no
-host sync. It is opt-in: ``GRADFLOW_TRITON=1`` turns it on, where Triton is installed
-(PyTorch's CUDA wheels bring it) and where it agrees with torch operations on a check input
-at first use; elsewhere :func:`reducer` returns ``None`` and the probes use torch
-operations. It stays off by default until a GPU run of ``benchmarks/gpu.py`` shows it
-faster than torch operations.
+the four sums (float32 per lane over a program's blocks of 2048 entries, of the entries
+less the lane's first finite one; float64 across lanes and programs) into a zeroed float64
+row with atomics: one launch, no host sync. It is opt-in: ``GRADFLOW_TRITON=1`` turns it
+on, where Triton is installed (PyTorch's CUDA wheels bring it) and where it agrees with
+torch operations on a check input at first use; elsewhere :func:`reducer` returns
+``None`` and the probes use torch operations. It stays off by default until a GPU run of
+``benchmarks/gpu.py`` shows it faster than torch operations.
 """
 
 from __future__ import annotations
@@ -46,22 +46,39 @@ def _kernel() -> Any:
     @triton.jit(do_not_specialize=["n", "row"])
     def activation_sums(x_ptr, n, rows_ptr, row, BLOCK: tl.constexpr, F64: tl.constexpr):
         acc = tl.float64 if F64 else tl.float32
-        # Per-lane partial sums over this program's blocks, one tree sum across lanes at the end.
+        # Each lane sums y = x - x0, x0 its first finite entry, and rebuilds x's sums in
+        # float64 (sum = S + c x0, sum_sq = Q + 2 x0 S + c x0^2): var = sum_sq / n - mean^2
+        # then cancels in float64, not in the float32 partial sums.
+        first = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        x0 = tl.load(x_ptr + first, mask=first < n, other=0.0).to(acc)
+        x0 = tl.where((x0 == x0) & (tl.abs(x0) != float("inf")), x0, 0.0)
         total = tl.zeros([BLOCK], acc)
         squares = tl.zeros([BLOCK], acc)
+        count = tl.zeros([BLOCK], tl.int32)
         nonzero = tl.zeros([BLOCK], tl.int32)
         bad = tl.zeros([BLOCK], tl.int32)
         for start in range(tl.program_id(0) * BLOCK, n, tl.num_programs(0) * BLOCK):
             offsets = start + tl.arange(0, BLOCK)
-            # Entries past n read as 0: neither nonzero nor non-finite.
-            x = tl.load(x_ptr + offsets, mask=offsets < n, other=0.0).to(acc)
-            total += x
-            squares += x * x
+            inside = offsets < n
+            # Entries past n read as 0: neither nonzero nor non-finite, and add no y.
+            x = tl.load(x_ptr + offsets, mask=inside, other=0.0).to(acc)
+            y = tl.where(inside, x - x0, 0.0)
+            total += y
+            squares += y * y
+            count += inside.to(tl.int32)
             nonzero += (x != 0).to(tl.int32)
             bad += ((x != x) | (tl.abs(x) == float("inf"))).to(tl.int32)
+        s = total.to(tl.float64)
+        q = squares.to(tl.float64)
+        shift = x0.to(tl.float64)
+        c = count.to(tl.float64)
+        finite = (s == s) & (q == q) & (tl.abs(s) != float("inf")) & (tl.abs(q) != float("inf"))
+        # A lane with NaN or Inf entries: y's sums are x's
+        q = tl.where(finite, q + 2.0 * shift * s + c * shift * shift, q)
+        s = s + c * shift
         out_ptr = rows_ptr + row * 4
-        tl.atomic_add(out_ptr, tl.sum(total, 0).to(tl.float64))
-        tl.atomic_add(out_ptr + 1, tl.sum(squares, 0).to(tl.float64))
+        tl.atomic_add(out_ptr, tl.sum(s, 0))
+        tl.atomic_add(out_ptr + 1, tl.sum(q, 0))
         tl.atomic_add(out_ptr + 2, tl.sum(nonzero, 0).to(tl.float64))
         tl.atomic_add(out_ptr + 3, tl.sum(bad, 0).to(tl.float64))
 
