@@ -1026,3 +1026,34 @@ def test_multihead_attention_with_its_functional_out_proj(tmp_path) -> None:
     with open_run(tmp_path / "r.h5") as run:
         assert run.layer_names == ["inp", "attn", "attn.out_proj", "out"]
         assert np.isnan(run.stat("activation", "mean")[:, 2]).all()
+
+
+@pytest.mark.parametrize("kernels", ["native", "torch"])
+def test_activation_std_of_a_layer_far_from_zero(
+    tmp_path, monkeypatch: pytest.MonkeyPatch, kernels: str
+) -> None:
+    # A large bias over small weights: the outputs' mean is ~1e4 times their std. The std
+    # must not cancel sum_sq / n - mean^2 in float32 (that left it 16 % off at ~1700).
+    if kernels == "torch":
+        monkeypatch.setattr("gradflow.probes.kernel", lambda squares_only=False: None)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 256), nn.Linear(256, 1))
+    with torch.no_grad():
+        model[0].weight.mul_(1e-3)
+        model[0].bias.fill_(-10.0)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-6)
+    outputs: list[np.ndarray] = []
+    model[0].register_forward_hook(lambda m, i, o: outputs.append(o.detach().double().numpy()))
+    gen = torch.Generator().manual_seed(1)
+    with Recorder(model, opt, tmp_path / "r.h5", every=1):
+        for _ in range(2):
+            opt.zero_grad()
+            model(torch.randn(64, 64, generator=gen)).mean().backward()
+            opt.step()
+    want = np.array([o.std() for o in outputs])
+    ratio = np.abs(np.array([o.mean() for o in outputs])) / want
+    assert (ratio > 5e3).all()
+    with open_run(tmp_path / "r.h5") as run:
+        got = run.stat("activation", "std")[:, 0]
+    # float64 columns round the variance by ~1e-16 (mean/std)^2: ~1e-8 here
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=0)
