@@ -196,6 +196,7 @@ def _fit_lightning(
     every: int = 1,
     fail_at: int | None = None,
     flavour: str = "lightning",
+    samples: int = 24,
 ) -> tuple[Reference, Any]:
     pl = _lightning(flavour)
     gradflow_callback = _callback(flavour)(tmp_path / "run.h5", every=every)
@@ -212,7 +213,7 @@ def _fit_lightning(
                 raise RuntimeError("stop here")
 
     g = torch.Generator().manual_seed(1)
-    x, y = torch.randn(24, 6, generator=g), torch.randn(24, 3, generator=g)
+    x, y = torch.randn(samples, 6, generator=g), torch.randn(samples, 3, generator=g)
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=4)
     trainer = pl.Trainer(
         max_epochs=2,
@@ -263,6 +264,19 @@ def test_lightning_automatic_optimization(tmp_path: Path) -> None:
             d = np.concatenate([(ref.after[last][i] - ref.before[first][i]).ravel() for i in ids])
             got = run.stat("epoch", "update_norm")[e, j]
             np.testing.assert_allclose(got, np.linalg.norm(d), rtol=RTOL, atol=ATOL)
+
+
+def test_lightning_loss_of_a_short_accumulation_step(tmp_path: Path) -> None:
+    """5 batches an epoch with accumulation 2: the epoch's last step has one micro-batch,
+    and its loss is that batch's loss (Lightning divides it by 2 all the same)."""
+    module = _lightning_module(manual=False)
+    ref, trainer = _fit_lightning(tmp_path, module, samples=20)
+    assert len(ref.after) == trainer.global_step == 6
+    assert_param_stats(tmp_path / "run.h5", ref)
+    losses = np.array(module.losses)
+    groups = [(0, 2), (2, 4), (4, 5), (5, 7), (7, 9), (9, 10)]
+    want = [losses[a:b].mean() for a, b in groups]
+    np.testing.assert_allclose(open_run(tmp_path / "run.h5").loss, want, rtol=RTOL)
 
 
 @pytest.mark.parametrize(

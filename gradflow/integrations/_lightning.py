@@ -27,9 +27,8 @@ class LightningRecording:
       optimizers (a list where there are several), so each optimizer step is one row, in
       automatic optimization (a closure step) and in manual optimization alike.
     - ``loss``: the training_step loss of the micro-batches of each optimizer step (their
-      mean; Lightning's automatic optimization returns them divided by the accumulation
-      count, so they are summed), kept on the device; where training_step returns no loss,
-      the logged ``loss`` / ``train_loss`` / ``train_loss_step`` of ``trainer.callback_metrics``.
+      mean, also for an epoch's last, shorter accumulation), kept on the device; where
+      training_step returns no loss, the logged ``loss`` / ``train_loss`` / ``train_loss_step`` of ``trainer.callback_metrics``.
     - ``epoch_end`` at each training epoch end, with the epoch's logged metrics
       (``trainer.callback_metrics`` less the per-step ``*_step`` values).
     - Under DDP only the Recorder's ``write_rank`` (rank 0 by default) writes.
@@ -81,11 +80,10 @@ class LightningRecording:
             return  # accumulating: no optimizer step in this batch
         losses, self._losses = self._losses, []
         if losses:
-            total = torch.stack(losses).sum()
-            log_last_step(
-                self.recorder,
-                loss=total if pl_module.automatic_optimization else total / len(losses),
-            )
+            # Automatic optimization returns every loss divided by the accumulation count,
+            # also in a last, shorter accumulation of the epoch.
+            scale = trainer.accumulate_grad_batches if pl_module.automatic_optimization else 1
+            log_last_step(self.recorder, loss=torch.stack(losses).sum() * scale / len(losses))
             return
         logged = trainer.callback_metrics
         name = next((n for n in _LOSS_NAMES if n in logged), None)
