@@ -28,7 +28,8 @@ class LightningRecording:
       automatic optimization (a closure step) and in manual optimization alike.
     - ``loss``: the training_step loss of the micro-batches of each optimizer step (their
       mean, also for an epoch's last, shorter accumulation), kept on the device; where
-      training_step returns no loss, the logged ``loss`` / ``train_loss`` / ``train_loss_step`` of ``trainer.callback_metrics``.
+      training_step returns no loss, the logged ``loss`` / ``train_loss`` /
+      ``train_loss_step`` of ``trainer.callback_metrics``.
     - ``epoch_end`` at each training epoch end, with the epoch's logged metrics
       (``trainer.callback_metrics`` less the per-step ``*_step`` values).
     - Under DDP only the Recorder's ``write_rank`` (rank 0 by default) writes.
