@@ -360,16 +360,17 @@ class HostReducer:
         zeros = is_zero.sum(dtype=torch.float64) if n > 2**24 else is_zero.sum()
         # A finite sum of squares means no NaN/Inf entries; x - x is NaN exactly there.
         nonfinite = 0 if math.isfinite(sum_sq) else int(torch.count_nonzero(flat - flat))
-        total = float(flat.sum(dtype=torch.float64))
+        total = float(flat.sum(dtype=torch.float64 if x.dtype != torch.float32 else None))
         if n and math.isfinite(sum_sq) and 2.0 * total * total > n * sum_sq:
             # Far from zero, sum_sq / n - mean^2 would cancel the float32 sums' rounding
             # into the variance: the sums of y = x - x0 (x0 near the mean), rebuilt in float64.
             work = flat if flat.dtype in (torch.float32, torch.float64) else flat.float()
             x0 = work.new_tensor(total / n)
             y = work - x0
-            s_y, shift = float(y.sum(dtype=torch.float64)), float(x0)
+            s_y, shift = float(y.sum()), float(x0)
             total = s_y + n * shift
-            q_y = float(torch.linalg.vector_norm(y, dtype=torch.float64)) ** 2
+            # torch's cascaded sum: 1e-7 where a float32 dot drifts to 1e-6
+            q_y = float(torch.square(y, out=y).sum())
             sum_sq = q_y + 2.0 * shift * s_y + n * shift * shift
         return [total, sum_sq, float(zeros), float(nonfinite)]
 
@@ -386,7 +387,7 @@ class ActivationProbe:
         """``[sum, sum of squares, nonzero, nonfinite]`` into a new row of
         ``log.act_device``, no host sync: on CUDA with Triton one fused kernel
         (:mod:`gradflow.fused`); elsewhere torch kernels accumulating in float64, the sums
-        those of x less its mean, the second a norm (squared when read), counts as 0-norms
+        those of x less its first entry, the second a norm (squared when read), counts as 0-norms
         (``x * 0`` is NaN exactly where ``x`` is NaN or Inf; ``count_nonzero`` would copy
         its count to the host)."""
         rows = log.act_device
@@ -399,18 +400,18 @@ class ActivationProbe:
         total, norm, nonzero, nonfinite = rows.claim()
         flat = x.detach().reshape(-1)
         f64 = torch.float64
-        # Sums of y = x - x0 (x0: the mean, 0 where that is not finite), rebuilt in
-        # float64: else sum_sq / n - mean^2 would cancel the rounding of the sums into the
-        # variance, far from zero.
+        # Sums of y = x - x0 (x0: the first entry, 0 if not finite), rebuilt in float64:
+        # else sum_sq / n - mean^2 would cancel the rounding of the sums into the variance,
+        # far from zero. One entry, not the mean: a pass less over x.
         work = flat if flat.dtype in (torch.float32, f64) else flat.float()
-        mean = torch.sum(work, 0, dtype=f64) / flat.numel()
-        ok = mean.isfinite()
-        x0 = torch.where(ok, mean, 0.0).to(work.dtype)
+        x0 = torch.nan_to_num(work[:1].sum(), nan=0.0, posinf=0.0, neginf=0.0)
         y = work - x0
         s_y, q_y = torch.sum(y, 0, dtype=f64), torch.linalg.vector_norm(y, dtype=f64).square()
         shift, n = x0.to(f64), flat.numel()
-        torch.where(ok, s_y + n * shift, s_y, out=total)
-        torch.where(ok, q_y + 2.0 * shift * s_y + n * shift * shift, q_y, out=norm).sqrt_()
+        torch.add(s_y, n * shift, out=total)
+        # y has x's NaN and Inf entries: then its sums are x's
+        rebuilt = q_y + 2.0 * shift * s_y + n * shift * shift
+        torch.where(s_y.isfinite() & q_y.isfinite(), rebuilt, q_y, out=norm).sqrt_()
         torch.linalg.vector_norm(flat, 0, dtype=f64, out=nonzero)
         torch.linalg.vector_norm(flat * 0, 0, dtype=f64, out=nonfinite)
 
