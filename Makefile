@@ -82,7 +82,7 @@ bench-summary:
 bench-gpu-dry:
 	$(PYTHON) benchmarks/gpu.py --device cpu --quick
 
-# On a lent CUDA machine, in one call of under 7 minutes: the CUDA tests, then the GPU goal's
+# On a CUDA machine, in one call of under 7 minutes: the CUDA tests, then the GPU goal's
 # workload (paper-resunet, batch 4 x 256x256) with param, all and all-torch against plain.
 # GRADFLOW_TRITON=1: "all" with the opt-in Triton kernel, "all-torch" without it.
 bench-gpu:

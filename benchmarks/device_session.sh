@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Everything gradflow checks on a lent CUDA machine, in one unattended call (< 7 minutes):
+# Everything gradflow checks on a CUDA machine, in one unattended call (< 7 minutes):
 # the CUDA variants of the recorder's reference tests, `gradflow record`/`plot` on CUDA,
 # the GPU overhead/sync benchmark, and (SCIENCE=1) the skip-connection grid at GPU scale.
 # Run from the repository root; for SCIENCE=1 copy the ISBI slices to .isbi (git-ignored):
