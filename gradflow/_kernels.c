@@ -4,8 +4,9 @@
    as an optional setuptools extension (setup.py), else once into a per-user cache.
 
    Float accumulators per block of 4096 entries (vectorisable, exact for counts), float64
-   across blocks: ~1e-8 relative for sums of squares at any size; layer outputs are summed
-   shifted per block, so that their variance stays as accurate far from zero. Non-finite entries are
+   across blocks: sums of squares within ~1e-6 relative at any size (measured ~1e-6 on an
+   AMD EPYC); layer outputs are summed shifted per block, so that their variance keeps that
+   accuracy far from zero. Non-finite entries are
    counted in a second pass, only when the sums say there are any. The parameter functions
    take k tensors at once (arrays of pointers and sizes): one call per recorded step.
 
