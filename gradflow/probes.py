@@ -79,11 +79,13 @@ def discover_layers(model: nn.Module, keep: frozenset[int] = frozenset()) -> lis
     A parametrized module (``torch.nn.utils.parametrize``: ``weight_norm``,
     ``spectral_norm``, ...) owns the parameters its parametrized tensors are computed from
     (``parametrizations.weight.original0`` ...), before its own. Parameters that do not
-    require gradients are left out unless their id is in ``keep``.
+    require gradients are left out unless their id is in ``keep``. Names are those of the
+    eager model (:func:`eager_name`).
     """
     seen: set[int] = set()
     layers: list[LayerSpec] = []
     for name, module in model.named_modules():
+        name = eager_name(name)
         params = []
         owned = list(module.parameters(recurse=False))
         if parametrize.is_parametrized(module):
@@ -95,6 +97,14 @@ def discover_layers(model: nn.Module, keep: frozenset[int] = frozenset()) -> lis
         if params:
             layers.append(LayerSpec(name, module, params, reg_index=len(layers)))
     return layers
+
+
+def eager_name(name: str) -> str:
+    """A module name as in the eager model: without the ``_orig_mod`` component that a
+    submodule compiled in place (``model.blk = torch.compile(model.blk)``) adds."""
+    if "_orig_mod" not in name:
+        return name
+    return ".".join(part for part in name.split(".") if part != "_orig_mod")
 
 
 def order_by_first_call(layers: Sequence[LayerSpec], call_order: dict[str, int]) -> list[LayerSpec]:
@@ -660,11 +670,19 @@ def reduce_per_layer(
     """Per-layer ``param``/``epoch`` reductions from per-tensor vectors [..., 6P]
     (``sum W^2, sum g^2, non-finite g, sum d^2, sum |d|, max |d|``), as [..., L]."""
     parts = np.moveaxis(vec.reshape(*vec.shape[:-1], 6, -1), -2, 0)
+    # A NaN non-finite count marks a parameter without a gradient (its g_sq is 0): a layer
+    # has gradient statistics over those of its parameters that have one, NaN if none has.
+    missing = np.isnan(parts[2])
+    parts[2] = np.where(missing, 0.0, parts[2])
     names = ("w_sq", "g_sq", "g_nonfinite", "d_sq", "d_abs")
     sums = {
         name: np.add.reduceat(part, layer_starts, axis=-1)
         for name, part in zip(names, parts[:5], strict=True)
     }
+    if missing.any():
+        none = np.logical_and.reduceat(missing, layer_starts, axis=-1)
+        sums["g_sq"] = np.where(none, np.nan, sums["g_sq"])
+        sums["g_nonfinite"] = np.where(none, np.nan, sums["g_nonfinite"])
     return {"n": layer_numel, **sums, "d_max": np.maximum.reduceat(parts[5], layer_starts, axis=-1)}
 
 
@@ -742,6 +760,7 @@ class ParamProbe:
         self.reduce_shards = ShardReducer(self.params) if sharded else None
         self._pre: dict[int, list[torch.Tensor]] = {}
         self._done: dict[int, torch.Tensor] = {}
+        self._missing: dict[tuple[int, ...], torch.Tensor] = {}
 
     def current_signature(self) -> list[tuple[Any, ...]]:
         """Shape, dtype and device of every parameter: a change means a new probe."""
@@ -761,14 +780,26 @@ class ParamProbe:
             j: g for j in self._maybe_sparse[group] if (g := grads[j]) is not None and g.is_sparse
         }
         if not sparse:
-            return snapshot.grad_reductions(grads)
-        dense = [None if j in sparse else g for j, g in enumerate(grads)]
-        g_sq, nonfinite = (t.clone() for t in snapshot.grad_reductions(dense))
-        for j, grad in sparse.items():
-            values = grad.coalesce().values().detach()
-            g_sq[j] = values.double().square().sum()
-            nonfinite[j] = (~torch.isfinite(values)).sum()
+            g_sq, nonfinite = snapshot.grad_reductions(grads)
+        else:
+            dense = [None if j in sparse else g for j, g in enumerate(grads)]
+            g_sq, nonfinite = (t.clone() for t in snapshot.grad_reductions(dense))
+            for j, grad in sparse.items():
+                values = grad.coalesce().values().detach()
+                g_sq[j] = values.double().square().sum()
+                nonfinite[j] = (~torch.isfinite(values)).sum()
+        missing = tuple(j for j, g in enumerate(grads) if g is None)
+        if missing:  # counted as NaN: no gradient is not a zero gradient
+            nonfinite = nonfinite.index_fill(0, self._positions(missing), math.nan)
         return g_sq, nonfinite
+
+    def _positions(self, positions: tuple[int, ...]) -> torch.Tensor:
+        """``positions`` as an index tensor on the device (cached: the set of parameters
+        without a gradient rarely changes, and a fresh copy to the device would sync)."""
+        index = self._missing.get(positions)
+        if index is None:
+            index = self._missing[positions] = torch.tensor(positions, device=self.device)
+        return index
 
     def before_step(self, group: int = 0) -> None:
         """Reduce one group's gradients and weights, and snapshot the weights (call before

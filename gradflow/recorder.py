@@ -29,6 +29,7 @@ from gradflow.probes import (
     ParamProbe,
     Snapshot,
     discover_layers,
+    eager_name,
     first_tensor,
     floating_tensors,
     grad_output_hook,
@@ -102,16 +103,26 @@ class Recorder:
     the parameters changed since the row opened); parameters whose optimizer did not step
     within a row are NaN there.
 
-    A parameter without a gradient at the step (an unused branch, frozen after attaching)
-    counts as a zero gradient; a layer not called within a row has NaN activation and
-    output-gradient statistics there. Layer outputs computed again during backward
-    (activation checkpointing) are not counted again. A parameter whose size, dtype or
+    A layer none of whose parameters has a gradient at the step (``grad is None``: an
+    unused branch, frozen after attaching) has NaN gradient statistics there (not
+    measured); where only some have one, they are those of the parameters that have one.
+    Its weight and update are measured as usual (a parameter the optimizer skipped: an
+    update of 0). A layer not called within a row has NaN activation and output-gradient
+    statistics there. With ``scaler``, output gradients are those of the unscaled loss
+    (divided by the loss scale of their backward pass), like the parameter gradients.
+    Layer outputs computed again during backward (activation checkpointing) are not
+    counted again. A parameter whose size, dtype or
     device changed, a new parameter group, or a replaced submodule make the next recorded
     step measure the new parameters (the run file's layers keep the sizes they were
     written with); a change of the set of recorded layers raises :class:`GradflowError`.
+    A model that ran compiled (``torch.compile``) before the Recorder attached does not
+    call its hooks: the first recorded step raises :class:`GradflowError` (attach before
+    the first compiled call, or call ``torch._dynamo.reset()``). The run file is created,
+    with its layers, at the model's first training forward (or first step).
 
     Args:
-        model: the module to watch (DDP and ``torch.compile`` wrappers are unwrapped).
+        model: the module to watch (DDP and ``torch.compile`` wrappers are unwrapped;
+            layers inside compiled submodules keep their eager names).
         optimizer: its optimizer, a list of optimizers, or None; wrappers holding the real
             optimizer as ``.optimizer`` (accelerate, Lightning) are unwrapped.
         path: the run file to write.
@@ -213,6 +224,12 @@ class Recorder:
 
         self._select = layers
         self._layers = _select(discover_layers(model), layers)
+        self._grads_at_attach = {
+            id(p): (weakref.ref(p.grad), p.grad._version)
+            for lay in self._layers
+            for p in lay.params
+            if p.grad is not None
+        }
         self._layout_sent = False
         self._param_probe: ParamProbe | None = None
         self._epoch_snapshot: Snapshot | None = None
@@ -235,7 +252,8 @@ class Recorder:
         self._replaying = 0  # inside a second or later call of a step's closure
         self._backward_task = -1  # the backward pass whose end makes a row (no optimizer)
         self._forward_seen = False  # a forward of the model ran since the Recorder attached
-        self._rows_unseen = 0  # rows closed before any forward was seen
+        self._root_trained = False  # a training forward of the model ran in the recorded row
+        self._layer_called = False  # a layer's forward hook ran on a recorded step
         self._stepped = False
         self._hook_s = 0.0
         self._stats_s = 0.0
@@ -348,6 +366,10 @@ class Recorder:
         if self._closed or self._inert:
             return
         self._ensure_layout()
+        self._wait_for_writer("flushing", timeout)
+
+    def _wait_for_writer(self, doing: str, timeout: float = 60.0) -> None:
+        """Block until the writer has committed everything queued so far."""
         done = threading.Event()
         self._writer.put(done)
         deadline = time.monotonic() + timeout
@@ -357,7 +379,7 @@ class Recorder:
                 break
         if not done.is_set() or self._writer.error is not None:
             why = reason(self._writer.error) if self._writer.error else "timed out"
-            raise GradflowError(f"{self.path}: flushing the run file failed: {why}")
+            raise GradflowError(f"{self.path}: {doing} the run file failed: {why}")
 
     def close(self) -> None:
         """Write what is pending, remove every hook, close the file (idempotent)."""
@@ -405,7 +427,7 @@ class Recorder:
         self._hook_layers()
         for name, module in model.named_modules():
             self._order_handles.append(
-                module.register_forward_pre_hook(partial(self._note_call, name))
+                module.register_forward_pre_hook(partial(self._note_call, eager_name(name)))
             )
         for index, opt in enumerate(self._optimizers):
             self._handles.append(opt.register_step_pre_hook(partial(self._on_step_pre, index)))
@@ -456,6 +478,7 @@ class Recorder:
     @torch.compiler.disable
     def _on_root_pre(self, module: nn.Module, args: Any) -> None:
         self._forward_seen = True
+        self._root_trained |= module.training and self._active
         if self._dirty and self._active and self._layout_sent and not self._row_steps:
             self._rederive()
         if self._open_row is not None and not self._row_steps:
@@ -479,6 +502,7 @@ class Recorder:
 
     @torch.compiler.disable
     def _layer_output(self, layer_id: int, output: Any) -> None:
+        self._layer_called = True
         out = first_tensor(output)
         if out is None or self._replaying:
             return
@@ -633,7 +657,11 @@ class Recorder:
         optimizer step stay for the next row)."""
         if self._active:
             log = CallLog.merged(self._row_logs if carry else [*self._row_logs, self._log])
-            if not self._forward_seen and self._rows_unseen and self._layer_handles:
+            if (
+                self._layer_handles
+                and not self._layer_called
+                and (self._root_trained or not self._forward_seen)
+            ):
                 self._refuse_if_compiled_before()
             t0 = time.perf_counter()
             probe = self._param_probe
@@ -659,23 +687,38 @@ class Recorder:
         self._row_steps = set()
         self._split_steps = 0
         self._row_skipped = False
-        self._rows_unseen += not self._forward_seen
+        self._root_trained = False
         self.step += 1
         self._active = self.schedule(self.step)
 
     def _refuse_if_compiled_before(self) -> None:
-        """A second row with gradients but no forward of the model seen: if torch.compile
-        compiled code before the hooks existed, that code does not call them."""
+        """A recorded row whose layers got gradients from a backward pass after the Recorder
+        attached while none of their forward hooks ran: if torch.compile compiled code
+        before the hooks existed, that code does not call them (raised before the row,
+        whose activation and output-gradient statistics would all be NaN, is written)."""
         dynamo_utils = sys.modules.get("torch._dynamo.utils")
         if dynamo_utils is None or not dynamo_utils.counters["stats"]["unique_graphs"]:
             return
-        if any(p.grad is not None for lay in self._layers for p in lay.params):
+        if self._backward_since_attach():
             raise GradflowError(
                 "the model ran compiled (torch.compile) before the Recorder attached, so its "
                 "compiled code does not call the Recorder's hooks: create the Recorder before "
                 "the first call of the compiled model, or call torch._dynamo.reset() after "
                 "creating it"
             )
+
+    def _backward_since_attach(self) -> bool:
+        """Whether a recorded parameter's gradient was made or changed since attaching
+        (else the Recorder attached between a backward pass and its step)."""
+        for lay in self._layers:
+            for p in lay.params:
+                grad = p.grad
+                if grad is None:
+                    continue
+                then = self._grads_at_attach.get(id(p))
+                if then is None or then[0]() is not grad or then[1] != grad._version:
+                    return True
+        return False
 
     def _finalize_row(self) -> None:
         row, self._open_row = self._open_row, None
@@ -768,6 +811,9 @@ class Recorder:
             self._writer.put(
                 Event(self.step, self.epoch, 0.0, "resume", detail=f"resumed at step {self.step}")
             )
+        # The file exists, with its layers, before the first row: a process killed before
+        # the first flush leaves a readable run file.
+        self._wait_for_writer("creating" if self._resume is None else "resuming")
 
     def _build_probes(self) -> ParamProbe | None:
         """The parameter probes of the current layers (each parameter owned by the first
@@ -808,7 +854,7 @@ class Recorder:
         self._dirty = False
         known, self._module_ids = self._module_ids, {id(m) for m in self.model.modules()}
         old = {lay.name: lay for lay in self._layers}
-        # Parameters frozen since they were recorded stay recorded (no gradient: 0); layers
+        # Parameters frozen since they were recorded stay recorded (no gradient: NaN); layers
         # frozen when the layout was taken stay unrecorded once unfrozen, as they are
         # between re-derivations.
         recorded = frozenset(id(p) for lay in self._layers for p in lay.params)

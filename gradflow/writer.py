@@ -392,6 +392,15 @@ def _reductions(
         )
         pos += k
     scalars = {name: vec[:, pos + i] for i, name in enumerate(first.scalar_names)}
+    if "grad_output" in reductions:
+        # Output gradients flow back from the GradScaler's scaled loss: recorded as those
+        # of the loss itself, divided by the scale that backward pass used (the row's).
+        scale = scalars.get("scale")
+        if scale is None and "scale" in first.host_scalars:
+            scale = np.array([item.host_scalars["scale"] for item in items])
+        if scale is not None:
+            divisor = np.where(np.isfinite(scale) & (scale > 0), scale, 1.0)
+            reductions["grad_output"]["sum_sq"] /= np.square(divisor)[:, None]
     return reductions, scalars
 
 

@@ -55,7 +55,7 @@ class Reference:
         self.frozen: set[int] = set()  # parameters frozen after attaching: still recorded
         self.rows: list[Row] = []
         self._before: list[list[torch.Tensor]] = []
-        self._grads: list[list[torch.Tensor]] = []
+        self._grads: list[list[torch.Tensor | None]] = []
         self._handles: list[Any] = []
         self.bind(model)
 
@@ -92,9 +92,11 @@ class Reference:
         self._before = [
             [p.detach().double().clone() for p in self.params(i)] for i in range(len(self.layers))
         ]
+        # None: the parameter has no gradient (a layer none of whose parameters has one
+        # has no gradient statistics; otherwise they are those of the ones that have one).
         self._grads = [
             [
-                torch.zeros(p.shape, dtype=torch.float64)
+                None
                 if p.grad is None
                 else (p.grad.to_dense() if p.grad.is_sparse else p.grad).double().clone()
                 for p in self.params(i)
@@ -108,7 +110,8 @@ class Reference:
         stats: dict[str, list[float]] = {}
         for i, name in enumerate(self.layers):
             w = torch.cat([t.reshape(-1) for t in self._before[i]])
-            g = torch.cat([t.reshape(-1) for t in self._grads[i]])
+            present = [t.reshape(-1) for t in self._grads[i] if t is not None]
+            g = torch.cat(present) if present else torch.full((1,), np.nan, dtype=torch.float64)
             d = torch.cat([p.detach().double().reshape(-1) for p in self.params(i)]) - w
             nan = stepped is not None and not stepped[i]
             outs = self.outputs[name]
@@ -118,7 +121,7 @@ class Reference:
             values = {
                 ("param", "weight_norm"): w.norm(),
                 ("param", "grad_norm"): g.norm(),
-                ("param", "grad_nonfinite"): (~torch.isfinite(g)).sum(),
+                ("param", "grad_nonfinite"): (~torch.isfinite(g)).sum() if present else None,
                 ("param", "update_norm"): d.norm(),
                 ("param", "update_ratio"): d.norm() / w.norm(),
                 ("param", "update_abs_mean"): d.abs().mean(),
@@ -425,21 +428,153 @@ def test_compiled_model_records_the_eager_statistics(when: str, backend: str, tm
             )
 
 
-def test_compiled_model_that_ran_before_attaching_is_refused(tmp_path) -> None:
+class Custom(nn.Module):
+    """Not an nn.Sequential: its compiled code still calls the model's own hooks."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc1 = nn.Linear(6, 12)
+        self.fc2 = nn.Linear(12, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(torch.tanh(self.fc1(x)))
+
+
+@pytest.mark.parametrize("make", [mlp, Custom], ids=["sequential", "custom"])
+def test_compiled_model_that_ran_before_attaching_is_refused_at_the_first_step(
+    make: Callable[[], nn.Module], tmp_path
+) -> None:
     with fresh_dynamo():
-        model = mlp()
+        model = make()
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
         compiled = torch.compile(model, backend="eager")
         data = batches(3)
-        nn.functional.mse_loss(compiled(data[0][0]), data[0][1]).backward()
+        for x, y in data[:2]:  # warmed up: two compiled training steps
+            opt.zero_grad()
+            nn.functional.mse_loss(compiled(x), y).backward()
+            opt.step()
+        steps = 0
         with (
             pytest.raises(GradflowError, match=r"torch._dynamo.reset\(\)"),
-            Recorder(model, opt, tmp_path / "r.h5"),
+            Recorder(cast(nn.Module, compiled), opt, tmp_path / "r.h5"),
         ):
             for x, y in data:
                 opt.zero_grad()
                 nn.functional.mse_loss(compiled(x), y).backward()
                 opt.step()
+                steps += 1
+    assert steps == 0  # raised by the first step, before a row of NaN was written
+    with open_run(tmp_path / "r.h5") as run:
+        assert run.n_steps == 0
+
+
+def test_recorder_attached_between_backward_and_step_of_a_compiled_model(tmp_path) -> None:
+    # Not refused: the gradients of the first row come from before the Recorder existed.
+    with fresh_dynamo():
+        model = mlp()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        compiled = cast(nn.Module, torch.compile(model, backend="eager"))
+        (x, y), *rest = batches(3)
+        nn.functional.mse_loss(compiled(x), y).backward()
+        with Recorder(model, opt, tmp_path / "r.h5"):
+            torch._dynamo.reset()  # later forwards call the hooks
+            opt.step()
+            for x, y in rest:
+                opt.zero_grad()
+                nn.functional.mse_loss(compiled(x), y).backward()
+                opt.step()
+    with open_run(tmp_path / "r.h5") as run:
+        assert run.n_steps == 3
+        act = run.stat("activation", "mean")
+        assert np.isnan(act[0]).all() and np.isfinite(act[1:]).all()
+
+
+class Block(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+        self.ln = nn.LayerNorm(8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.ln(torch.tanh(self.fc(x)))
+
+
+class WithBlock(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.inp = nn.Linear(6, 8)
+        self.blk = Block()
+        self.out = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(self.blk(self.inp(x)))
+
+
+def test_compiled_submodule_keeps_the_eager_layer_names(tmp_path) -> None:
+    names = ["inp", "blk.fc", "blk.ln", "out"]
+    with fresh_dynamo():
+        model, twin = WithBlock(), WithBlock()
+        model.blk = cast(Block, torch.compile(model.blk, backend="aot_eager"))
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        twin_opt = torch.optim.SGD(twin.parameters(), lr=0.1)
+        ref = Reference(twin, names)
+        with Recorder(model, opt, tmp_path / "r.h5") as rec:
+            for x, y in batches(3):
+                for m, o in ((model, opt), (twin, twin_opt)):
+                    o.zero_grad()
+                    nn.functional.mse_loss(m(x), y).backward()
+                ref.weights_and_grads()
+                opt.step()
+                twin_opt.step()
+                ref.row()
+            assert rec.layer_names == names
+    with open_run(tmp_path / "r.h5") as run:
+        assert run.layer_names == names
+    ref.check(tmp_path / "r.h5")
+
+
+def test_grad_scaler_output_gradients_are_those_of_the_unscaled_loss(tmp_path) -> None:
+    # float32 without autocast: a power-of-two loss scale scales every gradient exactly,
+    # so the run with a scaler has the twin's statistics. The scale doubles every step.
+    model, twin = mlp(), mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    twin_opt = torch.optim.SGD(twin.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=1)
+    ref = Reference(twin, ["0", "2", "4"])
+    with Recorder(model, opt, tmp_path / "r.h5", scaler=scaler):
+        for x, y in batches(3):
+            opt.zero_grad()
+            twin_opt.zero_grad()
+            scaler.scale(nn.functional.mse_loss(model(x), y)).backward()
+            nn.functional.mse_loss(twin(x), y).backward()
+            ref.weights_and_grads()
+            scaler.step(opt)
+            scaler.update()
+            twin_opt.step()
+            ref.row()
+    with open_run(tmp_path / "r.h5") as run:
+        np.testing.assert_array_equal(run.scale, [2.0**10, 2.0**11, 2.0**12])
+    ref.check(tmp_path / "r.h5")
+
+
+def test_process_killed_before_the_first_flush_leaves_a_readable_file(tmp_path) -> None:
+    path = tmp_path / "r.h5"
+    script = f"""
+import os, torch
+from torch import nn
+from gradflow import Recorder
+model = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 1))
+opt = torch.optim.SGD(model.parameters(), lr=0.1)
+rec = Recorder(model, opt, {str(path)!r}, flush_every=1000, flush_seconds=1000)
+for _ in range(3):
+    opt.zero_grad(); model(torch.randn(2, 3)).sum().backward(); opt.step()
+os._exit(0)
+"""
+    subprocess.run([sys.executable, "-c", script], check=True, timeout=120)
+    with open_run(path) as run:
+        assert run.layer_names == ["0", "1"] and run.n_steps == 0
 
 
 def test_resized_parameter_is_measured_at_its_new_size(tmp_path) -> None:
@@ -552,14 +687,16 @@ def test_info_health_lists_statistics_never_measured(tmp_path) -> None:
                 opt.step()
     with open_run(tmp_path / "some.h5") as run:
         found = [(f.check, f.layer, f.value) for f in health(run)]
-    assert found == [
+    assert sorted(found) == [
         ("never measured", "unused", "activation/*"),
         ("never measured", "unused", "grad_output/*"),
+        ("never measured", "unused", "param/grad_*"),
     ]
     with open_run(tmp_path / "all.h5") as run:
         found = [(f.check, f.layer, f.value) for f in health(run)]
     assert ("never measured", "(all layers)", "activation/*") in found
-    assert all(f[2] != "param/*" for f in found)  # gradients (zero) and updates were measured
+    assert ("never measured", "(all layers)", "param/grad_*") in found
+    assert all(f[2] != "param/update_*" for f in found)  # updates (zero) were measured
 
 
 def test_resize_between_recorded_steps_gives_that_epoch_no_update(tmp_path) -> None:
@@ -733,7 +870,7 @@ class Branches(nn.Module):
         return (self.right if self.use_right else self.left)(torch.tanh(self.inp(x)))
 
 
-def test_frozen_layer_and_unused_branch_have_zero_gradient(tmp_path) -> None:
+def test_frozen_layer_and_unused_branch_have_no_gradient(tmp_path) -> None:
     model = Branches()
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     ref = Reference(model, ["inp", "left", "right"])
@@ -741,7 +878,7 @@ def test_frozen_layer_and_unused_branch_have_zero_gradient(tmp_path) -> None:
     def before(step: int) -> None:
         model.use_right = step == 1  # "left" gets no gradient in step 1, "right" in 0 and 2
         if step == 2:
-            model.inp.requires_grad_(False)  # frozen: still recorded, gradient 0
+            model.inp.requires_grad_(False)  # frozen: still recorded, no gradient (NaN)
             ref.frozen |= {id(p) for p in model.inp.parameters()}
             opt.add_param_group({"params": [nn.Parameter(torch.zeros(1))]})  # re-derives
 
@@ -750,12 +887,46 @@ def test_frozen_layer_and_unused_branch_have_zero_gradient(tmp_path) -> None:
         # Forward order; "right", not called before the layout was taken, goes last.
         assert run.layer_names == ["inp", "left", "right"]
         inp, left, right = 0, 1, 2
-        grad = run.stat("param", "grad_norm")
-        assert grad[0, right] == 0 and grad[1, left] == 0 and grad[2, inp] == 0
-        # torch optimizers skip a parameter without a gradient; an uncalled layer's
-        # activations are NaN (not measured), not 0.
+        for stat in ("grad_norm", "grad_nonfinite"):  # not measured: NaN, not 0
+            grad = run.stat("param", stat)
+            assert np.isnan([grad[0, right], grad[1, left], grad[2, inp]]).all()
+            assert np.isfinite([grad[0, left], grad[1, right], grad[2, left]]).all()
+        # torch optimizers skip a parameter without a gradient (a measured update of 0);
+        # an uncalled layer's activations are NaN (not measured), not 0.
         assert run.stat("param", "update_norm")[1, left] == 0
         assert np.isnan(run.stat("activation", "mean")[1, left])
+
+
+class Gained(nn.Module):
+    """A layer one of whose parameters (``gain``) is used only in some steps."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc = nn.Linear(6, 3)
+        self.weight = nn.Parameter(torch.randn(3, 3))
+        self.gain = nn.Parameter(torch.ones(3))
+        self.use_gain = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.fc(x)) @ self.weight
+        return h * self.gain if self.use_gain else h
+
+
+def test_layer_with_some_parameters_without_gradient(tmp_path) -> None:
+    # The gradient statistics of layer "0" (weight, gain) are those of the parameters
+    # that have a gradient: the weight's alone in steps 0 and 2.
+    layer = Gained()
+    model = nn.Sequential(layer)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    ref = Reference(model, ["0", "0.fc"])
+
+    def before(step: int) -> None:
+        layer.use_gain = step == 1
+
+    loop(model, opt, tmp_path / "r.h5", ref, batches(3), before=before)
+    with open_run(tmp_path / "r.h5") as run:
+        assert np.isfinite(run.stat("param", "grad_norm")).all()
 
 
 def test_layer_unfrozen_after_attaching_stays_unrecorded(tmp_path) -> None:

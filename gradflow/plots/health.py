@@ -85,8 +85,9 @@ def nonfinite(run: Run) -> list[Finding]:
 
 # Every statistic of a probe is computed from the same per-layer reductions, so one per
 # probe tells whether it was measured: counts where there are some (NaN only when
-# unmeasured, never because of non-finite values), and the update only where an optimizer
-# stepped (optimizer=None records no update by design).
+# unmeasured, never because of non-finite values); for parameters the gradient (NaN where
+# no parameter of the layer had one) and the update, only where an optimizer stepped
+# (optimizer=None records no update by design).
 _MEASURED_BY = {
     "param": ("grad_nonfinite", "update_norm"),
     "activation": ("nonfinite",),
@@ -107,7 +108,7 @@ def never_measured(run: Run) -> list[Finding]:
                 continue
             key = f"{probe}/{stat}"
             missing = np.isnan(_layer_means(run, key)) & ~reported
-            what = f"{probe}/update_*" if stat.startswith("update") else f"{probe}/*"
+            what = f"{probe}/{stat.split('_')[0]}_*" if probe == "param" else f"{probe}/*"
             detail = f"{key} is NaN in every row"
             if missing.all():
                 found.append(Finding("never measured", "(all layers)", what, detail))
