@@ -521,10 +521,10 @@ def _object(path: Path, parent: h5py.Group, name: str) -> Any:
             raise _fail(path, f"damaged run file (no /{name})")
         kind = where.links.get_info(key).type
         if kind != h5py.h5l.TYPE_HARD:
-            link = {h5py.h5l.TYPE_SOFT: "soft", h5py.h5l.TYPE_EXTERNAL: "external"}.get(
-                kind, "user-defined"
+            link = {h5py.h5l.TYPE_SOFT: "a soft", h5py.h5l.TYPE_EXTERNAL: "an external"}.get(
+                kind, "a user-defined"
             )
-            raise _fail(path, f"refused: /{name} is a {link} link")
+            raise _fail(path, f"refused: /{name} is {link} link")
         where = h5py.h5o.open(where, key)
     return where
 

@@ -11,22 +11,25 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import urllib.error
 import urllib.request
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
-from runfiles import SyntheticRun, fcn_layers, write_run
+from runfiles import SyntheticRun, conv_stack, fcn_layers, write_run
 
 from gradflow.cli.main import main
 from gradflow.errors import GradflowError
 from gradflow.report import build_report, payload
+from gradflow.report.data import to_json
 from gradflow.report.server import LiveRuns, ReportServer, is_loopback
 from gradflow.store import Layer, open_run
 
@@ -42,6 +45,15 @@ def matrix(b64: str, n_rows: int) -> np.ndarray:
 
 def section(data: dict, stat: str) -> dict:
     return next(s for s in data["heatmaps"] if s["stat"] == stat)
+
+
+def exit_status(argv: list[str]) -> int:
+    """The exit status of the command line ``gradflow ARGV``."""
+    try:
+        main(argv)
+    except SystemExit as done:
+        return int(done.code or 0)
+    return 0
 
 
 def stored(path: Path, key: str) -> np.ndarray:
@@ -143,6 +155,53 @@ def test_the_first_non_finite_value_is_marked(tmp_path: Path) -> None:
     ]
 
 
+def test_infinite_values_reach_the_page_apart_from_missing_ones(tmp_path: Path) -> None:
+    path = write_run(tmp_path / "inf.h5", epochs=1)
+    # The update ratio of a weight whose norm is 0 is +inf; -inf is crafted to test its sign.
+    with h5py.File(path, "r+") as f:
+        ratio = f["stats/param/update_ratio"]
+        ratio[2, 0], ratio[5, 1], ratio[7, 0] = np.inf, -np.inf, np.nan
+    raw = stored(path, "stats/param/update_ratio")
+    n_layers = raw.shape[1]
+    with open_run(path) as run, warnings.catch_warnings():
+        warnings.simplefilter("error")  # inf - inf in the difference map warns nothing
+        exact = payload([run])
+        binned = payload([run], max_bins=5)
+        twice = payload([run, run])
+    stat = section(exact, "param/update_ratio")
+    values = matrix(stat["panels"][0]["values"], n_layers)
+    # float32 carries NaN and +-inf through base64 unchanged: JSON needs neither.
+    np.testing.assert_array_equal(values, raw.T.astype(np.float32))
+    assert values[0, 2] == np.inf and values[1, 5] == -np.inf and np.isnan(values[0, 7])
+    assert stat["infinite"] and not section(exact, "param/grad_norm")["infinite"]
+    finite = raw[np.isfinite(raw)]
+    np.testing.assert_allclose(stat["range"], [finite.min(), finite.max()], rtol=1e-6)
+    # Bins of two steps: a mean with +-inf in it is +-inf, NaN is left out of the mean.
+    means = matrix(section(binned, "param/update_ratio")["panels"][0]["values"], n_layers)
+    assert means[0, 1] == np.inf and means[1, 2] == -np.inf
+    assert means[0, 3] == np.float32(raw[6, 0])
+    diff = matrix(section(twice, "param/update_ratio")["diff"]["diff"], n_layers)
+    assert np.isnan(diff[0, 2]) and np.isnan(diff[1, 5])
+    assert np.all(diff[np.isfinite(raw.T)] == 0)
+    assert json.loads(to_json(exact)) == exact  # valid JSON: no bare Infinity or NaN
+
+
+def test_report_replaces_only_a_regular_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = write_run(tmp_path / "a.h5", epochs=1)
+    fifo = tmp_path / "fifo.html"
+    os.mkfifo(fifo)
+    assert exit_status(["report", str(run), "--out", str(fifo), "--force"]) == 2
+    assert capsys.readouterr().err == (
+        f"gradflow: error: {fifo}: a FIFO, not a regular file; not replacing it\n"
+    )
+    assert fifo.is_fifo()
+    (tmp_path / "dir.html").mkdir()
+    with pytest.raises(GradflowError, match="is a directory"):
+        build_report([run], tmp_path / "dir.html", force=True)
+
+
 def test_the_report_is_one_file_that_needs_no_network(tmp_path: Path) -> None:
     hostile = "</script><script>alert(1)</script>"
     layers = [*fcn_layers()[:-1], Layer(21, hostile, "conv", "Conv2d", 21, 9, "")]
@@ -182,9 +241,7 @@ def test_bad_report_requests_give_one_line(
             main(["report", *map(str, args)])
         err = capsys.readouterr().err
         assert done.value.code == 2 and message in err and err.count("\n") == 1
-    with pytest.raises(SystemExit) as done:
-        main(["report", str(run), "--out", str(tmp_path / "cli.html")])
-    assert done.value.code == 0
+    assert exit_status(["report", str(run), "--out", str(tmp_path / "cli.html")]) == 0
     assert capsys.readouterr().out.startswith(f"wrote {tmp_path / 'cli.html'} (")
 
 
@@ -236,7 +293,35 @@ def test_live_data_survives_a_bad_file_and_reads_the_next_good_one(tmp_path: Pat
         assert status["counts"] == [[10, 1, 0]] and "not an HDF5 file" in status["error"]
         assert json.loads(live.data())["runs"][0]["epochs"] == 1  # the last good data
         os.replace(write_run(tmp_path / "next.h5", epochs=3), path)
-        assert json.loads(live.status()) == {"counts": [[30, 3, 0]], "error": ""}
+        status = json.loads(live.status())
+        assert status["counts"] == [[30, 3, 0]] and status["error"] == ""
+    finally:
+        live.close()
+
+
+def test_live_data_follows_a_replaced_file_and_reports_a_deleted_one(tmp_path: Path) -> None:
+    path = write_run(tmp_path / "run.h5", epochs=2)
+    other = write_run(tmp_path / "other.h5", epochs=2, layers=conv_stack(5))
+    live = LiveRuns([path], min_interval=0.0)
+    try:
+        before = json.loads(live.status())
+        first_layer = json.loads(live.data())["runs"][0]["layers"][0]["name"]
+        # Another run with the same row counts renamed over the file.
+        os.replace(other, path)
+        status = json.loads(live.status())
+        assert status["counts"] == before["counts"] and status["error"] == ""
+        assert status["version"] != before["version"]  # the page fetches the data again
+        layers = json.loads(live.data())["runs"][0]["layers"]
+        assert [lay["name"] for lay in layers] == [lay.name for lay in conv_stack(5)]
+        assert layers[0]["name"] != first_layer
+        path.unlink()
+        status = json.loads(live.status())
+        assert status["error"] == f"{path}: no such file (deleted or moved)"
+        assert status["counts"] == before["counts"]
+        assert len(json.loads(live.data())["runs"][0]["layers"]) == 5  # the last good data
+        os.replace(write_run(tmp_path / "back.h5", epochs=1), path)
+        status = json.loads(live.status())
+        assert status["counts"] == [[10, 1, 0]] and status["error"] == ""
     finally:
         live.close()
 
@@ -268,7 +353,7 @@ def test_server_serves_only_its_fixed_routes(server: ReportServer) -> None:
     status, body = get(server.url + "data.json?run=../../etc/passwd")
     assert status == 200 and json.loads(body)["runs"][0]["epochs"] == 2
     status, body = get(server.url + "status.json")
-    assert json.loads(body) == {"counts": [[20, 2, 0]], "error": ""}
+    assert json.loads(body) == {"counts": [[20, 2, 0]], "version": 1, "error": ""}
     for path in ("a.h5", "../a.h5", "%2e%2e/a.h5", "data.json/../a.h5", "index.html"):
         assert get(server.url + path)[0] == 404
     # A page of another site whose name resolves to 127.0.0.1 is refused.
@@ -281,6 +366,23 @@ def test_serve_listens_on_loopback_unless_asked(tmp_path: Path, server: ReportSe
     assert not is_loopback("0.0.0.0") and not is_loopback("192.168.1.2")
     with pytest.raises(GradflowError, match="in use"):
         ReportServer([write_run(tmp_path / "b.h5", epochs=1)], port=server.server_address[1])
+
+
+def test_serve_listens_on_ipv6_loopback(tmp_path: Path) -> None:
+    try:
+        socket.socket(socket.AF_INET6).close()
+    except OSError:
+        pytest.skip("no IPv6 on this machine")
+    with ReportServer([write_run(tmp_path / "a.h5", epochs=1)], host="::1", port=0) as srv:
+        thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05})
+        thread.start()
+        try:
+            assert srv.url.startswith("http://[::1]:")
+            status, body = get(srv.url + "status.json")
+            assert status == 200 and json.loads(body)["counts"] == [[10, 1, 0]]
+        finally:
+            srv.shutdown()
+            thread.join()
 
 
 def test_report_and_serve_never_import_torch(tmp_path: Path) -> None:

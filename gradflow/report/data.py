@@ -3,6 +3,8 @@
 Heat maps are binned along time to at most :data:`SCREEN_BINS` columns (about a panel's
 width in pixels) with :mod:`gradflow.plots.binning`, and shipped as base64 float32, layer
 by layer, so that a 1000-layer run stays a few megabytes and the page decodes it at once.
+float32 keeps what JSON cannot: NaN (not measured) and +-inf (an infinite value recorded,
+e.g. the update ratio of a weight whose norm is 0) arrive in the page as themselves.
 """
 
 from __future__ import annotations
@@ -163,7 +165,8 @@ def _diff(
     position = {lay.name: i for i, lay in enumerate(drawn[0])}
     panel = _panel(0, title, a, [position[lay.name] for lay in matched.a])
     del panel["values"]
-    diff = a.values - b.values
+    with np.errstate(invalid="ignore"):
+        diff = a.values - b.values  # inf - inf: NaN, no difference to show
     panel.update(diff=_matrix(diff), diff_range=_range([np.abs(diff)]))
     if ratio:
         with np.errstate(divide="ignore", invalid="ignore"):
@@ -188,6 +191,7 @@ def _heatmap(
         "log": fixed is None,
         "range": list(fixed) if fixed else _range(values),
         "log_range": _range(values, positive=True),
+        "infinite": any(bool(np.isinf(v).any()) for v in values),
         "panels": [_panel(i, labels[i], data[i], list(range(len(drawn[i])))) for i in have],
     }
     if len(runs) == 2 and len(have) == 2:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from gradflow.errors import GradflowError
 from gradflow.report.data import SCREEN_BINS, payload, to_json
-from gradflow.store import open_run
+from gradflow.store import check_writable, open_run
 
 _TEMPLATE = """<!DOCTYPE html>
 <html lang="en">
@@ -82,10 +82,7 @@ def build_report(
     target = Path(out)
     if target.suffix.lower() not in (".html", ".htm"):
         raise GradflowError(f"{target}: the report is an HTML file; name it .html")
-    if target.exists() and not force:
-        raise GradflowError(f"{target} exists; pass --force to overwrite it")
-    if not target.parent.is_dir():
-        raise GradflowError(f"{target}: directory {target.parent} does not exist")
+    check_writable(target, overwrite=force)
     with ExitStack() as stack:
         runs = [stack.enter_context(open_run(path)) for path in paths]
         data = to_json(payload(runs, max_bins))

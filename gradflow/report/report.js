@@ -88,8 +88,18 @@
     return (name) => name.toLowerCase().includes(low) || (re !== null && re.test(name));
   }
 
+  // NaN is a value not measured; an infinite value was recorded as such.
   function fmt(v) {
-    return Number.isFinite(v) ? Number(v).toPrecision(4) : "not measured";
+    if (Number.isNaN(v)) return "not measured";
+    if (!Number.isFinite(v)) return v > 0 ? "inf" : "-inf";
+    return Number(v).toPrecision(4);
+  }
+
+  // plotly leaves a non-finite cell blank, as it does a missing one: +-inf take the colour
+  // scale's ends instead.
+  function clampInfinite(row, lo, hi) {
+    if (!row.some((v) => v === Infinity || v === -Infinity)) return row;
+    return row.map((v) => (v === Infinity ? hi : v === -Infinity ? lo : v));
   }
 
   function spanText(unit, span) {
@@ -177,7 +187,7 @@
       rows = panel._rows.raw;
       [zmin, zmax] = section.range || [0, 1];
     }
-    const z = keep.map((k) => rows[k]);
+    const z = keep.map((k) => clampInfinite(rows[k], zmin, zmax));
     const marks = stageMarks(run, keep.map((k) => panel.rows[k]));
     const traces = [{
       type: "heatmap", x: panel.edges, y: Array.from({ length: keep.length + 1 }, (_, i) => i - 0.5),
@@ -286,6 +296,7 @@
       if (section.log && !section.log_range) notes.push("no positive values: linear colour");
       if (!section.log) notes.push("fixed scale 0..1");
       if (section.panels.length > 1) notes.push("one colour scale for all runs");
+      if (section.infinite) notes.push("infinite values at the ends of the colour scale (hover: inf)");
       if (d && d.diff) notes.push("difference over the layers both runs have, matched by name");
       if (d && d.note) notes.push(d.note);
       box.querySelector(".note").textContent = notes.join("; ");
@@ -383,7 +394,9 @@
     const status = document.getElementById("live-status");
     try {
       const res = await fetch("status.json", { cache: "no-store" });
-      stamp = await res.text();
+      const now = await res.json();
+      // The data changes with the row counts and when a file is replaced (a new version).
+      stamp = JSON.stringify([now.counts, now.version]);
       if (stamp !== last) {
         const data = await fetch("data.json", { cache: "no-store" });
         if (!data.ok) throw new Error(await data.text());
@@ -391,10 +404,15 @@
         await draw();
         if (!window.gradflowReady) ready();
       }
-      status.textContent = `live, checked ${new Date().toLocaleTimeString()}`;
+      const checked = new Date().toLocaleTimeString();
+      status.textContent = now.error
+        ? `live: ${now.error} (checked ${checked}; showing the last data read)`
+        : `live, checked ${checked}`;
+      status.classList.toggle("error", Boolean(now.error));
     } catch (err) {
       stamp = last;
       status.textContent = `live: ${err.message || err}`;
+      status.classList.add("error");
     }
     setTimeout(() => poll(stamp), POLL_MS);
   }

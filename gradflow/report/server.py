@@ -1,7 +1,8 @@
 """``gradflow serve``: the report page over HTTP, redrawn as the run files grow.
 
-The page polls ``/status.json`` (the committed row counts) every second and fetches
-``/data.json`` when they change. The run files are read through their live (SWMR) reader,
+The page polls ``/status.json`` (the committed row counts, a data version that changes
+when a file is replaced, and the last read error) every second and fetches ``/data.json``
+when they change. The run files are read through their live (SWMR) reader,
 which never blocks the writer, and re-read at most once a second whatever the number of
 open pages. Only the files named on the command line are served; no path is taken from
 the URL.
@@ -12,6 +13,7 @@ from __future__ import annotations
 import errno
 import ipaddress
 import json
+import socket
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -61,6 +63,8 @@ class LiveRuns:
         self._lock = threading.Lock()
         self._read_at = -float("inf")
         self._counts: list[list[int]] | None = None
+        self._version = 0  # counts up when the data is rebuilt
+        self._stale = False  # a file was opened afresh since the data was last built
         self._error = ""
         self._data = b"null"
         try:
@@ -76,12 +80,13 @@ class LiveRuns:
         runs = []
         for i, path in enumerate(self.paths):
             run = self._runs[i]
-            # A run that closes cleanly is rewritten compressed and renamed into place.
+            # Files are only ever replaced by renames (a run that closes cleanly is rewritten
+            # compressed and renamed into place), so a missing path is a deleted file.
             try:
-                replaced = _file_id(path) != self._ids[i]
-            except OSError:
-                replaced = False  # mid-rename: read the open file this time
-            if run is not None and not replaced:
+                file_id = _file_id(path)
+            except FileNotFoundError:
+                raise GradflowError(f"{path}: no such file (deleted or moved)") from None
+            if run is not None and file_id == self._ids[i]:
                 try:
                     run.refresh()
                     runs.append(run)
@@ -92,13 +97,17 @@ class LiveRuns:
                 # Closed first: a second handle in this process would share its stale state.
                 run.close()
                 self._runs[i] = None
-            self._ids[i] = _file_id(path)
             self._runs[i] = run = open_run(path)
+            self._ids[i] = file_id
+            self._stale = True
             runs.append(run)
         counts = [[run.n_steps, run.n_epochs, run.n_events] for run in runs]
-        if counts != self._counts:
+        # Another run renamed over a file may have the same row counts.
+        if self._stale or counts != self._counts:
             self._data = to_json(payload(runs, self.max_bins)).encode()
             self._counts = counts
+            self._version += 1
+            self._stale = False
 
     def refresh(self) -> None:
         """Re-read the files unless that was done less than ``min_interval`` seconds ago."""
@@ -113,10 +122,12 @@ class LiveRuns:
                 self._error = reason(err)  # the last good data stays on the page
 
     def status(self) -> bytes:
-        """The committed row counts of every run (and the last read error), as JSON."""
+        """The committed row counts of every run, the data's version (it changes with every
+        new ``/data.json``) and the last read error ("" if none), as JSON."""
         self.refresh()
         with self._lock:
-            return json.dumps({"counts": self._counts, "error": self._error}).encode()
+            status = {"counts": self._counts, "version": self._version, "error": self._error}
+            return json.dumps(status).encode()
 
     def data(self) -> bytes:
         """The report data of every run, as JSON."""
@@ -179,6 +190,8 @@ class ReportServer(ThreadingHTTPServer):
         self.live = LiveRuns([Path(p) for p in paths])
         title = "gradflow (live): " + ", ".join(Path(p).name for p in paths)
         handler = _handler(self.live, page("null", title).encode(), check_host=is_loopback(host))
+        if ":" in host:  # an IPv6 address such as ::1
+            self.address_family = socket.AF_INET6
         try:
             super().__init__((host, port), handler)
         except OSError as err:
