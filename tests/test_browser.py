@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -118,7 +119,16 @@ def test_report_opens_offline_and_shows_the_stored_values(
     tmp_path: Path, recorded: tuple[Path, Path], page: tuple[Any, list[str]]
 ) -> None:
     tab, errors = page
-    out = build_report(recorded, tmp_path / "report.html")
+    layers = drawn_layers(recorded[0])
+    # Infinite values recorded as such (the update ratio of a weight whose norm is 0 is
+    # +inf), crafted into a copy of run A: rows 1 and 2 of the heat map, steps 4 and 9.
+    runs = [tmp_path / "a.h5", recorded[1]]
+    shutil.copy(recorded[0], runs[0])
+    infinite = {(1, 4): np.inf, (2, 9): -np.inf}
+    with h5py.File(runs[0], "r+") as f:
+        for (row, step), value in infinite.items():
+            f["stats/param/update_ratio"][step, layers[row][3]] = value
+    out = build_report(runs, tmp_path / "report.html")
     requested: list[str] = []
 
     def only_the_file(route: Any) -> None:
@@ -138,9 +148,8 @@ def test_report_opens_offline_and_shows_the_stored_values(
         wait_until(tab, "[...document.querySelectorAll('.plot')].every(d => d.dataset.drawn)")
         shoot(tab, "report_overview.png", full_page=True)
 
-    layers = drawn_layers(recorded[0])
     ratios = []
-    for path in recorded:
+    for path in runs:
         with h5py.File(path, "r") as f:
             assert np.array_equal(f["steps"][()], np.arange(20))  # a heat-map column per step
             ratios.append(np.asarray(f["stats/param/update_ratio"][()], np.float64))
@@ -160,11 +169,25 @@ def test_report_opens_offline_and_shows_the_stored_values(
     assert shown == pytest.approx(ratio[step, column], rel=5e-4)  # 4 significant digits
     shoot(tab, "report_hover.png")
 
-    # One colour scale for both runs. Log colour: its top is log10 of the largest value of
-    # either run; linear: that value itself.
-    largest = max(r.max() for r in ratios)
+    # One colour scale for both runs. Log colour: its top is log10 of the largest finite
+    # value of either run; linear: that value itself.
+    largest = max(r[np.isfinite(r)].max() for r in ratios)
     top = tab.evaluate(f"document.getElementById('{plot}').data[0].zmax")
     assert top == pytest.approx(np.log10(largest), rel=1e-5)
+    # +-inf: "inf" / "-inf" on hover, coloured at the top / bottom of the colour scale
+    # (plotly would leave them blank, like a cell without a value).
+    scale = tab.evaluate(f"[document.getElementById('{plot}').data[0].zmin, {top}]")
+    for (row, step), value in infinite.items():
+        assert ratio[step, layers[row][3]] == value  # as stored
+        point = tab.evaluate(CELL_CENTRE, [plot, row, step])
+        tab.mouse.move(point["x"], point["y"])
+        wait_until(tab, f"document.querySelector('#tooltip .val-at').textContent === 'step {step}'")
+        assert tab.inner_text("#tooltip .val-layer") == layers[row][0]
+        assert tab.inner_text("#tooltip .val-value") == ("inf" if value > 0 else "-inf")
+        cell = tab.evaluate(f"document.getElementById('{plot}').data[0].z[{row}][{step}]")
+        assert cell == pytest.approx(scale[value > 0], rel=1e-6)
+    note = tab.inner_text("#heat-param-update_ratio .note")
+    assert "infinite values at the ends of the colour scale" in note
     tab.uncheck("#log-colour")
     wait_until(tab, f"document.getElementById('{plot}').data[0].zmax !== {top}")
     top = tab.evaluate(f"document.getElementById('{plot}').data[0].zmax")
@@ -235,6 +258,12 @@ def test_serve_shows_a_run_while_it_is_written(tmp_path: Path, page: tuple[Any, 
         wait_until(tab, f"Number(document.getElementById('run-0-steps').dataset.steps) > {first}")
         assert writer.poll() is None, "the run finished before the page saw it grow"
         shoot(tab, "report_live.png")
+        # A deleted file: the page says so and keeps showing the last data read.
+        path.unlink()
+        wait_until(tab, "document.getElementById('live-status').textContent.includes('no such')")
+        status = tab.inner_text("#live-status")
+        assert f"{path}: no such file (deleted or moved)" in status and "last data" in status
+        assert int(tab.get_attribute("#run-0-steps", "data-steps") or 0) > first
         assert errors == []
         server.send_signal(signal.SIGINT)
         _, err = server.communicate(timeout=30)
