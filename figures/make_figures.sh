@@ -62,11 +62,12 @@ for model in fig3a-long-short-9 short-only-9 fig3b-long-9; do
     for seed in $SEEDS; do curves+=("$(run "$model" "$seed")"); done
 done
 
-# Updates span decades across layers, and (d)'s lower learning rate shifts its whole
-# range: a log scale per panel keeps every panel's depth pattern readable.
+# Under RMSprop (the gallery's training) updates span decades across layers, and (d)'s
+# lower learning rate shifts its whole range: a log scale per panel keeps every panel's
+# depth pattern readable. figures/ablation.sh draws fig3_updates.png, under SGD.
 gradflow plot updates-heatmap "$A" "$B" "$C" "$D" --log --per-panel-scale --force \
-    --title "Mean |ΔW| per epoch and layer: (a) long+short, (b) long 9, (c) long 3, (d) long 7 no BN" \
-    --out "$OUT/fig3_updates.png"
+    --title "RMSprop: mean |ΔW| per epoch and layer: (a) long+short, (b) long 9, (c) long 3, (d) long 7 no BN" \
+    --out "$OUT/fig3_updates_rmsprop.png"
 gradflow plot learning-curves "${curves[@]}" --force \
     --title "Learning curves: long+short, only short, only long skips" --out "$OUT/learning_curves.png"
 gradflow plot best-losses "$RUNS"/*-s*.h5 --force --out "$OUT/best_losses.md"
