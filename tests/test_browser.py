@@ -262,7 +262,7 @@ def test_serve_shows_a_run_while_it_is_written(tmp_path: Path, page: tuple[Any, 
         path.unlink()
         wait_until(tab, "document.getElementById('live-status').textContent.includes('no such')")
         status = tab.inner_text("#live-status")
-        assert f"{path}: no such file (deleted or moved)" in status and "last data" in status
+        assert f"{path}: no such run file" in status and "last data" in status
         assert int(tab.get_attribute("#run-0-steps", "data-steps") or 0) > first
         assert errors == []
         server.send_signal(signal.SIGINT)

@@ -302,6 +302,8 @@ def test_live_data_survives_a_bad_file_and_reads_the_next_good_one(tmp_path: Pat
 def test_live_data_follows_a_replaced_file_and_reports_a_deleted_one(tmp_path: Path) -> None:
     path = write_run(tmp_path / "run.h5", epochs=2)
     other = write_run(tmp_path / "other.h5", epochs=2, layers=conv_stack(5))
+    with pytest.raises(GradflowError, match=r"none\.h5: no such run file"):
+        LiveRuns([path, tmp_path / "none.h5"])
     live = LiveRuns([path], min_interval=0.0)
     try:
         before = json.loads(live.status())
@@ -316,7 +318,7 @@ def test_live_data_follows_a_replaced_file_and_reports_a_deleted_one(tmp_path: P
         assert layers[0]["name"] != first_layer
         path.unlink()
         status = json.loads(live.status())
-        assert status["error"] == f"{path}: no such file (deleted or moved)"
+        assert status["error"] == f"{path}: no such run file"
         assert status["counts"] == before["counts"]
         assert len(json.loads(live.data())["runs"][0]["layers"]) == 5  # the last good data
         os.replace(write_run(tmp_path / "back.h5", epochs=1), path)

@@ -41,7 +41,10 @@ def is_loopback(host: str) -> bool:
 
 
 def _file_id(path: Path) -> tuple[int, int]:
-    st = path.stat()
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        raise GradflowError(f"{path}: no such run file") from None
     return st.st_dev, st.st_ino
 
 
@@ -82,10 +85,7 @@ class LiveRuns:
             run = self._runs[i]
             # Files are only ever replaced by renames (a run that closes cleanly is rewritten
             # compressed and renamed into place), so a missing path is a deleted file.
-            try:
-                file_id = _file_id(path)
-            except FileNotFoundError:
-                raise GradflowError(f"{path}: no such file (deleted or moved)") from None
+            file_id = _file_id(path)
             if run is not None and file_id == self._ids[i]:
                 try:
                     run.refresh()
