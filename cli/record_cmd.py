@@ -92,8 +92,13 @@ def record(
         ),
     ] = None,
     nesterov: Annotated[
-        bool, typer.Option("--nesterov/--no-nesterov", help="sgd: Nesterov momentum.")
-    ] = _DEFAULTS.nesterov,
+        bool | None,
+        typer.Option(
+            "--nesterov/--no-nesterov",
+            help="sgd only: Nesterov momentum.",
+            show_default=f"--{'' if _DEFAULTS.nesterov else 'no-'}nesterov",
+        ),
+    ] = None,
     eps: Annotated[float, typer.Option(help="rmsprop and adam epsilon.")] = _DEFAULTS.eps,
     init: Annotated[
         str,
@@ -161,7 +166,7 @@ def record(
         lr=lr,
         optimizer=optimizer,  # type: ignore[arg-type]  # checked by validate()
         momentum=momentum,
-        nesterov=nesterov,
+        nesterov=_DEFAULTS.nesterov if nesterov is None else nesterov,
         eps=eps,
         init=init,  # type: ignore[arg-type]  # checked by validate()
         seed=seed,
@@ -178,6 +183,10 @@ def record(
         log_every=log_every,
         command=shlex.join(["gradflow", *sys.argv[1:]]),
     )
+    config.validate()  # an unknown --optimizer is named before the Nesterov check below
+    if nesterov is not None and optimizer != "sgd":
+        flag = "--nesterov" if nesterov else "--no-nesterov"
+        raise GradflowError(f"{flag} applies to --optimizer sgd only, not {optimizer}")
     from gradflow.train import train  # torch loads here, not for --help
 
     summary = train(config, out, force=force, resume=resume)

@@ -47,6 +47,9 @@ RESUME_KEYS = (
     "probes",
 )
 _DEVICE = re.compile(r"cpu|cuda(:\d+)?")
+# torch.manual_seed takes seeds up to 2**64 - 1; 2**63 - 1 also fits every signed 64-bit
+# store of the seed (HDF5 and numpy integers).
+MAX_SEED = 2**63 - 1
 
 
 @dataclass(frozen=True)
@@ -129,6 +132,8 @@ class TrainConfig:
             value = getattr(self, name)
             if value < low:
                 raise GradflowError(f"{name} must be at least {low}, got {value}")
+        if self.seed > MAX_SEED:
+            raise GradflowError(f"seed must be at most 2**63 - 1 = {MAX_SEED}, got {self.seed}")
         if self.val_slices is not None and not 1 <= self.val_slices <= N_VAL:
             raise GradflowError(f"val_slices must be 1 to {N_VAL}, got {self.val_slices}")
         for name in ("lr", "eps", "flush_seconds"):

@@ -59,6 +59,7 @@ from gradflow.checkpoint import (
 from gradflow.config import N_VAL, RESUME_KEYS, TrainConfig
 from gradflow.data import EMVolume, epoch_batches, load_dataset, split
 from gradflow.data.augment import check_crop
+from gradflow.data.synthetic import synthetic_source
 from gradflow.errors import GradflowError
 from gradflow.metrics import LOSSES, pixel_error, tiled_predict, v_info, v_rand
 from gradflow.models import FCN, count_convs, create_model, paper_init
@@ -140,11 +141,19 @@ class Summary:
             f"{self.model}: {self.conv_layers} conv layers, {self.n_params:,} parameters",
         )
         grid.add_row("data", self.data)
+        # Timings not measured (no step timed, no validation run) are left out, not NaN.
+        timings = [
+            f"{seconds:.{digits}f} s/{what}"
+            for seconds, digits, what in (
+                (self.seconds_per_step, 3, "step"),
+                (self.seconds_per_validation, 2, "validation"),
+            )
+            if math.isfinite(seconds)
+        ]
         grid.add_row(
             "training",
-            f"{_count(self.epochs, 'epoch')}, {_count(self.steps, 'step')}; "
-            f"{self.seconds_per_step:.3f} s/step, "
-            f"{self.seconds_per_validation:.2f} s/validation",
+            f"{_count(self.epochs, 'epoch')}, {_count(self.steps, 'step')}"
+            + (f"; {', '.join(timings)}" if timings else ""),
         )
         if self.best_epoch is not None:
             grid.add_row("best val_loss", f"{self.best_val_loss:.4f} at epoch {self.best_epoch}")
@@ -154,9 +163,8 @@ class Summary:
             )
         else:
             grid.add_row("validation", "none")
-        grid.add_row(
-            "run file", f"{self.path} ({self.file_bytes / 2**20:.1f} MB), {self.checkpoint}"
-        )
+        checkpoint = f", {self.checkpoint}" if self.checkpoint.is_file() else ""
+        grid.add_row("run file", f"{self.path} ({self.file_bytes / 2**20:.1f} MB){checkpoint}")
         grid.add_row("recorder", _overhead_text(self.overhead))
         if self.nonfinite is not None:
             grid.add_row(
@@ -201,14 +209,14 @@ def train(
         )
     device = _device(config.device, world)
     out = Path(out)
+    _check_paths(out, force=force, resume=resume)
+    with torch.device("meta"):  # the model's shape only: no memory, no initialisation cost
+        _check_model(create_model(config.model, **config.model_overrides), config, world)
+    # Real data is read before any progress line, so that a bad folder is the only line.
+    data = None if config.data == "synthetic" else _load_data(config, _silent)
     say = _say if progress != "off" and world.main else _silent
     say(f"building model {config.model} (seed {config.seed}, {config.init} init)...")
     model = build_model(config)
-    try:
-        model.check_input_size(config.crop, config.crop)
-    except GradflowError as err:
-        raise GradflowError(f"crop {config.crop} does not suit {config.model}: {err}") from None
-    _check_batch_norm(model, config.crop, config.batch_size // world.size)
     # Taken before any file is checked, deleted or replaced; released when training ends.
     with WriteLock.acquire(out) if world.main else nullcontext():
         return _train(
@@ -217,6 +225,7 @@ def train(
             world,
             device,
             model,
+            data or _load_data(config, say),
             force=force,
             resume=resume,
             progress=progress,
@@ -230,6 +239,7 @@ def _train(
     world: _World,
     device: torch.device,
     model: FCN,
+    data: tuple[EMVolume, EMVolume, str],
     *,
     force: bool,
     resume: bool,
@@ -238,7 +248,7 @@ def _train(
 ) -> Summary | None:
     """:func:`train` once its settings are checked, under the run file's write lock."""
     checkpoint = _check_outputs(out, config, model, force=force, resume=resume, device=device)
-    train_set, val_set, source = _load_data(config, say)
+    train_set, val_set, source = data
     ckpt_file = checkpoint_path(out)
     if checkpoint is None and world.main:
         ckpt_file.unlink(missing_ok=True)  # a stale checkpoint must not resume this new run
@@ -608,6 +618,26 @@ def _optimizer_config(optimizer: torch.optim.Optimizer, config: TrainConfig) -> 
 
 
 # -- checks before anything runs ----------------------------------------------------------------
+def _check_paths(out: Path, *, force: bool, resume: bool) -> None:
+    """The quick checks of ``out`` (and of its checkpoint to resume), before anything is built;
+    :func:`_check_outputs` checks again, and fully, under the write lock."""
+    check_writable(out, overwrite=force or resume)
+    if resume and find_checkpoint(out) is None:
+        load_checkpoint(checkpoint_path(out))  # raises its one-line "no checkpoint" error
+
+
+def _check_model(model: FCN, config: TrainConfig, world: _World) -> None:
+    """The crop suits ``model`` (and the synthetic slices), and so does the batch per process."""
+    try:
+        model.check_input_size(config.crop, config.crop)
+    except GradflowError as err:
+        raise GradflowError(f"crop {config.crop} does not suit {config.model}: {err}") from None
+    if config.data == "synthetic":  # real slices are checked once read
+        size = config.synthetic_size
+        check_crop(config.crop, (size, size), synthetic_source(config.synthetic_slices, size, 0))
+    _check_batch_norm(model, config.crop, config.batch_size // world.size)
+
+
 def _check_outputs(
     out: Path,
     config: TrainConfig,

@@ -6,23 +6,30 @@ Runs are tiny (the ``tiny`` model, 32 px crops, 2 steps per epoch). Most go thro
 
 from __future__ import annotations
 
+import io
+import math
 import os
 import shutil
+import signal
 import stat
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from rich.console import Console
 
 from gradflow import open_run
 from gradflow.checkpoint import checkpoint_path, legacy_checkpoint_path, load_checkpoint
 from gradflow.cli.main import main
+from gradflow.config import TrainConfig
 from gradflow.data import load_dataset
 from gradflow.store import lock_path
+from gradflow.train import Summary
 
 TINY = [
     "--model", "tiny", "--epochs", "1", "--steps-per-epoch", "2", "--crop", "32",
@@ -180,6 +187,12 @@ BAD_INPUTS: list[tuple[str, list[str], str]] = [
     ("bad model option", ["--model-option", "batch_norm"], "expected KEY=VALUE"),
     ("unknown model option", ["--model-option", "batchnorm=0"], "did you mean 'batch_norm'"),
     ("on-nonfinite choice", ["--on-nonfinite", "skip"], "unknown on_nonfinite choice"),
+    ("seed above 2**63 - 1", ["--seed", str(2**63)], "seed must be at most 2**63 - 1"),
+    ("seed above uint64", ["--seed", "99999999999999999999"], "seed must be at most"),
+    ("nesterov with adam", ["--optimizer", "adam", "--nesterov"], "--nesterov applies to"),
+    ("no-nesterov with rmsprop", ["--no-nesterov"], "--no-nesterov applies to --optimizer sgd"),
+    ("not a float", ["--lr", "abc"], "Invalid value for '--lr'"),
+    ("unknown option", ["--learning-rate", "0.1"], "No such option: --learning-rate"),
 ]
 
 
@@ -198,10 +211,10 @@ def test_bad_input_is_one_line_and_damages_nothing(
     data = [] if "--data" in args else ["--data", str(em)]
     before = {name: path.read_bytes() for name, path in protected.items()}
     # --force: only the early checks stand between a bad input and the existing run file.
-    status, _, err = gradflow(
+    status, out, err = gradflow(
         capsys, "record", *TINY, *data, *args, "--out", protected["run"], "--force"
     )
-    assert_one_line_error(status, err, message)
+    assert_one_line_error(status, err, message, stdout=out)
     assert {name: path.read_bytes() for name, path in protected.items()} == before
 
 
@@ -209,8 +222,8 @@ def test_existing_out_without_force(
     capsys: pytest.CaptureFixture[str], em: Path, protected: dict[str, Path]
 ) -> None:
     before = protected["run"].read_bytes()
-    status, _, err = gradflow(capsys, "record", *TINY, "--data", em, "--out", protected["run"])
-    assert_one_line_error(status, err, "file exists; pass --force")
+    status, out, err = gradflow(capsys, "record", *TINY, "--data", em, "--out", protected["run"])
+    assert_one_line_error(status, err, "file exists; pass --force", stdout=out)
     assert protected["run"].read_bytes() == before
 
 
@@ -218,11 +231,11 @@ def test_resume_without_checkpoint(
     capsys: pytest.CaptureFixture[str], em: Path, protected: dict[str, Path]
 ) -> None:
     before = protected["lonely"].read_bytes()
-    status, _, err = gradflow(
+    status, out, err = gradflow(
         capsys, "record", *TINY, "--data", em, "--epochs", "2", "--out", protected["lonely"],
         "--resume",
     )  # fmt: skip
-    assert_one_line_error(status, err, "cannot resume: no checkpoint")
+    assert_one_line_error(status, err, "cannot resume: no checkpoint", stdout=out)
     assert protected["lonely"].read_bytes() == before
 
 
@@ -390,8 +403,10 @@ def test_only_regular_files_are_replaced(
 ) -> None:
     for path, kind, extra in _special_files(tmp_path):
         mode = path.stat().st_mode
-        status, _, err = gradflow(capsys, "record", *TINY, "--data", em, "--out", path, *extra)
-        assert_one_line_error(status, err, f"{path}: {kind}, not a regular file; not replacing it")
+        status, out, err = gradflow(capsys, "record", *TINY, "--data", em, "--out", path, *extra)
+        assert_one_line_error(
+            status, err, f"{path}: {kind}, not a regular file; not replacing it", stdout=out
+        )
         assert path.stat().st_mode == mode
         assert not lock_path(path).exists() and not checkpoint_path(path).exists()
     assert sorted(p.name for p in tmp_path.iterdir()) <= ["fifo.h5", "null.h5"]
@@ -427,10 +442,99 @@ def test_help_shows_examples(capsys: pytest.CaptureFixture[str]) -> None:
         assert example in out
 
 
-def assert_one_line_error(status: int, err: str, message: str) -> None:
-    assert status != 0
+def assert_one_line_error(status: int, err: str, message: str, stdout: str | None = None) -> None:
+    """One error line, exit 2; with ``stdout``: the error comes before any progress line."""
+    assert status == 2
+    assert stdout is None or stdout == "", stdout
     assert err.startswith("gradflow: error: ") and len(err.splitlines()) == 1, err
     assert message in err and "Traceback" not in err
+
+
+def test_largest_seed_trains_and_sgd_keeps_nesterov_by_default(
+    capsys: pytest.CaptureFixture[str], em: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "run.h5"
+    args = ["--seed", str(2**63 - 1), "--optimizer", "sgd", "--out", out]
+    status, _, err = gradflow(capsys, "record", *TINY, "--data", em, *args)
+    assert status == 0, err
+    with open_run(out) as run:
+        assert run.config["seed"] == 2**63 - 1
+        assert run.config["optimizer"]["nesterov"] is True
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["record", "--model", "tiny", "--lr", "abc", "--out", "x.h5"],
+        ["models", "--bogus"],
+        ["no-such-command"],
+        ["info"],
+        ["serve", "x.h5", "--port", "abc"],
+    ],
+    ids=["record-lr", "models-option", "command", "info-argument", "serve-port"],
+)
+def test_usage_errors_through_the_real_entry_point(args: list[str], tmp_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "gradflow.cli.main", *args],
+        capture_output=True, text=True, timeout=120, env=ENV, cwd=tmp_path,
+    )  # fmt: skip
+    assert_one_line_error(done.returncode, done.stderr, "", stdout=done.stdout)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_help_and_no_arguments_show_the_help(capsys: pytest.CaptureFixture[str]) -> None:
+    status, out, err = gradflow(capsys, "--help")
+    assert status == 0 and "record" in out and err == ""
+    status, out, err = gradflow(capsys)
+    assert status == 2 and "Usage: gradflow" in out + err and "error" not in out + err
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_signal_outside_training_is_one_line_and_128_plus_signal(
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    sig: signal.Signals,
+) -> None:
+    """A signal while a command's input is checked (here: as the settings are validated)."""
+
+    def signalled(self: TrainConfig) -> None:
+        os.kill(os.getpid(), sig)
+
+    monkeypatch.setattr(TrainConfig, "validate", signalled)
+    handlers = [signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)]
+    status, out, err = gradflow(capsys, "record", *TINY, "--out", tmp_path / "run.h5")
+    assert (status, out, err) == (128 + sig, "", "gradflow: interrupted\n")
+    assert [signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)] == handlers
+    assert list(tmp_path.iterdir()) == []
+
+
+def _summary(path: Path, **changes: Any) -> Summary:
+    fields: dict[str, Any] = {
+        "path": path, "checkpoint": checkpoint_path(path), "file_bytes": 2**20, "model": "tiny",
+        "conv_layers": 5, "n_params": 1000, "data": "synthetic", "epochs": 0, "steps": 1,
+        "best_val_loss": math.nan, "best_epoch": None, "last_val_epoch": None,
+        "v_rand": math.nan, "v_info": math.nan, "seconds_per_step": math.nan,
+        "seconds_per_validation": math.nan, "overhead": {"wall": 1.0}, "nonfinite": None,
+        "stopped_step": None, "interrupted": signal.SIGINT,
+    }  # fmt: skip
+    return Summary(**{**fields, **changes})
+
+
+def test_summary_shows_only_what_exists_and_was_measured(tmp_path: Path) -> None:
+    def shown(summary: Summary) -> str:
+        console = Console(record=True, width=200, file=io.StringIO())
+        console.print(summary)
+        return console.export_text()
+
+    run = tmp_path / "run.h5"
+    early = shown(_summary(run))  # interrupted at step 1: no epoch ended, nothing timed
+    assert "0 epochs, 1 step " in early and "1 step;" not in early
+    assert "nan" not in early and "s/step" not in early and "ckpt" not in early
+    checkpoint_path(run).write_bytes(b"")
+    later = shown(_summary(run, epochs=2, steps=4, seconds_per_step=0.25))
+    assert "2 epochs, 4 steps; 0.250 s/step" in later and "s/validation" not in later
+    assert str(checkpoint_path(run)) in later and "nan" not in later
 
 
 # -- DDP -----------------------------------------------------------------------------------------
