@@ -16,6 +16,7 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 import pytest
@@ -55,18 +56,22 @@ def em(tmp_path_factory: pytest.TempPathFactory) -> Path:
 class Writer:
     """A ``gradflow record`` child process whose stdout lines are read as they come."""
 
-    def __init__(self, args: list[str]) -> None:
+    def __init__(self, args: list[str], env: dict[str, str] = ENV) -> None:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "gradflow.cli.main", "record", *args],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
-            env=ENV,
+            env=env,
         )
         self.lines: queue.Queue[str] = queue.Queue()
         assert self.proc.stdout is not None
         stdout = self.proc.stdout
-        threading.Thread(target=lambda: [self.lines.put(x) for x in stdout], daemon=True).start()
+        threading.Thread(target=self._read, args=(stdout,), daemon=True).start()
+
+    def _read(self, stdout: IO[str]) -> None:
+        for line in stdout:
+            self.lines.put(line)
 
     def wait_for(self, prefix: str, timeout: float = 120) -> str:
         """The first stdout line starting with ``prefix``."""
@@ -161,6 +166,20 @@ def test_signal_stops_at_a_step_boundary_and_the_run_resumes(
         assert run.n_epochs >= 2
     assert not lock_path(out).exists()
     resume_one_more_epoch(out, em)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_signal_before_training_is_one_line_and_128_plus_signal(
+    tmp_path: Path, sig: signal.Signals
+) -> None:
+    """While the synthetic volume is built (an empty cache: seconds), before any step."""
+    out = tmp_path / "run.h5"
+    env = {**ENV, "GRADFLOW_CACHE_DIR": str(tmp_path / "cache")}
+    with Writer([*RUN, "--data", "synthetic", "--out", str(out)], env) as early:
+        early.wait_for("building the synthetic EM volume")
+        status, err = early.stop(sig)
+    assert (status, err) == (128 + sig, "gradflow: interrupted\n")
+    assert not out.exists() and not checkpoint_path(out).exists() and not lock_path(out).exists()
 
 
 def test_lock_is_reentrant_in_a_process_and_removed_by_its_last_holder(tmp_path: Path) -> None:
