@@ -8,7 +8,10 @@ infinite gradient norm at one (step, layer) plus the matching event.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import subprocess
+import sys
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -211,3 +214,35 @@ def write_run(
         for _ in range(epochs):
             run.steps(steps_per_epoch).epoch()
     return Path(path)
+
+
+@contextmanager
+def live_writer(path: Path) -> Iterator[Callable[..., None]]:
+    """A :class:`SyntheticRun` written by another process (``scripts/synthetic_writer.py``);
+    yields ``tell(*commands)``, which sends ``steps N``, ``epoch``, ``commit`` or ``close``
+    and waits until each is done."""
+    script = Path(__file__).parent / "scripts" / "synthetic_writer.py"
+    writer = subprocess.Popen(
+        [sys.executable, str(script), str(path)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert writer.stdin is not None and writer.stdout is not None
+    stdin, stdout = writer.stdin, writer.stdout
+
+    def tell(*commands: str) -> None:
+        for command in commands:
+            stdin.write(command + "\n")
+            stdin.flush()
+            assert stdout.readline() == "ok\n"
+
+    try:
+        yield tell
+        stdin.close()
+        assert writer.wait(timeout=60) == 0
+    finally:
+        writer.kill()
+        writer.wait()
+        stdin.close()
+        stdout.close()

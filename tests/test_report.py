@@ -24,7 +24,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-from runfiles import SyntheticRun, conv_stack, fcn_layers, write_run
+from runfiles import SyntheticRun, conv_stack, fcn_layers, live_writer, write_run
 
 from gradflow.cli.main import main
 from gradflow.errors import GradflowError
@@ -247,22 +247,7 @@ def test_bad_report_requests_give_one_line(
 
 def test_live_data_is_reread_at_most_once_per_interval(tmp_path: Path) -> None:
     path = tmp_path / "live.h5"
-    script = Path(__file__).parent / "scripts" / "synthetic_writer.py"
-    writer = subprocess.Popen(
-        [sys.executable, str(script), str(path)],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    assert writer.stdin is not None and writer.stdout is not None
-
-    def tell(*commands: str) -> None:
-        for command in commands:
-            writer.stdin.write(command + "\n")
-            writer.stdin.flush()
-            assert writer.stdout.readline() == "ok\n"
-
-    try:
+    with live_writer(path) as tell:
         tell("steps 10", "commit")
         live = LiveRuns([path], min_interval=3600.0)
         try:
@@ -277,10 +262,6 @@ def test_live_data_is_reread_at_most_once_per_interval(tmp_path: Path) -> None:
             assert json.loads(live.status())["counts"] == [[25, 1, 0]]
         finally:
             live.close()
-        assert writer.wait(timeout=60) == 0
-    finally:
-        writer.kill()
-        writer.communicate()
 
 
 def test_live_data_survives_a_bad_file_and_reads_the_next_good_one(tmp_path: Path) -> None:

@@ -13,6 +13,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+from runfiles import live_writer
 
 from gradflow import GradflowError, open_run
 from gradflow.store import SCHEMA_VERSION
@@ -188,22 +189,7 @@ def test_live_reader_sees_epochs_and_metric_names_written_after_it_opened(tmp_pa
     """The metric names are written in place by the writer once the first epoch closes;
     a reader that opened the file before must refresh past them and read them."""
     path = tmp_path / "live.h5"
-    script = Path(__file__).parent / "scripts" / "synthetic_writer.py"
-    writer = subprocess.Popen(
-        [sys.executable, str(script), str(path)],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    assert writer.stdin is not None and writer.stdout is not None
-
-    def tell(*commands: str) -> None:
-        for command in commands:
-            writer.stdin.write(command + "\n")
-            writer.stdin.flush()
-            assert writer.stdout.readline() == "ok\n"
-
-    try:
+    with live_writer(path) as tell:
         tell("steps 3", "commit")
         with open_run(path) as run:
             assert (run.n_steps, run.n_epochs, run.metrics) == (3, 0, {})
@@ -215,6 +201,3 @@ def test_live_reader_sees_epochs_and_metric_names_written_after_it_opened(tmp_pa
             run.refresh()
             assert run.metrics["val_loss"] == pytest.approx([0.7, 0.45])
         tell("close")
-    finally:
-        writer.stdin.close()
-        writer.wait(timeout=30)
