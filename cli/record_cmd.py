@@ -14,7 +14,7 @@ from rich.console import Console
 from gradflow.cli.app import app
 from gradflow.config import TrainConfig
 from gradflow.errors import GradflowError
-from gradflow.statistics import STEP_PROBES
+from gradflow.names import STEP_PROBES
 
 _DEFAULTS = TrainConfig()
 _PROBES = ",".join(STEP_PROBES)

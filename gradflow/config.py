@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
 
 from gradflow.errors import GradflowError, unknown_name
-from gradflow.statistics import STEP_PROBES
+from gradflow.names import STEP_PROBES
 
 # The names registered in gradflow.metrics.LOSSES, listed here so that validating a
 # configuration does not import torch (a test keeps the two in step).

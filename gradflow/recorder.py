@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from gradflow.errors import GradflowError, reason, unknown_name
+from gradflow.names import STEP_PROBES
 from gradflow.native import kernel_backend
 from gradflow.probes import (
     ActivationProbe,
@@ -36,7 +37,6 @@ from gradflow.probes import (
     order_by_first_call,
 )
 from gradflow.schedule import Schedule, as_schedule
-from gradflow.statistics import STEP_PROBES
 from gradflow.store import Event, WriteLock, check_writable
 from gradflow.writer import EpochItem, Layout, NullWriter, Relayout, StepItem, WriterThread
 

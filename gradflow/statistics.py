@@ -26,8 +26,6 @@ import numpy as np
 from gradflow.registry import Registry
 
 Reductions = Mapping[str, np.ndarray]
-STEP_PROBES = ("param", "activation", "grad_output")
-EPOCH_STATS = ("update_abs_mean", "update_ratio", "update_norm", "update_abs_max")
 
 
 @dataclass(frozen=True)

@@ -24,8 +24,8 @@ import torch
 
 from gradflow import statistics
 from gradflow.errors import GradflowError, reason
+from gradflow.names import EPOCH_STATS, STEP_PROBES
 from gradflow.probes import ACTIVATION_REDUCTIONS, reduce_per_layer
-from gradflow.statistics import EPOCH_STATS, STEP_PROBES
 from gradflow.store import OVERHEAD_COLUMNS, Event, Layer, RunWriter, StepRows
 
 
