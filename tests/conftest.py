@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from runfiles import write_slices
+
+from gradflow.data import load_dataset
 
 
 @pytest.fixture(scope="module")
@@ -34,3 +39,11 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         default=0,
         help="Seed of the damaged run files in tests/test_security.py (default 0).",
     )
+
+
+@pytest.fixture(scope="module")
+def em(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """7 labelled 64 px slices in the ISBI layout (from the synthetic generator)."""
+    volume = load_dataset("synthetic", n_synthetic=7, synthetic_size=64)
+    images = (volume.images - volume.images.min()) / np.ptp(volume.images) * 255
+    return write_slices(tmp_path_factory.mktemp("em"), images, (1 - volume.labels) * 255)

@@ -15,6 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 from gradflow.store import Event, Layer, RunWriter, StepRows
 
@@ -246,3 +247,12 @@ def live_writer(path: Path) -> Iterator[Callable[..., None]]:
         writer.wait()
         stdin.close()
         stdout.close()
+
+
+def write_slices(folder: Path, images: np.ndarray, labels: np.ndarray) -> Path:
+    """An ISBI-layout folder: train/images/NN.png and train/labels/NN.png (255 = cell)."""
+    for sub, stack in (("images", images), ("labels", labels)):
+        (folder / "train" / sub).mkdir(parents=True)
+        for i, array in enumerate(stack):
+            Image.fromarray(array.astype(np.uint8)).save(folder / "train" / sub / f"{i:02d}.png")
+    return folder

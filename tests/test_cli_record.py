@@ -22,12 +22,12 @@ import pytest
 import torch
 from PIL import Image
 from rich.console import Console
+from runfiles import write_slices
 
 from gradflow import open_run
 from gradflow.checkpoint import checkpoint_path, legacy_checkpoint_path, load_checkpoint
 from gradflow.cli.main import main
 from gradflow.config import TrainConfig
-from gradflow.data import load_dataset
 from gradflow.store import lock_path
 from gradflow.train import Summary
 
@@ -39,23 +39,6 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def write_slices(folder: Path, images: np.ndarray, labels: np.ndarray) -> Path:
-    """An ISBI-layout folder: train/images/NN.png and train/labels/NN.png (255 = cell)."""
-    for sub, stack in (("images", images), ("labels", labels)):
-        (folder / "train" / sub).mkdir(parents=True)
-        for i, array in enumerate(stack):
-            Image.fromarray(array.astype(np.uint8)).save(folder / "train" / sub / f"{i:02d}.png")
-    return folder
-
-
-@pytest.fixture(scope="module")
-def em(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """7 labelled 64 px slices in the ISBI layout (from the synthetic generator)."""
-    volume = load_dataset("synthetic", n_synthetic=7, synthetic_size=64)
-    images = (volume.images - volume.images.min()) / np.ptp(volume.images) * 255
-    return write_slices(tmp_path_factory.mktemp("em"), images, (1 - volume.labels) * 255)
 
 
 @pytest.fixture(scope="module")

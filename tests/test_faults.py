@@ -58,12 +58,10 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-from PIL import Image
 
 from gradflow import Run, open_run
 from gradflow.checkpoint import checkpoint_path, load_checkpoint
 from gradflow.cli.main import main
-from gradflow.data import load_dataset
 from gradflow.store import SCHEMA_VERSION
 
 SPE, EPOCHS, FLUSH = 8, 3, 2  # steps per epoch, epochs, --flush-every
@@ -80,19 +78,6 @@ EPOCH_LINE = re.compile(r"epoch (\d+) train_loss ")
 
 # -- fixtures and helpers -------------------------------------------------------------------------
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def em(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """7 labelled 64 px slices in the ISBI layout (from the synthetic generator)."""
-    folder = tmp_path_factory.mktemp("em")
-    volume = load_dataset("synthetic", n_synthetic=7, synthetic_size=64)
-    images = (volume.images - volume.images.min()) / np.ptp(volume.images) * 255
-    for sub, stack in (("images", images), ("labels", (1 - volume.labels) * 255)):
-        (folder / "train" / sub).mkdir(parents=True)
-        for i, array in enumerate(stack):
-            Image.fromarray(array.astype(np.uint8)).save(folder / "train" / sub / f"{i:02d}.png")
-    return folder
 
 
 @pytest.fixture(scope="module")

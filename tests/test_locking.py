@@ -20,12 +20,10 @@ from typing import IO
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from gradflow import Recorder, open_run
 from gradflow.checkpoint import checkpoint_path, load_checkpoint
 from gradflow.cli.main import main
-from gradflow.data import load_dataset
 from gradflow.errors import GradflowError
 from gradflow.models import create_model
 from gradflow.store import WriteLock, lock_path
@@ -38,19 +36,6 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 INTERRUPTED = re.compile(r"gradflow: interrupted at step (\d+); resume with --resume")
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def em(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """7 labelled 64 px slices in the ISBI layout (from the synthetic generator)."""
-    folder = tmp_path_factory.mktemp("em")
-    volume = load_dataset("synthetic", n_synthetic=7, synthetic_size=64)
-    images = (volume.images - volume.images.min()) / np.ptp(volume.images) * 255
-    for sub, stack in (("images", images), ("labels", (1 - volume.labels) * 255)):
-        (folder / "train" / sub).mkdir(parents=True)
-        for i, array in enumerate(stack):
-            Image.fromarray(array.astype(np.uint8)).save(folder / "train" / sub / f"{i:02d}.png")
-    return folder
 
 
 class Writer:
