@@ -333,7 +333,7 @@ class HostReducer:
         self._slices: dict[int, torch.Tensor] = {}
 
     def _resolve(self) -> tuple[Any, Any]:
-        # Compiled once per process, at the first CPU call (never for accelerator runs).
+        # Loaded (or built into the user cache) at the first CPU call, never for accelerator runs.
         if self.native:
             self._kernels = (kernel(), kernel(squares_only=True))
         self._resolved = True
