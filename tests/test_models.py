@@ -362,20 +362,22 @@ def test_bad_switches_are_clear_errors() -> None:
         TrainConfig(momentum=1.5).validate()
 
 
+# One optimizer step of the tiny model on a small synthetic volume, no validation.
+TINY_RUN = TrainConfig(
+    model="tiny",
+    synthetic_slices=6,
+    synthetic_size=64,
+    epochs=1,
+    steps_per_epoch=1,
+    crop=32,
+    batch_size=2,
+    val_every=0,
+)
+
+
 def test_switches_are_stored_and_fixed_for_resume(tmp_path: Path) -> None:
     assert {"optimizer", "momentum", "nesterov", "init", "eps"} <= set(RESUME_KEYS)
-    config = TrainConfig(
-        model="tiny",
-        synthetic_slices=6,
-        synthetic_size=64,
-        epochs=1,
-        steps_per_epoch=1,
-        crop=32,
-        batch_size=2,
-        val_every=0,
-        optimizer="sgd",
-        init="paper",
-    )
+    config = replace(TINY_RUN, optimizer="sgd", init="paper")
     out = tmp_path / "r.h5"
     train(config, out, progress="off")
     with open_run(out) as run:
@@ -387,16 +389,7 @@ def test_switches_are_stored_and_fixed_for_resume(tmp_path: Path) -> None:
 
 
 def test_a_checkpoint_older_than_the_switches_resumes(tmp_path: Path) -> None:
-    config = TrainConfig(
-        model="tiny",
-        synthetic_slices=6,
-        synthetic_size=64,
-        epochs=1,
-        steps_per_epoch=1,
-        crop=32,
-        batch_size=2,
-        val_every=0,
-    )
+    config = TINY_RUN
     out = tmp_path / "old.h5"
     train(config, out, progress="off")
     path = checkpoint_path(out)
