@@ -172,7 +172,8 @@ def fused_on(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     try:
         if fused._kernel() is None:
             pytest.skip("Triton is not installed: the fused kernel is unchecked")
-        assert fused.reducer(torch.device("cuda")) is not None, "the first-use check failed"
+        cuda = torch.device("cuda", torch.cuda.current_device())  # that of x.to("cuda")
+        assert fused.reducer(cuda) is not None, "the first-use check failed"
         yield
     finally:
         fused.reducer.cache_clear()
@@ -302,6 +303,7 @@ def _large_params(device: torch.device) -> tuple[list[nn.Parameter], list[torch.
 
 
 def _large_update(params: list[nn.Parameter]) -> None:
+    """An ordinary update of every entry."""
     with torch.no_grad():
         for p in params:
             p.mul_(0.9).add_(0.01)
