@@ -9,13 +9,13 @@ from pathlib import Path
 from setuptools import Extension, setup
 
 here = Path(__file__).parent
-build = runpy.run_path(str(here / "gradflow" / "_cbuild.py"))
-source = f"gradflow/{build['SOURCE']}"  # setuptools wants it relative to this file
+build = runpy.run_path(str(here / "gradflow" / "kernels" / "_cbuild.py"))
+source = f"gradflow/kernels/{build['SOURCE']}"  # setuptools wants it relative to this file
 
 setup(
     ext_modules=[
         Extension(
-            "gradflow._kernels",
+            "gradflow.kernels._cpu",
             sources=[source],
             define_macros=[("GRADFLOW_EXTENSION", "1"), build["digest_macro"](here / source)],
             extra_compile_args=build["CFLAGS"],

@@ -59,7 +59,7 @@ from common import (
     write_json,
 )
 
-from gradflow.writer import STEP_PROBES
+from gradflow.names import STEP_PROBES
 
 DEFAULT_MODELS = "paper-resunet:256:4,fig3b-long-9:256:4"
 FULL = {"models": DEFAULT_MODELS, "pairs": 20, "steps_per_trial": 10, "warmup": 5, "sync_steps": 5}
@@ -98,10 +98,10 @@ TIMED = ("param", "all", "all-torch")
 
 class TorchReductions(Session):
     """Steps with the accelerator path's torch reductions of layer outputs instead of the
-    fused Triton kernel (:mod:`gradflow.fused`): the kernel's own effect, side by side."""
+    fused Triton kernel (:mod:`gradflow.kernels.triton`): the kernel's own effect, side by side."""
 
     def run(self, steps: int) -> None:
-        with mock.patch("gradflow.probes.reducer", lambda device: None):
+        with mock.patch("gradflow.kernels.device.reducer", lambda device: None):
             super().run(steps)
 
 

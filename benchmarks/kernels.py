@@ -22,9 +22,10 @@ from unittest import mock
 import torch
 from common import environment, format_table, print_header
 
-from gradflow import native
+from gradflow.kernels import cpu as native
+from gradflow.kernels.cpu import HostReducer, HostRows
 from gradflow.models import create_model
-from gradflow.probes import HostReducer, HostRows, Snapshot
+from gradflow.probes import Snapshot
 
 
 def workload(name: str, crop: int) -> dict[str, list[torch.Tensor]]:
@@ -53,13 +54,15 @@ def timings(tensors: dict[str, list[torch.Tensor]], repeat: int) -> dict[str, fl
     """Best seconds per phase and backend."""
     params = tensors["params"]
 
-    def host(reducer: HostReducer) -> Callable[[], None]:
+    def host(native: bool) -> Callable[[], None]:
+        outputs, squares = HostReducer(native=native), HostReducer(True, native=native)
+
         def run() -> None:
-            rows, grad_rows = HostRows(), HostRows()
+            rows, grad_rows = HostRows(4), HostRows(1)
             for x in tensors["outputs"]:
-                reducer(x, rows)
+                outputs(x, rows)
             for g in tensors["output_grads"]:
-                reducer(g, grad_rows, squares_only=True)
+                squares(g, grad_rows)
 
         return run
 
@@ -72,11 +75,11 @@ def timings(tensors: dict[str, list[torch.Tensor]], repeat: int) -> dict[str, fl
         return run
 
     cpu = torch.device("cpu")
-    with mock.patch("gradflow.probes.param_kernels", lambda sizes: None):
+    with mock.patch("gradflow.probes.param.param_kernels", lambda sizes: None):
         torch_snapshot = Snapshot(params, cpu)
     cases = {
-        ("outputs", "C"): host(HostReducer(native=True)),
-        ("outputs", "torch"): host(HostReducer(native=False)),
+        ("outputs", "C"): host(native=True),
+        ("outputs", "torch"): host(native=False),
         ("params", "C"): param(Snapshot(params, cpu)),
         ("params", "torch"): param(torch_snapshot),
     }

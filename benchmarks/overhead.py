@@ -61,7 +61,7 @@ from common import (
 )
 from torch import nn
 
-from gradflow.writer import STEP_PROBES
+from gradflow.names import STEP_PROBES
 
 # Per model: (crop, batch) that keep a CPU step well under a second.
 # For gpt2-mini the "crop" is the sequence length.

@@ -40,8 +40,8 @@ from common import (
 )
 
 from gradflow import statistics
+from gradflow.names import EPOCH_STATS, STEP_PROBES
 from gradflow.store import Layer, RunWriter, StepRows
-from gradflow.writer import EPOCH_STATS, STEP_PROBES
 
 RAW_BYTES = 4  # float32
 GOAL = 1.2  # file bytes per value / raw float32 bytes per value

@@ -37,8 +37,8 @@ from common import (
     write_json,
 )
 
+from gradflow.names import STEP_PROBES
 from gradflow.store import open_run
-from gradflow.writer import STEP_PROBES
 
 RSS_GOAL_MB = 50.0
 LINEAR_TOLERANCE = 0.25

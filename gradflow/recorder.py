@@ -20,22 +20,27 @@ import torch
 from torch import nn
 
 from gradflow.errors import GradflowError, reason, unknown_name
-from gradflow.names import STEP_PROBES
-from gradflow.native import kernel_backend
-from gradflow.probes import (
-    ActivationProbe,
-    CallLog,
-    HostReducer,
+from gradflow.kernels import kernel_backend
+from gradflow.layers import (
     LayerSpec,
-    ParamProbe,
-    Snapshot,
     discover_layers,
     eager_name,
     first_tensor,
     floating_tensors,
-    grad_output_hook,
     order_by_first_call,
 )
+from gradflow.names import STEP_PROBES
+from gradflow.probes import (
+    PROBES,
+    Attachment,
+    Block,
+    CallLog,
+    LayerMap,
+    ParamReductions,
+    Probe,
+    Snapshot,
+)
+from gradflow.probes.param import local
 from gradflow.schedule import Schedule, as_schedule
 from gradflow.store import Event, WriteLock, check_writable
 from gradflow.writer import EpochItem, Layout, NullWriter, Relayout, StepItem, WriterThread
@@ -127,7 +132,8 @@ class Recorder:
             optimizer as ``.optimizer`` (accelerate, Lightning) are unwrapped.
         path: the run file to write.
         every: which steps to record: an int ``n`` (every n-th step) or ``step -> bool``.
-        probes: one or several of ``"param"``, ``"activation"``, ``"grad_output"``.
+        probes: one or several of ``"param"``, ``"activation"``, ``"grad_output"`` (or
+            probes registered in :data:`gradflow.probes.PROBES`).
         layers: name prefixes or a ``(name, module) -> bool`` predicate selecting layers.
         scaler: a ``torch.amp.GradScaler`` in use (records scale and skipped steps).
         flush_every: rows between flushes to disk; ``flush_seconds``: seconds between them.
@@ -231,19 +237,19 @@ class Recorder:
             if p.grad is not None
         }
         self._layout_sent = False
-        self._param_probe: ParamProbe | None = None
+        self._probes: list[Probe] = [PROBES.get(name)() for name in self.probes]
+        self._step_probes = [p for p in self._probes if p.scope == "step"]
+        self._call_probes = [p for p in self._probes if p.scope == "call"]
+        self._signature: list[tuple[Any, ...]] = []
+        self._reg_to_layer = np.zeros(0, np.int64)
         self._epoch_snapshot: Snapshot | None = None
-        self._epoch_probe: ParamProbe | None = None
+        self._epoch_probe: ParamReductions | None = None
         self._epoch_w_sq: torch.Tensor | None = None
         self._epoch_stale = False
         self._call_order: dict[str, int] = {}
         self._active = self.schedule(self.step)
         self._log = CallLog()  # layer calls since the last optimizer step
         self._row_logs: list[CallLog] = []  # those of the row being measured, per step
-        self._host = HostReducer()
-        self._activation = ActivationProbe(self._host) if "activation" in self.probes else None
-        self._gout_hooks: list[Callable[[torch.Tensor], None]] = []
-        self._no_grad_calls: dict[int, int] = {}
         self._next_scalars: dict[str, Any] = {}
         self._open_row: dict[str, Any] | None = None
         self._row_steps: set[int] = set()  # optimizers that stepped in the row being measured
@@ -337,12 +343,14 @@ class Recorder:
         self._check_layout(always=True)  # the epoch's snapshot is read on any step
         device_vals, host_vals = _split_scalars(metrics)
         parts: list[torch.Tensor] = []
+        block = None
         if self._epoch_snapshot is not None and self._epoch_w_sq is not None:
             if not self._epoch_stale:  # parameters re-derived within the epoch: no update
                 w_sq = self._epoch_w_sq
                 zeros = torch.zeros_like(w_sq)
                 vec = torch.cat([w_sq, zeros, zeros, *self._epoch_snapshot.delta()])
                 parts = [self._epoch_probe.complete(vec) if self._epoch_probe else vec]
+                block = Block(vec.numel())
             self._epoch_w_sq = self._epoch_snapshot.take()
             self._epoch_stale = False
         packed, ready = self._to_host(parts, device_vals)
@@ -355,7 +363,8 @@ class Recorder:
                 ready=ready,
                 metric_names=list(device_vals),
                 host_metrics=host_vals,
-                has_update=bool(parts),
+                probe="param",
+                block=block,
             )
         )
         self.epoch += 1
@@ -447,19 +456,18 @@ class Recorder:
         for handle in self._layer_handles:
             handle.remove()
         self._layer_handles = []
-        if "grad_output" in self.probes:
-            self._gout_hooks = [None] * len(self._layers)  # type: ignore[list-item]
-            for lay in self._layers:
-                self._gout_hooks[lay.reg_index] = grad_output_hook(
-                    self._current_log, lay.reg_index, self._host
-                )
-        if {"activation", "grad_output"} & set(self.probes):
+        if self._call_probes:
+            attachment = self._attachment()
+            for probe in self._call_probes:
+                probe.attach(attachment)
             for lay in self._layers:
                 self._layer_handles.append(
                     lay.module.register_forward_hook(partial(self._on_layer_output, lay.reg_index))
                 )
 
     def _detach(self) -> None:
+        for probe in self._probes:
+            probe.detach()
         for handle in self._handles + self._layer_handles + self._order_handles:
             handle.remove()
         self._handles, self._layer_handles, self._order_handles = [], [], []
@@ -507,19 +515,10 @@ class Recorder:
         if out is None or self._replaying:
             return
         t0 = time.perf_counter()
-        if torch._C._current_graph_task_id() == -1:  # a forward, not a recomputation in backward
-            if self._activation is not None:
-                self._activation(out, self._log, layer_id)
-            if self._gout_hooks:
-                if out.requires_grad:
-                    out.register_hook(self._gout_hooks[layer_id])
-                else:
-                    self._no_grad_calls[layer_id] = self._no_grad_calls.get(layer_id, 0) + 1
-        elif self._gout_hooks and out.requires_grad and self._no_grad_calls.get(layer_id):
-            # Reentrant checkpointing ran this call without grad; its recomputation in
-            # backward is what the output gradient flows through.
-            self._no_grad_calls[layer_id] -= 1
-            out.register_hook(self._gout_hooks[layer_id])
+        # A forward, not a recomputation in backward (activation checkpointing)
+        forward = torch._C._current_graph_task_id() == -1
+        for probe in self._call_probes:
+            probe.on_output(out, self._log, layer_id, forward)
         self._hook_s += time.perf_counter() - t0
 
     def _current_log(self) -> CallLog:
@@ -545,13 +544,13 @@ class Recorder:
             self._ensure_layout()
         if index in self._row_steps:  # stepped again before every optimizer stepped once
             # Layer calls since this optimizer's last step belong to the row it opens now.
-            self._close_step(has_update=True, carry=True)
+            self._close_step(carry=True)
         elif self._row_steps and self._active and self._layout_changed():
             # Parameters changed between two optimizers' steps: the row measured so far
             # closes with the old layout, this step opens one with the new, which closes
             # once the optimizers that had not stepped have.
             stepped = len(self._row_steps)
-            self._close_step(has_update=True, carry=True)
+            self._close_step(carry=True)
             self._split_steps = stepped
         if not self._row_steps:
             self._check_layout()
@@ -599,29 +598,31 @@ class Recorder:
     def _measure_before(self, index: int) -> None:
         if self._active:
             self._ensure_layout()
-        if self._active and self._param_probe is not None:
+        if self._active and self._step_probes:
             t0 = time.perf_counter()
-            self._param_probe.before_step(index)
+            for probe in self._step_probes:
+                probe.before_step(index)
             self._stats_s += time.perf_counter() - t0
 
     def _end(self, index: int, *, stepped: bool, has_update: bool, skipped: bool = False) -> None:
         """An optimizer's step ended; the row closes once every optimizer stepped."""
         self._ensure_layout()
-        if self._active and self._param_probe is not None:
+        if self._active and self._step_probes:
             t0 = time.perf_counter()
-            self._param_probe.after_step(index, stepped)
+            for probe in self._step_probes:
+                probe.after_step(index, stepped, has_update)
             self._stats_s += time.perf_counter() - t0
         self._row_skipped |= skipped
         if self._active:
             self._row_logs.append(self._log)
             self._log = CallLog()
         if len(self._row_steps) + self._split_steps >= max(1, len(self._optimizers)):
-            self._close_step(has_update=has_update)
+            self._close_step()
 
     def _end_row(self) -> None:
         """Close a row some optimizers have not stepped in, then hand over any closed row."""
         if self._row_steps:
-            self._close_step(has_update=True)
+            self._close_step()
         self._finalize_row()
 
     def _wrap_scaler(self) -> None:
@@ -639,7 +640,7 @@ class Recorder:
                 # The scaler found inf/NaN and skipped optimizer.step().
                 self._ensure_layout()
                 if index in self._row_steps:
-                    self._close_step(has_update=True, carry=True)
+                    self._close_step(carry=True)
                 self._begin(index, measure=True)
                 self._end(index, stepped=False, has_update=True, skipped=True)
             if scale is not None and self._open_row is not None and not self._row_steps:
@@ -652,11 +653,12 @@ class Recorder:
         self._scaler_step = step
 
     # -- rows ---------------------------------------------------------------------------
-    def _close_step(self, *, has_update: bool, carry: bool = False) -> None:
+    def _close_step(self, *, carry: bool = False) -> None:
         """Close the row being measured (``carry``: the layer calls since the last
         optimizer step stay for the next row)."""
         if self._active:
-            log = CallLog.merged(self._row_logs if carry else [*self._row_logs, self._log])
+            logs = self._row_logs if carry else [*self._row_logs, self._log]
+            log = CallLog.merged(logs, self.probes)
             if (
                 self._layer_handles
                 and not self._layer_called
@@ -664,25 +666,24 @@ class Recorder:
             ):
                 self._refuse_if_compiled_before()
             t0 = time.perf_counter()
-            probe = self._param_probe
-            param = probe.row() if probe is not None else None
+            packed = {p.name: out for p in self._step_probes if (out := p.pack()) is not None}
             self._stats_s += time.perf_counter() - t0
             self._open_row = {
                 "step": self.step,
                 "epoch": self.epoch,
                 "time": time.perf_counter() - self._t0,
-                "param": param,
-                "log": log.all_reduce(self.world_size, self._group)
+                "packed": packed,
+                "log": log.all_reduce(self.world_size, self.probes, self._group)
                 if self._reduce_activations
                 else log,
                 "scalars": self._next_scalars,
                 "skipped": self._row_skipped,
-                "has_update": has_update,
             }
         self._row_logs = []
         if not carry:
             self._log = CallLog()
-            self._no_grad_calls = {}
+            for probe in self._call_probes:
+                probe.new_row()
         self._next_scalars = {}
         self._row_steps = set()
         self._split_steps = 0
@@ -727,7 +728,12 @@ class Recorder:
         t0 = time.perf_counter()
         log: CallLog = row["log"]
         device_vals, host_vals = _split_scalars(row["scalars"])
-        parts = ([row["param"]] if row["param"] is not None else []) + log.tensors()
+        # Step probes' blocks first, then the call probes' (one tensor for all where the
+        # log was merged or reduced across ranks): the writer unpacks them in this order.
+        stepped: dict[str, tuple[torch.Tensor, Block]] = row["packed"]
+        blocks = {name: block for name, (_, block) in stepped.items()}
+        blocks.update(log.blocks(self.probes))
+        parts = [t for t, _ in stepped.values()] + log.tensors(self.probes)
         packed, ready = self._to_host(parts, device_vals)
         copy_s = time.perf_counter() - t0
         self._writer.put(
@@ -737,15 +743,10 @@ class Recorder:
                 time=row["time"],
                 packed=packed,
                 ready=ready,
-                has_param=row["param"] is not None,
-                act_ids=log.act_ids,
-                act_n=log.act_n,
-                gout_ids=log.gout_ids,
-                gout_n=log.gout_n,
+                blocks=blocks,
                 scalar_names=list(device_vals),
                 host_scalars=host_vals,
                 skipped=row["skipped"],
-                has_update=row["has_update"],
                 overhead=[self._hook_s + log.hook_s, self._stats_s, copy_s],
             )
         )
@@ -780,17 +781,16 @@ class Recorder:
         reg_to_layer = np.empty(len(layers), dtype=np.int64)
         for index, lay in enumerate(layers):
             reg_to_layer[lay.reg_index] = index
-        probe = self._build_probes()
-        device = str(probe.device) if probe is not None else "cpu"
+        self._reg_to_layer = reg_to_layer
+        self._build_probes()
+        params = [p for lay in layers for p in lay.params]
+        device = str(local(params[0]).device) if params else "cpu"
         self._writer.put(
             Layout(
                 path=self.path,
                 layers=[lay.info(i) for i, lay in enumerate(layers)],
                 probes=self.probes,
-                layer_starts=probe.layer_starts if probe else np.zeros(0, np.int64),
-                layer_numel=probe.layer_numel if probe else np.zeros(0),
-                reg_to_layer=reg_to_layer,
-                param_count=len(probe.params) if probe else 0,
+                map=LayerMap.of(layers, reg_to_layer),
                 config=self._config,
                 attrs={
                     "device": device,
@@ -815,25 +815,29 @@ class Recorder:
         # the first flush leaves a readable run file.
         self._wait_for_writer("creating" if self._resume is None else "resuming")
 
-    def _build_probes(self) -> ParamProbe | None:
-        """The parameter probes of the current layers (each parameter owned by the first
-        optimizer holding it, or the first optimizer)."""
+    def _attachment(self) -> Attachment:
+        """The current layers, each parameter's optimizer (the first holding it, or the
+        first optimizer) and the call log, for the probes."""
         owner: dict[int, int] = {}
         for index, opt in enumerate(self._optimizers):
             for group in opt.param_groups:
                 for p in group["params"]:
                     owner.setdefault(id(p), index)
-        self._n_groups = [len(opt.param_groups) for opt in self._optimizers]
         owners = [owner.get(id(p), 0) for lay in self._layers for p in lay.params]
-        probe = None
-        if "param" in self.probes or self._epoch_stats:
-            probe = ParamProbe(self._layers, owners)
-        self._param_probe = probe if "param" in self.probes else None
-        if self._epoch_stats and probe is not None:
-            self._epoch_probe = probe
-            self._epoch_snapshot = Snapshot(probe.params, probe.device)
+        return Attachment(self._layers, owners, self._current_log)
+
+    def _build_probes(self) -> None:
+        """Attach the step probes (and the epoch's snapshot) to the current layers, whose
+        parameter layout the run file's rows follow from here on."""
+        attachment = self._attachment()
+        for probe in self._step_probes:
+            probe.attach(attachment)
+        self._n_groups = [len(opt.param_groups) for opt in self._optimizers]
+        self._signature = _signature(self._layers)
+        if self._epoch_stats:
+            epoch = self._epoch_probe = ParamReductions(self._layers, attachment.owners)
+            self._epoch_snapshot = Snapshot(epoch.params, epoch.device)
             self._epoch_w_sq = self._epoch_snapshot.take()
-        return probe
 
     def _check_layout(self, always: bool = False) -> None:
         """Re-derive the layers' parameters if any changed (on recorded steps, or
@@ -842,11 +846,10 @@ class Recorder:
             self._rederive()
 
     def _layout_changed(self) -> bool:
-        probe = self._param_probe or self._epoch_probe
         return (
             self._dirty
             or [len(opt.param_groups) for opt in self._optimizers] != self._n_groups
-            or (probe is not None and probe.current_signature() != probe.signature)
+            or _signature(self._layers) != self._signature
         )
 
     def _rederive(self) -> None:
@@ -874,10 +877,14 @@ class Recorder:
             lay.reg_index, lay.depth = old[lay.name].reg_index, old[lay.name].depth
         self._layers = [new[lay.name] for lay in self._layers]
         self._hook_layers()
-        probe = self._build_probes()
-        if probe is not None:
-            self._writer.put(Relayout(probe.layer_starts, probe.layer_numel, len(probe.params)))
+        self._build_probes()
+        self._writer.put(Relayout(LayerMap.of(self._layers, self._reg_to_layer)))
         self._epoch_stale = True
+
+
+def _signature(layers: Sequence[LayerSpec]) -> list[tuple[Any, ...]]:
+    """Shape, dtype and device of every recorded parameter: a change means new probes."""
+    return [(p.shape, p.dtype, p.device) for lay in layers for p in lay.params]
 
 
 def _is_names(value: Any) -> bool:
@@ -895,8 +902,8 @@ def _check_probes(probes: Any) -> tuple[str, ...]:
             f"probes must be a probe name or a list of them, got {probes!r}"
         ) from None
     for probe in chosen:
-        if probe not in STEP_PROBES:
-            raise unknown_name("probe", str(probe), STEP_PROBES)
+        if probe not in PROBES:
+            raise unknown_name("probe", str(probe), PROBES.names())
     return chosen
 
 

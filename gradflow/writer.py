@@ -25,7 +25,7 @@ import torch
 from gradflow import statistics
 from gradflow.errors import GradflowError, reason
 from gradflow.names import EPOCH_STATS, STEP_PROBES
-from gradflow.probes import ACTIVATION_REDUCTIONS, reduce_per_layer
+from gradflow.probes import PROBES, Block, LayerMap
 from gradflow.store import OVERHEAD_COLUMNS, Event, Layer, RunWriter, StepRows
 
 
@@ -36,10 +36,7 @@ class Layout:
     path: Path
     layers: list[Layer]
     probes: tuple[str, ...]
-    layer_starts: np.ndarray
-    layer_numel: np.ndarray
-    reg_to_layer: np.ndarray  # registration index -> column in forward order
-    param_count: int  # parameter tensors, in layer order
+    map: LayerMap
     config: Mapping[str, Any]
     attrs: Mapping[str, Any]
     overwrite: bool
@@ -49,11 +46,9 @@ class Layout:
 @dataclass
 class Relayout:
     """The layers' parameters were re-derived (same layers, new sizes): rows queued after
-    this item are unpacked with these sizes."""
+    this item are unpacked with this map."""
 
-    layer_starts: np.ndarray
-    layer_numel: np.ndarray
-    param_count: int
+    map: LayerMap
 
 
 @dataclass
@@ -65,21 +60,17 @@ class StepItem:
     time: float
     packed: torch.Tensor
     ready: Any  # a CUDA event to wait for, or None
-    has_param: bool
-    act_ids: list[int]
-    act_n: list[int]
-    gout_ids: list[int]
-    gout_n: list[int]
+    blocks: dict[str, Block]  # each measured probe's part of packed, in order
     scalar_names: list[str]
     host_scalars: dict[str, float]
     skipped: bool
-    has_update: bool  # False when no optimizer step was measured (optimizer=None)
     overhead: list[float]  # hooks, stats, copy (seconds)
 
 
 @dataclass
 class EpochItem:
-    """One closed epoch: per-tensor update reductions and metrics, packed like a step."""
+    """One closed epoch: per-tensor update reductions (unpacked by probe ``probe``; none
+    where ``block`` is None) and metrics, packed like a step."""
 
     epoch: int
     end_step: int
@@ -88,7 +79,8 @@ class EpochItem:
     ready: Any
     metric_names: list[str]
     host_metrics: dict[str, float]
-    has_update: bool
+    probe: str
+    block: Block | None
 
 
 class NullWriter:
@@ -184,12 +176,7 @@ class WriterThread(threading.Thread):
             self._pending_events.append(item)
         elif isinstance(item, Relayout):
             self._commit()  # pending rows have the previous sizes
-            self._layout = dataclasses.replace(
-                self._require_layout(),
-                layer_starts=item.layer_starts,
-                layer_numel=item.layer_numel,
-                param_count=item.param_count,
-            )
+            self._layout = dataclasses.replace(self._require_layout(), map=item.map)
         elif isinstance(item, threading.Event):  # a flush request: commit, then wake the caller
             self._commit()
             item.set()
@@ -241,8 +228,6 @@ class WriterThread(threading.Thread):
                 if probe in reductions
                 else {name: np.full(shape, np.nan) for name in names}
             )
-            if probe == "param" and not steps[0].has_update:  # no optimizer step measured
-                computed.update({n: np.full(shape, np.nan) for n in names if "update" in n})
             stats.update({(probe, name): v.astype(np.float32) for name, v in computed.items()})
         for name in steps[0].host_scalars:
             scalars[name] = np.array([item.host_scalars[name] for item in steps])
@@ -269,33 +254,25 @@ class WriterThread(threading.Thread):
     def _check_nonfinite(
         self,
         item: StepItem,
-        red: Mapping[str, Mapping[str, np.ndarray]],
+        reductions: Mapping[str, Mapping[str, np.ndarray]],
         scalars: Mapping[str, np.ndarray],
     ) -> None:
-        """Locate the first non-finite value of one step (``red``: reductions [1, L])."""
+        """Locate the first non-finite value of one step (``reductions``: [1, L] each)."""
         if self.first_nonfinite is not None:
             return
         names = [lay.name for lay in self._require_layout().layers]
-        empty = np.zeros(0, bool)
-        param, act, gout = red.get("param"), red.get("activation"), red.get("grad_output")
-        # In the order things happen in a step: the weights the forward used, activations
-        # (first layer first), then gradients flowing back (last layer first).
-        checks = (
-            ("param", "weight", ~np.isfinite(param["w_sq"][0]) if param else empty, False),
-            ("activation", "output", act["nonfinite"][0] > 0 if act else empty, False),
-            (
-                "grad_output",
-                "output gradient",
-                np.isfinite(gout["n"][0]) & ~np.isfinite(gout["sum_sq"][0]) if gout else empty,
-                True,
-            ),
-            ("param", "gradient", param["g_nonfinite"][0] > 0 if param else empty, True),
-        )
-        for probe, what, bad, last_first in checks:
-            hits = np.flatnonzero(bad)
+        # In the order things happen in a step (see Probe.nonfinite): the weights the
+        # forward used, activations (first layer first), then gradients flowing back.
+        checks = sorted(
+            ((check, probe) for probe, red in reductions.items()
+             for check in PROBES.get(probe).nonfinite(red)),
+            key=lambda pair: pair[0].order,
+        )  # fmt: skip
+        for check, probe in checks:
+            hits = np.flatnonzero(check.bad)
             if hits.size:
-                where = int(hits[-1] if last_first else hits[0])
-                detail = f"non-finite {what} in {hits.size} layer(s), first at {names[where]}"
+                where = int(hits[-1] if check.last_first else hits[0])
+                detail = f"non-finite {check.what} in {hits.size} layer(s), first at {names[where]}"
                 self._record_nonfinite(item, probe, names[where], detail)
                 return
         loss = scalars["loss"][0] if "loss" in scalars else item.host_scalars.get("loss")
@@ -318,9 +295,9 @@ class WriterThread(threading.Thread):
         for ep in self._pending_epochs:
             _wait(ep.ready)
             vec = ep.packed.numpy()
-            n = 6 * layout.param_count if ep.has_update else 0
-            if ep.has_update:
-                red = reduce_per_layer(vec[:n], layout.layer_starts, layout.layer_numel)
+            n = ep.block.size if ep.block is not None else 0
+            if ep.block is not None:
+                red = PROBES.get(ep.probe).unpack(vec[:n], [ep.block], layout.map)
                 computed = statistics.compute("epoch", red)
                 stats = {k: computed[k] for k in EPOCH_STATS}
             else:
@@ -351,14 +328,8 @@ def _same_layout(
     """Runs of consecutive steps whose packed vectors have the same layout."""
 
     def key(item: StepItem) -> tuple[Any, ...]:
-        return (
-            item.has_param,
-            item.has_update,
-            item.act_ids,
-            item.gout_ids,
-            item.scalar_names,
-            sorted(item.host_scalars),
-        )
+        blocks = tuple((name, block.size, block.key) for name, block in item.blocks.items())
+        return (blocks, item.scalar_names, sorted(item.host_scalars))
 
     for _, group in itertools.groupby(items, key=lambda pair: key(pair[0])):
         yield list(group)
@@ -373,58 +344,27 @@ def _reductions(
     first = items[0]
     reductions: dict[str, dict[str, np.ndarray]] = {}
     pos = 0
-    if first.has_param:
-        n = 6 * layout.param_count
-        reductions["param"] = reduce_per_layer(
-            vec[:, pos : pos + n], layout.layer_starts, layout.layer_numel
-        )
-        pos += n
-    for probe, ids, counts, names in (
-        ("activation", first.act_ids, [item.act_n for item in items], ACTIVATION_REDUCTIONS),
-        ("grad_output", first.gout_ids, [item.gout_n for item in items], ("sum_sq",)),
-    ):
-        if probe not in layout.probes:
-            continue
-        k = len(ids) * len(names)
-        calls = vec[:, pos : pos + k].reshape(len(items), len(ids), len(names))
-        reductions[probe] = _per_layer(
-            layout.reg_to_layer[ids], len(layout.layers), np.array(counts, np.float64), calls, names
-        )
-        pos += k
+    for probe, block in first.blocks.items():
+        blocks = [item.blocks[probe] for item in items]
+        part = vec[:, pos : pos + block.size]
+        reductions[probe] = PROBES.get(probe).unpack(part, blocks, layout.map)
+        pos += block.size
     scalars = {name: vec[:, pos + i] for i, name in enumerate(first.scalar_names)}
-    if "grad_output" in reductions:
-        # Output gradients flow back from the GradScaler's scaled loss: recorded as those
-        # of the loss itself, divided by the scale that backward pass used (the row's).
-        scale = scalars.get("scale")
-        if scale is None and "scale" in first.host_scalars:
-            scale = np.array([item.host_scalars["scale"] for item in items])
-        if scale is not None:
-            divisor = np.where(np.isfinite(scale) & (scale > 0), scale, 1.0)
-            reductions["grad_output"]["sum_sq"] /= np.square(divisor)[:, None]
+    scaled = [
+        (probe, column, power)
+        for probe in reductions
+        for column, power in PROBES.get(probe).loss_scaled.items()
+    ]
+    scale = scalars.get("scale")
+    if scale is None and "scale" in first.host_scalars:
+        scale = np.array([item.host_scalars["scale"] for item in items])
+    if scaled and scale is not None:
+        # Measured from the GradScaler's scaled loss: recorded as from the loss itself,
+        # divided by the scale that backward pass used (the row's).
+        divisor = np.where(np.isfinite(scale) & (scale > 0), scale, 1.0)[:, None]
+        for probe, column, power in scaled:
+            reductions[probe][column] = reductions[probe][column] / divisor**power
     return reductions, scalars
-
-
-def _per_layer(
-    layer_of_call: np.ndarray,
-    n_layers: int,
-    n_per_call: np.ndarray,
-    calls: np.ndarray,
-    names: Sequence[str],
-) -> dict[str, np.ndarray]:
-    """Sum per-call reductions [R, C, k] into per-layer ones [R, L] (NaN for layers
-    without calls): a layer called several times in a step sums its calls."""
-    n_rows = len(calls)
-    out = {name: np.full((n_rows, n_layers), np.nan) for name in (*names, "n")}
-    if len(layer_of_call) == 0:
-        return out
-    order = np.argsort(layer_of_call, kind="stable")
-    layers = layer_of_call[order]
-    starts = np.flatnonzero(np.r_[True, layers[1:] != layers[:-1]])
-    called = layers[starts]
-    for j, name in enumerate(names):
-        out[name][:, called] = np.add.reduceat(calls[:, order, j], starts, axis=1)
-    out["n"][:, called] = np.add.reduceat(n_per_call.reshape(n_rows, -1)[:, order], starts, axis=1)
-    return out
 
 
 def _concat(rows: list[StepRows]) -> StepRows:

@@ -1,5 +1,5 @@
 """How the C kernels are compiled: shared by setup.py (the install-time extension) and
-:mod:`gradflow.native` (the per-user cached build), so both builds are the same code.
+:mod:`gradflow.kernels.cpu` (the per-user cached build), so both builds are the same code.
 
 Standard library only: setup.py reads this file before gradflow's dependencies are
 installed.
@@ -8,7 +8,7 @@ installed.
 import hashlib
 from pathlib import Path
 
-SOURCE = "_kernels.c"  # next to this file
+SOURCE = "_cpu.c"  # next to this file
 # Reassociation lets the compiler vectorise the sums; NaN and Inf keep their meaning. No
 # -march: the source picks its instruction set at run time.
 CFLAGS = ["-O3", "-fno-math-errno", "-fassociative-math", "-fno-signed-zeros",

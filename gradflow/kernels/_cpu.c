@@ -1,6 +1,6 @@
 /* One-pass reductions of float32 tensors for gradflow's CPU probes.
 
-   A plain shared library, loaded with ctypes by gradflow/native.py: built at install time
+   A plain shared library, loaded with ctypes by gradflow/kernels/cpu.py: built at install time
    as an optional setuptools extension (setup.py), else once into a per-user cache.
 
    Float accumulators per block of 4096 entries (vectorisable, exact for counts), float64
@@ -83,7 +83,7 @@ GF_CLONES void gradflow_reduce_f32(const float *x, long n, double *out) {
             bad += !isfinite(x[i]);
     out[0] = s;
     out[1] = q;
-    out[2] = z;
+    out[2] = (double)n - z; /* nonzero: NaN and Inf count */
     out[3] = (double)bad;
 }
 
@@ -138,9 +138,9 @@ GF_CLONES static double squares(const float *x, float *dst, long n) {
     return q;
 }
 
-/* The sum of squares alone (out[1], as in gradflow_reduce_f32): output gradients. */
+/* The sum of squares alone, into out[0]: output gradients. */
 void gradflow_squares_f32(const float *x, long n, double *out) {
-    out[1] = squares(x, 0, n);
+    out[0] = squares(x, 0, n);
 }
 
 /* d = x - y: sum d^2, sum |d| and max |d| (NaN where d has a NaN) into out[0..2][t]. */
@@ -233,7 +233,7 @@ void gradflow_params(int op, long parts, const long *bounds, const float *const 
     }
 }
 
-/* Which version of this file the library was built from (gradflow/_cbuild.py). */
+/* Which version of this file the library was built from (gradflow/kernels/_cbuild.py). */
 #ifndef GRADFLOW_SOURCE_DIGEST
 #define GRADFLOW_SOURCE_DIGEST ""
 #endif
@@ -243,5 +243,5 @@ const char *gradflow_source_digest(void) { return GRADFLOW_SOURCE_DIGEST; }
 /* setuptools builds this file as a Python extension module and, on some platforms,
    exports its init function: a stub. gradflow loads the library with ctypes; importing
    it as a module fails. */
-void *PyInit__kernels(void) { return 0; }
+void *PyInit__cpu(void) { return 0; }
 #endif

@@ -1,4 +1,4 @@
-"""One-pass CPU reductions of float32 tensors in small C kernels (``gradflow/_kernels.c``).
+"""CPU reductions: one-pass C kernels for float32 tensors (``_cpu.c``), torch otherwise.
 
 On the CPU, recording activations and output gradients is bound by passes over memory
 and by per-operation dispatch: sum, sum of squares and zero count take four torch
@@ -21,6 +21,7 @@ import ctypes
 import functools
 import hashlib
 import importlib.machinery
+import math
 import os
 import platform
 import shlex
@@ -36,8 +37,8 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from gradflow._cbuild import CFLAGS, SHARED, SOURCE, digest_macro, source_digest
 from gradflow.errors import GradflowWarning
+from gradflow.kernels._cbuild import CFLAGS, SHARED, SOURCE, digest_macro, source_digest
 from gradflow.usercache import cache_dir
 
 HERE = Path(__file__).parent
@@ -154,8 +155,8 @@ def load(path: Path) -> ctypes.CDLL | None:
     finite = _reduce(library, probe[:-1])
     if (
         not np.allclose(finite[:2], [2499.5, 1256.25], rtol=1e-6, atol=0.0)
-        or finite[2:] != [2.0, 0.0]
-        or _reduce(library, probe)[2:] != [2.0, 1.0]
+        or finite[2:] != [5002.0, 0.0]
+        or _reduce(library, probe)[2:] != [5003.0, 1.0]
     ):
         return None
     return library
@@ -198,20 +199,6 @@ def cpu_backend() -> str:
     return _library().backend
 
 
-def kernel_backend(device: torch.device) -> str:
-    """The kernels that reduce tensors on ``device``: :func:`cpu_backend` on the CPU;
-    on CUDA ``triton`` where the fused activation kernel is on (:mod:`gradflow.fused`),
-    else ``cuda-graphs`` (parameter statistics replayed as CUDA graphs, the rest by torch
-    operations); ``torch`` on other devices."""
-    if device.type == "cpu":
-        return cpu_backend()
-    if device.type == "cuda":
-        from gradflow.fused import reducer
-
-        return "triton" if reducer(device) is not None else "cuda-graphs"
-    return "torch"
-
-
 def _reduce(library: ctypes.CDLL, x: torch.Tensor) -> list[float]:
     out = np.empty(4)
     library.gradflow_reduce_f32(x.data_ptr(), x.numel(), out.ctypes.data)
@@ -219,10 +206,10 @@ def _reduce(library: ctypes.CDLL, x: torch.Tensor) -> list[float]:
 
 
 def kernel(squares_only: bool = False) -> ReduceInto | None:
-    """``reduce(address, n, out)``: the ``[sum, sum of squares, zeros, non-finite]`` of the
+    """``reduce(address, n, out)``: the ``[sum, sum_sq, nonzero, nonfinite]`` columns of the
     ``n`` float32 entries at ``address``, written as four doubles at ``out`` (only
-    ``out[1]`` if ``squares_only``); ``None`` where the kernels are unavailable. A raw
-    call: the probes pass addresses they own."""
+    ``sum_sq``, as one double, if ``squares_only``); ``None`` where the kernels are
+    unavailable. A raw call: the callers pass addresses they own."""
     library = _library().library
     if library is None:
         return None
@@ -300,3 +287,124 @@ def param_kernels(sizes: Sequence[int]) -> ParamKernels | None:
     """:class:`ParamKernels` for tensors of these sizes, or ``None`` where unavailable."""
     library = _library().library
     return None if library is None else ParamKernels(library, sizes)
+
+
+class HostRows:
+    """Per-call float64 rows of ``width`` columns, written in place (the C kernels write at
+    :attr:`address`); grown by doubling."""
+
+    __slots__ = ("address", "array", "n", "stride", "width")
+
+    def __init__(self, width: int, capacity: int = 64) -> None:
+        self.width = width
+        self.array = np.empty((capacity, width))
+        self.n = 0
+        self.address = self.array.ctypes.data
+        self.stride = 8 * width  # bytes per row
+
+    def claim(self) -> int:
+        """The index of a new row (to be filled by the caller)."""
+        n = self.n
+        if n == len(self.array):
+            self.array = np.concatenate([self.array, np.empty_like(self.array)])
+            self.address = self.array.ctypes.data
+        self.n = n + 1
+        return n
+
+    @property
+    def rows(self) -> np.ndarray:
+        return self.array[: self.n]
+
+    def tensor(self) -> torch.Tensor:
+        """The rows as one float64 vector (a copy: the rows are reused)."""
+        return torch.from_numpy(self.rows.reshape(-1).copy())
+
+
+def _accumulator(dtype: torch.dtype) -> torch.dtype | None:
+    """The dtype to reduce ``dtype`` in: float32 for half types (whose sums overflow)."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else None
+
+
+def sum_of_squares(x: torch.Tensor) -> torch.Tensor:
+    """Sum of squares of a detached tensor, accumulated in float32 or wider.
+
+    One BLAS dot while that is accurate (float32 dots drift by ~1e-5 at a few million
+    entries, ~3e-7 up to 2**18); beyond, or for half types, norms of rows of 4096
+    entries first, then the norm of those (~1e-7 at any size).
+    """
+    flat = x.reshape(-1)
+    if flat.numel() <= 2**18 and x.dtype in (torch.float32, torch.float64):
+        return torch.dot(flat, flat)
+    acc = _accumulator(x.dtype)
+    whole = flat.numel() // 4096 * 4096
+    rows = torch.linalg.vector_norm(flat[:whole].view(-1, 4096), dim=1, dtype=acc)
+    rest = torch.linalg.vector_norm(flat[whole:], dtype=acc).reshape(1)
+    return torch.linalg.vector_norm(torch.cat([rows, rest])).square()
+
+
+class HostReducer:
+    """Writes :data:`~gradflow.kernels.CALL_COLUMNS` (or only ``sum_sq``, for
+    ``squares_only``) of CPU tensors into :class:`HostRows`: contiguous float32 tensors
+    through the one-pass C kernels (one call, no Python objects made), others through a
+    few torch operations each. Hooks call this hundreds of times per step, hence the lean
+    code."""
+
+    def __init__(self, squares_only: bool = False, native: bool = True) -> None:
+        self.squares_only = squares_only
+        self.native = native
+        self._kernel: ReduceInto | None = None
+        self._resolved = False
+        self._scratch = torch.empty(0)
+        self._slices: dict[int, torch.Tensor] = {}
+
+    def _resolve(self) -> ReduceInto | None:
+        # Loaded (or built into the user cache) at the first CPU call, never for accelerator runs.
+        if self.native:
+            self._kernel = kernel(squares_only=self.squares_only)
+        self._resolved = True
+        return self._kernel
+
+    def __call__(self, x: torch.Tensor, rows: HostRows) -> None:
+        """Fill a new row of ``rows``."""
+        i = rows.claim()
+        reduce = self._kernel if self._resolved else self._resolve()
+        if reduce is not None and x.dtype is torch.float32 and x.is_contiguous():
+            reduce(x.data_ptr(), x.numel(), rows.address + rows.stride * i)
+        elif self.squares_only:
+            rows.array[i, 0] = float(sum_of_squares(x.detach()))
+        else:
+            rows.array[i] = self.torch_reductions(x.detach())
+
+    def _scratch_of(self, n: int) -> torch.Tensor:
+        view = self._slices.get(n)
+        if view is None:
+            if self._scratch.numel() < n:
+                self._scratch = torch.empty(n)
+                self._slices.clear()
+            view = self._slices[n] = self._scratch[:n]
+        return view
+
+    def torch_reductions(self, x: torch.Tensor) -> list[float]:
+        """The four columns by torch operations (any dtype, any layout)."""
+        flat = x.reshape(-1)
+        n = flat.numel()
+        sum_sq = float(sum_of_squares(x))
+        # Bool reductions are slow on the CPU; a reused float 0/1 buffer sums vectorised,
+        # exactly while partial sums stay below 2**24.
+        is_zero = torch.eq(flat, 0, out=self._scratch_of(n))
+        zeros = float(is_zero.sum(dtype=torch.float64) if n > 2**24 else is_zero.sum())
+        # A finite sum of squares means no NaN/Inf entries; x - x is NaN exactly there.
+        nonfinite = 0 if math.isfinite(sum_sq) else int(torch.count_nonzero(flat - flat))
+        total = float(flat.sum(dtype=torch.float64 if x.dtype != torch.float32 else None))
+        if n and math.isfinite(sum_sq) and 2.0 * total * total > n * sum_sq:
+            # Far from zero, sum_sq / n - mean^2 would cancel the float32 sums' rounding
+            # into the variance: the sums of y = x - x0 (x0 near the mean), rebuilt in float64.
+            work = flat if flat.dtype in (torch.float32, torch.float64) else flat.float()
+            x0 = work.new_tensor(total / n)
+            y = work - x0
+            s_y, shift = float(y.sum()), float(x0)
+            total = s_y + n * shift
+            # torch's cascaded sum: 1e-7 where a float32 dot drifts to 1e-6
+            q_y = float(torch.square(y, out=y).sum())
+            sum_sq = q_y + 2.0 * shift * s_y + n * shift * shift
+        return [total, sum_sq, n - zeros, float(nonfinite)]

@@ -1,0 +1,142 @@
+"""Which modules are layers, in which order, and what they output.
+
+A layer is a module that directly owns trainable parameters; the recorder measures each
+one's parameters and, through its forward hook, its output.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, fields, is_dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from gradflow.store import Layer
+
+_KINDS: tuple[tuple[type[nn.Module], str], ...] = (
+    (nn.modules.conv._ConvNd, "conv"),
+    (nn.Linear, "linear"),
+    (nn.modules.batchnorm._BatchNorm, "bn"),
+    (nn.GroupNorm, "gn"),
+    (nn.LayerNorm, "ln"),
+    (nn.modules.instancenorm._InstanceNorm, "in"),
+    (nn.Embedding, "embedding"),
+    (nn.MultiheadAttention, "attention"),
+)
+
+
+def layer_kind(module: nn.Module) -> str:
+    """A short kind for a module: conv, linear, bn, gn, ln, in, embedding, attention, other."""
+    for cls, kind in _KINDS:
+        if isinstance(module, cls):
+            return kind
+    return "other"
+
+
+@dataclass
+class LayerSpec:
+    """A module that directly owns trainable parameters, with those parameters."""
+
+    name: str
+    module: nn.Module
+    params: list[nn.Parameter]
+    reg_index: int
+    depth: int = -1
+
+    @property
+    def n_params(self) -> int:
+        return sum(p.numel() for p in self.params)
+
+    def info(self, index: int) -> Layer:
+        shape = "+".join("x".join(str(s) for s in p.shape) or "1" for p in self.params)
+        return Layer(
+            index=index,
+            name=self.name or "(root)",
+            kind=layer_kind(self.module),
+            type=type(self.module).__name__,
+            depth=self.depth,
+            n_params=self.n_params,
+            shape=shape,
+        )
+
+
+def discover_layers(model: nn.Module, keep: frozenset[int] = frozenset()) -> list[LayerSpec]:
+    """Layers in registration order; a tied parameter belongs to its first owner only.
+
+    A parametrized module (``torch.nn.utils.parametrize``: ``weight_norm``,
+    ``spectral_norm``, ...) owns the parameters its parametrized tensors are computed from
+    (``parametrizations.weight.original0`` ...), before its own. Parameters that do not
+    require gradients are left out unless their id is in ``keep``. Names are those of the
+    eager model (:func:`eager_name`).
+    """
+    seen: set[int] = set()
+    layers: list[LayerSpec] = []
+    for name, module in model.named_modules():
+        name = eager_name(name)
+        params = []
+        owned = list(module.parameters(recurse=False))
+        if parametrize.is_parametrized(module):
+            owned = [*module.parametrizations.parameters(), *owned]
+        for p in owned:
+            if (p.requires_grad or id(p) in keep) and id(p) not in seen:
+                seen.add(id(p))
+                params.append(p)
+        if params:
+            layers.append(LayerSpec(name, module, params, reg_index=len(layers)))
+    return layers
+
+
+def eager_name(name: str) -> str:
+    """A module name as in the eager model: without the ``_orig_mod`` component that a
+    submodule compiled in place (``model.blk = torch.compile(model.blk)``) adds."""
+    if "_orig_mod" not in name:
+        return name
+    return ".".join(part for part in name.split(".") if part != "_orig_mod")
+
+
+def order_by_first_call(layers: Sequence[LayerSpec], call_order: dict[str, int]) -> list[LayerSpec]:
+    """Sort layers by the first call of themselves or, if never called, their nearest called
+    ancestor below the model (so ``attn.out_proj``, used functionally, sits right after
+    ``attn``); layers with neither go last."""
+
+    def key(lay: LayerSpec) -> tuple[float, int]:
+        name = lay.name
+        while True:
+            if name in call_order and (name or not lay.name):
+                own = name == lay.name
+                return (call_order[name] + (0.0 if own else 0.5), lay.reg_index)
+            if not name:
+                return (float("inf"), lay.reg_index)
+            name = name.rpartition(".")[0]
+
+    ordered = sorted(layers, key=key)
+    for depth, lay in enumerate(ordered):
+        lay.depth = depth
+    return ordered
+
+
+def first_tensor(output: Any) -> torch.Tensor | None:
+    """The first floating-point tensor in a module output (tensor, tuple, list, dict or
+    dataclass, e.g. a transformers ``ModelOutput``)."""
+    return next(floating_tensors(output), None)
+
+
+def floating_tensors(output: Any) -> Iterator[torch.Tensor]:
+    """The floating-point tensors in a module output, in order (see :func:`first_tensor`)."""
+    if isinstance(output, torch.Tensor):
+        if output.is_floating_point():
+            yield output
+        return
+    if isinstance(output, (tuple, list)):
+        items = list(output)
+    elif isinstance(output, dict):
+        items = list(output.values())
+    elif is_dataclass(output) and not isinstance(output, type):
+        items = [getattr(output, f.name) for f in fields(output)]
+    else:
+        return
+    for item in items:
+        yield from floating_tensors(item)
