@@ -40,8 +40,11 @@ class Registry(Generic[T]):
         return list(self._items)
 
     def summary(self, name: str) -> str:
-        """First line of the registered object's docstring."""
-        doc = getattr(self.get(name), "__doc__", None) or ""
+        """First line of the registered object's description: its ``doc`` attribute where
+        it has a text one (a statistic), else its docstring."""
+        obj = self.get(name)
+        own = getattr(obj, "doc", None)
+        doc = own if isinstance(own, str) else getattr(obj, "__doc__", None) or ""
         return doc.strip().splitlines()[0] if doc.strip() else ""
 
     def __contains__(self, name: object) -> bool:

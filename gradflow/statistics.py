@@ -5,7 +5,8 @@ those travel to the host in one copy per recorded step and are combined per laye
 Every statistic in the run file is a function registered here of those per-layer
 reductions, evaluated on the host in float64 (so a statistic costs nothing on the device).
 
-Reductions per probe (numpy float64 arrays of length L):
+Reductions per probe (numpy float64 arrays ``[L]``, or ``[rows, L]`` for many rows at once:
+statistics are element-wise):
 
 - ``param``: ``n`` (trainable elements), ``w_sq`` (sum of W^2 before the step), ``g_sq``
   (sum of grad^2), ``g_nonfinite`` (non-finite grad entries), ``d_sq``, ``d_abs`` and
@@ -18,7 +19,7 @@ Reductions per probe (numpy float64 arrays of length L):
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -143,6 +144,10 @@ def names(probe: str) -> list[str]:
     return [STATISTICS.get(k).name for k in STATISTICS if k.startswith(probe + "/")]
 
 
-def compute(probe: str, reductions: Reductions) -> dict[str, np.ndarray]:
-    """Every registered statistic of ``probe`` from its per-layer reductions."""
-    return {name: STATISTICS.get(f"{probe}/{name}").compute(reductions) for name in names(probe)}
+def compute(
+    probe: str, reductions: Reductions, only: Sequence[str] | None = None
+) -> dict[str, np.ndarray]:
+    """Every registered statistic of ``probe`` (or those named in ``only``) from its
+    per-layer reductions."""
+    chosen = names(probe) if only is None else only
+    return {name: STATISTICS.get(f"{probe}/{name}").compute(reductions) for name in chosen}

@@ -274,6 +274,11 @@ class RunWriter:
         return cls(target, f, lock)
 
     # -- appending --------------------------------------------------------------------------
+    def stat_names(self, probe: str) -> list[str]:
+        """The per-step statistics of ``probe`` that the file holds, in its order."""
+        group = self._f.get(f"stats/{probe}")
+        return list(group) if group is not None else []
+
     @property
     def n_steps(self) -> int:
         return self._n_steps

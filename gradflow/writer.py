@@ -114,6 +114,7 @@ class WriterThread(threading.Thread):
         self.rows_written = 0
         self._layout: Layout | None = None
         self._file: RunWriter | None = None
+        self._stat_names: dict[str, list[str]] = {}  # per probe, those the file holds
         self._pending_steps: list[tuple[StepItem, float]] = []  # with the seconds spent on each
         self._pending_epochs: list[EpochItem] = []
         self._pending_events: list[Event] = []
@@ -197,6 +198,19 @@ class WriterThread(threading.Thread):
         else:
             step, epoch = layout.resume_at
             self._file = RunWriter.resume(layout.path, keep_steps_below=step, keep_epochs=epoch)
+            # A resumed file keeps the statistics it was created with, whatever is
+            # registered now; each of them must be computable here.
+            step_stats = {p: self._file.stat_names(p) for p in layout.probes}
+            unknown = [
+                f"{p}/{name}" for p, names in step_stats.items() for name in names
+                if f"{p}/{name}" not in statistics.STATISTICS
+            ]  # fmt: skip
+            if unknown:
+                raise GradflowError(
+                    f"{layout.path}: cannot resume: its statistic {unknown[0]} is not registered "
+                    "in this process (import the module that registers it first)"
+                )
+        self._stat_names = step_stats
 
     def _step(self, item: StepItem) -> None:
         # Per row only a check for non-finite values (one vectorised test; the location
@@ -222,9 +236,9 @@ class WriterThread(threading.Thread):
         shape = (len(steps), len(layout.layers))
         stats: dict[tuple[str, str], np.ndarray] = {}
         for probe in layout.probes:
-            names = statistics.names(probe)
+            names = self._stat_names[probe]
             computed = (
-                statistics.compute(probe, reductions[probe])
+                statistics.compute(probe, reductions[probe], names)
                 if probe in reductions
                 else {name: np.full(shape, np.nan) for name in names}
             )

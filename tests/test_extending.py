@@ -219,3 +219,34 @@ def test_launcher_lists_the_new_preset(
     assert exited.value.code == 0
     out = capsys.readouterr().out
     assert "tiny-plain-4" in out and "12,513" in out
+
+
+def test_a_resumed_run_file_keeps_its_statistics(run_example: Example, tmp_path: Path) -> None:
+    # Registered after the file was made: resuming adds rows of the file's own statistics;
+    # a file holding a statistic this process has not registered is refused in one line.
+    from gradflow.errors import GradflowError
+
+    path = tmp_path / "resumed.h5"
+    record(path, ("param",), steps=2)
+    run_example("A new statistic")
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(6, 12), nn.Tanh(), nn.Linear(12, 3))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+
+    def resume() -> None:
+        with gradflow.Recorder(model, optimizer, path, probes=("param",), resume=(2, 0)) as rec:
+            optimizer.zero_grad()
+            model(torch.randn(10, 6)).square().mean().backward()
+            optimizer.step()
+            rec.log(loss=0.0)
+
+    resume()
+    with gradflow.open_run(path) as run:
+        assert run.steps.tolist() == [0, 1, 2]
+        assert "grad_to_weight" not in run.probes()["param"]
+        assert np.isfinite(run.stat("param", "grad_norm")).all()
+    path.unlink()
+    record(path, ("param",), steps=2)  # now with param/grad_to_weight
+    STATISTICS._items.pop("param/grad_to_weight")
+    with pytest.raises(GradflowError, match=r"statistic param/grad_to_weight is not registered"):
+        resume()

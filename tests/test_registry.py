@@ -118,12 +118,6 @@ def test_global_registries_are_filled_and_summarised_in_one_line(kind: str) -> N
         assert summary and summary == summary.strip() and "\n" not in summary, name
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Registry.summary reads __doc__, which for a Statistic instance is the docstring "
-    "of the Statistic class, so every statistic has the same summary; its own description "
-    "is in Statistic.doc",
-)
 def test_a_statistic_summary_is_its_own_description() -> None:
     for key in STATISTICS:
         assert STATISTICS.summary(key) == STATISTICS.get(key).doc
