@@ -75,7 +75,8 @@ class Attachment:
     """What a probe measures: the recorded layers and how to reach the recorder's state."""
 
     layers: Sequence[LayerSpec]
-    owners: Sequence[int] = ()  # the optimizer of each parameter tensor, in layer order
+    # The optimizer of each parameter tensor, in layer order (None: all the first one's)
+    owners: Sequence[int] | None = None
     current_log: Callable[[], CallLog] | None = None  # the layer calls being logged
 
 

@@ -69,7 +69,7 @@ class CallLog:
 
     def tensors(self, order: Sequence[str]) -> list[torch.Tensor]:
         """The logged probes' reductions as float64 vectors, in ``order`` (after
-        :meth:`all_reduce` or :meth:`merged`: one vector for all)."""
+        :meth:`all_reduce` or :meth:`merged`: one vector for all, in the order given there)."""
         if self.reduced is not None:
             return [self.reduced]
         return [self.calls[name].tensor() for name in order if name in self.calls]

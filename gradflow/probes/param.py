@@ -192,10 +192,11 @@ def reduce_per_layer(
     # has gradient statistics over those of its parameters that have one, NaN if none has.
     missing = np.isnan(parts["g_nonfinite"])
     parts["g_nonfinite"] = np.where(missing, 0.0, parts["g_nonfinite"])
-    out = {"n": layer_numel}
+    out: dict[str, np.ndarray] = {}
     for name in COLUMNS:
         reduce = np.maximum if name == "d_max" else np.add
         out[name] = reduce.reduceat(parts[name], layer_starts, axis=-1)
+    out["n"] = np.broadcast_to(layer_numel, out["w_sq"].shape)
     if missing.any():
         none = np.logical_and.reduceat(missing, layer_starts, axis=-1)
         out["g_sq"] = np.where(none, np.nan, out["g_sq"])
@@ -253,6 +254,8 @@ class ParamReductions:
             )
         self.device = next(iter(devices)) if devices else torch.device("cpu")
         owner = np.zeros(len(self.params), np.int64) if owners is None else np.asarray(owners)
+        if len(owner) != len(self.params):
+            raise ValueError(f"{len(owner)} owners for {len(self.params)} parameters")
         n_groups = int(owner.max()) + 1 if len(owner) else 1
         self._members = [np.flatnonzero(owner == k) for k in range(n_groups)]
         self._index = [torch.from_numpy(m).to(self.device) for m in self._members]

@@ -75,7 +75,7 @@ def test_reduce_per_layer_sums_and_maxima() -> None:
     got = reduce_per_layer(_pack(per_tensor), starts, numel)
     want = _per_layer_reference(per_tensor, tensors_per_layer)
     assert set(got) == {*COLUMNS, "n"}
-    np.testing.assert_array_equal(got["n"], numel)
+    np.testing.assert_array_equal(got["n"], np.broadcast_to(numel, (3, 4)))  # [R, L]
     for name in COLUMNS:
         assert got[name].shape == (3, 4)
         np.testing.assert_allclose(got[name], want[name], rtol=1e-12, err_msg=name)
@@ -117,7 +117,7 @@ def test_parameters_without_gradient() -> None:
     # The other columns of a layer without gradients are still measured.
     for name in ("w_sq", "d_sq", "d_abs", "d_max"):
         assert np.isfinite(got[name]).all(), name
-    np.testing.assert_array_equal(got["n"], [1 + 2 + 3, 1 + 2, 1])
+    np.testing.assert_array_equal(got["n"], [[1 + 2 + 3, 1 + 2, 1]] * len(got["w_sq"]))
 
 
 def _fake_layers(tensors_per_layer: Sequence[int]) -> list[LayerSpec]:
@@ -226,7 +226,7 @@ def test_one_optimizer_against_float64(backend: str, monkeypatch: pytest.MonkeyP
     assert per_layer["d_sq"][0, unused] == 0.0  # Adam skips parameters without gradient
     w_sq_c = sum(float(w.square().sum()) for w in before[-2:])
     assert per_layer["w_sq"][0, -1] == pytest.approx(w_sq_c, rel=rtol)
-    np.testing.assert_array_equal(per_layer["n"], [5 * 7 + 7, 7 * 4 + 4, 12, 4 * 3 + 3])
+    np.testing.assert_array_equal(per_layer["n"], [[5 * 7 + 7, 7 * 4 + 4, 12, 4 * 3 + 3]])
 
 
 def _sum_sq(t: torch.Tensor | None) -> float:
@@ -340,3 +340,20 @@ def test_nonfinite_checks_in_step_order() -> None:
     # Weights are used by the forward, before anything else; gradients come last, from the
     # last layer back.
     assert weight.order < gradient.order and not weight.last_first and gradient.last_first
+
+
+def test_attached_without_owners_every_parameter_is_the_first_optimizers() -> None:
+    model = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
+    layers = discover_layers(model)
+    model(torch.ones(2, 3)).sum().backward()
+    probe = ParamProbe()
+    probe.attach(Attachment(layers))
+    probe.before_step(0)
+    probe.after_step(0, True, True)
+    packed = probe.pack()
+    assert packed is not None and packed[1].size == len(COLUMNS) * 4
+    g_sq = packed[0].view(len(COLUMNS), -1)[COLUMNS.index("g_sq")]
+    want = [float(p.grad.double().square().sum()) for p in model.parameters()]
+    np.testing.assert_allclose(g_sq.numpy(), want, rtol=1e-6)
+    with pytest.raises(ValueError, match="1 owners for 4 parameters"):
+        ParamReductions(layers, owners=[0])
