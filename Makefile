@@ -28,6 +28,9 @@ help:
 	@echo "make bench-stacks    fig3b-long-9, resnet18, gpt2-mini side by side, C kernels on/off"
 	@echo "make bench-gpu-dry   benchmarks/gpu.py --device cpu --quick (checks the GPU script)"
 	@echo "make bench-gpu       on a CUDA machine: CUDA tests + paper-resunet GPU overhead"
+	@echo "make bench-compare BASE=<rev>   overhead rows of <rev> and the working tree,"
+	@echo "                     alternating (about 15 min)"
+	@echo "make bench-floor     paper-resunet's parameter statistics against the memory floor"
 
 test:
 	$(PYTHON) -m pytest
@@ -88,3 +91,14 @@ bench-gpu-dry:
 bench-gpu:
 	OUT=$${OUT:-device-out} SMOKE=0 BENCH_S=300 GRADFLOW_TRITON=1 \
 		GPU_ARGS="--models paper-resunet:256:4 --pairs 60" bash benchmarks/device_session.sh
+
+# Before/after on one machine in one sitting: overhead.py of BASE (a git worktree in the temp
+# directory) and of the working tree, in alternating rounds; not part of `make bench`.
+.PHONY: bench-compare bench-floor
+bench-compare: | $(RESULTS)
+	@test -n "$(BASE)" || { echo "usage: make bench-compare BASE=<git revision>"; exit 2; }
+	$(PYTHON) benchmarks/compare.py --base $(BASE) --json $(RESULTS)/compare.json \
+		| tee $(RESULTS)/compare.txt
+
+bench-floor: | $(RESULTS)
+	$(PYTHON) benchmarks/floor.py --json $(RESULTS)/floor.json | tee $(RESULTS)/floor.txt
