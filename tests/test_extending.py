@@ -250,3 +250,16 @@ def test_a_resumed_run_file_keeps_its_statistics(run_example: Example, tmp_path:
     STATISTICS._items.pop("param/grad_to_weight")
     with pytest.raises(GradflowError, match=r"statistic param/grad_to_weight is not registered"):
         resume()
+
+
+def test_a_registered_probe_is_accepted_by_the_training_configuration(
+    run_example: Example,
+) -> None:
+    # `gradflow record --probes` started from a launcher that imports the probe first.
+    from gradflow.config import TrainConfig
+    from gradflow.errors import GradflowError
+
+    with pytest.raises(GradflowError, match="unknown probe 'abs_output'"):
+        TrainConfig(probes=("param", "abs_output")).validate()
+    run_example("A new probe")
+    TrainConfig(probes=("param", "abs_output")).validate()
