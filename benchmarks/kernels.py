@@ -41,7 +41,7 @@ def workload(name: str, crop: int) -> dict[str, list[torch.Tensor]]:
     out.square().mean().backward()
     for h in hooks:
         h.remove()
-    params = list(model.parameters())
+    params: list[torch.Tensor] = list(model.parameters())
     return {
         "outputs": [o.detach() for o in outputs],
         "output_grads": [o.grad for o in outputs if o.grad is not None],

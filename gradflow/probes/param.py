@@ -46,7 +46,7 @@ class Snapshot:
     BLOCK = 256
 
     def __init__(
-        self, params: Sequence[nn.Parameter], device: torch.device, graphs: bool = False
+        self, params: Sequence[torch.Tensor], device: torch.device, graphs: bool = False
     ) -> None:
         self.params = list(params)
         self.device = device
