@@ -616,7 +616,7 @@ def torch_kernels() -> Iterator[None]:
     the decision is stood in for inside the block, and the process's own stays as it was."""
     from unittest import mock
 
-    from gradflow import native
+    from gradflow.kernels import cpu as native
 
     with mock.patch.object(native, "_library", lambda: native._Loaded(None, "torch")):
         yield
