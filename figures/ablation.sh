@@ -1,18 +1,19 @@
 #!/usr/bin/env bash
-# Which ingredient makes the paper's update figure appear? Records the four Fig. 3 panels
-# under four training conditions and several seeds on ISBI 2012, then writes the centre/edge
-# ratios of the per-epoch updates (epoch/update_abs_mean) and of the gradient reaching each
-# layer (grad_output/norm), mean and range over seeds, to figures/ablation/.
+# Do the paper's four predictions replicate? Records the four Fig. 3 panels under each training
+# condition, SEEDS seeds each, at every scale in SCALES (crop side : epochs x steps per epoch),
+# on ISBI 2012, then writes per scale and condition the centre/edge ratios of the per-epoch
+# updates (epoch/update_abs_mean) and of the gradient reaching each layer (grad_output/norm),
+# and a verdict per prediction from a bootstrap 95 % interval over seeds (gradflow.em.verdicts),
+# to figures/ablation/.
 #
 # Usage (from anywhere): figures/ablation.sh
-#   Smoke test (1 seed, 2 epochs x 2 steps, 32 px crops, no validation): QUICK=1 figures/ablation.sh
-#   It ends by drawing the update figure under SGD, one colour scale for the four panels
-#   (seed 0), into figures/fig3_updates.png.
-#   Override the scale like this:  EPOCHS=60 SEEDS="0 1 2" JOBS=4 figures/ablation.sh
-#   Only the tables, from the runs already in runs/ablation/:  TABLES_ONLY=1 figures/ablation.sh
+#   Smoke test (2 seeds, 2 epochs x 2 steps, 32 px crops, no validation): QUICK=1 figures/ablation.sh
+#   Override the scale like this:  SCALES="64:36x16" SEEDS="0 1 2" JOBS=4 figures/ablation.sh
+#   Only the tables and figures, from the runs already in runs/ablation/: TABLES_ONLY=1 ...
+#   A run already recorded (its .done marker exists) is not recorded again.
 #
 # Conditions (each panel's learning rate as in the gallery: panel (d), without batch norm,
-# trains at a tenth of the others' rate):
+# trains at a tenth of the others' rate); the default is rmsprop and sgd-nesterov:
 #   rmsprop        RMSprop (lr 1e-3, rho 0.9, eps 1e-8) with the zoo's init (zero-initialised
 #                  residual branches, classifier bias at the foreground prior): the gallery's
 #   rmsprop-paper  the same RMSprop with the authors' init: Keras he_normal convolutions only
@@ -22,67 +23,76 @@
 set -euo pipefail
 
 QUICK=${QUICK:-0}
-# --- scale: 3x the gallery's 12 x 16 steps by default ------------------------------------
 if [[ "$QUICK" == 1 ]]; then
-    EPOCHS=${EPOCHS:-2} STEPS=${STEPS:-2} CROP=${CROP:-32} SEEDS=${SEEDS:-0} VAL_EVERY=${VAL_EVERY:-0}
+    SCALES=${SCALES:-"32:2x2"} SEEDS=${SEEDS:-"0 1"} VAL_EVERY=${VAL_EVERY:-0}
 fi
-EPOCHS=${EPOCHS:-36}          # epochs per run
-STEPS=${STEPS:-16}            # optimizer steps per epoch
-CROP=${CROP:-64}              # training crop side (pixels; the gallery's 96 px take 2x the time)
+# crop:EPOCHSxSTEPS, one scale each: 192 steps at 64 and 96 px, 576 steps at 64 px
+SCALES=${SCALES:-"64:16x12 96:16x12 64:36x16"}
+CONDITIONS=${CONDITIONS:-"rmsprop sgd-nesterov"}
+SEEDS=${SEEDS:-"0 1 2 3 4"}   # seeds per panel, condition and scale
 BATCH=${BATCH:-4}             # batch size
 LR=${LR:-1e-3}                # RMSprop learning rate (the paper's)
 LR_SGD=${LR_SGD:-1e-2}        # SGD learning rate (Keras' SGD default)
 EPS_LARGE=${EPS_LARGE:-1e-4}  # eps of the rmsprop-eps condition
-SEEDS=${SEEDS:-"0 1"}         # seeds per panel and condition
-VAL_EVERY=${VAL_EVERY:-$EPOCHS}  # validate once, after the last epoch (0: never)
+VAL_EVERY=${VAL_EVERY:-}      # validate every K epochs (default: once, after the last; 0: never)
 JOBS=${JOBS:-2}               # runs recorded in parallel (each on one CPU thread)
 DATA=${DATA:-../shared/data/isbi2012}  # ISBI 2012 folder (relative to the repo root) or "synthetic"
+PROBES=${PROBES:-param,grad_output}   # what the tables read (the activation probe is not needed)
+GRADFLOW=${GRADFLOW:-gradflow}
 TABLES_ONLY=${TABLES_ONLY:-0}
 
 cd "$(dirname "$0")/.."
 RUNS=${RUNS:-runs/ablation}
 OUT=${OUT:-figures/ablation}
 FIGURES=${FIGURES:-figures}
-[[ "$QUICK" == 1 ]] && RUNS=runs/ablation-quick OUT=$RUNS FIGURES=$RUNS
+[[ "$QUICK" == 1 ]] && RUNS=runs/ablation-quick OUT=runs/ablation-quick FIGURES=runs/ablation-quick
 mkdir -p "$RUNS" "$OUT"
 
 PANELS=(fig3a-long-short-9 fig3b-long-9 fig3c-long-3 fig3d-long-7-nobn)
-CONDITIONS=(rmsprop rmsprop-paper sgd-nesterov rmsprop-eps)
 
-# --- record ------------------------------------------------------------------------------
+# --- record: scale by scale, so that a scale's tables can be read before the next ends ------
 if [[ "$TABLES_ONLY" != 1 ]]; then
     if [[ "$DATA" != synthetic && ! -d "$DATA" ]]; then
         echo "ablation: no ISBI 2012 data at $DATA (set DATA=PATH or DATA=synthetic)" >&2
         exit 2
     fi
-    jobs=()
-    for seed in $SEEDS; do
-        for condition in "${CONDITIONS[@]}"; do
-            for panel in "${PANELS[@]}"; do jobs+=("$panel $condition $seed"); done
-        done
-    done
-    record_one() {  # panel condition seed
-        local panel=$1 condition=$2 seed=$3 lr=$LR options=()
+    record_one() {  # scale panel condition seed
+        local scale=$1 panel=$2 condition=$3 seed=$4 lr=$LR options=()
+        local crop=${scale%%:*} schedule=${scale#*:}
+        local epochs=${schedule%%x*} steps=${schedule#*x}
         case "$condition" in
             rmsprop) ;;
             rmsprop-paper) options=(--init paper) ;;
             sgd-nesterov) lr=$LR_SGD options=(--optimizer sgd --momentum 0.9 --nesterov) ;;
             rmsprop-eps) options=(--eps "$EPS_LARGE") ;;
+            *) echo "ablation: unknown condition $condition" >&2; exit 2 ;;
         esac
         [[ "$panel" == *nobn* ]] && lr=$(python -c "print($lr / 10)")
-        local out="$RUNS/$panel-$condition-s$seed"
-        echo "== record $panel $condition (seed $seed, lr $lr)"
-        OMP_NUM_THREADS=1 gradflow record --model "$panel" --data "$DATA" --epochs "$EPOCHS" \
-            --steps-per-epoch "$STEPS" --crop "$CROP" --batch-size "$BATCH" --lr "$lr" \
-            "${options[@]}" --seed "$seed" --val-every "$VAL_EVERY" --device cpu \
-            --out "$out.h5" --force --log-every 1000 > "$out.log" 2>&1 \
+        local dir="$RUNS/${crop}px-$((epochs * steps))steps"
+        local out="$dir/$panel-$condition-s$seed"
+        mkdir -p "$dir"
+        [[ -e "$out.done" ]] && return 0
+        echo "== record $panel $condition (seed $seed, lr $lr, $crop px, $epochs x $steps steps)"
+        OMP_NUM_THREADS=1 $GRADFLOW record --model "$panel" --data "$DATA" --epochs "$epochs" \
+            --steps-per-epoch "$steps" --crop "$crop" --batch-size "$BATCH" --lr "$lr" \
+            "${options[@]}" --seed "$seed" --val-every "${VAL_EVERY:-$epochs}" --device cpu \
+            --probes "$PROBES" --out "$out.h5" --force --log-every 1000 > "$out.log" 2>&1 \
             || { echo "record $panel $condition seed $seed failed:"; tail -5 "$out.log"; exit 1; }
+        touch "$out.done"
     }
     export -f record_one
-    export DATA EPOCHS STEPS CROP BATCH LR LR_SGD EPS_LARGE VAL_EVERY RUNS
-    start=$SECONDS
-    printf '%s\n' "${jobs[@]}" | xargs -P "$JOBS" -L 1 bash -c 'record_one $0 $1 $2'
-    echo "recorded ${#jobs[@]} runs of $EPOCHS x $STEPS steps in $((SECONDS - start)) s"
+    export DATA LR LR_SGD EPS_LARGE VAL_EVERY RUNS BATCH PROBES GRADFLOW
+    for scale in $SCALES; do
+        jobs=()
+        for seed in $SEEDS; do
+            for condition in $CONDITIONS; do
+                for panel in "${PANELS[@]}"; do jobs+=("$scale $panel $condition $seed"); done
+            done
+        done
+        start=$SECONDS
+        printf '%s\n' "${jobs[@]}" | xargs -P "$JOBS" -L 1 bash -c 'record_one $0 $1 $2 $3'
+        echo "scale $scale: ${#jobs[@]} runs in $((SECONDS - start)) s"
+    done
 fi
 
 # --- tables ------------------------------------------------------------------------------
