@@ -565,7 +565,7 @@ class GradflowTool(Tool):
 
     def self_reported(self) -> dict[str, float] | None:
         """The recorder's own per-recorded-step timing from the closed run file (ms)."""
-        from gradflow.store import open_run
+        from gradflow.runfile import open_run
 
         try:
             with open_run(self.path) as run:
@@ -576,7 +576,7 @@ class GradflowTool(Tool):
 
     def kernel_backend(self) -> str | None:
         """The kernels the recorder used, as stored in the closed run file."""
-        from gradflow.store import open_run
+        from gradflow.runfile import open_run
 
         try:
             with open_run(self.path) as run:

@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from runfiles import SyntheticRun, conv_stack
 
 from gradflow.plots import TimeWindow, save
-from gradflow.store import open_run
+from gradflow.runfile import open_run
 
 SIZES = ((100, 1_000), (1_000, 10_000), (1_000, 100_000))
 FIGURES = {

@@ -2,7 +2,7 @@
 
 Part 1 streams synthetic statistics of ``--layers`` layers, every step statistic the
 recorder writes (param, activation and grad_output probes: their real names from
-:mod:`gradflow.statistics`), through :class:`gradflow.store.RunWriter` exactly as the
+:mod:`gradflow.statistics`), through :class:`gradflow.runfile.RunWriter` exactly as the
 recorder's writer thread does: blocks of rows, each appended and committed. ``--blocks``
 picks the rows per commit: 100 is the recorder's ``flush_every``; its ``flush_seconds=5``
 commits fewer rows at a time when steps are slow (10 rows: 2 steps/s).
@@ -41,7 +41,7 @@ from common import (
 
 from gradflow import statistics
 from gradflow.names import EPOCH_STATS, STEP_PROBES
-from gradflow.store import Layer, RunWriter, StepRows
+from gradflow.runfile import Layer, RunWriter, StepRows
 
 RAW_BYTES = 4  # float32
 GOAL = 1.2  # file bytes per value / raw float32 bytes per value

@@ -38,7 +38,7 @@ from common import (
 )
 
 from gradflow.names import STEP_PROBES
-from gradflow.store import open_run
+from gradflow.runfile import open_run
 
 RSS_GOAL_MB = 50.0
 LINEAR_TOLERANCE = 0.25

@@ -69,7 +69,7 @@ def plot(
     """Draw FIGURE from one or more run files into --out."""
     # Imported here: matplotlib and h5py load for this command only, not for --help.
     from gradflow.plots import FIGURES, PlotWarning, TimeWindow, save
-    from gradflow.store import open_run
+    from gradflow.runfile import open_run
 
     if list_figures:
         width = max(map(len, FIGURES.names()))
@@ -115,7 +115,7 @@ def plot(
 def info(run: Annotated[Path, typer.Argument(metavar="RUN.h5", help="Run file.")]) -> None:
     """Summarise a run file: model, data, size, overhead and a layer health table."""
     from gradflow.plots.info import report
-    from gradflow.store import open_run
+    from gradflow.runfile import open_run
 
     with open_run(run) as opened:
         Console().print(report(opened))

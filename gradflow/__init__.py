@@ -13,8 +13,8 @@ from gradflow.errors import GradflowError
 
 if TYPE_CHECKING:
     from gradflow.recorder import Recorder
+    from gradflow.runfile import Run, open_run
     from gradflow.schedule import every, log_spaced
-    from gradflow.store import Run, open_run
 
 __version__ = "0.1.0"
 
@@ -23,8 +23,8 @@ _LAZY = {
     "Recorder": "gradflow.recorder",
     "every": "gradflow.schedule",
     "log_spaced": "gradflow.schedule",
-    "Run": "gradflow.store",
-    "open_run": "gradflow.store",
+    "Run": "gradflow.runfile",
+    "open_run": "gradflow.runfile",
 }
 
 __all__ = ["GradflowError", "Recorder", "Run", "__version__", "every", "log_spaced", "open_run"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from gradflow.errors import GradflowError
-from gradflow.store import Run
+from gradflow.runfile import Run
 
 
 def centre_edge_ratio(

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from gradflow.store import Layer
+from gradflow.runfile import Layer
 
 _KINDS: tuple[tuple[type[nn.Module], str], ...] = (
     (nn.modules.conv._ConvNd, "conv"),

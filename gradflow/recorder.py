@@ -41,9 +41,9 @@ from gradflow.probes import (
     Snapshot,
 )
 from gradflow.probes.param import local
+from gradflow.runfile import Event, WriteLock, check_writable
 from gradflow.schedule import Schedule, as_schedule
-from gradflow.store import Event, WriteLock, check_writable
-from gradflow.writer import EpochItem, Layout, NullWriter, Relayout, StepItem, WriterThread
+from gradflow.writer import EpochItem, NullWriter, Relayout, RunLayout, StepItem, WriterThread
 
 _OPEN: weakref.WeakKeyDictionary[nn.Module, Recorder] = weakref.WeakKeyDictionary()
 LayerSelect = Sequence[str] | Callable[[str, nn.Module], bool] | None
@@ -786,7 +786,7 @@ class Recorder:
         params = [p for lay in layers for p in lay.params]
         device = str(local(params[0]).device) if params else "cpu"
         self._writer.put(
-            Layout(
+            RunLayout(
                 path=self.path,
                 layers=[lay.info(i) for i, lay in enumerate(layers)],
                 probes=self.probes,

@@ -64,8 +64,8 @@ from gradflow.errors import GradflowError
 from gradflow.metrics import LOSSES, pixel_error, tiled_predict, v_info, v_rand
 from gradflow.models import FCN, count_convs, create_model, paper_init
 from gradflow.recorder import Recorder
+from gradflow.runfile import Event, Run, WriteLock, check_writable, open_run
 from gradflow.schedule import as_schedule
-from gradflow.store import Event, Run, WriteLock, check_writable, open_run
 
 ProgressMode = Literal["auto", "bar", "lines", "off"]
 VAL_TILE = 512  # the paper's input size: larger slices are predicted in tiles

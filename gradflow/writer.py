@@ -26,11 +26,11 @@ from gradflow import statistics
 from gradflow.errors import GradflowError, reason
 from gradflow.names import EPOCH_STATS, STEP_PROBES
 from gradflow.probes import PROBES, Block, LayerMap
-from gradflow.store import OVERHEAD_COLUMNS, Event, Layer, RunWriter, StepRows
+from gradflow.runfile import OVERHEAD_COLUMNS, Event, Layer, RunWriter, StepRows
 
 
 @dataclass
-class Layout:
+class RunLayout:
     """What the run file holds and how host vectors map onto layers."""
 
     path: Path
@@ -112,7 +112,7 @@ class WriterThread(threading.Thread):
         self.error: BaseException | None = None
         self.first_nonfinite: Event | None = None
         self.rows_written = 0
-        self._layout: Layout | None = None
+        self._layout: RunLayout | None = None
         self._file: RunWriter | None = None
         self._stat_names: dict[str, list[str]] = {}  # per probe, those the file holds
         self._pending_steps: list[tuple[StepItem, float]] = []  # with the seconds spent on each
@@ -167,7 +167,7 @@ class WriterThread(threading.Thread):
                     item.set()
 
     def _handle(self, item: Any) -> None:
-        if isinstance(item, Layout):
+        if isinstance(item, RunLayout):
             self._open(item)
         elif isinstance(item, StepItem):
             self._step(item)
@@ -182,7 +182,7 @@ class WriterThread(threading.Thread):
             self._commit()
             item.set()
 
-    def _open(self, layout: Layout) -> None:
+    def _open(self, layout: RunLayout) -> None:
         self._layout = layout
         step_stats = {p: statistics.names(p) for p in layout.probes}
         if layout.resume_at is None:
@@ -260,7 +260,7 @@ class WriterThread(threading.Thread):
             scalars=scalars,
         )
 
-    def _require_layout(self) -> Layout:
+    def _require_layout(self) -> RunLayout:
         if self._layout is None:
             raise RuntimeError("writer received data before the layout")
         return self._layout
@@ -350,7 +350,7 @@ def _same_layout(
 
 
 def _reductions(
-    layout: Layout, items: Sequence[StepItem]
+    layout: RunLayout, items: Sequence[StepItem]
 ) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, np.ndarray]]:
     """Per-layer reductions [R, L] of steps with one packed layout, and their device
     scalars [R]."""
@@ -403,8 +403,8 @@ __all__ = [
     "OVERHEAD_COLUMNS",
     "STEP_PROBES",
     "EpochItem",
-    "Layout",
     "Relayout",
+    "RunLayout",
     "StepItem",
     "WriterThread",
 ]

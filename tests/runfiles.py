@@ -1,4 +1,4 @@
-"""Synthetic run files written with :class:`gradflow.store.RunWriter`, for tests and benchmarks.
+"""Synthetic run files written with :class:`gradflow.runfile.RunWriter`, for tests and benchmarks.
 
 Values are deterministic for a seed and shaped like a long-skip-only FCN: updates shrink
 towards the middle of the network and over time. ``vanishing`` layers get updates 10^4
@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from gradflow.store import Event, Layer, RunWriter, StepRows
+from gradflow.runfile import Event, Layer, RunWriter, StepRows
 
 STEP_STATS: dict[str, list[str]] = {
     "param": [

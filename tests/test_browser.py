@@ -25,7 +25,7 @@ import pytest
 
 from gradflow.errors import GradflowError
 from gradflow.report import build_report
-from gradflow.store import open_run
+from gradflow.runfile import open_run
 
 sync_api = pytest.importorskip(
     "playwright.sync_api", reason="playwright is not installed: pip install -e '.[dev]'"

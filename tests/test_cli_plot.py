@@ -14,7 +14,7 @@ from runfiles import SyntheticRun, fcn_layers, write_run
 
 from gradflow.cli.main import main
 from gradflow.plots import FIGURES, output, render
-from gradflow.store import Run
+from gradflow.runfile import Run
 
 MAGIC = {".png": b"\x89PNG", ".pdf": b"%PDF", ".svg": b"<?xml"}
 

@@ -28,7 +28,7 @@ from gradflow import open_run
 from gradflow.checkpoint import checkpoint_path, legacy_checkpoint_path, load_checkpoint
 from gradflow.cli.main import main
 from gradflow.config import TrainConfig
-from gradflow.store import lock_path
+from gradflow.runfile import lock_path
 from gradflow.train import Summary
 
 TINY = [

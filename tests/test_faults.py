@@ -2,10 +2,10 @@
 flush, and never damages a run file.
 
 What the other test files already cover is not repeated here: SIGKILL of a bare Recorder
-(test_store), exact resume after a clean stop (test_train, test_cli_record), non-finite
+(test_runfile), exact resume after a clean stop (test_train, test_cli_record), non-finite
 stop/continue at the API and ``--on-nonfinite stop`` at the CLI (test_train,
 test_cli_record), missing and text run files for ``plot`` (test_cli_plot), bad files at
-``open_run`` (test_store). Here: SIGKILL of a real ``gradflow record`` at seeded random
+``open_run`` (test_runfile). Here: SIGKILL of a real ``gradflow record`` at seeded random
 moments, resume after such a kill, an unwritable ``--out``, a full disk (``RLIMIT_FSIZE`` in
 the child: writes past the limit fail with EFBIG) while creating, resuming and appending to
 a run file, ``--on-nonfinite continue`` over epochs, and bad run files given to ``plot``,
@@ -62,7 +62,7 @@ import pytest
 from gradflow import Run, open_run
 from gradflow.checkpoint import checkpoint_path, load_checkpoint
 from gradflow.cli.main import main
-from gradflow.store import SCHEMA_VERSION
+from gradflow.runfile import SCHEMA_VERSION
 
 SPE, EPOCHS, FLUSH = 8, 3, 2  # steps per epoch, epochs, --flush-every
 TOTAL = SPE * EPOCHS

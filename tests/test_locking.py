@@ -26,7 +26,7 @@ from gradflow.checkpoint import checkpoint_path, load_checkpoint
 from gradflow.cli.main import main
 from gradflow.errors import GradflowError
 from gradflow.models import create_model
-from gradflow.store import WriteLock, lock_path
+from gradflow.runfile import WriteLock, lock_path
 
 RUN = [
     "--model", "tiny", "--crop", "32", "--batch-size", "2", "--steps-per-epoch", "2",

@@ -31,7 +31,7 @@ from gradflow.models import (
     list_models,
     model_info,
 )
-from gradflow.store import open_run
+from gradflow.runfile import open_run
 from gradflow.train import build_model, build_optimizer, train
 
 MODELS = list_models()

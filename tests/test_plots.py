@@ -31,7 +31,7 @@ from gradflow.plots.binning import bin_means
 from gradflow.plots.health import health
 from gradflow.plots.heatmap import ZeroAwareLogNorm
 from gradflow.plots.selection import MAX_GROUPS, is_zoo_fcn, select_layers, stages
-from gradflow.store import Layer, Run, open_run
+from gradflow.runfile import Layer, Run, open_run
 
 EPOCHS, PER_EPOCH = 4, 10
 

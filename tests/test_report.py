@@ -31,7 +31,7 @@ from gradflow.errors import GradflowError
 from gradflow.report import build_report, payload
 from gradflow.report.data import to_json
 from gradflow.report.server import LiveRuns, ReportServer, is_loopback
-from gradflow.store import Layer, open_run
+from gradflow.runfile import Layer, open_run
 
 DATA_SCRIPT = re.compile(
     r'<script id="gradflow-data" type="application/json">(.*?)</script>', re.DOTALL

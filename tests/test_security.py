@@ -28,8 +28,7 @@ from rich.console import Console
 from gradflow import GradflowError, open_run
 from gradflow.cli.main import main
 from gradflow.plots.info import report
-from gradflow.store import Run
-from gradflow.validate import printable
+from gradflow.runfile import Run, printable
 
 LIMIT_S = 10.0  # the promise: any file gives an answer within this
 # Signatures that start HDF5 metadata blocks (object headers, B-trees, heaps, chunk indexes).
@@ -440,9 +439,9 @@ def test_spawned_check_is_isolated(
 ) -> None:
     """Without fork() the first check runs in a fresh interpreter: an isolated one, which
     does not import from the current directory or the file's folder."""
-    from gradflow import validate
+    from gradflow.runfile import opening
 
-    monkeypatch.setattr(validate, "_FORK", False)
+    monkeypatch.setattr(opening, "_FORK", False)
     marker = tmp_path / "marker"
     (tmp_path / "h5py.py").write_text(PLANT.format(marker=str(marker)))
     (tmp_path / "gradflow.py").write_text(PLANT.format(marker=str(marker)))
@@ -506,13 +505,13 @@ def test_ctrl_c_stops_info_on_a_looping_file(good: Path, tmp_path: Path) -> None
 
 
 def test_crash_in_the_child_is_one_line(good: Path) -> None:
-    from gradflow import validate
+    from gradflow.runfile import opening
 
     def crash(_: Path) -> None:
         os.kill(os.getpid(), signal.SIGSEGV)
 
     with pytest.raises(GradflowError, match="crashed HDF5: signal 11"):
-        validate.in_child(good, crash, "unused:unused")
+        opening.in_child(good, crash, "unused:unused")
 
 
 KILLED_WRITER = (

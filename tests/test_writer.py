@@ -19,8 +19,8 @@ import torch
 
 from gradflow import open_run
 from gradflow.probes import Block, LayerMap
-from gradflow.store import Layer, Run
-from gradflow.writer import EpochItem, Layout, Relayout, StepItem, WriterThread
+from gradflow.runfile import Layer, Run
+from gradflow.writer import EpochItem, Relayout, RunLayout, StepItem, WriterThread
 
 RTOL = 1e-6
 NAMES = ["enc", "mid", "dec"]  # columns of the run file (forward order)
@@ -40,12 +40,12 @@ def _map(sizes: Sequence[Sequence[int]]) -> LayerMap:
     )
 
 
-def _layout(path: Path) -> Layout:
+def _layout(path: Path) -> RunLayout:
     layers = [
         Layer(index=i, name=name, kind="linear", type="Linear", depth=i, n_params=sum(s), shape="")
         for i, (name, s) in enumerate(zip(NAMES, SIZES, strict=True))
     ]
-    return Layout(
+    return RunLayout(
         path=path,
         layers=layers,
         probes=("param", "activation", "grad_output"),

@@ -13,7 +13,7 @@ import numpy as np
 
 from gradflow.errors import GradflowError
 from gradflow.plots.selection import TimeWindow, Unit, parse_stat
-from gradflow.store import Layer, Run
+from gradflow.runfile import Layer, Run
 
 MAX_TIME_BINS = 2000
 BLOCK_ROWS = 8192

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 from matplotlib.figure import Figure
 
 from gradflow.registry import Registry
-from gradflow.store import Run
+from gradflow.runfile import Run
 
 if TYPE_CHECKING:
     from gradflow.plots.tables import Table

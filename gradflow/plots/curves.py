@@ -15,7 +15,7 @@ from gradflow.plots.binning import load, window_rows
 from gradflow.plots.catalog import FIGURES
 from gradflow.plots.selection import TimeWindow, select_layers
 from gradflow.plots.style import mark_stages, run_colours, run_labels, stat_label, styled
-from gradflow.store import Run
+from gradflow.runfile import Run
 
 if TYPE_CHECKING:
     import pandas as pd

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from gradflow.plots.binning import load
-from gradflow.store import Run
+from gradflow.runfile import Run
 
 VANISH_BELOW = 1e-2  # a layer's update ratio below 1/100 of its kind's median
 EXPLODE_ABOVE = 1e2  # ... or above 100x of it

@@ -33,7 +33,7 @@ from gradflow.plots.style import (
     stat_label,
     styled,
 )
-from gradflow.store import Event, Run
+from gradflow.runfile import Event, Run
 
 Scale = Literal["linear", "log", "diverging"]
 Extend = Literal["neither", "min", "max", "both"]

@@ -12,8 +12,7 @@ from rich.table import Table
 from rich.text import Text
 
 from gradflow.plots.health import health
-from gradflow.store import OVERHEAD_COLUMNS, Run
-from gradflow.validate import printable
+from gradflow.runfile import OVERHEAD_COLUMNS, Run, printable
 
 MAX_CONFIG_KEYS = 12
 

@@ -13,7 +13,7 @@ from matplotlib.figure import Figure
 from gradflow.errors import GradflowError
 from gradflow.plots.catalog import FIGURES, TABLES
 from gradflow.plots.style import DPI
-from gradflow.store import Run, check_writable
+from gradflow.runfile import Run, check_writable
 
 IMAGE_SUFFIXES = (".png", ".pdf", ".svg")
 TEXT_SUFFIXES = (".md", ".csv")

@@ -8,7 +8,7 @@ from dataclasses import dataclass, replace
 from typing import Literal
 
 from gradflow.errors import GradflowError, unknown_name
-from gradflow.store import Layer, Run
+from gradflow.runfile import Layer, Run
 
 Unit = Literal["epoch", "step"]
 BOTTLENECK_STAGES = ("across", "bottleneck", "bridge", "center", "centre", "middle")

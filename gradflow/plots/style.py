@@ -15,7 +15,7 @@ from matplotlib.figure import Figure
 from matplotlib.typing import RcKeyType
 
 from gradflow.plots.selection import Stage, stages
-from gradflow.store import Layer, Run
+from gradflow.runfile import Layer, Run
 
 P = ParamSpec("P")
 R = TypeVar("R")

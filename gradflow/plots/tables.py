@@ -15,7 +15,7 @@ from gradflow.analysis import centre_edge_ratio
 from gradflow.plots.catalog import FIGURES, TABLES
 from gradflow.plots.curves import epoch_metric
 from gradflow.plots.style import run_labels, styled
-from gradflow.store import Run
+from gradflow.runfile import Run
 
 Cell = str | int | float
 

@@ -34,7 +34,7 @@ from gradflow.plots.style import (
     run_labels,
     stat_label,
 )
-from gradflow.store import Layer, Run
+from gradflow.runfile import Layer, Run
 
 SCREEN_BINS = 500
 CURVE_POINTS = 2000

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from gradflow.errors import GradflowError
 from gradflow.report.data import SCREEN_BINS, payload, to_json
-from gradflow.store import check_writable, open_run
+from gradflow.runfile import check_writable, open_run
 
 _TEMPLATE = """<!DOCTYPE html>
 <html lang="en">

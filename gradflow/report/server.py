@@ -24,7 +24,7 @@ from urllib.parse import urlsplit
 from gradflow.errors import GradflowError, reason
 from gradflow.report.data import SCREEN_BINS, payload, to_json
 from gradflow.report.page import page
-from gradflow.store import Run, open_run
+from gradflow.runfile import Run, open_run
 
 MIN_REREAD_S = 1.0
 LOOPBACK_NAMES = {"localhost", "127.0.0.1", "::1"}

@@ -31,7 +31,7 @@ from gradflow.kernels import cpu
 from gradflow.probes import ActivationProbe, CallLog, GradOutputProbe
 from gradflow.probes.grad_output import grad_output_hook
 from gradflow.recorder import Recorder
-from gradflow.store import open_run
+from gradflow.runfile import open_run
 
 REPO = Path(__file__).resolve().parents[2]
 # The build without run-time dispatch compiles in a fifth of the time: the cache tests use it.

@@ -1,7 +1,7 @@
 """Run files from anyone: opened without hanging, checked against the schema before use.
 
 A run file may come from someone else and may be damaged or crafted. Before any of its data
-is used, :func:`open_hdf5` and :func:`check_layout` make sure that
+is used, :func:`~gradflow.runfile.opening.open_hdf5` and :func:`check_layout` make sure that
 
 - opening it cannot hang: a file is opened in HDF5's plain read mode, which fails at once on
   a bad metadata checksum; only a file whose superblock says a writer has it open (a live
@@ -15,38 +15,24 @@ is used, :func:`open_hdf5` and :func:`check_layout` make sure that
 - attributes have the schema's types, ``schema_version`` is a supported int, ``config`` is
   a JSON object, names are UTF-8, and text is returned free of control characters.
 
-Every problem is one :class:`GradflowError` line. This module does not import torch.
+Every problem is one :class:`GradflowError` line. This module checks a file that is open;
+:mod:`gradflow.runfile.opening` opens it. It does not import torch.
 """
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
-import functools
 import json
-import os
-import select
-import signal
-import subprocess
-import sys
-import time
 import unicodedata
-import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import h5py
 import numpy as np
-from h5py._objects import phil
 
 from gradflow.errors import GradflowError
 
-# 20 attempts sleep at most 2**20 ns (1 ms) in all; HDF5's default of 100 doubles its sleep
-# up to hours. A live writer's torn metadata read is over within microseconds.
-SWMR_READ_ATTEMPTS = 20
-PROBE_SECONDS = 8.0  # of the 10 s in which any file gets an answer
 # Deflate expands at most 1032-fold; a little more for its headers.
 MAX_EXPANSION = 1100
 SLACK_BYTES = 64 * 1024  # unwritten fixed-size tables (names) read as fill values
@@ -56,7 +42,6 @@ MAX_ATTR_BYTES = 16 * 2**20
 MAX_STRING_BYTES = 4096
 _ALLOWED_FILTERS = {h5py.h5z.FILTER_DEFLATE, h5py.h5z.FILTER_SHUFFLE, h5py.h5z.FILTER_FLETCHER32}
 _STEPS, _EPOCHS, _EVENTS = 0, 1, 2  # positions in /counts
-_FORK = hasattr(os, "fork")
 _STRINGS = ("gradflow_version", "created", "torch_version", "device")
 _LAYER_FIELDS = {"name": "S", "kind": "S", "type": "S", "depth": "i", "n_params": "i", "shape": "S"}
 _EVENT_FIELDS = {
@@ -103,7 +88,7 @@ _EPOCH_TABLES = {"index", "end_step", "metrics"}
 
 
 @dataclass
-class Layout:
+class CheckedLayout:
     """What :func:`check_layout` found: everything a reader needs before any data."""
 
     attrs: dict[str, Any]
@@ -131,170 +116,7 @@ def _fail(path: Path, what: str) -> GradflowError:
     return GradflowError(f"{path}: {what}")
 
 
-# ---------------------------------------------------------------------------------------
-# Opening
-# ---------------------------------------------------------------------------------------
-def open_hdf5(path: Path) -> h5py.File:
-    """Open ``path`` for reading; plain mode unless its superblock marks it open by a writer.
-
-    Raises ``OSError`` from HDF5 for a file it cannot open (the caller words it).
-    """
-    with open(path, "rb") as fh:
-        head = fh.read(36)
-    # Superblock v2/v3 (what gradflow writes): byte 11 holds the file consistency flags,
-    # bit 0 "open for writing", bit 2 "open for SWMR writing" (also left by a killed writer).
-    # No HDF5 file lock: a reader must never keep a writer from opening the file.
-    if len(head) < 12 or head[8] < 2:
-        return h5py.File(path, "r", locking=False)
-    if head[11] & 0b101:
-        return _open_swmr(path)
-    # A file cut short by a full disk, shorter than the end of file stored at byte 28, opens
-    # only in SWMR mode, which does not check the end of file; its metadata must then read.
-    eof = int.from_bytes(head[28:36], "little") if len(head) == 36 and head[9] == 8 else 0
-    size = path.stat().st_size
-    if size >= eof:
-        return h5py.File(path, "r", locking=False)
-    try:
-        f = _open_swmr(path)
-    except OSError:
-        raise OSError(f"truncated file: {size} of {eof} bytes") from None
-    try:
-        f.visititems(lambda name, obj: None)
-        f["counts"][()]
-    except (OSError, KeyError, RuntimeError, ValueError):
-        f.close()
-        raise OSError(f"truncated file: {size} of {eof} bytes") from None
-    return f
-
-
-def _open_swmr(path: Path) -> h5py.File:
-    fapl = h5py.h5p.create(h5py.h5p.FILE_ACCESS)
-    fapl.set_libver_bounds(h5py.h5f.LIBVER_LATEST, h5py.h5f.LIBVER_LATEST)
-    # No sieve buffer: it would keep serving the name lists as first read, while the
-    # writer fills them in place (they are small, read once per refresh).
-    fapl.set_sieve_buf_size(0)
-    fapl.set_file_locking(False, True)
-    setter = _read_attempts_setter()  # without it, the caller's time limit (in_child) applies
-    if setter is not None and setter(fapl.id, SWMR_READ_ATTEMPTS) < 0:
-        raise OSError("cannot limit HDF5's metadata read attempts")
-    flags = h5py.h5f.ACC_RDONLY | h5py.h5f.ACC_SWMR_READ
-    return h5py.File(h5py.h5f.open(os.fsencode(path), flags, fapl=fapl))
-
-
-@functools.cache
-def _read_attempts_setter() -> Callable[[int, int], int] | None:
-    """HDF5's ``H5Pset_metadata_read_attempts`` (h5py does not wrap it), looked up through
-    h5py's own extension module so that it is the HDF5 library h5py uses; ``None`` where the
-    platform's loader does not resolve a module's dependencies that way."""
-    try:
-        function = ctypes.CDLL(h5py.h5p.__file__).H5Pset_metadata_read_attempts
-    except (OSError, AttributeError):
-        return None
-    function.argtypes = [ctypes.c_int64, ctypes.c_uint]
-    function.restype = ctypes.c_int
-    return function
-
-
-def in_child(path: Path, check: Callable[[Path], None], target: str) -> None:
-    """Run ``check(path)`` first in a child process that is killed after
-    :data:`PROBE_SECONDS`, and raise its :class:`GradflowError` here.
-
-    HDF5 can loop forever, or crash, on some damaged metadata (plain mode too: one file in
-    about a thousand byte-flipped ones looped while its attributes were read), in C code
-    that Ctrl-C cannot stop. What the child got through, this process then repeats safely.
-    The child is a fork where the platform has one (fast: nothing is imported), else a
-    fresh, isolated interpreter (``-I``: no current directory or user site on its path)
-    that runs ``target`` (``"module:function"``, the same check by name).
-    """
-    answer = _forked(path, check) if _FORK else _spawned(path, target)
-    if answer:
-        raise GradflowError(answer)
-
-
-def _forked(path: Path, check: Callable[[Path], None]) -> str:
-    read_end, write_end = os.pipe()
-    # Forked while holding h5py's lock: no other thread is inside HDF5 at that moment, so
-    # the child's copy of the library is in a consistent state.
-    with phil, warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)  # fork() with threads (3.12+)
-        pid = os.fork()
-    if pid == 0:  # the child: answer through the pipe, never return into the caller
-        try:
-            os.close(read_end)
-            os.write(write_end, _answer(path, check).encode()[:4096])
-        finally:
-            os._exit(0)
-    os.close(write_end)
-    try:
-        chunks, deadline = [], time.monotonic() + PROBE_SECONDS
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0 or not select.select([read_end], [], [], left)[0]:
-                os.kill(pid, signal.SIGKILL)
-                return _timed_out(path)
-            chunk = os.read(read_end, 4096)
-            if not chunk:
-                break
-            chunks.append(chunk)
-        status = os.waitpid(pid, 0)[1]
-        pid = 0
-    finally:
-        os.close(read_end)
-        if pid:  # interrupted (Ctrl-C) or timed out: the child goes too
-            with contextlib.suppress(OSError):
-                os.kill(pid, signal.SIGKILL)
-                os.waitpid(pid, 0)
-    if os.WIFSIGNALED(status):
-        return _crashed(path, os.WTERMSIG(status))
-    return b"".join(chunks).decode(errors="replace")
-
-
-def _spawned(path: Path, target: str) -> str:
-    module, function = target.split(":")
-    code = (
-        "import sys\n"
-        "from pathlib import Path\n"
-        "from gradflow.validate import _answer\n"
-        f"from {module} import {function} as check\n"
-        "sys.stdout.write(_answer(Path(sys.argv[1]), check))\n"
-    )
-    try:
-        done = subprocess.run(
-            [sys.executable, "-I", "-c", code, os.fspath(path)],
-            capture_output=True,
-            timeout=PROBE_SECONDS,
-        )
-    except subprocess.TimeoutExpired:
-        return _timed_out(path)
-    if done.returncode < 0:
-        return _crashed(path, -done.returncode)
-    if done.returncode != 0:
-        lines = done.stderr.decode(errors="replace").strip().splitlines()
-        return f"{path}: cannot check the file ({printable(lines[-1]) if lines else 'failed'})"
-    return done.stdout.decode(errors="replace")
-
-
-def _answer(path: Path, check: Callable[[Path], None]) -> str:
-    """The one-line error of ``check(path)``, or ``""``."""
-    try:
-        check(path)
-    except GradflowError as err:
-        return str(err)
-    return ""
-
-
-def _timed_out(path: Path) -> str:
-    return f"{path}: damaged run file (no answer within {PROBE_SECONDS:.0f} s)"
-
-
-def _crashed(path: Path, signal_number: int) -> str:
-    return f"{path}: damaged run file (reading it crashed HDF5: signal {signal_number})"
-
-
-# ---------------------------------------------------------------------------------------
-# The schema
-# ---------------------------------------------------------------------------------------
-def check_layout(path: Path, f: h5py.File, max_version: int) -> Layout:
+def check_layout(path: Path, f: h5py.File, max_version: int) -> CheckedLayout:
     """Check an open file against the run-file schema (v1 up to ``max_version``).
 
     Raises :class:`GradflowError` naming the first problem; HDF5 errors met on the way
@@ -359,7 +181,7 @@ def check_layout(path: Path, f: h5py.File, max_version: int) -> Layout:
             raise _fail(
                 path, f"damaged run file (/{table} has {width} columns for {len(names)} names)"
             )
-    return Layout(
+    return CheckedLayout(
         attrs=attrs,
         config=config,
         layers=layers,

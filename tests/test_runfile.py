@@ -16,7 +16,7 @@ import pytest
 from runfiles import live_writer
 
 from gradflow import GradflowError, open_run
-from gradflow.store import SCHEMA_VERSION
+from gradflow.runfile import SCHEMA_VERSION
 
 WRITER = textwrap.dedent(
     """
