@@ -95,7 +95,7 @@ def test_import_gradflow_is_lazy() -> None:
         "assert 'torch' not in sys.modules, 'import gradflow imported torch'\n"
         "from gradflow import Recorder, Run, open_run, every, log_spaced\n"
         "assert 'torch' in sys.modules and gradflow.Recorder is Recorder\n"
-        "assert Recorder.__module__ == 'gradflow.recorder'\n"
+        "assert Recorder.__module__ == 'gradflow.recorder.facade'\n"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr

@@ -1,0 +1,153 @@
+"""The Recorder's arguments: checked with one-line errors, optimizers unwrapped, layers
+selected."""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from gradflow.errors import GradflowError, unknown_name
+from gradflow.layers import LayerSpec
+from gradflow.probes import PROBES
+
+LayerSelect = Sequence[str] | Callable[[str, nn.Module], bool] | None
+
+
+def unwrap_optimizer(optimizer: Any) -> torch.optim.Optimizer:
+    """The torch optimizer inside wrappers that hold it as ``.optimizer`` (accelerate's
+    ``AcceleratedOptimizer``, Lightning's ``LightningOptimizer``), unwrapped repeatedly."""
+    seen: set[int] = set()
+    current = optimizer
+    # A wrapper may subclass Optimizer without its step hooks (AcceleratedOptimizer does).
+    while not (
+        isinstance(current, torch.optim.Optimizer) and hasattr(current, "_optimizer_step_pre_hooks")
+    ):
+        inner = getattr(current, "optimizer", None)
+        if inner is None or id(current) in seen:
+            raise GradflowError(
+                "optimizer must be a torch.optim.Optimizer or an object holding one as "
+                f".optimizer, got {type(optimizer).__name__}"
+            )
+        seen.add(id(current))
+        current = inner
+    return current
+
+
+def optimizers_of(optimizer: Any) -> list[torch.optim.Optimizer]:
+    if optimizer is None:
+        return []
+    items = list(optimizer) if isinstance(optimizer, (list, tuple)) else [optimizer]
+    found = [unwrap_optimizer(item) for item in items]
+    if len({id(o) for o in found}) != len(found):
+        raise GradflowError("the same optimizer is given twice")
+    return found
+
+
+def _is_names(value: Any) -> bool:
+    return isinstance(value, str) or (
+        isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value)
+    )
+
+
+def check_probes(probes: Any) -> tuple[str, ...]:
+    names = (probes,) if isinstance(probes, str) else probes
+    try:
+        chosen = tuple(dict.fromkeys(names))
+    except TypeError:
+        raise GradflowError(
+            f"probes must be a probe name or a list of them, got {probes!r}"
+        ) from None
+    for probe in chosen:
+        if probe not in PROBES:
+            raise unknown_name("probe", str(probe), PROBES.names())
+    return chosen
+
+
+def check_arguments(
+    *,
+    path: Any,
+    layers: Any,
+    flush_every: Any,
+    flush_seconds: Any,
+    scaler: Any,
+    config: Any,
+    resume: Any,
+    write_rank: Any,
+    flags: dict[str, Any],
+) -> None:
+    """One-line errors for arguments of the wrong type or range."""
+
+    def is_int(value: Any) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool)
+
+    if not isinstance(path, (str, os.PathLike)):
+        raise GradflowError(f"path must be a file name, got {type(path).__name__}")
+    if not is_int(flush_every) or flush_every < 1:
+        raise GradflowError(f"flush_every must be an integer >= 1, got {flush_every!r}")
+    if (
+        isinstance(flush_seconds, bool)
+        or not isinstance(flush_seconds, (int, float))
+        or not math.isfinite(flush_seconds)
+        or flush_seconds <= 0
+    ):
+        raise GradflowError(f"flush_seconds must be a finite number > 0, got {flush_seconds!r}")
+    if scaler is not None and not callable(getattr(scaler, "step", None)):
+        raise GradflowError(f"scaler must be a torch.amp.GradScaler, got {type(scaler).__name__}")
+    if config is not None and not isinstance(config, dict):
+        raise GradflowError(f"config must be a dict, got {type(config).__name__}")
+    if resume is not None and not (
+        isinstance(resume, (tuple, list))
+        and len(resume) == 2
+        and all(is_int(v) and v >= 0 for v in resume)
+    ):
+        raise GradflowError(f"resume must be (step, epoch), two integers >= 0, got {resume!r}")
+    if not is_int(write_rank) or write_rank < 0:
+        raise GradflowError(f"write_rank must be an integer >= 0, got {write_rank!r}")
+    for name, value in flags.items():
+        if not isinstance(value, bool):
+            raise GradflowError(f"{name} must be True or False, got {value!r}")
+    if layers is not None and not (callable(layers) or _is_names(layers)):
+        raise GradflowError(
+            "layers must be a name prefix, a list of them, or a (name, module) -> bool "
+            f"predicate, got {type(layers).__name__}"
+        )
+
+
+def split_scalars(values: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    """Device tensors stay tensors (no sync); CPU tensors and numbers become floats."""
+    device: dict[str, torch.Tensor] = {}
+    host: dict[str, float] = {}
+    for name, value in values.items():
+        if isinstance(value, torch.Tensor) and value.device.type != "cpu":
+            device[name] = value.detach()
+        else:
+            host[name] = float(value)
+    return device, host
+
+
+def select_layers(layers: list[LayerSpec], select: LayerSelect) -> list[LayerSpec]:
+    if select is None:
+        chosen = layers
+    elif callable(select):
+        chosen = [lay for lay in layers if select(lay.name, lay.module)]
+    else:
+        prefixes = [select] if isinstance(select, str) else list(select)
+        chosen = [
+            lay
+            for lay in layers
+            if any(lay.name == p or lay.name.startswith(p + ".") for p in prefixes)
+        ]
+    if not chosen:
+        raise GradflowError(
+            "no layer to record: the model has no module owning trainable parameters"
+            if select is None
+            else f"layer selection {select!r} matches no layer"
+        )
+    for i, lay in enumerate(chosen):
+        lay.reg_index = i
+    return chosen
