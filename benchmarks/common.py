@@ -433,7 +433,7 @@ class Trainer:
     """One training step at a time; every Trainer of a workload starts from the same weights."""
 
     def __init__(self, workload: Workload) -> None:
-        from gradflow.models import create_model
+        from gradflow.em.models import create_model
 
         self.workload = workload
         device = torch.device(workload.device)

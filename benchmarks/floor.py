@@ -236,7 +236,7 @@ def param_kernels_module() -> Any:
 
 
 def build_model(workload: Workload) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
-    from gradflow.models import create_model
+    from gradflow.em.models import create_model
 
     torch.manual_seed(workload.seed)
     gen = torch.Generator().manual_seed(workload.seed + 1)

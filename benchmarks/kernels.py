@@ -22,9 +22,9 @@ from unittest import mock
 import torch
 from common import environment, format_table, print_header
 
+from gradflow.em.models import create_model
 from gradflow.kernels import cpu as native
 from gradflow.kernels.cpu import HostReducer, HostRows
-from gradflow.models import create_model
 from gradflow.probes import Snapshot
 
 

@@ -13,7 +13,7 @@ from gradflow.cli.app import app
 def models() -> None:
     """List the preset models: conv layers (main path, + 1x1 projections), parameters, input
     side multiple."""
-    from gradflow.models import list_models, model_info  # torch loads here, not for --help
+    from gradflow.em.models import list_models, model_info  # torch loads here, not for --help
 
     # Names are what users copy: never wrapped or cut; only the description wraps.
     table = Table(title="gradflow models", box=box.SIMPLE_HEAD)

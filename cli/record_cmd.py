@@ -1,4 +1,4 @@
-"""``gradflow record``: argument parsing over :func:`gradflow.train.train`."""
+"""``gradflow record``: argument parsing over :func:`gradflow.em.train.train`."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import typer
 from rich.console import Console
 
 from gradflow.cli.app import app
-from gradflow.config import TrainConfig
+from gradflow.em.config import TrainConfig
 from gradflow.errors import GradflowError
 from gradflow.names import STEP_PROBES
 
@@ -187,7 +187,7 @@ def record(
     if nesterov is not None and optimizer != "sgd":
         flag = "--nesterov" if nesterov else "--no-nesterov"
         raise GradflowError(f"{flag} applies to --optimizer sgd only, not {optimizer}")
-    from gradflow.train import train  # torch loads here, not for --help
+    from gradflow.em.train import train  # torch loads here, not for --help
 
     summary = train(config, out, force=force, resume=resume)
     if summary is None:  # a DDP rank other than 0

@@ -10,7 +10,7 @@ import pytest
 import torch
 from runfiles import write_slices
 
-from gradflow.data import load_dataset
+from gradflow.em.data import load_dataset
 
 
 @pytest.fixture(scope="module")

@@ -25,11 +25,11 @@ from rich.console import Console
 from runfiles import write_slices
 
 from gradflow import open_run
-from gradflow.checkpoint import checkpoint_path, legacy_checkpoint_path, load_checkpoint
 from gradflow.cli.main import main
-from gradflow.config import TrainConfig
+from gradflow.em.checkpoint import checkpoint_path, legacy_checkpoint_path, load_checkpoint
+from gradflow.em.config import TrainConfig
+from gradflow.em.train import Summary
 from gradflow.runfile import lock_path
-from gradflow.train import Summary
 
 TINY = [
     "--model", "tiny", "--epochs", "1", "--steps-per-epoch", "2", "--crop", "32",
@@ -357,13 +357,13 @@ def test_batch_norm_with_one_value_per_channel_is_refused_before_any_file(
 
 
 def test_batch_norm_check_counts_the_bottleneck_values() -> None:
-    from gradflow.models import create_model
-    from gradflow.train import _check_batch_norm
+    from gradflow.em.inputs import check_batch_norm
+    from gradflow.em.models import create_model
 
     tiny = create_model("tiny")  # downsampling 8
     for crop, batch in ((16, 1), (8, 2)):  # 2x2 px of 1 sample, 1x1 px of 2 samples
-        _check_batch_norm(tiny, crop, batch)
-    _check_batch_norm(create_model("tiny", batch_norm=False), 8, 1)
+        check_batch_norm(tiny, crop, batch)
+    check_batch_norm(create_model("tiny", batch_norm=False), 8, 1)
 
 
 def _special_files(tmp_path: Path) -> list[tuple[Path, str, list[str]]]:

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 from scipy import ndimage as ndi
 
-from gradflow.data import (
+from gradflow.em.data import (
     Augmentation,
     EMVolume,
     augment_pair,

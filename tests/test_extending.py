@@ -20,7 +20,7 @@ from PIL import Image
 from torch import nn
 
 import gradflow
-from gradflow.models import _MODELS, create_model, list_models
+from gradflow.em.models import _MODELS, create_model, list_models
 from gradflow.plots.catalog import FIGURES, TABLES
 from gradflow.probes import PROBES
 from gradflow.registry import Registry
@@ -256,7 +256,7 @@ def test_a_registered_probe_is_accepted_by_the_training_configuration(
     run_example: Example,
 ) -> None:
     # `gradflow record --probes` started from a launcher that imports the probe first.
-    from gradflow.config import TrainConfig
+    from gradflow.em.config import TrainConfig
     from gradflow.errors import GradflowError
 
     with pytest.raises(GradflowError, match="unknown probe 'abs_output'"):

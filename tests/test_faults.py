@@ -60,8 +60,8 @@ import numpy as np
 import pytest
 
 from gradflow import Run, open_run
-from gradflow.checkpoint import checkpoint_path, load_checkpoint
 from gradflow.cli.main import main
+from gradflow.em.checkpoint import checkpoint_path, load_checkpoint
 from gradflow.runfile import SCHEMA_VERSION
 
 SPE, EPOCHS, FLUSH = 8, 3, 2  # steps per epoch, epochs, --flush-every

@@ -22,10 +22,10 @@ import numpy as np
 import pytest
 
 from gradflow import Recorder, open_run
-from gradflow.checkpoint import checkpoint_path, load_checkpoint
 from gradflow.cli.main import main
+from gradflow.em.checkpoint import checkpoint_path, load_checkpoint
+from gradflow.em.models import create_model
 from gradflow.errors import GradflowError
-from gradflow.models import create_model
 from gradflow.runfile import WriteLock, lock_path
 
 RUN = [

@@ -11,9 +11,8 @@ from PIL import Image
 from scipy import ndimage as ndi
 from torch import nn
 
-from gradflow.data import synthetic_volume
-from gradflow.errors import GradflowError
-from gradflow.metrics import (
+from gradflow.em.data import synthetic_volume
+from gradflow.em.metrics import (
     LOSSES,
     bce_loss,
     dice_loss,
@@ -22,6 +21,7 @@ from gradflow.metrics import (
     v_info,
     v_rand,
 )
+from gradflow.errors import GradflowError
 
 ISBI = Path(__file__).parents[1].parent / "shared" / "data" / "isbi2012"
 

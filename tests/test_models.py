@@ -15,11 +15,11 @@ from scipy.stats import truncnorm
 from torch import nn
 
 import gradflow.cli.commands  # noqa: F401  (registers the commands on the app)
-from gradflow.checkpoint import checkpoint_path
 from gradflow.cli.app import app
-from gradflow.config import RESUME_KEYS, TrainConfig
-from gradflow.errors import GradflowError
-from gradflow.models import (
+from gradflow.em.checkpoint import checkpoint_path
+from gradflow.em.config import RESUME_KEYS, TrainConfig
+from gradflow.em.loop import build_optimizer
+from gradflow.em.models import (
     FCN,
     Block,
     FCNConfig,
@@ -31,8 +31,9 @@ from gradflow.models import (
     list_models,
     model_info,
 )
+from gradflow.em.train import build_model, train
+from gradflow.errors import GradflowError
 from gradflow.runfile import open_run
-from gradflow.train import build_model, build_optimizer, train
 
 MODELS = list_models()
 SMALL = [name for name in MODELS if name != "paper-resunet"]
@@ -405,7 +406,7 @@ def test_a_checkpoint_older_than_the_switches_resumes(tmp_path: Path) -> None:
 
 def test_record_passes_the_switches(monkeypatch: pytest.MonkeyPatch) -> None:
     seen: list[TrainConfig] = []
-    monkeypatch.setattr("gradflow.train.train", lambda config, *a, **k: seen.append(config))
+    monkeypatch.setattr("gradflow.em.train.train", lambda config, *a, **k: seen.append(config))
     argv = ["record", "--out", "x.h5", "--optimizer", "sgd", "--momentum", "0.5"]
     argv += ["--no-nesterov", "--eps", "1e-4", "--init", "paper", "--lr", "0.01"]
     typer.main.get_group(app).main(argv, prog_name="gradflow", standalone_mode=False)

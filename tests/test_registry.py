@@ -7,9 +7,9 @@ from typing import Any
 
 import pytest
 
+from gradflow.em.metrics import LOSSES
+from gradflow.em.models import _MODELS
 from gradflow.errors import GradflowError
-from gradflow.metrics import LOSSES
-from gradflow.models import _MODELS
 from gradflow.plots import FIGURES, TABLES
 from gradflow.registry import Registry
 from gradflow.statistics import STATISTICS

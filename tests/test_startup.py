@@ -109,7 +109,7 @@ def test_unknown_attribute_is_an_attribute_error() -> None:
 
 
 def test_loss_names_match_the_registry() -> None:
-    from gradflow.config import LOSS_NAMES
-    from gradflow.metrics import LOSSES
+    from gradflow.em.config import LOSS_NAMES
+    from gradflow.em.metrics import LOSSES
 
     assert list(LOSS_NAMES) == LOSSES.names()

@@ -16,11 +16,13 @@ import pytest
 import torch
 
 from gradflow import GradflowError, Run, open_run
-from gradflow import train as train_module
-from gradflow.checkpoint import checkpoint_path, load_checkpoint
-from gradflow.metrics import LOSSES
-from gradflow.models import create_model
-from gradflow.train import Summary, TrainConfig, build_optimizer, train
+from gradflow.em import loop
+from gradflow.em import train as train_module
+from gradflow.em.checkpoint import checkpoint_path, load_checkpoint
+from gradflow.em.loop import build_optimizer
+from gradflow.em.metrics import LOSSES
+from gradflow.em.models import create_model
+from gradflow.em.train import Summary, TrainConfig, train
 
 STEPS = 2
 TINY = TrainConfig(
@@ -279,12 +281,12 @@ def test_global_batch_loss_sums_reproduce_the_loss(name: str) -> None:
     gen = torch.Generator().manual_seed(0)
     logits = torch.randn(2, 1, 8, 8, generator=gen, dtype=torch.float64)
     target = (torch.rand(2, 1, 8, 8, generator=gen) > 0.7).double()
-    from_sums = train_module._loss_from_sums(name, train_module._loss_sums(name, logits, target))
+    from_sums = loop._loss_from_sums(name, loop._loss_sums(name, logits, target))
     torch.testing.assert_close(from_sums, LOSSES.get(name)(logits, target))
 
 
 def test_validation_tiles() -> None:
-    assert train_module._tiling((512, 512), 96, 32) == (512, 0)  # whole slice, no seams
-    assert train_module._tiling((500, 500), 96, 32) == (480, 120)
-    assert train_module._tiling((1024, 1024), 96, 32) == (512, 128)
-    assert train_module._tiling((64, 64), 32, 8) == (64, 0)
+    assert loop._tiling((512, 512), 96, 32) == (512, 0)  # whole slice, no seams
+    assert loop._tiling((500, 500), 96, 32) == (480, 120)
+    assert loop._tiling((1024, 1024), 96, 32) == (512, 128)
+    assert loop._tiling((64, 64), 32, 8) == (64, 0)

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from gradflow.data.augment import Augmentation, augment_pair, random_crop
-from gradflow.data.batches import epoch_batches, steps_per_epoch
-from gradflow.data.cache import Say, cache_dir, cached_synthetic_volume
-from gradflow.data.isbi import load_isbi
-from gradflow.data.synthetic import synthetic_volume
-from gradflow.data.volume import EMVolume, split, standardise
+from gradflow.em.data.augment import Augmentation, augment_pair, random_crop
+from gradflow.em.data.batches import epoch_batches, steps_per_epoch
+from gradflow.em.data.cache import Say, cache_dir, cached_synthetic_volume
+from gradflow.em.data.isbi import load_isbi
+from gradflow.em.data.synthetic import synthetic_volume
+from gradflow.em.data.volume import EMVolume, split, standardise
 
 __all__ = [
     "Augmentation",
@@ -40,7 +40,7 @@ def load_dataset(
 
     ``None`` or ``"synthetic"`` gives ``n_synthetic`` synthetic slices of ``synthetic_size``
     px generated from ``seed`` (see :func:`synthetic_volume`), kept in the user cache (see
-    :mod:`gradflow.data.cache`); ``seed`` is unused for real data. ``say`` hears one line
+    :mod:`gradflow.em.data.cache`); ``seed`` is unused for real data. ``say`` hears one line
     on what is being loaded or built.
     """
     if path is None or str(path) == "synthetic":

@@ -10,7 +10,7 @@ import numpy as np
 import tifffile
 from PIL import Image
 
-from gradflow.data.volume import EMVolume, standardise
+from gradflow.em.data.volume import EMVolume, standardise
 from gradflow.errors import GradflowError
 
 _TIFF_IMAGES, _TIFF_LABELS = "train-volume.tif", "train-labels.tif"

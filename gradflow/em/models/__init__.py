@@ -9,10 +9,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from gradflow.em.models.blocks import Block, Projection
+from gradflow.em.models.fcn import FCN, FCNConfig, Stage
+from gradflow.em.models.init import he_normal_, paper_init
 from gradflow.errors import unknown_name
-from gradflow.models.blocks import Block, Projection
-from gradflow.models.fcn import FCN, FCNConfig, Stage
-from gradflow.models.init import he_normal_, paper_init
 from gradflow.registry import Registry
 
 __all__ = [

@@ -1,6 +1,6 @@
 """The authors' initialisation: Keras ``he_normal`` on every convolution, nothing else.
 
-The zoo's own init (:meth:`gradflow.models.FCN._init_weights`) adds two things the
+The zoo's own init (:meth:`gradflow.em.models.FCN._init_weights`) adds two things the
 authors' Keras code did not have: zero-initialised residual branches and a classifier bias
 at the foreground prior. :func:`paper_init` takes both away, to test whether they shape
 the update figures.

@@ -14,7 +14,7 @@ from typing import Any, Literal, get_args
 from gradflow.errors import GradflowError, unknown_name
 from gradflow.names import STEP_PROBES
 
-# The names registered in gradflow.metrics.LOSSES, listed here so that validating a
+# The names registered in gradflow.em.metrics.LOSSES, listed here so that validating a
 # configuration does not import torch (a test keeps the two in step).
 LOSS_NAMES = ("dice", "bce")
 
@@ -57,7 +57,7 @@ class TrainConfig:
     """Everything that defines a training run; the defaults make a CPU run of a few minutes.
 
     - model: ``model``, a zoo name (``gradflow models``), with ``model_overrides`` of its
-      :class:`~gradflow.models.FCNConfig` fields (e.g. ``{"batch_norm": False}``).
+      :class:`~gradflow.em.models.FCNConfig` fields (e.g. ``{"batch_norm": False}``).
     - data: ``data``, an ISBI 2012 folder or ``"synthetic"`` (``synthetic_slices`` slices of
       ``synthetic_size`` px, always generated from seed 0: one fixed data set, like a real
       one); the last 5 slices validate, the others train.
@@ -71,7 +71,7 @@ class TrainConfig:
       optimizer's usual value (:attr:`momentum_value`: 0 for RMSprop, 0.9 for SGD and Adam).
     - init: ``init`` "default" (the zoo's: He normal, zero-initialised residual branches,
       classifier bias at the foreground prior) or "paper" (the authors' Keras ``he_normal``
-      on every convolution, zero biases; see :func:`gradflow.models.paper_init`).
+      on every convolution, zero biases; see :func:`gradflow.em.models.paper_init`).
     - validation: after every ``val_every``-th epoch (default 1: every epoch; 0: never;
       the metrics are NaN in other epochs) on the first ``val_slices`` validation slices
       (default None: all 5).

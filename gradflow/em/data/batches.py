@@ -8,8 +8,8 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-from gradflow.data.augment import Augmentation, augment_pair, check_crop, random_crop
-from gradflow.data.volume import EMVolume
+from gradflow.em.data.augment import Augmentation, augment_pair, check_crop, random_crop
+from gradflow.em.data.volume import EMVolume
 from gradflow.errors import GradflowError
 
 

@@ -21,8 +21,8 @@ from pathlib import Path
 import numpy as np
 import scipy
 
-from gradflow.data.synthetic import GENERATOR_VERSION, synthetic_source, synthetic_volume
-from gradflow.data.volume import EMVolume
+from gradflow.em.data.synthetic import GENERATOR_VERSION, synthetic_source, synthetic_volume
+from gradflow.em.data.volume import EMVolume
 from gradflow.usercache import cache_dir
 
 Say = Callable[[str], None]
@@ -36,7 +36,7 @@ def cache_path(n: int, size: int, seed: int) -> Path:
 
 
 def cached_synthetic_volume(n: int, size: int, seed: int, say: Say | None = None) -> EMVolume:
-    """:func:`~gradflow.data.synthetic_volume` ``(n, size, seed)``, from the cache when a
+    """:func:`~gradflow.em.data.synthetic_volume` ``(n, size, seed)``, from the cache when a
     sound entry is there, else built and cached. ``say`` hears what is being done."""
     tell = say if say is not None else _silent
     what = f"the synthetic EM volume (seed {seed}, {n} x {size} px)"

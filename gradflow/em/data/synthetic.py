@@ -6,10 +6,10 @@ import numpy as np
 from scipy import ndimage as ndi
 from scipy.spatial import cKDTree
 
-from gradflow.data.volume import EMVolume, standardise
+from gradflow.em.data.volume import EMVolume, standardise
 from gradflow.errors import GradflowError
 
-# Part of the cache key of built volumes (gradflow.data.cache): raise it whenever a change
+# Part of the cache key of built volumes (gradflow.em.data.cache): raise it whenever a change
 # here changes the generated slices.
 GENERATOR_VERSION = 1
 # Cells per 512 x 512 slice: ISBI 2012 slices hold about 100-200 cell profiles.
@@ -125,8 +125,8 @@ def synthetic_slice(rng: np.random.Generator, size: int = 512) -> tuple[np.ndarr
 def synthetic_volume(n: int = 30, size: int = 512, seed: int = 0) -> EMVolume:
     """``n`` synthetic slices of ``size`` x ``size``; slice ``i`` depends only on ``(seed, i)``.
 
-    Nothing is downloaded; :func:`gradflow.data.load_dataset` caches built volumes
-    (:mod:`gradflow.data.cache`).
+    Nothing is downloaded; :func:`gradflow.em.data.load_dataset` caches built volumes
+    (:mod:`gradflow.em.data.cache`).
     """
     if n < 1 or size < 16:
         raise GradflowError(f"synthetic data needs at least 1 slice of 16 px; got {n} of {size} px")

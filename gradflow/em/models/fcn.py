@@ -9,8 +9,8 @@ from typing import Literal, cast, get_args
 import torch
 from torch import Tensor, nn
 
+from gradflow.em.models.blocks import LAYOUTS, Block, BlockKind, Projection
 from gradflow.errors import GradflowError
-from gradflow.models.blocks import LAYOUTS, Block, BlockKind, Projection
 
 LongSkip = Literal["none", "sum", "concat"]
 ResidualInit = Literal["zero", "he"]
