@@ -59,7 +59,7 @@ from common import (
     write_json,
 )
 
-from gradflow.names import STEP_PROBES
+from gradflow.names import DEFAULT_PROBES
 
 DEFAULT_MODELS = "paper-resunet:256:4,fig3b-long-9:256:4"
 FULL = {"models": DEFAULT_MODELS, "pairs": 20, "steps_per_trial": 10, "warmup": 5, "sync_steps": 5}
@@ -86,9 +86,9 @@ VARIANTS = {
             "unrecorded", "recorder attached, no step recorded (every=1000)", 1000, ("param",)
         ),
         recorder_variant("param", "gradflow parameter statistics every step", 1, ("param",)),
-        recorder_variant("all", "gradflow all probes every step", 1, STEP_PROBES),
+        recorder_variant("all", "gradflow all probes every step", 1, DEFAULT_PROBES),
         recorder_variant(
-            "all-torch", "all probes, torch reductions (no fused kernel)", 1, STEP_PROBES
+            "all-torch", "all probes, torch reductions (no fused kernel)", 1, DEFAULT_PROBES
         ),
     )
 }

@@ -61,7 +61,7 @@ from common import (
 )
 from torch import nn
 
-from gradflow.names import STEP_PROBES
+from gradflow.names import DEFAULT_PROBES
 
 # Per model: (crop, batch) that keep a CPU step well under a second.
 # For gpt2-mini the "crop" is the sequence length.
@@ -214,11 +214,13 @@ VARIANTS = {
         recorder_variant(
             "param-every10", "gradflow parameter statistics every 10th step", 10, ("param",)
         ),
-        recorder_variant("all", "gradflow all probes every step", 1, STEP_PROBES),
+        recorder_variant("all", "gradflow all probes every step", 1, DEFAULT_PROBES),
         recorder_variant(
             "param-torch", "gradflow parameter statistics, C kernels off", 1, ("param",), False
         ),
-        recorder_variant("all-torch", "gradflow all probes, C kernels off", 1, STEP_PROBES, False),
+        recorder_variant(
+            "all-torch", "gradflow all probes, C kernels off", 1, DEFAULT_PROBES, False
+        ),
         Variant("wandb", 'wandb.watch(log="all", log_freq=1), offline', WandbWatch),
         Variant("tensorboard", "TensorBoard add_histogram, weights + grads", TensorBoardHistograms),
         Variant("cockpit", "Cockpit GradNorm+UpdateSize+Distance+Loss", CockpitQuantities),

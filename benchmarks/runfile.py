@@ -40,7 +40,7 @@ from common import (
 )
 
 from gradflow import statistics
-from gradflow.names import EPOCH_STATS, STEP_PROBES
+from gradflow.names import DEFAULT_PROBES, EPOCH_STATS
 from gradflow.runfile import Layer, RunWriter, StepRows
 
 RAW_BYTES = 4  # float32
@@ -70,7 +70,7 @@ class Stream:
 
     def __init__(self, n_layers: int, seed: int = 0) -> None:
         self.rng = np.random.default_rng(seed)
-        self.names = [(p, s) for p in STEP_PROBES for s in statistics.names(p)]
+        self.names = [(p, s) for p in DEFAULT_PROBES for s in statistics.names(p)]
         depth = np.linspace(-1.0, 1.0, n_layers)
         self.scale = {
             key: (1e-3 * (0.05 + depth**2) * self.rng.lognormal(0, 1, n_layers))
@@ -106,7 +106,7 @@ def stream_runwriter(path: Path, n_layers: int, n_steps: int, block: int) -> dic
     writer = RunWriter.create(
         path,
         layers=layers(n_layers),
-        step_stats={p: statistics.names(p) for p in STEP_PROBES},
+        step_stats={p: statistics.names(p) for p in DEFAULT_PROBES},
         epoch_stats=list(EPOCH_STATS),
         config={"benchmark": "runfile"},
     )
@@ -151,14 +151,14 @@ def record_mlp(path: Path, n_layers: int, n_steps: int) -> dict[str, Any]:
     start = time.perf_counter()
     plain.run(n_steps)
     plain_s = (time.perf_counter() - start) / n_steps
-    tool = GradflowTool(mlp, path, probes=STEP_PROBES)
+    tool = GradflowTool(mlp, path, probes=DEFAULT_PROBES)
     recorded = Session("recorded", mlp, tool)
     start = time.perf_counter()
     recorded.run(n_steps)
     tool.close()
     rec_s = (time.perf_counter() - start) / n_steps
     own = tool.self_reported() or {}
-    n_stats = sum(len(statistics.names(p)) for p in STEP_PROBES)
+    n_stats = sum(len(statistics.names(p)) for p in DEFAULT_PROBES)
     values = n_layers * n_steps * n_stats
     writer_ms = own.get("writer", float("nan"))
     return {
@@ -230,7 +230,7 @@ def main() -> None:
     env = environment()
     print_header("gradflow run file: size and write throughput", env)
     blocks = [int(b) for b in args.blocks.split(",")]
-    n_stats = sum(len(statistics.names(p)) for p in STEP_PROBES)
+    n_stats = sum(len(statistics.names(p)) for p in DEFAULT_PROBES)
     print(
         f"part 1: {args.layers} layers x {n_stats} statistics x {args.steps} steps = "
         f"{args.layers * n_stats * args.steps / 1e6:.1f} M values through RunWriter"

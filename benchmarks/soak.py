@@ -37,7 +37,7 @@ from common import (
     write_json,
 )
 
-from gradflow.names import STEP_PROBES
+from gradflow.names import DEFAULT_PROBES
 from gradflow.runfile import open_run
 
 RSS_GOAL_MB = 50.0
@@ -72,7 +72,7 @@ def main() -> None:
     p.add_argument("--layers", type=int, default=6)
     p.add_argument("--width", type=int, default=256)
     p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--probes", default=",".join(STEP_PROBES))
+    p.add_argument("--probes", default=",".join(DEFAULT_PROBES))
     p.add_argument("--json", help="write all results to this JSON file")
     args = p.parse_args()
     env = environment()

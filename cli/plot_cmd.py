@@ -114,8 +114,8 @@ def plot(
 @app.command()
 def info(run: Annotated[Path, typer.Argument(metavar="RUN.h5", help="Run file.")]) -> None:
     """Summarise a run file: model, data, size, overhead and a layer health table."""
-    from gradflow.plots.info import report
+    from gradflow.plots.info import info_panel
     from gradflow.runfile import open_run
 
     with open_run(run) as opened:
-        Console().print(report(opened))
+        Console().print(info_panel(opened))

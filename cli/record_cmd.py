@@ -14,10 +14,10 @@ from rich.console import Console
 from gradflow.cli.app import app
 from gradflow.em.config import TrainConfig
 from gradflow.errors import GradflowError
-from gradflow.names import STEP_PROBES
+from gradflow.names import DEFAULT_PROBES
 
 _DEFAULTS = TrainConfig()
-_PROBES = ",".join(STEP_PROBES)
+_PROBES = ",".join(DEFAULT_PROBES)
 
 EXAMPLES = """
 Examples:

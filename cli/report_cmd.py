@@ -14,8 +14,8 @@ from gradflow.errors import GradflowError
 Runs = Annotated[list[Path], typer.Argument(metavar="RUN.h5...", help="Run files, side by side.")]
 
 
-@app.command()
-def report(
+@app.command("report")
+def report_command(
     runs: Runs,
     out: Annotated[Path | None, typer.Option("--out", "-o", help="The HTML file to write.")] = None,
     force: Annotated[bool, typer.Option("--force", help="Overwrite --out if it exists.")] = False,

@@ -1,6 +1,10 @@
 """Names that are part of the run-file format and that light modules (the CLI, the training
-configuration) need without the statistics' numpy: the per-step probes and the per-epoch
-update statistics."""
+configuration) need without the statistics' numpy: the probes gradflow registers, those
+recorded by default, and the per-epoch update statistics."""
 
-STEP_PROBES = ("param", "activation", "grad_output")
+# Every probe gradflow itself registers in gradflow.probes.PROBES (a step probe, param, and
+# the call probes activation and grad_output).
+BUILTIN_PROBES = frozenset({"param", "activation", "grad_output"})
+# What the Recorder and `gradflow record` record unless told otherwise, in file order.
+DEFAULT_PROBES = ("param", "activation", "grad_output")
 EPOCH_STATS = ("update_abs_mean", "update_ratio", "update_norm", "update_abs_max")

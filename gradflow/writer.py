@@ -24,7 +24,7 @@ import torch
 
 from gradflow import statistics
 from gradflow.errors import GradflowError, reason
-from gradflow.names import EPOCH_STATS, STEP_PROBES
+from gradflow.names import EPOCH_STATS
 from gradflow.probes import PROBES, Block, LayerMap
 from gradflow.runfile import OVERHEAD_COLUMNS, Event, Layer, RunWriter, StepRows
 
@@ -401,7 +401,6 @@ def _concat(rows: list[StepRows]) -> StepRows:
 __all__ = [
     "EPOCH_STATS",
     "OVERHEAD_COLUMNS",
-    "STEP_PROBES",
     "EpochItem",
     "Relayout",
     "RunLayout",

@@ -21,7 +21,7 @@ from gradflow.em.config import RESUME_KEYS, TrainConfig
 from gradflow.em.loop import build_optimizer
 from gradflow.em.models import (
     FCN,
-    Block,
+    FCNBlock,
     FCNConfig,
     Projection,
     Stage,
@@ -166,7 +166,7 @@ def test_long_skip_modes(mode: str) -> None:
 def test_short_skips_add_identity_paths_and_projections(short_skip: bool) -> None:
     model = FCN(replace(MIXED, short_skip=short_skip))
     assert_trains_one_step(model, size=16)
-    blocks = [m for m in model.modules() if isinstance(m, Block)]
+    blocks = [m for m in model.modules() if isinstance(m, FCNBlock)]
     assert all(block.short_skip == short_skip for block in blocks)
     shortcuts = {n for n, m in model.named_modules() if n.endswith("shortcut")}
     if short_skip:
@@ -182,21 +182,23 @@ def test_short_skips_change_structure_not_parameters_at_constant_width() -> None
     assert [n for n, _ in with_short.named_parameters()] == [
         n for n, _ in without.named_parameters()
     ]
-    assert all(b.short_skip for b in with_short.modules() if isinstance(b, Block))
-    assert not any(b.short_skip for b in without.modules() if isinstance(b, Block))
+    assert all(b.short_skip for b in with_short.modules() if isinstance(b, FCNBlock))
+    assert not any(b.short_skip for b in without.modules() if isinstance(b, FCNBlock))
 
 
 @pytest.mark.parametrize("residual_init", ["zero", "he"])
 def test_residual_blocks_start_as_identity_with_zero_init(residual_init: str) -> None:
     model = create_model("tiny", residual_init=residual_init)
-    last_convs = [b.last_conv.weight for b in model.modules() if isinstance(b, Block)]
+    last_convs = [b.last_conv.weight for b in model.modules() if isinstance(b, FCNBlock)]
     assert all((w == 0).all() == (residual_init == "zero") for w in last_convs)
     bias = model.classifier.bias
     assert bias is not None
     assert torch.allclose(bias, torch.tensor(math.log(0.22 / 0.78)))
     # Blocks without a short skip are never zeroed (that would cut the network).
     plain = create_model("tiny", short_skip=False)
-    assert not any((b.last_conv.weight == 0).all() for b in plain.modules() if isinstance(b, Block))
+    assert not any(
+        (b.last_conv.weight == 0).all() for b in plain.modules() if isinstance(b, FCNBlock)
+    )
 
 
 def test_layer_names_are_readable() -> None:
@@ -297,7 +299,7 @@ def test_default_init_is_unchanged() -> None:
         model.state_dict().items(), reference.state_dict().values(), strict=True
     ):
         assert torch.equal(a, b), name
-    assert any((b.last_conv.weight == 0).all() for b in model.modules() if isinstance(b, Block))
+    assert any((b.last_conv.weight == 0).all() for b in model.modules() if isinstance(b, FCNBlock))
     paper = build_model(TrainConfig(model="tiny", seed=3, init="paper"))
     assert not torch.equal(paper.classifier.weight, model.classifier.weight)
 

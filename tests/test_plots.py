@@ -30,7 +30,7 @@ from gradflow.plots import (
 from gradflow.plots.binning import bin_means
 from gradflow.plots.health import health
 from gradflow.plots.heatmap import ZeroAwareLogNorm
-from gradflow.plots.selection import MAX_GROUPS, is_zoo_fcn, select_layers, stages
+from gradflow.plots.selection import MAX_GROUPS, is_zoo_fcn, layer_groups, select_layers
 from gradflow.runfile import Layer, Run, open_run
 
 EPOCHS, PER_EPOCH = 4, 10
@@ -389,7 +389,7 @@ def test_transformer_labels_name_every_block_at_its_rows(tmp_path: Path) -> None
     for b in range(12):
         gpt += [(f"transformer.h.{b}.attn.c_attn", "other", "32x96+96")]
         gpt += [(f"transformer.h.{b}.mlp.c_fc", "other", "32x128+128")]
-    names = [s.name for s in stages(layer_list(gpt))]
+    names = [s.name for s in layer_groups(layer_list(gpt))]
     assert names == ["transformer.wte", "transformer.wpe"] + [
         f"transformer.h.{b}" for b in range(12)
     ]
@@ -413,7 +413,7 @@ def test_resnet_labels_are_blocks_with_darker_lines_between_stages(tmp_path: Pat
 
 def test_a_deep_fcn_is_labelled_by_stage_and_a_1000_layer_model_by_ranges(tmp_path: Path) -> None:
     fcn = fcn_layers(blocks=9, bn=False)  # 47 blocks: too many; stages instead
-    assert [s.name for s in stages(fcn)] == [
+    assert [s.name for s in layer_groups(fcn)] == [
         "down1",
         "down2",
         "across",
@@ -430,7 +430,7 @@ def test_a_deep_fcn_is_labelled_by_stage_and_a_1000_layer_model_by_ranges(tmp_pa
     assert labels == [f"layers.{i}–{i + 99}" for i in range(0, 1000, 100)] + ["head"]
     assert len(fig.axes[0].lines) <= MAX_GROUPS  # separators stay countable too
     flat = layer_list([(str(i), "linear", "4x4") for i in range(1000)])  # nn.Sequential names
-    assert [s.name for s in stages(flat)] == [f"{i}–{i + 49}" for i in range(0, 1000, 50)]
+    assert [s.name for s in layer_groups(flat)] == [f"{i}–{i + 49}" for i in range(0, 1000, 50)]
 
 
 def test_shared_scale_gives_every_panel_one_norm(runs_dir: Path, tmp_path: Path) -> None:

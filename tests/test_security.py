@@ -27,7 +27,7 @@ from rich.console import Console
 
 from gradflow import GradflowError, open_run
 from gradflow.cli.main import main
-from gradflow.plots.info import report
+from gradflow.plots.info import info_panel
 from gradflow.runfile import Run, printable
 
 LIMIT_S = 10.0  # the promise: any file gives an answer within this
@@ -83,7 +83,7 @@ def read_all(run: Run) -> str:
     assert len(run.events) == run.n_events
     run.to_dataframe()
     out = io.StringIO()
-    Console(file=out, width=120, color_system=None).print(report(run))
+    Console(file=out, width=120, color_system=None).print(info_panel(run))
     return out.getvalue()
 
 

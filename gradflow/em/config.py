@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
 
 from gradflow.errors import GradflowError, unknown_name
-from gradflow.names import STEP_PROBES
+from gradflow.names import BUILTIN_PROBES, DEFAULT_PROBES
 
 # The names registered in gradflow.em.metrics.LOSSES, listed here so that validating a
 # configuration does not import torch (a test keeps the two in step).
@@ -106,7 +106,7 @@ class TrainConfig:
     val_every: int = 1
     val_slices: int | None = None
     every: int = 1
-    probes: tuple[str, ...] = STEP_PROBES
+    probes: tuple[str, ...] = DEFAULT_PROBES
     flush_every: int = 100
     flush_seconds: float = 5.0
     on_nonfinite: OnNonfinite = "stop"
@@ -153,7 +153,7 @@ class TrainConfig:
             raise GradflowError(f"momentum must be in [0, 1), got {self.momentum}")
         if self.on_nonfinite not in get_args(OnNonfinite):
             raise unknown_name("on_nonfinite choice", self.on_nonfinite, get_args(OnNonfinite))
-        unknown = [probe for probe in self.probes if probe not in STEP_PROBES]
+        unknown = [probe for probe in self.probes if probe not in BUILTIN_PROBES]
         if unknown:  # plug-ins registered in this process (the registry imports torch)
             from gradflow.probes import PROBES
 

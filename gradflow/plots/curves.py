@@ -14,7 +14,7 @@ from gradflow.errors import GradflowError, unknown_name
 from gradflow.plots.binning import load, window_rows
 from gradflow.plots.catalog import FIGURES
 from gradflow.plots.selection import TimeWindow, select_layers
-from gradflow.plots.style import mark_stages, run_colours, run_labels, stat_label, styled
+from gradflow.plots.style import mark_layer_groups, run_colours, run_labels, stat_label, styled
 from gradflow.runfile import Run
 
 if TYPE_CHECKING:
@@ -153,7 +153,7 @@ def depth_profile(
                 label=f"{label}, {_span_label(d.unit, int(first), int(last))}",
             )
     first = data[0]
-    mark_stages(ax, first.layers, "x", scale=1 / len(first.layers) if relative else 1.0)
+    mark_layer_groups(ax, first.layers, "x", scale=1 / len(first.layers) if relative else 1.0)
     ax.set_xlabel("relative depth (input → output)" if relative else "layer (input → output)")
     ax.set_ylabel(stat_label(stat))
     if log:

@@ -26,7 +26,7 @@ from gradflow.plots.style import (
     MARKER_COLOUR,
     colormap,
     finite_range,
-    mark_stages,
+    mark_layer_groups,
     panel_grid,
     panel_title,
     run_labels,
@@ -88,7 +88,7 @@ def _draw(ax: Axes, data: LayerTime, norm: Normalize, cmap_name: str) -> ScalarM
     image = ax.pcolorfast(
         data.edges, np.arange(n + 1), data.values.T, cmap=colormap(cmap_name), norm=norm
     )
-    mark_stages(ax, data.layers, "y")
+    mark_layer_groups(ax, data.layers, "y")
     ax.set_xlabel(data.unit)
     ax.set_ylabel("layer (input → output)")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))

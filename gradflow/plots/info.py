@@ -89,7 +89,7 @@ def _facts(run: Run) -> Table:
     return grid
 
 
-def report(run: Run) -> RenderableType:
+def info_panel(run: Run) -> RenderableType:
     """The summary of ``run`` followed by its health table."""
     findings = health(run)
     if findings:

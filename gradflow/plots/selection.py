@@ -140,7 +140,7 @@ def match_layers(chosen_a: list[Layer], chosen_b: list[Layer]) -> Matched:
 
 
 @dataclass(frozen=True)
-class Stage:
+class LayerGroup:
     """Consecutive drawn layers whose names share the prefix ``name`` (``blocks.3``), or a
     range of such groups (``layers.0–49``); ``first_of_parent``: the group opens a new
     group one level up (``layer2.0`` after ``layer1.1``)."""
@@ -155,15 +155,15 @@ class Stage:
         return self.name.split(".", 1)[0].lower() in BOTTLENECK_STAGES
 
 
-def _groups(parts: list[list[str]], level: int) -> list[Stage]:
-    out: list[Stage] = []
+def _groups(parts: list[list[str]], level: int) -> list[LayerGroup]:
+    out: list[LayerGroup] = []
     keys = [".".join(p[:level]) for p in parts]
     for i, key in enumerate(keys):
         if out and out[-1].name == key:
             out[-1] = replace(out[-1], stop=i + 1)
         else:
             parent = parts[i][: level - 1] != parts[i - 1][: level - 1] if i else True
-            out.append(Stage(key, i, i + 1, parent))
+            out.append(LayerGroup(key, i, i + 1, parent))
     return out
 
 
@@ -175,9 +175,9 @@ def _range_name(first: str, last: str) -> str:
     return first if first == last else f"{first}–{'.'.join(b[common:])}"
 
 
-def _chunks(groups: list[Stage], k: int) -> list[list[Stage]]:
+def _chunks(groups: list[LayerGroup], k: int) -> list[list[LayerGroup]]:
     # Ranges never cross a boundary one level up (``head`` stays apart from ``layers.*``).
-    out: list[list[Stage]] = []
+    out: list[list[LayerGroup]] = []
     for g in groups:
         if g.first_of_parent or len(out[-1]) == k:
             out.append([])
@@ -185,19 +185,19 @@ def _chunks(groups: list[Stage], k: int) -> list[list[Stage]]:
     return out
 
 
-def _coarsen(groups: list[Stage], max_groups: int) -> list[Stage]:
+def _coarsen(groups: list[LayerGroup], max_groups: int) -> list[LayerGroup]:
     # Too many groups at every informative level: ranges of k consecutive groups, k a round
     # number (1, 2, 5, 10, 20, 50, ...) so that ranges read as layers.0–99, layers.100–199.
     k = 1
     while len(chunks := _chunks(groups, k)) > max_groups and k < len(groups):
         k = k * 5 // 2 if str(k)[0] == "2" else k * 2
     return [
-        Stage(_range_name(c[0].name, c[-1].name), c[0].start, c[-1].stop, c[0].first_of_parent)
+        LayerGroup(_range_name(c[0].name, c[-1].name), c[0].start, c[-1].stop, c[0].first_of_parent)
         for c in chunks
     ]
 
 
-def stages(layers: list[Layer], max_groups: int = MAX_GROUPS) -> list[Stage]:
+def layer_groups(layers: list[Layer], max_groups: int = MAX_GROUPS) -> list[LayerGroup]:
     """Groups of ``layers`` (in drawn order) for the axis labels, at most ``max_groups``.
 
     A group is a run of consecutive layers sharing the first ``k`` components of their

@@ -14,7 +14,7 @@ from matplotlib.colors import Colormap
 from matplotlib.figure import Figure
 from matplotlib.typing import RcKeyType
 
-from gradflow.plots.selection import Stage, stages
+from gradflow.plots.selection import LayerGroup, layer_groups
 from gradflow.runfile import Layer, Run
 
 P = ParamSpec("P")
@@ -121,9 +121,9 @@ def finite_range(values: Sequence[np.ndarray], positive: bool = False) -> tuple[
     return (lo, hi) if lo <= hi else (np.nan, np.nan)
 
 
-def _spaced_labels(found: list[Stage], min_gap: float) -> list[Stage]:
+def _spaced_labels(found: list[LayerGroup], min_gap: float) -> list[LayerGroup]:
     # Labels closer than min_gap layers would overlap; the bottleneck's label always stays.
-    def centre(s: Stage) -> float:
+    def centre(s: LayerGroup) -> float:
         return (s.start + s.stop) / 2
 
     kept = [s for s in found if s.bottleneck]
@@ -133,11 +133,13 @@ def _spaced_labels(found: list[Stage], min_gap: float) -> list[Stage]:
     return sorted(kept, key=lambda s: s.start)
 
 
-def mark_stages(ax: Axes, layers: list[Layer], axis: Literal["x", "y"], scale: float = 1.0) -> None:
-    """Group names (:func:`~gradflow.plots.selection.stages`) at their centres, lines
+def mark_layer_groups(
+    ax: Axes, layers: list[Layer], axis: Literal["x", "y"], scale: float = 1.0
+) -> None:
+    """Group names (:func:`~gradflow.plots.selection.layer_groups`) at their centres, lines
     between groups (darker where the group one level up changes), the bottleneck stage with
     a shaded label and a dark strip along the axis (positions: drawn-layer index x scale)."""
-    found = stages(layers)
+    found = layer_groups(layers)
     labelled = _spaced_labels(found, min_gap=len(layers) / MAX_STAGE_LABELS)
     centres = [(s.start + s.stop) / 2 * scale for s in labelled]
     line = ax.axhline if axis == "y" else ax.axvline

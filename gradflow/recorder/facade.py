@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from gradflow.errors import GradflowError, reason
-from gradflow.names import STEP_PROBES
+from gradflow.names import DEFAULT_PROBES
 from gradflow.probes import PROBES, CallLog, Probe
 from gradflow.recorder.hooks import HooksMixin
 from gradflow.recorder.layout import LayoutMixin
@@ -117,7 +117,7 @@ class Recorder(HooksMixin, MeasureMixin, LayoutMixin):
         path: str | os.PathLike[str] = "run.h5",
         *,
         every: int | Schedule | None = None,
-        probes: str | Iterable[str] = STEP_PROBES,
+        probes: str | Iterable[str] = DEFAULT_PROBES,
         layers: LayerSelect = None,
         scaler: Any = None,
         flush_every: int = 100,

@@ -17,7 +17,7 @@ from gradflow.layers import LayerSpec, discover_layers, order_by_first_call
 from gradflow.probes import Attachment, Block, CallLog, LayerMap, ParamReductions, Snapshot
 from gradflow.probes.param import local
 from gradflow.recorder.base import RecorderBase
-from gradflow.recorder.options import LayerSelect, select_layers
+from gradflow.recorder.options import LayerSelect, recorded_layers
 from gradflow.runfile import Event
 from gradflow.writer import Relayout, RunLayout
 
@@ -27,7 +27,7 @@ class LayoutMixin(RecorderBase):
 
     def _init_layout(self, model: nn.Module, layers: LayerSelect) -> None:
         self._select = layers
-        self._layers = select_layers(discover_layers(model), layers)
+        self._layers = recorded_layers(discover_layers(model), layers)
         self._grads_at_attach = {
             id(p): (weakref.ref(p.grad), p.grad._version)
             for lay in self._layers
@@ -140,7 +140,7 @@ class LayoutMixin(RecorderBase):
         # between re-derivations.
         recorded = frozenset(id(p) for lay in self._layers for p in lay.params)
         try:
-            found = select_layers(discover_layers(self.model, keep=recorded), self._select)
+            found = recorded_layers(discover_layers(self.model, keep=recorded), self._select)
         except GradflowError:
             found = []
         new = {lay.name: lay for lay in found if lay.name in old or id(lay.module) not in known}

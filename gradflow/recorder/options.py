@@ -130,7 +130,7 @@ def split_scalars(values: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict
     return device, host
 
 
-def select_layers(layers: list[LayerSpec], select: LayerSelect) -> list[LayerSpec]:
+def recorded_layers(layers: list[LayerSpec], select: LayerSelect) -> list[LayerSpec]:
     if select is None:
         chosen = layers
     elif callable(select):

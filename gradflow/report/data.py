@@ -22,8 +22,8 @@ from rich.console import Console
 from gradflow.errors import GradflowError
 from gradflow.plots.binning import LayerTime, bin_means, bin_starts, common_window, load
 from gradflow.plots.heatmap import _listing
-from gradflow.plots.info import report as info_report
-from gradflow.plots.selection import match_layers, select_layers, stages
+from gradflow.plots.info import info_panel
+from gradflow.plots.selection import layer_groups, match_layers, select_layers
 from gradflow.plots.style import (
     BAD_COLOUR,
     DIFF_CMAP,
@@ -97,7 +97,7 @@ def _events(run: Run) -> list[dict[str, Any]]:
 def _summary(run: Run) -> str:
     """What ``gradflow info`` prints for ``run``: facts, overhead and the health table."""
     console = Console(record=True, width=SUMMARY_WIDTH, file=io.StringIO(), color_system=None)
-    console.print(info_report(run))
+    console.print(info_panel(run))
     return "\n".join(line.rstrip() for line in console.export_text().splitlines())
 
 
@@ -116,7 +116,7 @@ def _curves(run: Run) -> dict[str, Any]:
 
 
 def _run(run: Run, label: str, drawn: list[Layer]) -> dict[str, Any]:
-    found = stages(drawn)
+    found = layer_groups(drawn)
     stage_of = np.zeros(len(drawn), np.int64)
     for i, s in enumerate(found):
         stage_of[s.start : s.stop] = i

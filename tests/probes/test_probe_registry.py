@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from gradflow import GradflowError, Recorder, open_run, statistics
-from gradflow.names import STEP_PROBES
+from gradflow.names import BUILTIN_PROBES, DEFAULT_PROBES
 from gradflow.probes import PROBES, CallLog, CallProbe, register
 from gradflow.statistics import STATISTICS
 
@@ -27,13 +27,19 @@ SCOPE_METHODS = {
 
 
 def test_registry_holds_the_built_in_probes() -> None:
-    assert set(PROBES.names()) == set(STEP_PROBES)
-    assert len(PROBES) == len(STEP_PROBES)
+    assert set(PROBES.names()) == BUILTIN_PROBES
+    assert len(PROBES) == len(BUILTIN_PROBES)
     for key in PROBES:
         assert PROBES.get(key).name == key
 
 
-@pytest.mark.parametrize("name", STEP_PROBES)
+def test_default_probes_are_built_in_without_repeats() -> None:
+    # A new built-in need not be recorded by default: only the reverse is required.
+    assert set(DEFAULT_PROBES) <= BUILTIN_PROBES
+    assert len(set(DEFAULT_PROBES)) == len(DEFAULT_PROBES)
+
+
+@pytest.mark.parametrize("name", sorted(BUILTIN_PROBES))
 def test_each_probe_declares_its_columns_and_statistics(name: str) -> None:
     probe = PROBES.get(name)
     assert probe.scope in SCOPE_METHODS
@@ -55,7 +61,9 @@ def test_nonfinite_checks_happen_in_step_order() -> None:
         "grad_output": {"n": np.ones((1, n_layers)), "sum_sq": np.full((1, n_layers), np.nan)},
     }
     checks = {
-        check.what: check for name in STEP_PROBES for check in PROBES.get(name).nonfinite(bad[name])
+        check.what: check
+        for name in sorted(BUILTIN_PROBES)
+        for check in PROBES.get(name).nonfinite(bad[name])
     }
     in_order = sorted(checks, key=lambda what: checks[what].order)
     assert in_order == ["weight", "output", "output gradient", "gradient"]

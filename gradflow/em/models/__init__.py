@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from gradflow.em.models.blocks import Block, Projection
+from gradflow.em.models.blocks import FCNBlock, Projection
 from gradflow.em.models.fcn import FCN, FCNConfig, Stage
 from gradflow.em.models.init import he_normal_, paper_init
 from gradflow.errors import unknown_name
@@ -17,7 +17,7 @@ from gradflow.registry import Registry
 
 __all__ = [
     "FCN",
-    "Block",
+    "FCNBlock",
     "FCNConfig",
     "Projection",
     "Stage",

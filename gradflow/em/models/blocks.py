@@ -26,7 +26,7 @@ class Projection(nn.Conv2d):
         super().__init__(in_channels, out_channels, kernel_size=1, stride=stride, bias=bias)
 
 
-class Block(nn.Module):
+class FCNBlock(nn.Module):
     """One pre-activation block with an optional identity (short) skip.
 
     Children, in execution order: ``pool`` (2x2 max-pool, when a simple / basic block

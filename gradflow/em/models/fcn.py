@@ -9,7 +9,7 @@ from typing import Literal, cast, get_args
 import torch
 from torch import Tensor, nn
 
-from gradflow.em.models.blocks import LAYOUTS, Block, BlockKind, Projection
+from gradflow.em.models.blocks import LAYOUTS, BlockKind, FCNBlock, Projection
 from gradflow.errors import GradflowError
 
 LongSkip = Literal["none", "sum", "concat"]
@@ -148,7 +148,7 @@ class FCN(nn.Module):
         config = self.config
         return nn.Sequential(
             *(
-                Block(
+                FCNBlock(
                     stage.block,
                     in_channels if i == 0 else stage.width,
                     stage.width,
@@ -233,7 +233,7 @@ class FCN(nn.Module):
                     nn.init.zeros_(module.bias)
         if self.config.residual_init == "zero":
             for module in self.modules():
-                if isinstance(module, Block) and module.short_skip:
+                if isinstance(module, FCNBlock) and module.short_skip:
                     nn.init.zeros_(module.last_conv.weight)
         nn.init.kaiming_normal_(self.classifier.weight, nonlinearity="linear")
         prior = self.config.prior
