@@ -14,7 +14,7 @@ from rich.console import Console
 from gradflow.cli.app import app
 from gradflow.em.config import TrainConfig
 from gradflow.errors import GradflowError
-from gradflow.names import DEFAULT_PROBES
+from gradflow.names import BUILTIN_PROBES, DEFAULT_PROBES
 
 _DEFAULTS = TrainConfig()
 _PROBES = ",".join(DEFAULT_PROBES)
@@ -143,7 +143,13 @@ def record(
     no_augment: Annotated[
         bool, typer.Option("--no-augment", help="Plain random crops, no flips or rotations.")
     ] = False,
-    probes: Annotated[str, typer.Option(help="Comma-separated probes to record.")] = _PROBES,
+    probes: Annotated[
+        str,
+        typer.Option(
+            help="Comma-separated probes to record (also: "
+            f"{', '.join(sorted(BUILTIN_PROBES - set(DEFAULT_PROBES)))})."
+        ),
+    ] = _PROBES,
     model_option: Annotated[
         list[str] | None,
         typer.Option(

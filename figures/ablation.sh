@@ -4,7 +4,11 @@
 # on ISBI 2012, then writes per scale and condition the centre/edge ratios of the per-epoch
 # updates (epoch/update_abs_mean) and of the gradient reaching each layer (grad_output/norm),
 # and a verdict per prediction from a bootstrap 95 % interval over seeds (gradflow.em.verdicts),
-# to figures/ablation/.
+# to figures/ablation/. Then draws the depth profiles of every condition at PROFILE_SCALE
+# (figures/depth_profile_<condition>.png), the update heat maps under SGD at FIGURE_SCALE
+# (figures/fig3_updates.png) and, from panels (a) and (b) recorded again at SKIP_SCALE under
+# sgd-nesterov with the skip probe (runs/ablation/skip/), the share of the gradient that takes
+# each skip connection (figures/shortcut_share.png). A figure whose runs are missing is skipped.
 #
 # Usage (from anywhere): figures/ablation.sh
 #   Smoke test (2 seeds, 2 epochs x 2 steps, 32 px crops): QUICK=1 figures/ablation.sh
@@ -25,6 +29,8 @@ set -euo pipefail
 QUICK=${QUICK:-0}
 if [[ "$QUICK" == 1 ]]; then
     SCALES=${SCALES:-"32:2x2"} SEEDS=${SEEDS:-"0 1"}
+    PROFILE_SCALE=${PROFILE_SCALE:-"32:2x2"} FIGURE_SCALE=${FIGURE_SCALE:-"32:2x2"}
+    SKIP_SCALE=${SKIP_SCALE-"32:2x2"}
 fi
 # crop:EPOCHSxSTEPS, one scale each: 192 steps at 64 and 96 px, 384 steps at 64 px
 SCALES=${SCALES:-"64:16x12 96:16x12 64:24x16"}
@@ -40,6 +46,9 @@ DATA=${DATA:-../shared/data/isbi2012}  # ISBI 2012 folder (relative to the repo 
 PROBES=${PROBES:-param,grad_output}   # what the tables read (the activation probe is not needed)
 GRADFLOW=${GRADFLOW:-gradflow}
 TABLES_ONLY=${TABLES_ONLY:-0}
+PROFILE_SCALE=${PROFILE_SCALE:-"64:16x12"}  # the depth profiles' scale (all panels, all seeds)
+FIGURE_SCALE=${FIGURE_SCALE:-"64:24x16"}    # the update heat maps' scale (first seed)
+SKIP_SCALE=${SKIP_SCALE-"64:16x12"}         # panels (a), (b) with the skip probe ("": none)
 
 cd "$(dirname "$0")/.."
 RUNS=${RUNS:-runs/ablation}
@@ -49,6 +58,20 @@ FIGURES=${FIGURES:-figures}
 mkdir -p "$RUNS" "$OUT"
 
 PANELS=(fig3a-long-short-9 fig3b-long-9 fig3c-long-3 fig3d-long-7-nobn)
+scale_dir() {  # runs_root crop:EPOCHSxSTEPS -> the scale's folder, e.g. runs/ablation/64px-192steps
+    local crop=${2%%:*} schedule=${2#*:}
+    echo "$1/${crop}px-$((${schedule%%x*} * ${schedule#*x}))steps"
+}
+collect() {  # folder condition "seeds" panel...: the run files (seed by seed), if all are done
+    local dir=$1 condition=$2 seeds=$3 seed panel
+    shift 3
+    for seed in $seeds; do
+        for panel in "$@"; do [[ -e "$dir/$panel-$condition-s$seed.done" ]] || return 1; done
+    done
+    for seed in $seeds; do
+        for panel in "$@"; do echo "$dir/$panel-$condition-s$seed.h5"; done
+    done
+}
 
 # --- record: scale by scale, so that a scale's tables can be read before the next ends ------
 if [[ "$TABLES_ONLY" != 1 ]]; then
@@ -68,7 +91,8 @@ if [[ "$TABLES_ONLY" != 1 ]]; then
             *) echo "ablation: unknown condition $condition" >&2; exit 2 ;;
         esac
         [[ "$panel" == *nobn* ]] && lr=$(python -c "print($lr / 10)")
-        local dir="$RUNS/${crop}px-$((epochs * steps))steps"
+        local dir
+        dir=$(scale_dir "$RUNS" "$scale")
         local out="$dir/$panel-$condition-s$seed"
         mkdir -p "$dir"
         [[ -e "$out.done" ]] && return 0
@@ -80,7 +104,7 @@ if [[ "$TABLES_ONLY" != 1 ]]; then
             || { echo "record $panel $condition seed $seed failed:"; tail -5 "$out.log"; exit 1; }
         touch "$out.done"
     }
-    export -f record_one
+    export -f record_one scale_dir
     export DATA LR LR_SGD EPS_LARGE VAL_EVERY RUNS BATCH PROBES GRADFLOW
     for scale in $SCALES; do
         jobs=()
@@ -93,70 +117,64 @@ if [[ "$TABLES_ONLY" != 1 ]]; then
         printf '%s\n' "${jobs[@]}" | xargs -P "$JOBS" -L 1 bash -c 'record_one $0 $1 $2 $3'
         echo "scale $scale: ${#jobs[@]} runs in $((SECONDS - start)) s"
     done
+    # The mechanism: panels (a) and (b) again, with the skip probe (its own folder, so the
+    # tables above never mix runs recorded with different probes).
+    if [[ -n "$SKIP_SCALE" ]]; then
+        for seed in $SEEDS; do
+            for panel in "${PANELS[@]:0:2}"; do echo "$SKIP_SCALE $panel sgd-nesterov $seed"; done
+        done | RUNS="$RUNS/skip" PROBES="$PROBES,skip" xargs -P "$JOBS" -L 1 \
+            bash -c 'record_one $0 $1 $2 $3'
+    fi
 fi
 
-# --- tables ------------------------------------------------------------------------------
-RUNS="$RUNS" OUT="$OUT" PANELS="${PANELS[*]}" CONDITIONS="${CONDITIONS[*]}" python - <<'EOF'
-"""Centre/edge ratios per panel and condition: mean, min and max over the seeds' runs."""
-import csv
-import os
-from pathlib import Path
+# --- tables: verdicts with bootstrap intervals, per-run centre/edge ratios -----------------
+if compgen -G "$RUNS/*px-*steps/*.done" > /dev/null; then
+    python -m gradflow.em.verdicts "$RUNS" "$OUT"
+else
+    echo "ablation: no finished runs in $RUNS/<scale>/: no tables"
+fi
 
-import numpy as np
-
-from gradflow import open_run
-from gradflow.analysis import centre_edge_ratio
-
-runs, out = Path(os.environ["RUNS"]), Path(os.environ["OUT"])
-QUANTITIES = {  # column prefix -> (probe, statistic)
-    "update": ("epoch", "update_abs_mean"),
-    "grad_output": ("grad_output", "norm"),
+# --- figures: each from finished runs only, skipped where they are missing ---------------
+label() {  # a condition's name in file names
+    case "$1" in
+        sgd-nesterov) echo "sgd" ;;
+        *) echo "$1" ;;
+    esac
 }
-header = ["panel", "condition", "seeds"]
-for prefix in QUANTITIES:
-    header += [f"{prefix} mean", f"{prefix} min", f"{prefix} max"]
-header += ["steps per run", "wall s/step"]
-rows = []
-for panel in os.environ["PANELS"].split():
-    for condition in os.environ["CONDITIONS"].split():
-        paths = sorted(runs.glob(f"{panel}-{condition}-s*.h5"))
-        if not paths:
-            continue
-        ratios = {prefix: [] for prefix in QUANTITIES}
-        steps, seconds = [], []
-        for path in paths:
-            with open_run(path) as run:
-                for prefix, (probe, stat) in QUANTITIES.items():
-                    ratios[prefix].append(centre_edge_ratio(run, stat, probe=probe))
-                steps.append(run.n_steps)
-                seconds.append(run.overhead.get("wall", np.nan) / max(run.n_steps, 1))
-        row = [panel, condition, len(paths)]
-        for values in ratios.values():
-            row += [float(np.mean(values)), float(np.min(values)), float(np.max(values))]
-        rows.append(row + [int(np.median(steps)), float(np.median(seconds))])
+# Depth profiles: every panel, mean and min-max band over the seeds (mean over epochs/steps).
+dir=$(scale_dir "$RUNS" "$PROFILE_SCALE")
+for condition in $CONDITIONS; do
+    if ! files=$(collect "$dir" "$condition" "$SEEDS" "${PANELS[@]}"); then
+        echo "ablation: $dir lacks finished $condition runs: no depth profile"
+        continue
+    fi
+    mapfile -t runs <<< "$files"
+    $GRADFLOW plot depth-profile "${runs[@]}" --log --force \
+        --title "$condition, ${dir##*/}: (a) long+short 9, (b) long 9, (c) long 3, (d) long 7 no BN" \
+        --out "$FIGURES/depth_profile_$(label "$condition").png"
+done
 
-with open(out / "centre_edge.csv", "w", newline="") as f:
-    csv.writer(f, lineterminator="\n").writerows([header, *rows])
-cells = [[f"{v:.3f}" if isinstance(v, float) else str(v) for v in row] for row in rows]
-lines = [
-    "Centre/edge ratio (central third of the conv layers over the outer thirds) of the",
-    "per-epoch update `epoch/update_abs_mean` and of the gradient at each layer's output",
-    "`grad_output/norm` (mean over recorded steps); below 1: the centre is starved.",
-    "Mean, min and max over seeds. Written by figures/ablation.sh.",
-    "",
-    "| " + " | ".join(header) + " |",
-    "|" + "---|" * len(header),
-    *("| " + " | ".join(row) + " |" for row in cells),
-]
-(out / "centre_edge.md").write_text("\n".join(lines) + "\n")
-print("\n".join(lines))
-EOF
+# The update figure under SGD: an update follows its gradient's size (RMSprop divides it out),
+# so the four panels share one colour scale, as in the paper.
+dir=$(scale_dir "$RUNS" "$FIGURE_SCALE")
+if files=$(collect "$dir" sgd-nesterov "${SEEDS%% *}" "${PANELS[@]}"); then
+    mapfile -t runs <<< "$files"
+    $GRADFLOW plot updates-heatmap "${runs[@]}" --log --shared-scale --force \
+        --title "SGD + Nesterov: mean |ΔW| per epoch and layer: (a) long+short, (b) long 9, (c) long 3, (d) long 7 no BN" \
+        --out "$FIGURES/fig3_updates.png"
+else
+    echo "ablation: $dir lacks finished sgd-nesterov runs: no update heat maps"
+fi
 
-# --- the update figure under the condition that shows the paper's predictions -------------
-# SGD: an update follows its gradient's size (RMSprop divides it out), so the four panels
-# share one colour scale, as in the paper.
-panel_runs=()
-for panel in "${PANELS[@]}"; do panel_runs+=("$RUNS/$panel-sgd-nesterov-s${SEEDS%% *}.h5"); done
-gradflow plot updates-heatmap "${panel_runs[@]}" --log --shared-scale --force \
-    --title "SGD + Nesterov: mean |ΔW| per epoch and layer: (a) long+short, (b) long 9, (c) long 3, (d) long 7 no BN" \
-    --out "$FIGURES/fig3_updates.png"
+# Which path the gradient takes: panels (a) and (b) with the skip probe, every seed.
+if [[ -n "$SKIP_SCALE" ]]; then
+    dir=$(scale_dir "$RUNS/skip" "$SKIP_SCALE")
+    if files=$(collect "$dir" sgd-nesterov "$SEEDS" "${PANELS[@]:0:2}"); then
+        mapfile -t runs <<< "$files"
+        $GRADFLOW plot shortcut-share "${runs[@]}" --force \
+            --title "SGD + Nesterov, ${dir##*/}: share of the gradient through each skip" \
+            --out "$FIGURES/shortcut_share.png"
+    else
+        echo "ablation: $dir lacks finished runs: no shortcut-share figure"
+    fi
+fi

@@ -76,8 +76,6 @@ gradflow plot diff-heatmap "$A" "$B" --log --force \
     --out "$OUT/diff_a_b.png"
 gradflow plot gradient-heatmap "$A" "$B" --stat grad_output/norm --steps : --log --force \
     --title "Gradient norm at each layer's output, per step" --out "$OUT/grad_output_a_b.png"
-gradflow plot depth-profile "$A" "$B" "$D" --log --force \
-    --title "Mean |ΔW| per epoch against depth" --out "$OUT/depth_profile.png"
 
 gradflow plot centre-edge "$RUNS"/*-s*.h5 --force --out "$OUT/centre_edge.md"
 

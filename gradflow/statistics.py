@@ -15,6 +15,11 @@ statistics are element-wise):
   that are not exactly 0; NaN counts as nonzero), ``nonfinite`` (NaN or Inf entries).
 - ``grad_output``: ``n`` (elements of the output gradient), ``sum_sq``.
 - ``epoch``: like ``param`` but ``d_*`` is the change over the whole epoch.
+- ``skip`` (:mod:`gradflow.probes.skip`): per residual block, ``shortcut_sq`` and
+  ``branch_sq`` (sums of squares of the gradient reaching the block's input through the
+  shortcut and through the residual branch) and ``blocks`` (calls measured); per long skip,
+  ``long_sq`` and ``below_sq`` (the gradient reaching the encoder output through the skip
+  and through the path below it) and ``long_skips``.
 """
 
 from __future__ import annotations
@@ -137,6 +142,47 @@ def _gout_norm(r: Reductions) -> np.ndarray:
 @statistic("grad_output", "rms", "root mean square of dL/d output")
 def _gout_rms(r: Reductions) -> np.ndarray:
     return _sqrt(_div(r["sum_sq"], r["n"]))
+
+
+# -- skip connections (the skip probe) -----------------------------------------------------
+def _measured_norm(sq: np.ndarray, calls: np.ndarray) -> np.ndarray:
+    with np.errstate(invalid="ignore"):
+        return np.where(np.asarray(calls) > 0, _sqrt(sq), np.nan)
+
+
+def _share(skip_sq: np.ndarray, other_sq: np.ndarray, calls: np.ndarray) -> np.ndarray:
+    skip, other = _measured_norm(skip_sq, calls), _measured_norm(other_sq, calls)
+    return _div(skip, skip + other)
+
+
+@statistic("skip", "shortcut_norm", "||dL/d block input|| through the residual block's shortcut")
+def _shortcut_norm(r: Reductions) -> np.ndarray:
+    return _measured_norm(r["shortcut_sq"], r["blocks"])
+
+
+@statistic("skip", "branch_norm", "||dL/d block input|| through the residual branch")
+def _branch_norm(r: Reductions) -> np.ndarray:
+    return _measured_norm(r["branch_sq"], r["blocks"])
+
+
+@statistic("skip", "shortcut_share", "shortcut_norm / (shortcut_norm + branch_norm)")
+def _shortcut_share(r: Reductions) -> np.ndarray:
+    return _share(r["shortcut_sq"], r["branch_sq"], r["blocks"])
+
+
+@statistic("skip", "long_norm", "||dL/d encoder output|| through the long skip")
+def _long_norm(r: Reductions) -> np.ndarray:
+    return _measured_norm(r["long_sq"], r["long_skips"])
+
+
+@statistic("skip", "below_norm", "||dL/d encoder output|| through the path below it")
+def _below_norm(r: Reductions) -> np.ndarray:
+    return _measured_norm(r["below_sq"], r["long_skips"])
+
+
+@statistic("skip", "long_share", "long_norm / (long_norm + below_norm)")
+def _long_share(r: Reductions) -> np.ndarray:
+    return _share(r["long_sq"], r["below_sq"], r["long_skips"])
 
 
 def names(probe: str) -> list[str]:

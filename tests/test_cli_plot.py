@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 from matplotlib.figure import Figure
-from runfiles import SyntheticRun, fcn_layers, write_run
+from runfiles import STEP_STATS, SyntheticRun, fcn_layers, write_run
 
 from gradflow.cli.main import main
 from gradflow.plots import FIGURES, output, render
@@ -22,13 +22,20 @@ MAGIC = {".png": b"\x89PNG", ".pdf": b"%PDF", ".svg": b"<?xml"}
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("cli")
+    stats = {**STEP_STATS, "skip": ["shortcut_share", "long_share"]}  # every figure draws
     with SyntheticRun(
-        root / "a.h5", fcn_layers(), model="long-short", vanishing=["down2.1.conv"]
+        root / "a.h5",
+        fcn_layers(),
+        model="long-short",
+        vanishing=["down2.1.conv"],
+        step_stats=stats,
     ) as run:
         for _ in range(3):
             run.steps(10).epoch()
         run.nonfinite(12, "up1.0.conv")
-    write_run(root / "b.h5", epochs=3, layers=fcn_layers(blocks=3), model="long-only")
+    write_run(
+        root / "b.h5", epochs=3, layers=fcn_layers(blocks=3), model="long-only", step_stats=stats
+    )
     with SyntheticRun(root / "steps.h5", fcn_layers()) as run:
         run.steps(20)
     (root / "notes.h5").write_text("not a run\n")

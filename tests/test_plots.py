@@ -25,12 +25,14 @@ from gradflow.plots import (
     diff_heatmap,
     gradient_heatmap,
     learning_curves,
+    shortcut_share,
     updates_heatmap,
 )
 from gradflow.plots.binning import bin_means
 from gradflow.plots.health import health
 from gradflow.plots.heatmap import ZeroAwareLogNorm
 from gradflow.plots.selection import MAX_GROUPS, is_zoo_fcn, layer_groups, select_layers
+from gradflow.plots.style import stat_label
 from gradflow.runfile import Layer, Run, open_run
 
 EPOCHS, PER_EPOCH = 4, 10
@@ -252,7 +254,56 @@ def test_depth_profile_draws_one_line_per_run_and_time_part(run_a: Run, run_b: R
         "long-short, epoch 1",
     ]
     both = depth_profile([run_a, run_b], profiles=2)
-    assert "relative depth" in both.axes[0].get_xlabel()  # different depths share one axis
+    assert "relative depth" in both.axes[-1].get_xlabel()  # different depths share one axis
+
+
+def test_depth_profile_over_seeds_draws_the_mean_of_the_runs_with_a_band(
+    run_b: Run, tmp_path: Path
+) -> None:
+    runs = []
+    for seed in range(3):
+        write_run(tmp_path / f"s{seed}.h5", epochs=3, model="long-9", seed=seed)
+        runs.append(open_run(tmp_path / f"s{seed}.h5"))
+    try:
+        fig = depth_profile([*runs, run_b], log=True)
+        panels = {ax.get_ylabel(): ax for ax in fig.axes}
+        assert list(panels) == [stat_label("epoch/update_abs_mean"), stat_label("grad_output/norm")]
+        for (probe, stat), ax in zip(
+            [("epoch", "update_abs_mean"), ("grad_output", "norm")], panels.values(), strict=True
+        ):
+            per_run = np.stack(
+                [np.nanmean(run.stat(probe, stat, layers=conv(run)), axis=0) for run in runs]
+            )
+            lines = {line.get_label(): line for line in ax.lines}
+            mean = lines["long-9 (mean, min–max of 3 runs)"]
+            np.testing.assert_allclose(mean.get_ydata(), per_run.mean(axis=0), rtol=1e-6)
+            n = per_run.shape[1]
+            np.testing.assert_allclose(mean.get_xdata(), (np.arange(n) + 0.5) / n)
+            band = ax.collections[0].get_paths()[0].vertices
+            for j, x in enumerate(mean.get_xdata()):
+                at = band[np.isclose(band[:, 0], x), 1]
+                assert at.min() == pytest.approx(per_run[:, j].min(), rel=1e-6)
+                assert at.max() == pytest.approx(per_run[:, j].max(), rel=1e-6)
+            single = lines["long-only"]  # one run: its own mean over time, no band
+            own = np.nanmean(run_b.stat(probe, stat, layers=conv(run_b)), axis=0)
+            np.testing.assert_allclose(single.get_ydata(), own, rtol=1e-6)
+            assert len(ax.collections) == 1 and ax.get_yscale() == "log"
+        legend = fig.legends[0]
+        assert [t.get_text() for t in legend.get_texts()] == [
+            "long-9 (mean, min–max of 3 runs)",
+            "long-only",
+        ]
+        one = depth_profile(runs, stat="grad_output/rms")
+        assert [ax.get_ylabel() for ax in one.axes] == [stat_label("grad_output/rms")]
+        with pytest.raises(GradflowError, match="did you mean 'grad_output/norm'"):
+            depth_profile(runs, stat="epoch/update_abs_mean,grad_output/nrom")
+        with pytest.raises(GradflowError, match="names no statistic"):
+            depth_profile(runs, stat=" , ")
+        with pytest.raises(GradflowError, match=r"^s0.h5 has no skip statistics: record it with"):
+            shortcut_share(runs)
+    finally:
+        for run in runs:
+            run.close()
 
 
 def test_a_run_being_written_can_be_plotted(tmp_path: Path) -> None:

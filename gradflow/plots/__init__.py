@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from gradflow.plots.catalog import FIGURES, TABLES, PlotWarning
-    from gradflow.plots.curves import depth_profile, learning_curves
+    from gradflow.plots.curves import depth_profile, learning_curves, shortcut_share
     from gradflow.plots.heatmap import (
         activation_heatmap,
         diff_heatmap,
@@ -31,6 +31,7 @@ _LAZY = {
     "PlotWarning": "catalog",
     "depth_profile": "curves",
     "learning_curves": "curves",
+    "shortcut_share": "curves",
     "activation_heatmap": "heatmap",
     "diff_heatmap": "heatmap",
     "gradient_heatmap": "heatmap",
@@ -58,6 +59,7 @@ __all__ = [
     "learning_curves",
     "render",
     "save",
+    "shortcut_share",
     "updates_heatmap",
 ]
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from matplotlib.figure import Figure
@@ -19,6 +20,7 @@ from gradflow.runfile import Run
 
 if TYPE_CHECKING:
     import pandas as pd
+    from matplotlib.axes import Axes
 
 LOSSES = ("train_loss", "val_loss")
 LINESTYLES = {"train_loss": "-", "val_loss": "--"}
@@ -115,50 +117,188 @@ def _span_label(unit: str, first: int, last: int) -> str:
     return f"{unit} {first}" if first == last else f"{unit}s {first}–{last}"
 
 
+DEPTH_STATS = ("epoch/update_abs_mean", "grad_output/norm")
+
+
+def _depth_stats(runs: Sequence[Run], stat: str | None) -> list[str]:
+    """The statistics ``stat`` names (comma-separated), or by default those of
+    :data:`DEPTH_STATS` every run stores (at least the first, whose absence is an error)."""
+    if stat is not None:
+        names = [s.strip() for s in stat.split(",") if s.strip()]
+        if not names:
+            raise GradflowError(f"--stat {stat!r} names no statistic")
+        return names
+
+    def stored(run: Run, spec: str) -> bool:
+        probe, name = spec.split("/", 1)
+        names = run.epoch_stats() if probe == "epoch" else run.probes().get(probe, [])
+        return name in names
+
+    return [DEPTH_STATS[0]] + [s for s in DEPTH_STATS[1:] if all(stored(r, s) for r in runs)]
+
+
 @FIGURES.register("depth-profile")
 @styled
 def depth_profile(
     runs: Sequence[Run],
     *,
-    stat: str = "epoch/update_abs_mean",
+    stat: str | None = None,
     log: bool = False,
     window: TimeWindow | None = None,
     layers: str | None = None,
     all_layers: bool = False,
     title: str | None = None,
-    profiles: int = 4,
+    profiles: int = 1,
 ) -> Figure:
-    """A statistic against depth (input left) at a few epochs or steps, runs overlaid.
+    """Statistics against depth (input left), one line per experiment, a band over seeds.
 
-    The window is cut into ``profiles`` equal parts; each line is the mean over one part
-    (darker = later). Runs of different depth share a relative depth axis.
+    One panel per statistic: those ``stat`` names (comma-separated), by default the
+    per-epoch update ``epoch/update_abs_mean`` and, where every run stores it, the gradient
+    at each layer's output ``grad_output/norm``. Each run's values are averaged over the
+    window (all epochs, or all steps); ``profiles`` > 1 cuts it into equal parts drawn as
+    one line each (darker = later). Runs that differ only in their seed
+    (:func:`seed_groups`) are drawn as their mean per layer with a band from the minimum to
+    the maximum over the runs (``seaborn.lineplot``, errorbar ``("pi", 100)``). Runs of
+    different depth share a relative depth axis; the stage boundaries drawn are those of the
+    first experiment.
     """
-    fig = Figure(figsize=(7.5, 4.2), layout="constrained")
-    ax = fig.subplots()
-    data = [
-        load(run, stat, select_layers(run, layers, all_layers), window, max_bins=profiles)
-        for run in runs
-    ]
-    depths = {len(d.layers) for d in data}
-    relative = len(depths) > 1
-    for d, label, colour in zip(data, run_labels(runs), run_colours(len(runs)), strict=True):
-        n = len(d.layers)
-        x = (np.arange(n) + 0.5) / (n if relative else 1)
-        for i, (first, last) in enumerate(d.spans):
-            ax.plot(
-                x,
-                d.values[i],
-                color=colour,
-                alpha=0.3 + 0.7 * (i + 1) / len(d.spans),
-                label=f"{label}, {_span_label(d.unit, int(first), int(last))}",
+    return _depth_figure(
+        runs,
+        _depth_stats(runs, stat),
+        DepthOptions(window, layers, all_layers, profiles),
+        log=log,
+        title=title,
+    )
+
+
+@FIGURES.register("shortcut-share")
+@styled
+def shortcut_share(
+    runs: Sequence[Run],
+    *,
+    window: TimeWindow | None = None,
+    title: str | None = None,
+) -> Figure:
+    """Share of the gradient taking each skip connection against depth (``skip`` probe).
+
+    Top: ``skip/shortcut_share`` at each residual block's first convolution, the share of
+    the gradient reaching the block's input through its shortcut; bottom:
+    ``skip/long_share`` at each encoder stage's last convolution, the share of the gradient
+    reaching the encoder output through its long skip (0.5: both paths carry as much). Each
+    run averaged over its recorded steps (or ``window``), runs that differ only in seed as
+    their mean with a min–max band, as in :func:`depth_profile`.
+    """
+    for run in runs:
+        if "skip" not in run.probes():
+            raise GradflowError(
+                f"{run.path.name} has no skip statistics: record it with --probes ...,skip"
             )
-    first = data[0]
-    mark_layer_groups(ax, first.layers, "x", scale=1 / len(first.layers) if relative else 1.0)
-    ax.set_xlabel("relative depth (input → output)" if relative else "layer (input → output)")
-    ax.set_ylabel(stat_label(stat))
-    if log:
-        ax.set_yscale("log")
-    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    fig = _depth_figure(
+        runs,
+        ["skip/shortcut_share", "skip/long_share"],
+        DepthOptions(window, marker="o"),
+        log=False,
+        title=title,
+    )
+    for ax in fig.axes:
+        ax.set_ylim(0.0, 1.0)
+        ax.axhline(0.5, color="0.5", lw=0.8, ls=":")
+    return fig
+
+
+@dataclass(frozen=True)
+class DepthOptions:
+    """What the depth figures average and how they draw it."""
+
+    window: TimeWindow | None = None
+    layers: str | None = None
+    all_layers: bool = False
+    profiles: int = 1
+    marker: str | None = None
+
+
+def _depth_figure(
+    runs: Sequence[Run],
+    stats: Sequence[str],
+    options: DepthOptions,
+    *,
+    log: bool,
+    title: str | None,
+) -> Figure:
+    """One panel per statistic of :func:`_depth_panel`, a legend below them all."""
+    groups = seed_groups(runs)
+    fig = Figure(figsize=(8.5, 0.9 + 2.7 * len(stats)), layout="constrained")
+    axes = fig.subplots(len(stats), 1, squeeze=False)[:, 0]
+    relative = False
+    for ax, name in zip(axes, stats, strict=True):
+        relative = _depth_panel(ax, groups, name, options)
+        ax.set_ylabel(stat_label(name))
+        if log:
+            ax.set_yscale("log")
+    axes[-1].set_xlabel("relative depth (input → output)" if relative else "layer (input → output)")
+    legend: dict[str, Any] = {}
+    for ax in axes:  # a group may have no values in some panel (a model without short skips)
+        for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
+            legend.setdefault(label, handle)
+    fig.legend(
+        legend.values(), legend.keys(), loc="outside lower center", ncols=min(2, len(legend))
+    )
     if title:
         fig.suptitle(title)
     return fig
+
+
+def _depth_panel(
+    ax: Axes, groups: list[tuple[str, list[Run]]], stat: str, options: DepthOptions
+) -> bool:
+    """Draw ``stat`` against depth per group into ``ax``; True where the groups differ in
+    depth and share a relative depth axis."""
+    import pandas as pd
+    import seaborn as sns
+
+    data = [
+        [
+            load(
+                run,
+                stat,
+                select_layers(run, options.layers, options.all_layers),
+                options.window,
+                options.profiles,
+            )
+            for run in group
+        ]
+        for _, group in groups
+    ]
+    relative = len({len(d.layers) for group in data for d in group}) > 1
+    for (label, group), loaded, colour in zip(groups, data, run_colours(len(groups)), strict=True):
+        n = len(loaded[0].layers)
+        if any(len(d.layers) != n for d in loaded):
+            raise GradflowError(f"the runs of {label} differ in their layers: draw them apart")
+        x = (np.arange(n) + 0.5) / (n if relative else 1)
+        spread = f" (mean, min–max of {len(group)} runs)" if len(group) > 1 else ""
+        spans = loaded[0].spans
+        for i, (first, last) in enumerate(spans):
+            y = np.concatenate([d.values[i] for d in loaded])
+            if np.isnan(y).all():
+                continue
+            span = _span_label(loaded[0].unit, int(first), int(last))
+            sns.lineplot(
+                data=pd.DataFrame({"x": np.tile(x, len(loaded)), "y": y}),
+                x="x",
+                y="y",
+                estimator="mean",
+                errorbar=("pi", 100) if len(loaded) > 1 else None,
+                color=colour,
+                alpha=0.3 + 0.7 * (i + 1) / len(spans),
+                marker=options.marker,
+                markersize=4,
+                markeredgecolor=colour,
+                label=f"{label}, {span}{spread}" if len(spans) > 1 else f"{label}{spread}",
+                legend=False,
+                ax=ax,
+            )
+    first = data[0][0]
+    mark_layer_groups(ax, first.layers, "x", scale=1 / len(first.layers) if relative else 1.0)
+    ax.grid(alpha=0.3, axis="y")
+    ax.set_xlabel("")
+    return relative

@@ -53,6 +53,12 @@ STAT_LABELS = {
     "activation/zero_fraction": "fraction of zero activations",
     "activation/mean": "mean activation",
     "activation/std": "std of activations",
+    "skip/shortcut_share": "share through the short skip",
+    "skip/long_share": "share through the long skip",
+    "skip/shortcut_norm": "‖∂L/∂block input‖ via shortcut",
+    "skip/branch_norm": "‖∂L/∂block input‖ via branch",
+    "skip/long_norm": "‖∂L/∂encoder output‖ via long skip",
+    "skip/below_norm": "‖∂L/∂encoder output‖ via path below",
 }
 MAX_STAGE_LABELS = 30  # about as many 8 pt labels as fit along a 5 inch axis
 FIXED_LIMITS = {"activation/zero_fraction": (0.0, 1.0)}  # fractions: a fixed 0..1 scale

@@ -7,6 +7,7 @@ from gradflow.probes.base import PROBES, Attachment, Block, Check, LayerMap, Pro
 from gradflow.probes.calls import CallLog, CallProbe
 from gradflow.probes.grad_output import GradOutputProbe
 from gradflow.probes.param import ParamProbe, ParamReductions, Snapshot
+from gradflow.probes.skip import SkipProbe
 
 __all__ = [
     "PROBES",
@@ -21,6 +22,7 @@ __all__ = [
     "ParamProbe",
     "ParamReductions",
     "Probe",
+    "SkipProbe",
     "Snapshot",
     "register",
 ]

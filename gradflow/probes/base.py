@@ -78,6 +78,7 @@ class Attachment:
     # The optimizer of each parameter tensor, in layer order (None: all the first one's)
     owners: Sequence[int] | None = None
     current_log: Callable[[], CallLog] | None = None  # the layer calls being logged
+    model: torch.nn.Module | None = None  # the recorded model, for probes of its structure
 
 
 class Probe:

@@ -150,7 +150,8 @@ class CallProbe(Probe):
         calls = log.rows_for(self, x)
         rows = calls.rows
         if isinstance(rows, HostRows):
-            rows.array[rows.claim()] = values.detach().numpy()
+            i = rows.claim()  # before reading rows.array: claiming may grow it
+            rows.array[i] = values.detach().numpy()
         else:
             chunk, i = rows.next_row()
             chunk[i].copy_(values.detach())

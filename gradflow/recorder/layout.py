@@ -99,7 +99,7 @@ class LayoutMixin(RecorderBase):
                 for p in group["params"]:
                     owner.setdefault(id(p), index)
         owners = [owner.get(id(p), 0) for lay in self._layers for p in lay.params]
-        return Attachment(self._layers, owners, self._current_log)
+        return Attachment(self._layers, owners, self._current_log, self.model)
 
     def _current_log(self) -> CallLog:
         return self._log

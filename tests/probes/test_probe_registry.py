@@ -59,6 +59,7 @@ def test_nonfinite_checks_happen_in_step_order() -> None:
         "param": {"w_sq": np.full((1, n_layers), np.inf), "g_nonfinite": np.ones((1, n_layers))},
         "activation": {"nonfinite": np.ones((1, n_layers))},
         "grad_output": {"n": np.ones((1, n_layers)), "sum_sq": np.full((1, n_layers), np.nan)},
+        "skip": {},  # no checks of its own: grad_output and param see the same gradients
     }
     checks = {
         check.what: check
@@ -87,6 +88,16 @@ class AbsOutputProbe(CallProbe):
 def test_kernel_reductions_refuse_columns_of_their_own() -> None:
     with pytest.raises(GradflowError, match="not the kernels'"):
         AbsOutputProbe().reduce(torch.ones(3), CallLog(), 0)
+
+
+def test_appended_rows_survive_the_log_growing() -> None:
+    probe, log = AbsOutputProbe(), CallLog()
+    xs = [torch.full((2,), float(i)) for i in range(200)]  # the host rows start at 64
+    for i, x in enumerate(xs):
+        probe.on_output(x, log, i % 7, forward=True)
+    (packed,) = log.tensors(["abs_output"])
+    np.testing.assert_array_equal(packed.numpy(), [2.0 * i for i in range(200)])
+    assert log.blocks(["abs_output"])["abs_output"].key == tuple(i % 7 for i in range(200))
 
 
 def _mean_abs(r: Mapping[str, np.ndarray]) -> np.ndarray:

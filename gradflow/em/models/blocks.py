@@ -8,6 +8,8 @@ from typing import Literal
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from gradflow.probes.skip import LongSkipPaths, ShortSkipPaths
+
 BlockKind = Literal["simple", "basic", "bottleneck"]
 NormLayer = Callable[[int], nn.Module]
 
@@ -89,6 +91,16 @@ class FCNBlock(nn.Module):
         """The convolution that ends the residual branch."""
         conv: nn.Conv2d = getattr(self, f"conv{self.n_convs}")
         return conv
+
+    def skip_connections(self) -> list[ShortSkipPaths | LongSkipPaths]:
+        """The short skip, for the ``skip`` probe: split after the pool (where there is
+        one), the branch from its first norm (or ReLU), in the first convolution's column."""
+        if not self.short_skip:
+            return []
+        first = self.get_submodule("norm1" if self.has_norm else "act1")
+        split = self if self.pool is None else self.pool
+        column = self.get_submodule("conv1")
+        return [ShortSkipPaths(split, first, column, split_output=self.pool is not None)]
 
     def forward(self, x: Tensor) -> Tensor:
         if self.pool is not None:

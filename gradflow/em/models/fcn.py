@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 from gradflow.em.models.blocks import LAYOUTS, BlockKind, FCNBlock, Projection
 from gradflow.errors import GradflowError
+from gradflow.probes.skip import LongSkipPaths, ShortSkipPaths
 
 LongSkip = Literal["none", "sum", "concat"]
 ResidualInit = Literal["zero", "he"]
@@ -85,6 +86,10 @@ def _check_choice(name: str, value: object, choices: object) -> None:
     if value not in get_args(choices):
         known = ", ".join(repr(c) for c in get_args(choices))
         raise GradflowError(f"{name} must be one of {known}, got {value!r}")
+
+
+def _last_main_conv(stage: nn.Module) -> nn.Module:
+    return [m for m in stage.modules() if type(m) is nn.Conv2d][-1]
 
 
 def _nearest(side: int, factor: int) -> tuple[int, int]:
@@ -172,6 +177,26 @@ class FCN(nn.Module):
             self.long_skips[target] = Projection(width, skip_width, bias=not self.config.batch_norm)
             return skip_width
         return width
+
+    def skip_connections(self) -> list[ShortSkipPaths | LongSkipPaths]:
+        """The long skips, for the ``skip`` probe: each encoder stage's output, taken by the
+        stage below it (the next down stage or ``across``) and by the up stage (or
+        ``final``) whose input the skip joins, in the column of the encoder stage's last
+        main-path convolution; none where ``long_skip`` is ``"none"``."""
+        if self.config.long_skip == "none":
+            return []
+        below = [*self._down_names[1:], "across"]
+        return [
+            LongSkipPaths(
+                getattr(self, under),
+                getattr(self, target),
+                _last_main_conv(getattr(self, source)),
+                concat=self.config.long_skip == "concat",
+            )
+            for source, under, target in zip(
+                self._down_names, below, reversed(self._up_names), strict=True
+            )
+        ]
 
     def check_input_size(self, height: int, width: int) -> None:
         """Raises :class:`GradflowError` unless ``height x width`` can go through the model."""
