@@ -27,7 +27,10 @@ def centre_edge_ratio(
         raise GradflowError(f"{run.path}: no closed epochs, so no per-epoch updates")
     if probe != "epoch" and run.n_steps == 0:
         raise GradflowError(f"{run.path}: no recorded steps, so no {probe}/{stat}")
-    values = np.nanmean(run.stat(probe, stat, layers=[lay.index for lay in layers]), axis=0)
+    # In float64: float32 statistics near their largest value (a crafted file) would
+    # overflow a float32 mean.
+    stored = run.stat(probe, stat, layers=[lay.index for lay in layers])
+    values = np.nanmean(stored.astype(np.float64), axis=0)
     third = len(layers) // 3
     centre = values[third : len(layers) - third]
     edges = np.concatenate([values[:third], values[len(layers) - third :]])

@@ -1,9 +1,15 @@
 """Training checkpoints beside the run file (``RUN.h5`` -> ``RUN.h5.ckpt.pt``), written
-atomically."""
+atomically and read as untrusted input: the archive's unpacked size is bounded before
+torch reads it, and every optimizer setting and state value is checked against the run's
+own settings before training resumes (:func:`check_optimizer_state`).
+"""
 
 from __future__ import annotations
 
+import math
 import os
+import zipfile
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -11,8 +17,16 @@ from typing import Any
 import torch
 
 from gradflow.errors import GradflowError
+from gradflow.safefile import atomic_write
 
 FORMAT = 1
+# A checkpoint holds the weights and at most three optimizer tensors per parameter
+# (RMSprop centred with momentum; Adam keeps two), plus the pickled structure and the
+# archive's headers (a few hundred bytes per tensor).
+SIZE_FACTOR = 4
+SIZE_SLACK = 4 << 20
+# Optimizer states that are running averages of squares: never negative.
+NON_NEGATIVE = frozenset({"square_avg", "exp_avg_sq", "max_exp_avg_sq"})
 
 
 @dataclass
@@ -56,11 +70,11 @@ def find_checkpoint(run_path: str | os.PathLike[str]) -> Path | None:
 
 
 def save_checkpoint(path: Path, checkpoint: Checkpoint) -> None:
-    """Write ``checkpoint`` to a temporary file, then rename it over ``path``.
+    """Write ``checkpoint`` to a new file of an unpredictable name beside ``path``, then
+    rename it over ``path`` (:func:`~gradflow.safefile.atomic_write`).
 
     A crash leaves either the previous checkpoint or the new one, never half a file.
     """
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     payload = {
         "format": FORMAT,
         "model": checkpoint.model,
@@ -70,19 +84,69 @@ def save_checkpoint(path: Path, checkpoint: Checkpoint) -> None:
         "config": checkpoint.config,
     }
     try:
-        torch.save(payload, tmp)
-        os.replace(tmp, path)
-    except OSError as err:
-        tmp.unlink(missing_ok=True)
-        raise GradflowError(f"{path}: cannot write the checkpoint ({err.strerror or err})") from err
+        with atomic_write(path) as file:
+            torch.save(payload, file)
+    except (OSError, RuntimeError) as err:  # torch's writer reports a full disk as RuntimeError
+        why = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
+        first = (why.strip().splitlines() or [type(err).__name__])[0]
+        raise GradflowError(f"{path}: cannot write the checkpoint ({first})") from err
 
 
-def load_checkpoint(path: Path, map_location: torch.device | str = "cpu") -> Checkpoint:
-    """Read a checkpoint written by :func:`save_checkpoint`; any problem is one GradflowError."""
+def size_limit(model_state: Mapping[str, torch.Tensor]) -> int:
+    """The most bytes a checkpoint of a model with ``model_state`` holds unpacked."""
+    weights = sum(t.numel() * t.element_size() for t in model_state.values())
+    return SIZE_FACTOR * weights + SIZE_SLACK
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+def _check_archive(path: Path, max_bytes: int) -> None:
+    """The checkpoint is a zip archive (torch's format) whose members, unpacked, hold at
+    most ``max_bytes``: torch allocates each member's declared size while it loads, so a
+    small file could otherwise claim gigabytes (a deflated run of zeros)."""
+    size = path.stat().st_size
+    if size > max_bytes:
+        raise GradflowError(
+            f"{path}: {_gib(size)}, more than a checkpoint of this model can hold "
+            f"({_gib(max_bytes)}); not reading it"
+        )
+    try:
+        with zipfile.ZipFile(path) as archive:
+            unpacked = sum(member.file_size for member in archive.infolist())
+    except (zipfile.BadZipFile, OSError, ValueError) as err:
+        raise GradflowError(
+            f"{path}: not a gradflow checkpoint (not a zip archive: {err})"
+        ) from None
+    if unpacked > max_bytes:
+        raise GradflowError(
+            f"{path}: holds {_gib(unpacked)} unpacked, more than a checkpoint of this model "
+            f"can ({_gib(max_bytes)}); not reading it"
+        )
+
+
+def load_checkpoint(
+    path: Path, map_location: torch.device | str = "cpu", *, max_bytes: int | None = None
+) -> Checkpoint:
+    """Read a checkpoint written by :func:`save_checkpoint`; any problem is one GradflowError.
+
+    Args:
+        path: the checkpoint file.
+        map_location: where its tensors go.
+        max_bytes: refuse, before torch reads anything, a file or archive holding more
+            than this unpacked (:func:`size_limit` of the model to resume); None: no bound.
+
+    Returns:
+        The checkpoint, its fields type-checked (its values are checked against a run's
+        settings by :func:`check_optimizer_state`).
+    """
     if not path.is_file():
         raise GradflowError(
             f"cannot resume: no checkpoint {path} (one is written at every epoch end)"
         )
+    if max_bytes is not None:
+        _check_archive(path, max_bytes)
     try:
         # weights_only: tensors and plain containers only, so loading runs no foreign code.
         payload = torch.load(path, map_location=map_location, weights_only=True)
@@ -127,4 +191,127 @@ def _problem(payload: dict[Any, Any]) -> str:
             return f"{key} is {value!r}, not a count"
     if not isinstance(payload["config"], dict):
         return "config is not a dict"
+    return ""
+
+
+def check_optimizer_state(
+    where: str, saved: Mapping[str, Any], optimizer: torch.optim.Optimizer, *, steps: int
+) -> None:
+    """Refuse an optimizer state that is not one ``optimizer`` itself could have saved.
+
+    ``optimizer`` is built from the run's settings. Every setting of every parameter group
+    (the learning rate, momentum, ...) must be of the right type, finite, non-negative
+    (the learning rate and eps positive) and equal to the run's: a checkpoint that says
+    ``lr=1e6`` for a run of ``lr=0.001`` is refused, not used. Every state value must be
+    what this optimizer keeps with these settings: ``step`` a 0-dim tensor counting at
+    most ``steps``, the others finite tensors of their parameter's shape and dtype
+    (averages of squares non-negative).
+
+    Args:
+        where: the start of the error message (``cannot resume RUN from CKPT``).
+        saved: the checkpoint's ``optimizer.state_dict()``.
+        optimizer: a fresh optimizer over the model, from the run's settings.
+        steps: the optimizer steps the checkpoint says were done.
+
+    Raises:
+        GradflowError: one line, ``where: ...``, naming the value and what was expected.
+    """
+    fresh = optimizer.state_dict()["param_groups"]
+    groups = saved["param_groups"]
+    if len(groups) != len(fresh) or not all(isinstance(g, dict) for g in groups):
+        raise GradflowError(
+            f"{where}: its optimizer has {len(groups)} parameter groups, the run's settings "
+            f"make {len(fresh)}"
+        )
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    kept: dict[int, frozenset[str]] = {}
+    for group, expected, built in zip(groups, fresh, optimizer.param_groups, strict=True):
+        if group.get("params") != expected["params"]:
+            raise GradflowError(f"{where}: its optimizer's parameter groups do not fit the model")
+        for key, value in group.items():
+            problem = _setting_problem(key, value, expected)
+            if problem:
+                raise GradflowError(f"{where}: {problem}")
+        kept.update(dict.fromkeys(expected["params"], _state_keys(optimizer, built)))
+    for index, state in saved["state"].items():
+        if type(index) is not int or not 0 <= index < len(params) or not isinstance(state, dict):
+            raise GradflowError(
+                f"{where}: its optimizer state is for parameter {index!r}, the model has "
+                f"{len(params)}"
+            )
+        for key, value in state.items():
+            problem = _state_problem(key, value, params[index], kept[index], steps)
+            if problem:
+                raise GradflowError(f"{where}: its optimizer state {problem}")
+        if state and set(state) != kept[index]:
+            missing = ", ".join(sorted(kept[index] - set(state)))
+            raise GradflowError(f"{where}: its optimizer state lacks {missing}")
+
+
+def _setting_problem(key: Any, value: Any, expected: Mapping[str, Any]) -> str:
+    """What is wrong with one saved optimizer setting ("" when nothing)."""
+    if key == "params":
+        return ""
+    if key not in expected:
+        return f"unknown optimizer setting {key!r}"
+    want = expected[key]
+    said = f"its optimizer's {key} is {value!r}"
+    if isinstance(want, bool) or want is None:
+        return "" if value is want else f"{said}, the run's settings say {want!r}"
+    if isinstance(want, int | float):
+        if type(value) not in (int, float):
+            return f"{said}, not a number"
+        positive = key in ("lr", "eps")
+        if not math.isfinite(value) or value < 0 or (positive and value == 0):
+            return f"{said}, not a finite {'positive' if positive else 'non-negative'} number"
+    elif isinstance(want, tuple):
+        if not isinstance(value, tuple | list) or not all(type(v) in (int, float) for v in value):
+            return f"{said}, not a tuple of numbers"
+        value = tuple(value)
+    return "" if value == want else f"{said}, the run's settings say {want!r}"
+
+
+def _state_keys(optimizer: torch.optim.Optimizer, group: Mapping[str, Any]) -> frozenset[str]:
+    """The state ``optimizer`` keeps per parameter with ``group``'s settings: one step of
+    the same optimizer on a one-entry parameter shows it."""
+    param = torch.zeros(1, requires_grad=True)
+    settings = {k: v for k, v in group.items() if k != "params"}
+    probe = type(optimizer)([param], **settings)
+    param.grad = torch.zeros(1)
+    probe.step()
+    return frozenset(probe.state[param])
+
+
+def _state_problem(
+    key: Any, value: Any, param: torch.Tensor, kept: frozenset[str], steps: int
+) -> str:
+    """What is wrong with one saved state value of ``param`` ("" when nothing)."""
+    if key not in kept:
+        return (
+            f"{key} is not one this optimizer keeps with these settings ({', '.join(sorted(kept))})"
+        )
+    if not isinstance(value, torch.Tensor) or value.layout != torch.strided:
+        return (
+            f"{key} is {value!r}, not a tensor"
+            if key == "step"
+            else (f"{key} is a {type(value).__name__}, not a tensor")
+        )
+    if key == "step":
+        if value.dim():
+            return f"step is a tensor of {tuple(value.shape)}, not a 0-dim count"
+        count = float(value)
+        if not (count.is_integer() and 0 <= count <= steps):
+            shown = int(count) if count.is_integer() else count
+            return f"step is {shown}, not a count of at most the {steps} steps done"
+        return ""
+    if value.dim() == 0 and param.dim():
+        return f"{key} is a 0-dim tensor for a parameter of {tuple(param.shape)}"
+    if value.shape != param.shape:
+        return f"{key} is {tuple(value.shape)} for a parameter of {tuple(param.shape)}"
+    if value.dtype != param.dtype:
+        return f"{key} is {value.dtype} for a {param.dtype} parameter"
+    if not bool(torch.isfinite(value).all()):
+        return f"{key} has non-finite entries"
+    if key in NON_NEGATIVE and bool((value < 0).any()):
+        return f"{key} has negative entries"
     return ""

@@ -14,9 +14,11 @@ from torch import nn
 
 from gradflow.em.checkpoint import (
     Checkpoint,
+    check_optimizer_state,
     checkpoint_path,
     find_checkpoint,
     load_checkpoint,
+    size_limit,
 )
 from gradflow.em.config import N_VAL, RESUME_KEYS, TrainConfig
 from gradflow.em.data import EMVolume, load_dataset, split
@@ -66,7 +68,8 @@ def check_outputs(
         return None
     check_writable(out, overwrite=True)  # a regular file (or none: open_run says so)
     found = find_checkpoint(out)
-    checkpoint = load_checkpoint(found or checkpoint_path(out), map_location=device)
+    limit = size_limit(model.state_dict())
+    checkpoint = load_checkpoint(found or checkpoint_path(out), device, max_bytes=limit)
     where = f"cannot resume {out} from {found}"
     # A setting added since an older checkpoint was written is missing from it: it had the
     # default, which keeps the behaviour of before.
@@ -109,18 +112,12 @@ def _check_state(where: str, checkpoint: Checkpoint, model: FCN, config: TrainCo
                 f"{expected.get(name, 'none')}"
             )
     optimizer = build_optimizer(model, config)
+    check_optimizer_state(where, checkpoint.optimizer, optimizer, steps=checkpoint.step)
     try:
         optimizer.load_state_dict(checkpoint.optimizer)
     except (KeyError, ValueError, TypeError, RuntimeError, IndexError) as err:
         first = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise GradflowError(f"{where}: its optimizer state does not fit ({first})") from None
-    for param, state in optimizer.state.items():
-        for key, value in state.items():
-            if isinstance(value, torch.Tensor) and value.dim() and value.shape != param.shape:
-                raise GradflowError(
-                    f"{where}: its optimizer state {key} is {tuple(value.shape)} for a "
-                    f"parameter of {tuple(param.shape)}"
-                )
 
 
 def _check_run_file(

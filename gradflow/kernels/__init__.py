@@ -32,10 +32,10 @@ DELTA_COLUMNS = ("d_sq", "d_abs", "d_max")
 
 def kernel_backend(device: torch.device) -> str:
     """The kernels that reduce tensors on ``device`` (stored in every run file):
-    ``c-extension``, ``c-cached`` or ``torch`` on the CPU (:func:`.cpu.cpu_backend`); on
-    CUDA ``triton`` where the fused layer-output kernel is on, else ``cuda-graphs``
-    (parameter reductions replayed as CUDA graphs, the rest by torch operations);
-    ``torch`` on other devices."""
+    ``c-extension``, ``c-cached``, ``c-private`` or ``torch`` on the CPU
+    (:func:`.cpu.cpu_backend`); on CUDA ``triton`` where the fused layer-output kernel
+    is on, else ``cuda-graphs`` (parameter reductions replayed as CUDA graphs, the rest
+    by torch operations); ``torch`` on other devices."""
     if device.type == "cpu":
         from gradflow.kernels.cpu import cpu_backend
 

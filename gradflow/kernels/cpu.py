@@ -10,7 +10,12 @@ non-finite entries, in one vectorised pass and one call. They come from, in this
 - ``c-cached``: else a build with the system C compiler (``$CC``, else ``cc``), made once
   into a per-user cache directory (``GRADFLOW_CACHE_DIR``, else ``$XDG_CACHE_HOME/gradflow``
   or ``~/.cache/gradflow``) under a name keyed by the source, the compiler and its flags,
-  and loaded from there by every later process and DDP rank;
+  and loaded from there by every later process and DDP rank. The library is loaded as
+  code, so only from a folder that no other user can write to (nor any folder above
+  it), and only if it is a regular file of this user that only they can write, checked
+  on the opened file (:mod:`gradflow.usercache`);
+- ``c-private``: where the cache is not safe (or cannot be written), a build into a
+  fresh private folder, deleted once loaded (compiled again by every process);
 - ``torch``: else torch operations, with one :class:`~gradflow.errors.GradflowWarning`
   (``GRADFLOW_NATIVE=0`` chooses them without a warning).
 """
@@ -26,7 +31,6 @@ import os
 import platform
 import shlex
 import shutil
-import stat
 import subprocess
 import tempfile
 import warnings
@@ -39,7 +43,7 @@ import torch
 
 from gradflow.errors import GradflowWarning
 from gradflow.kernels._cbuild import CFLAGS, SHARED, SOURCE, digest_macro, source_digest
-from gradflow.usercache import cache_dir
+from gradflow.usercache import cache_dir, open_library, unsafe_folder
 
 HERE = Path(__file__).parent
 COMPILE_TIMEOUT_S = 120
@@ -76,18 +80,16 @@ def cache_key(source: bytes, command: Sequence[str]) -> str:
     return digest.hexdigest()[:24]
 
 
-def _private(folder: Path) -> bool:
-    """Whether only this user can replace the files in ``folder`` (they are loaded as code)."""
-    info = folder.stat()
-    owner = getattr(os, "getuid", None)
-    return (owner is None or info.st_uid == owner()) and not info.st_mode & stat.S_IWOTH
+class _Refused(Exception):
+    """This folder cannot hold the kernels; a private one can."""
 
 
-def build_cached(folder: Path, flags: Sequence[str] = ()) -> tuple[Path | None, str]:
-    """The cached library in ``folder``, compiled first if missing; ``(None, why)`` where
-    that fails. The compiler runs in its own session, without input and with a timeout,
-    into a temporary file that is renamed into place: processes building at once each
-    leave a complete library, and none ever loads a partial one."""
+class _Failed(Exception):
+    """No folder can: no compiler, no source, or the compiler fails."""
+
+
+def _build(folder: Path, flags: Sequence[str]) -> Path:
+    """The library in ``folder``, compiled first if missing (see :func:`build_cached`)."""
     named = os.environ.get("CC") or "cc"
     try:
         compiler = shlex.split(named)
@@ -95,23 +97,27 @@ def build_cached(folder: Path, flags: Sequence[str] = ()) -> tuple[Path | None, 
         compiler = []
     found = shutil.which(compiler[0]) if compiler else None
     if found is None:
-        return None, f"no C compiler: {named} not found"
+        raise _Failed(f"no C compiler: {named} not found")
     source = HERE / SOURCE
     if not source.is_file():
-        return None, f"{source} is missing (reinstall gradflow)"
+        raise _Failed(f"{source} is missing (reinstall gradflow)")
     macro = "-D{}={}".format(*digest_macro(source))
     command = [found, *compiler[1:], *CFLAGS, *SHARED, macro, *flags]
     target = folder / f"kernels-{cache_key(source.read_bytes(), command)}.so"
     try:
         folder.mkdir(mode=0o700, parents=True, exist_ok=True)
-        if not _private(folder):
-            return None, f"{folder} can be written by other users"
-        if target.is_file():
-            return target, ""
+    except OSError as err:
+        raise _Refused(f"cannot use the cache directory {folder}: {err.strerror or err}") from None
+    unsafe = unsafe_folder(folder)
+    if unsafe:
+        raise _Refused(unsafe)
+    if os.path.lexists(target):
+        return target  # load() checks what it is
+    try:
         fd, partial = tempfile.mkstemp(dir=folder, prefix=".build-", suffix=".so")
         os.close(fd)
     except OSError as err:
-        return None, f"cannot use the cache directory {folder}: {err.strerror or err}"
+        raise _Refused(f"cannot use the cache directory {folder}: {err.strerror or err}") from None
     try:
         subprocess.run(
             [*command, str(source), "-o", partial],
@@ -125,22 +131,39 @@ def build_cached(folder: Path, flags: Sequence[str] = ()) -> tuple[Path | None, 
         os.replace(partial, target)
     except subprocess.CalledProcessError as err:
         last = (err.stderr or b"").decode(errors="replace").strip().splitlines()[-1:]
-        return None, f"{found} failed: {last[0] if last else f'status {err.returncode}'}"
+        raise _Failed(
+            f"{found} failed: {last[0] if last else f'status {err.returncode}'}"
+        ) from None
     except subprocess.TimeoutExpired:
-        return None, f"{found} took more than {COMPILE_TIMEOUT_S} s"
+        raise _Failed(f"{found} took more than {COMPILE_TIMEOUT_S} s") from None
     except OSError as err:
-        return None, f"{found} could not run: {err.strerror or err}"
+        raise _Failed(f"{found} could not run: {err.strerror or err}") from None
     finally:
         if os.path.exists(partial):
             os.unlink(partial)
-    return target, ""
+    return target
+
+
+def build_cached(folder: Path, flags: Sequence[str] = ()) -> tuple[Path | None, str]:
+    """The cached library in ``folder``, compiled first if missing; ``(None, why)`` where
+    that fails or ``folder`` is not safe (:func:`unsafe_folder`). The compiler runs in
+    its own session, without input and with a timeout, into a temporary file that is
+    renamed into place: processes building at once each leave a complete library, and
+    none ever loads a partial one."""
+    try:
+        return _build(folder, flags), ""
+    except (_Refused, _Failed) as err:
+        return None, str(err)
 
 
 def load(path: Path) -> ctypes.CDLL | None:
     """The kernels in the library at ``path``, checked against plain arithmetic, or
-    ``None`` where it does not load or disagrees."""
+    ``None`` where it is not a regular file of this user (or root) that only they can
+    write, does not load or disagrees."""
+    library = open_library(path)
+    if library is None:
+        return None
     try:
-        library = ctypes.CDLL(str(path))
         library.gradflow_reduce_f32.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_void_p]
         library.gradflow_reduce_f32.restype = None
         library.gradflow_squares_f32.argtypes = library.gradflow_reduce_f32.argtypes
@@ -149,7 +172,7 @@ def load(path: Path) -> ctypes.CDLL | None:
         library.gradflow_params.restype = None
         library.gradflow_source_digest.argtypes = []
         library.gradflow_source_digest.restype = ctypes.c_char_p
-    except (OSError, AttributeError):
+    except AttributeError:
         return None
     probe = torch.tensor([0.0, 1.5, -2.0, 0.0] + [0.5] * 5000 + [float("inf")])
     finite = _reduce(library, probe[:-1])
@@ -160,6 +183,28 @@ def load(path: Path) -> ctypes.CDLL | None:
     ):
         return None
     return library
+
+
+def cached_kernels(folder: Path, flags: Sequence[str] = ()) -> tuple[_Loaded, str]:
+    """The kernels from the cache ``folder`` where it is safe and its library loads, else
+    from a build in a fresh private folder (deleted once loaded); the torch backend and
+    why where neither works."""
+    try:
+        path = _build(folder, flags)
+        library = load(path)
+        if library is not None:
+            return _Loaded(library, "c-cached"), ""
+        why = f"{path} is not a library only you can write, does not load or gives wrong numbers"
+    except _Refused as err:
+        why = str(err)
+    except _Failed as err:
+        return _Loaded(None, "torch"), str(err)
+    with tempfile.TemporaryDirectory(prefix="gradflow-build-") as private:
+        built, failed = build_cached(Path(private), flags)
+        library = load(built) if built is not None else None
+    if library is not None:
+        return _Loaded(library, "c-private"), ""
+    return _Loaded(None, "torch"), failed or why
 
 
 def built_from(library: ctypes.CDLL) -> str:
@@ -178,12 +223,9 @@ def _library() -> _Loaded:
     # An extension built from another version of the source (an edited checkout): stale.
     if library is not None and built_from(library) == source_digest(HERE / SOURCE):
         return _Loaded(library, "c-extension")
-    cached, why = build_cached(cache_dir())
-    library = load(cached) if cached is not None else None
-    if library is not None:
-        return _Loaded(library, "c-cached")
-    if cached is not None:
-        why = f"{cached} does not load or gives wrong numbers (delete it to rebuild)"
+    chosen, why = cached_kernels(cache_dir())
+    if chosen.library is not None:
+        return chosen
     warnings.warn(
         f"gradflow: no C kernels ({why}); recording on the CPU uses torch operations, and "
         f"{FALLBACK_COST}. Install a C compiler (for example gcc) or reinstall gradflow "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -13,7 +14,7 @@ from matplotlib.ticker import MaxNLocator
 
 from gradflow.errors import GradflowError, unknown_name
 from gradflow.plots.binning import load, window_rows
-from gradflow.plots.catalog import FIGURES
+from gradflow.plots.catalog import FIGURES, PlotWarning
 from gradflow.plots.selection import TimeWindow, select_layers
 from gradflow.plots.style import mark_layer_groups, run_colours, run_labels, stat_label, styled
 from gradflow.runfile import Run
@@ -24,6 +25,9 @@ if TYPE_CHECKING:
 
 LOSSES = ("train_loss", "val_loss")
 LINESTYLES = {"train_loss": "-", "val_loss": "--"}
+# Beyond this magnitude matplotlib's axis arithmetic (ranges, margins, ticks) overflows
+# float64 and fails; a stored metric may hold any float64.
+DRAWABLE = 1e300
 
 
 def epoch_metric(run: Run, name: str) -> tuple[np.ndarray, np.ndarray]:
@@ -47,6 +51,20 @@ def seed_groups(runs: Sequence[Run]) -> list[tuple[str, list[Run]]]:
         rest = {k: v for k, v in run.config.items() if k not in ("seed", "command")}
         groups.setdefault(json.dumps(rest, sort_keys=True, default=str), []).append(run)
     return list(zip(run_labels([g[0] for g in groups.values()]), groups.values(), strict=True))
+
+
+def _drawable(values: np.ndarray, what: str) -> np.ndarray:
+    """``values`` with those beyond +-:data:`DRAWABLE` left out (NaN), and a
+    :class:`PlotWarning` saying how many where there are any."""
+    far = np.abs(np.nan_to_num(values, nan=0.0, posinf=np.inf, neginf=np.inf)) > DRAWABLE
+    if not far.any():
+        return values
+    warnings.warn(
+        f"{what}: {int(far.sum())} values beyond ±{DRAWABLE:g} are not drawn",
+        PlotWarning,
+        stacklevel=2,
+    )
+    return np.where(far, np.nan, values)
 
 
 def _min_max(values: pd.Series) -> tuple[float, float]:
@@ -84,6 +102,7 @@ def learning_curves(
             frames = []
             for run in group:
                 epochs, values = epoch_metric(run, name)
+                values = _drawable(values, f"{run.path.name}, {name}")
                 a, b = window_rows(epochs, window)
                 frames.append(pd.DataFrame({"epoch": epochs[a:b], name: values[a:b]}))
             data = pd.concat(frames, ignore_index=True)

@@ -35,7 +35,10 @@ def _size(n_bytes: int) -> str:
 
 def overhead_line(run: Run) -> str | None:
     """The recorder's own time by part and as a share of the run's wall time, if stored."""
-    parts = run.overhead
+    # The stored times are float32 and, in a crafted file, may be anything: a sum that
+    # overflows is shown as inf, without numpy's warning (and its source line).
+    with np.errstate(over="ignore", invalid="ignore"):
+        parts = run.overhead
     spent = sum(parts[col] for col in OVERHEAD_COLUMNS)
     if not spent or not parts["wall"]:
         return None

@@ -14,6 +14,7 @@ from gradflow.errors import GradflowError
 from gradflow.plots.catalog import FIGURES, TABLES
 from gradflow.plots.style import DPI
 from gradflow.runfile import Run, check_writable
+from gradflow.safefile import atomic_write
 
 IMAGE_SUFFIXES = (".png", ".pdf", ".svg")
 TEXT_SUFFIXES = (".md", ".csv")
@@ -34,16 +35,6 @@ def render(name: str, runs: Sequence[Run], **options: Any) -> Figure:
     fn = FIGURES.get(name)
     _check_options(name, fn, options)
     return fn(runs, **options)
-
-
-def _write_atomic(out: Path, write: Callable[[Path], object]) -> None:
-    # A failed or interrupted write never leaves a half-written figure under the real name.
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def save(
@@ -74,8 +65,10 @@ def save(
         _check_options(name, table_fn, options)
         table = table_fn(runs)
         text = table.to_markdown() if suffix == ".md" else table.to_csv()
-        _write_atomic(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+        with atomic_write(path) as file:
+            file.write(text.encode("utf-8"))
     else:
         fig = render(name, runs, **options)
-        _write_atomic(path, lambda tmp: fig.savefig(tmp, format=suffix[1:], dpi=DPI))
+        with atomic_write(path) as file:
+            fig.savefig(file, format=suffix[1:], dpi=DPI)
     return path

@@ -35,6 +35,9 @@ RC: dict[RcKeyType, Any] = {
     "ytick.labelsize": 8,
     "axes.spines.top": False,
     "axes.spines.right": False,
+    # Names from run files are drawn as they are: "$x$" in a layer name is not mathtext
+    # (nor is an invalid "$\\foo$" an error). gradflow's own labels use Unicode instead.
+    "text.parse_math": False,
 }
 
 STAT_LABELS = {

@@ -12,6 +12,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from gradflow.analysis import centre_edge_ratio
+from gradflow.escape import csv_cell, markdown_cell
 from gradflow.plots.catalog import FIGURES, TABLES
 from gradflow.plots.curves import epoch_metric
 from gradflow.plots.style import run_labels, styled
@@ -32,14 +33,19 @@ class Table:
         return [[_format(cell) for cell in row] for row in self.rows]
 
     def to_markdown(self) -> str:
-        lines = [self.columns, ["---"] * len(self.columns), *self.formatted()]
+        """A Markdown table; cells escaped (:func:`~gradflow.escape.markdown_cell`)."""
+        cells = [[markdown_cell(cell) for cell in row] for row in [self.columns, *self.formatted()]]
+        lines = [cells[0], ["---"] * len(self.columns), *cells[1:]]
         return "".join("| " + " | ".join(line) + " |\n" for line in lines)
 
     def to_csv(self) -> str:
+        """CSV with numbers at full precision; text that a spreadsheet would run as a
+        formula is quoted (:func:`~gradflow.escape.csv_cell`)."""
         out = io.StringIO()
         writer = csv.writer(out, lineterminator="\n")
-        writer.writerow(self.columns)
-        writer.writerows(self.rows)
+        rows: list[list[Cell]] = [list(self.columns), *self.rows]
+        for row in rows:
+            writer.writerow([csv_cell(cell) if isinstance(cell, str) else cell for cell in row])
         return out.getvalue()
 
 

@@ -20,6 +20,7 @@ from matplotlib.colors import to_hex
 from rich.console import Console
 
 from gradflow.errors import GradflowError
+from gradflow.escape import visible_all
 from gradflow.plots.binning import LayerTime, bin_means, bin_starts, common_window, load
 from gradflow.plots.heatmap import _listing
 from gradflow.plots.info import info_panel
@@ -200,13 +201,15 @@ def _heatmap(
 
 
 def payload(runs: Sequence[Run], max_bins: int = SCREEN_BINS) -> dict[str, Any]:
-    """Everything the report page draws for ``runs``, JSON-serialisable (no NaN)."""
+    """Everything the report page draws for ``runs``, JSON-serialisable (no NaN), every
+    string in it :func:`~gradflow.escape.visible` (file names and config values come from
+    anyone)."""
     if not runs:
         raise GradflowError("no run files to report on")
     labels = run_labels(runs)
     drawn = [select_layers(run, all_layers=True) for run in runs]
     sections = [_heatmap(runs, labels, stat, drawn, max_bins) for stat in HEATMAP_STATS]
-    return {
+    data = {
         "colourscales": {"heat": _colourscale(HEAT_CMAP), "diff": _colourscale(DIFF_CMAP)},
         "no_value": BAD_COLOUR,
         "runs": [
@@ -214,6 +217,7 @@ def payload(runs: Sequence[Run], max_bins: int = SCREEN_BINS) -> dict[str, Any]:
         ],
         "heatmaps": [s for s in sections if s is not None],
     }
+    return dict(visible_all(data))
 
 
 def to_json(data: dict[str, Any]) -> str:

@@ -9,8 +9,10 @@ from importlib import resources
 from pathlib import Path
 
 from gradflow.errors import GradflowError
+from gradflow.escape import visible
 from gradflow.report.data import SCREEN_BINS, payload, to_json
 from gradflow.runfile import check_writable, open_run
+from gradflow.safefile import atomic_write
 
 _TEMPLATE = """<!DOCTYPE html>
 <html lang="en">
@@ -63,7 +65,7 @@ def page(data: str, title: str) -> str:
     """The page around ``data`` (JSON from :func:`~gradflow.report.data.to_json`; ``null``
     makes the page poll ``/data.json`` of the server that sent it)."""
     return _TEMPLATE.format(
-        title=html.escape(title),
+        title=html.escape(visible(title)),
         css=_asset("report.css"),
         plotly=plotly_js(),
         data=data,
@@ -88,7 +90,6 @@ def build_report(
         data = to_json(payload(runs, max_bins))
         title = "gradflow: " + ", ".join(run.path.name for run in runs)
     text = page(data, title)
-    tmp = target.with_name(f".{target.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(target)
+    with atomic_write(target) as file:
+        file.write(text.encode("utf-8"))
     return target

@@ -49,6 +49,12 @@
     return node;
   }
 
+  // plotly reads a subset of HTML in every label (<b>, <a href>, <span style>, entities):
+  // text from run files goes in escaped, so that it shows as the text it is.
+  function esc(text) {
+    return String(text).replace(/&/g, "&amp;").replace(/</g, "&lt;").replace(/>/g, "&gt;");
+  }
+
   function table(rows) {
     const t = el("table");
     rows.forEach((cells) => {
@@ -129,7 +135,7 @@
       tickvals: labelled.map((g) => (g.start + g.stop - 1) / 2),
       ticktext: labelled.map((g) => {
         const st = run.stages[g.stage];
-        return st.bottleneck ? `<b>${st.name}</b>` : st.name;
+        return st.bottleneck ? `<b>${esc(st.name)}</b>` : esc(st.name);
       }),
       shapes,
     };
@@ -160,7 +166,7 @@
     let rows;
     let zmin;
     let zmax;
-    let colorbar = { title: { text: section.label, side: "right" }, thickness: 12 };
+    let colorbar = { title: { text: esc(section.label), side: "right" }, thickness: 12 };
     let colorscale = data.colourscales.heat;
     let what = "value";
     if (diff) {
@@ -174,7 +180,7 @@
       zmax = r[1] || 1;
       zmin = -zmax;
       what = ratio ? "log10 A / B" : "A − B";
-      colorbar.title.text = `${what}: ${section.label}`;
+      colorbar.title.text = esc(`${what}: ${section.label}`);
     } else if (logMode && section.log && section.log_range) {
       const lo = Math.log10(section.log_range[0]);
       const hi = Math.log10(section.log_range[1]);
@@ -200,12 +206,12 @@
       traces.push({
         type: "scatter", mode: "markers", x: [section.unit === "epoch" ? ev.epoch : ev.step], y: [y],
         marker: { symbol: "x", size: 11, color: "#ff00ff", line: { color: "black", width: 1 } },
-        name: `first non-finite ${ev.probe}: ${ev.layer}, step ${ev.step}`, hoverinfo: "name",
+        name: esc(`first non-finite ${ev.probe}: ${ev.layer}, step ${ev.step}`), hoverinfo: "name",
         showlegend: false,
       });
     });
     const layout = {
-      title: { text: panel.title, x: 0, xanchor: "left", font: { size: 13 } },
+      title: { text: esc(panel.title), x: 0, xanchor: "left", font: { size: 13 } },
       margin: { l: 90, r: 10, t: 34, b: 40 },
       height: Math.min(560, Math.max(320, 120 + 10 * keep.length)),
       plot_bgcolor: data.no_value, // no value: the layer did not run, nothing in the bin
@@ -328,13 +334,13 @@
     });
     const loss = runs
       .filter((run) => run.curves.loss.x.length)
-      .map((run) => ({ type: "scatter", mode: "lines", name: run.label, ...run.curves.loss }));
+      .map((run) => ({ type: "scatter", mode: "lines", name: esc(run.label), ...run.curves.loss }));
     const metrics = [];
     runs.forEach((run) => {
       Object.entries(run.curves.metrics).forEach(([name, series]) => {
         metrics.push({
           type: "scatter", mode: series.x.length < 30 ? "lines+markers" : "lines",
-          name: `${run.label}, ${name}`, line: { dash: name.startsWith("val") ? "dash" : "solid" },
+          name: esc(`${run.label}, ${name}`), line: { dash: name.startsWith("val") ? "dash" : "solid" },
           ...series,
         });
       });

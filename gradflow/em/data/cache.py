@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
@@ -23,6 +21,7 @@ import scipy
 
 from gradflow.em.data.synthetic import GENERATOR_VERSION, synthetic_source, synthetic_volume
 from gradflow.em.data.volume import EMVolume
+from gradflow.safefile import atomic_write
 from gradflow.usercache import cache_dir
 
 Say = Callable[[str], None]
@@ -68,16 +67,8 @@ def _digest(images: np.ndarray, labels: np.ndarray) -> str:
 def _write(path: Path, volume: EMVolume) -> None:
     labels = volume.labels.astype(np.uint8)  # exact: the labels are 0 or 1
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, images=volume.images, labels=labels, sha256=_digest(volume.images, labels))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_write(path, mode=0o600) as f:
+        np.savez(f, images=volume.images, labels=labels, sha256=_digest(volume.images, labels))
 
 
 def _read(path: Path, n: int, size: int) -> tuple[np.ndarray, np.ndarray]:
