@@ -17,11 +17,16 @@ from gradflow.runfile import OVERHEAD_COLUMNS, Run, printable
 MAX_CONFIG_KEYS = 12
 
 
+def _cut(text: str, width: int = 70) -> str:
+    """``text`` cut to ``width`` characters: rich wraps long text in time growing faster
+    than its length (15 MB of words took minutes), and a run file's text may be that long."""
+    return printable(text if len(text) <= width else text[: width - 3] + "...")
+
+
 def _short(value: Any, width: int = 70) -> Text:
     """A config value on one line, as plain text: no rich markup, no control characters."""
     text = value if isinstance(value, str) else json.dumps(value, default=str)
-    text = printable(text if len(text) <= width else text[: width - 3] + "...")
-    return Text(text)
+    return Text(_cut(text, width))
 
 
 def _size(n_bytes: int) -> str:
@@ -58,14 +63,15 @@ def _facts(run: Run) -> Table:
         Text(
             f"{printable(str(run.path))} ({_size(run.path.stat().st_size)}), "
             f"schema v{attrs.get('schema_version')}, "
-            f"gradflow {attrs.get('gradflow_version', '?')}, "
-            f"torch {attrs.get('torch_version', '?')}, "
-            f"{attrs.get('device', '?')}, created {attrs.get('created', '?')}"
+            f"gradflow {_cut(str(attrs.get('gradflow_version', '?')))}, "
+            f"torch {_cut(str(attrs.get('torch_version', '?')))}, "
+            f"{_cut(str(attrs.get('device', '?')))}, "
+            f"created {_cut(str(attrs.get('created', '?')))}"
         ),
     )
     config = list(run.config.items())
     for key, value in config[:MAX_CONFIG_KEYS]:
-        grid.add_row(Text(f"  {printable(key)}"), _short(value))
+        grid.add_row(Text(f"  {_cut(key)}"), _short(value))
     if len(config) > MAX_CONFIG_KEYS:
         grid.add_row("", f"... {len(config) - MAX_CONFIG_KEYS} more config entries")
     steps = run.steps
@@ -78,7 +84,7 @@ def _facts(run: Run) -> Table:
     stats = [f"{p}: {', '.join(names)}" for p, names in run.probes().items()]
     if run.epoch_stats():
         stats.append(f"epoch: {', '.join(run.epoch_stats())}")
-    grid.add_row("statistics", Text("\n".join(stats)))
+    grid.add_row("statistics", Text("\n".join(_cut(line, 400) for line in stats)))
     metrics = run.metrics
     if metrics and run.n_epochs:
         last = ", ".join(f"{k} {v[-1]:.4g}" for k, v in metrics.items())
@@ -87,7 +93,7 @@ def _facts(run: Run) -> Table:
         if val is not None and np.isfinite(val).any():
             best = int(np.nanargmin(val))
             grid.add_row("best val_loss", f"{val[best]:.4g} at epoch {run.epochs[best]}")
-    grid.add_row("kernels", Text(str(attrs.get("kernel_backend", "not recorded"))))
+    grid.add_row("kernels", Text(_cut(str(attrs.get("kernel_backend", "not recorded")))))
     grid.add_row("overhead", overhead_line(run) or "not recorded")
     return grid
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import stat as _stat
 import sys
@@ -128,13 +129,19 @@ def _lock(path: Path, key: str) -> int:
         try:
             fd = os.open(key, flags, 0o644)
         except OSError as err:
+            if err.errno == errno.ELOOP:
+                raise GradflowError(
+                    f"{path}: refused: the lock file {key} is a symbolic link"
+                ) from None
             raise GradflowError(
                 f"{path}: cannot open the lock file {key} ({err.strerror or err})"
             ) from None
         try:
             opened = os.fstat(fd)
-            if not _stat.S_ISREG(opened.st_mode):
-                raise GradflowError(f"{path}: the lock file {key} is not a regular file")
+            if opened.st_nlink == 0:  # removed by its holder since we opened it: retry
+                os.close(fd)
+                continue
+            _check_lock_file(path, key, opened)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -154,3 +161,19 @@ def _lock(path: Path, key: str) -> int:
             raise
         os.close(fd)  # the holder removed this file as we locked it: lock the new one
     raise GradflowError(f"{path}: cannot lock {key} (it keeps being replaced)")
+
+
+def _check_lock_file(path: Path, key: str, opened: os.stat_result) -> None:
+    """The lock file is written (truncated to this process's id) only when it is a regular
+    file of this user with no other name: a hard link planted at ``RUN.h5.lock`` would
+    otherwise have the writer truncate the file it leads to."""
+    if not _stat.S_ISREG(opened.st_mode):
+        raise GradflowError(f"{path}: refused: the lock file {key} is not a regular file")
+    if opened.st_nlink != 1:
+        raise GradflowError(
+            f"{path}: refused: the lock file {key} has {opened.st_nlink} names (a hard link)"
+        )
+    if opened.st_uid != os.geteuid():
+        raise GradflowError(
+            f"{path}: refused: the lock file {key} belongs to user {opened.st_uid}, not to you"
+        )

@@ -272,6 +272,9 @@ def _attrs(path: Path, f: h5py.File) -> dict[str, Any]:
         if h5py.h5a.open(f.id, raw.encode()).get_storage_size() > MAX_ATTR_BYTES:
             raise _fail(path, f"damaged run file (attribute {name!r} is too large)")
         value = _attr_value(f.attrs[raw])
+        # The storage size above is a descriptor's for variable-length text: check the text.
+        if isinstance(value, str) and len(value) > MAX_ATTR_BYTES:
+            raise _fail(path, f"damaged run file (attribute {name!r} is too large)")
         if value is None:
             raise _fail(path, f"damaged run file (attribute {name!r} has an unsupported type)")
         # config stays as stored (it is parsed, not shown); other text is shown as is.

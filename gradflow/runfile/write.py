@@ -5,10 +5,12 @@ See :mod:`gradflow.runfile.schema` for the layout and its crash safety.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import io
 import json
 import os
+import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -19,6 +21,7 @@ import numpy as np
 from gradflow.errors import GradflowError
 from gradflow.runfile.lock import WriteLock, check_writable
 from gradflow.runfile.read import Run, open_run
+from gradflow.runfile.replace import atomic_path
 from gradflow.runfile.schema import (
     COMPRESSION,
     EVENT_DTYPE,
@@ -31,6 +34,7 @@ from gradflow.runfile.schema import (
     StepRows,
     chunk_rows,
 )
+from gradflow.runfile.validate import printable
 
 _UNCLOSABLE: list[h5py.File] = []  # files HDF5 failed to close (see _close)
 
@@ -93,17 +97,15 @@ class RunWriter:
         config: Mapping[str, Any],
         attrs: Mapping[str, Any],
     ) -> None:
-        tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
         try:
             # Built in memory, then written by plain file I/O: a full disk fails here cleanly,
             # not inside HDF5, which cannot close a file it failed to write.
             image = io.BytesIO()
             with h5py.File(image, "w", libver="latest") as f:
                 _write_layout(f, layers, step_stats, epoch_stats, config, attrs)
-            tmp.write_bytes(image.getvalue())
-            os.replace(tmp, target)
+            with atomic_path(target) as tmp:
+                tmp.write_bytes(image.getvalue())
         except OSError as err:
-            tmp.unlink(missing_ok=True)
             raise GradflowError(
                 f"{target}: cannot write the run file ({err.strerror or err})"
             ) from err
@@ -132,17 +134,16 @@ class RunWriter:
         run = open_run(target)
         n_steps = int(np.searchsorted(run.steps, keep_steps_below))
         n_epochs = min(keep_epochs, run.n_epochs)
-        tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
         try:
-            dst = h5py.File(tmp, "w", libver="latest", rdcc_nbytes=0)  # see _open_swmr
-            try:
-                _copy_truncated(run, dst, n_steps, n_epochs)
-            finally:
-                _close(dst)
-            run.close()
-            os.replace(tmp, target)
+            check_copyable(run, n_steps, n_epochs)  # before anything is written
+            with atomic_path(target) as tmp:
+                dst = h5py.File(tmp, "w", libver="latest", rdcc_nbytes=0)  # see _open_swmr
+                try:
+                    _copy_truncated(run, dst, n_steps, n_epochs)
+                finally:
+                    _close(dst)
+                run.close()
         except (OSError, RuntimeError) as err:  # h5py raises RuntimeError when close fails
-            tmp.unlink(missing_ok=True)
             raise GradflowError(f"{target}: cannot rewrite the run file ({err})") from err
         finally:
             run.close()
@@ -282,17 +283,16 @@ def compact(path: Path) -> None:
     old space, so the file would grow many times over. At a clean close the file is
     copied once, compressed; if that fails (a full disk, say) the uncompressed file stays.
     """
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open_run(path) as run:
-            dst = h5py.File(tmp, "w", libver="latest")
-            try:
-                _copy_truncated(run, dst, run.n_steps, run.n_epochs, compress=True)
-            finally:
-                _close(dst)
-        os.replace(tmp, path)
-    except (OSError, RuntimeError, GradflowError):
-        tmp.unlink(missing_ok=True)
+    with (
+        contextlib.suppress(OSError, RuntimeError, GradflowError),
+        open_run(path) as run,
+        atomic_path(path) as tmp,
+    ):
+        dst = h5py.File(tmp, "w", libver="latest")
+        try:
+            _copy_truncated(run, dst, run.n_steps, run.n_epochs, compress=True)
+        finally:
+            _close(dst)
 
 
 def _close(f: h5py.File) -> None:
@@ -382,29 +382,79 @@ def _write_layout(
     f.create_dataset("counts", data=np.zeros(3, np.int64))
 
 
+def check_copyable(run: Run, n_steps: int, n_epochs: int) -> None:
+    """Refuse, before anything is written, a run file that holds more than the schema's
+    objects (the rewrite on ``--resume`` copies only those, each checked as a read checks
+    it), or whose copy would not fit on the disk.
+
+    Args:
+        run: the open run file.
+        n_steps: step rows to keep.
+        n_epochs: epoch rows to keep.
+
+    Raises:
+        GradflowError: what is refused, in one line.
+    """
+    layout = run._layout
+    groups = {"", "scalars", "epochs", "epochs/metrics"}
+    if "stats" in run._f:
+        groups |= {"stats", *(f"stats/{probe}" for probe in layout.probes)}
+    known = groups | set(layout.datasets)
+    for group in sorted(groups):
+        for raw in run._f[group or "/"].id:  # link names only: nothing unknown is opened
+            name = f"{group}/{raw.decode(errors='replace')}".lstrip("/")
+            if name not in known:
+                raise GradflowError(
+                    f"{run.path}: refused: /{printable(name)} is not part of a run file; "
+                    "--resume copies only the run file's own datasets"
+                )
+    need = sum(_copy_bytes(run, name, n_steps, n_epochs)[1] for name in layout.datasets)
+    parent = run.path.parent if str(run.path.parent) else Path(".")
+    free = shutil.disk_usage(parent).free
+    if need > free:
+        raise GradflowError(
+            f"{run.path}: cannot rewrite the run file ({need} bytes needed, {free} free)"
+        )
+
+
+def _copy_bytes(run: Run, name: str, n_steps: int, n_epochs: int) -> tuple[int, int]:
+    """The rows of ``/name`` to copy and their bytes."""
+    ds = run._layout.datasets[name]
+    if name in _WHOLE:
+        rows = ds.shape[0] if ds.ndim else 1
+    elif name == "events":
+        rows = run.n_events
+    else:
+        rows = n_epochs if name.startswith("epochs/") else n_steps
+    row_bytes = int(np.prod(ds.shape[1:], dtype=object)) * ds.dtype.itemsize
+    return rows, rows * row_bytes
+
+
+_WHOLE = ("layers", "counts", "scalars/names", "epochs/metrics/names")
+_BLOCK_BYTES = 16 * 2**20  # what one copy step holds in memory
+
+
 def _copy_truncated(
     run: Run, dst: h5py.File, n_steps: int, n_epochs: int, *, compress: bool = False
 ) -> None:
-    src = run._f
-    for key, value in src.attrs.items():
+    """Copy the schema's datasets of ``run`` (nothing else) into ``dst``, keeping
+    ``n_steps`` step rows and ``n_epochs`` epoch rows, in blocks of bounded size."""
+    for key, value in run._f.attrs.items():
         dst.attrs[key] = value
-    block = 65536
-
-    def visit(name: str, obj: Any) -> None:
-        if not isinstance(obj, h5py.Dataset):
-            return
-        if name in ("layers", "counts", "scalars/names", "epochs/metrics/names"):
+    limit = int(run.steps[n_steps]) if n_steps < run.n_steps else np.iinfo(np.int64).max
+    for name, obj in sorted(run._layout.datasets.items()):
+        if name in _WHOLE:
             dst.create_dataset(name, data=obj[()])
-            return
+            continue
         if name == "events":
-            keep = [e for e in obj[: run.n_events] if e["step"] < run_steps_limit]
+            keep = [e for e in obj[: run.n_events] if e["step"] < limit]
             ds = dst.create_dataset(
                 name, shape=(len(keep),), maxshape=(None,), dtype=obj.dtype, chunks=(64,)
             )
             if keep:
                 ds[:] = np.array(keep, dtype=obj.dtype)
-            return
-        n = n_epochs if name.startswith("epochs/") else n_steps
+            continue
+        n, nbytes = _copy_bytes(run, name, n_steps, n_epochs)
         ds = dst.create_dataset(
             name,
             shape=(n, *obj.shape[1:]),
@@ -417,13 +467,11 @@ def _copy_truncated(
             fillvalue=obj.fillvalue,
             **(COMPRESSION if compress else {}),
         )
-        for k, v in obj.attrs.items():
-            ds.attrs[k] = v
+        if name == "overhead":
+            ds.attrs["columns"] = list(OVERHEAD_COLUMNS)
+        block = max(1, _BLOCK_BYTES * n // max(nbytes, 1))
         for start in range(0, n, block):
             stop = min(n, start + block)
             ds[start:stop] = obj[start:stop]
-
-    run_steps_limit = int(run.steps[n_steps]) if n_steps < run.n_steps else np.iinfo(np.int64).max
-    src.visititems(visit)
     n_events = len(dst["events"])
     dst["counts"][:] = np.array([n_steps, n_epochs, n_events], np.int64)
