@@ -7,7 +7,7 @@ one's parameters and, through its forward hook, its output.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, fields, is_dataclass
+from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any
 
 import torch
@@ -45,6 +45,7 @@ class LayerSpec:
     params: list[nn.Parameter]
     reg_index: int
     depth: int = -1
+    aliases: list[str] = field(default_factory=list)  # other modules owning its parameters
 
     @property
     def n_params(self) -> int:
@@ -60,11 +61,13 @@ class LayerSpec:
             depth=self.depth,
             n_params=self.n_params,
             shape=shape,
+            aliases=tuple(self.aliases),
         )
 
 
 def discover_layers(model: nn.Module, keep: frozenset[int] = frozenset()) -> list[LayerSpec]:
-    """Layers in registration order; a tied parameter belongs to its first owner only.
+    """Layers in registration order; a tied parameter belongs to its first owner only,
+    whose ``aliases`` name the other modules owning it.
 
     A parametrized module (``torch.nn.utils.parametrize``: ``weight_norm``,
     ``spectral_norm``, ...) owns the parameters its parametrized tensors are computed from
@@ -72,20 +75,29 @@ def discover_layers(model: nn.Module, keep: frozenset[int] = frozenset()) -> lis
     require gradients are left out unless their id is in ``keep``. Names are those of the
     eager model (:func:`eager_name`).
     """
-    seen: set[int] = set()
+    owner: dict[int, LayerSpec] = {}
     layers: list[LayerSpec] = []
-    for name, module in model.named_modules():
+    for name, module in model.named_modules(remove_duplicate=False):
         name = eager_name(name)
         params = []
         owned = list(module.parameters(recurse=False))
         if parametrize.is_parametrized(module):
             owned = [*module.parametrizations.parameters(), *owned]
+        tied: list[LayerSpec] = []
         for p in owned:
-            if (p.requires_grad or id(p) in keep) and id(p) not in seen:
-                seen.add(id(p))
+            if not (p.requires_grad or id(p) in keep):
+                continue
+            if id(p) in owner:
+                tied.append(owner[id(p)])
+            else:
                 params.append(p)
         if params:
-            layers.append(LayerSpec(name, module, params, reg_index=len(layers)))
+            layer = LayerSpec(name, module, params, reg_index=len(layers))
+            layers.append(layer)
+            owner.update((id(p), layer) for p in params)
+        for first in tied:
+            if first.name != name and name not in first.aliases:
+                first.aliases.append(name)
     return layers
 
 

@@ -81,6 +81,9 @@ def _facts(run: Run) -> Table:
     kinds = ", ".join(f"{k} {n}" for k, n in Counter(lay.kind for lay in run.layers).items())
     n_params = sum(lay.n_params for lay in run.layers)
     grid.add_row("layers", Text(f"{run.n_layers} ({kinds}), {n_params:,} parameters"))
+    tied = [lay.label for lay in run.layers if lay.aliases]
+    if tied:
+        grid.add_row("tied", Text("\n".join(tied)))
     stats = [f"{p}: {', '.join(names)}" for p, names in run.probes().items()]
     if run.epoch_stats():
         stats.append(f"epoch: {', '.join(run.epoch_stats())}")

@@ -7,7 +7,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import torch
 from torch import nn
 
 from gradflow.layers import LayerSpec
@@ -28,7 +27,7 @@ class RecorderBase:
     epoch: int
     rank: int
     world_size: int
-    _optimizers: list[torch.optim.Optimizer]
+    _optimizers: list[Any]  # torch optimizers, or optimizer-like objects measured around
     _writer: WriterThread | NullWriter
     _group: Any  # gradflow's own process group (for reduce_activations), or None
     _reduce_activations: bool

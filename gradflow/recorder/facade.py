@@ -88,7 +88,10 @@ class Recorder(HooksMixin, MeasureMixin, LayoutMixin):
         model: the module to watch (DDP and ``torch.compile`` wrappers are unwrapped;
             layers inside compiled submodules keep their eager names).
         optimizer: its optimizer, a list of optimizers, or None; wrappers holding the real
-            optimizer as ``.optimizer`` (accelerate, Lightning) are unwrapped.
+            optimizer as ``.optimizer`` (accelerate, Lightning) are unwrapped; a wrapper
+            holding it as ``.base`` (``schedulefree.ScheduleFreeWrapper``), or any object
+            with ``step()`` and ``param_groups``, is measured around its own ``step()``: the
+            update is the real change of the parameters across it.
         path: the run file to write.
         every: which steps to record: an int ``n`` (every n-th step) or ``step -> bool``.
         probes: one or several of ``"param"``, ``"activation"``, ``"grad_output"`` (or
@@ -223,8 +226,9 @@ class Recorder(HooksMixin, MeasureMixin, LayoutMixin):
         return [lay.name or "(root)" for lay in self._layers]
 
     @property
-    def optimizers(self) -> list[torch.optim.Optimizer]:
-        """The (unwrapped) optimizers whose steps are measured."""
+    def optimizers(self) -> list[Any]:
+        """What each optimizer's ``step()`` is measured around: the unwrapped torch
+        optimizer, or an optimizer-like wrapper measured around its own ``step()``."""
         return list(self._optimizers)
 
     @property
@@ -233,7 +237,16 @@ class Recorder(HooksMixin, MeasureMixin, LayoutMixin):
         return self._writer.first_nonfinite
 
     def log(self, **scalars: float | torch.Tensor) -> None:
-        """Attach scalars (e.g. ``loss=loss``) to the current step; tensors are not synced."""
+        """Attach scalars (e.g. ``loss=loss``) to the current step; tensors are not synced.
+
+        A name logged several times within one optimizer step (a loss per micro-batch
+        under gradient accumulation) is stored as the mean of its values, as the Lightning
+        and transformers integrations do. Values logged right after ``step()``, before the
+        next forward or step, belong to that step.
+
+        Args:
+            **scalars: name -> a number or a one-element tensor.
+        """
         if self._closed:
             raise GradflowError("log() on a closed Recorder")
         if self._inert:

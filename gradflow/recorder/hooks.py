@@ -13,10 +13,44 @@ from torch import nn
 
 from gradflow.layers import eager_name, first_tensor, floating_tensors
 from gradflow.recorder.base import RecorderBase
-from gradflow.recorder.options import unwrap_optimizer
+from gradflow.recorder.options import hooked, unwrap_optimizer
 from gradflow.recorder.rows import RowPhase
 
 STEPPING = RowPhase.STEPPING
+
+
+def _inert(*args: Any, **kwargs: Any) -> None:
+    """What a copied hook becomes: it does nothing."""
+
+
+def _inert_hook() -> Callable[..., None]:
+    return _inert
+
+
+class Hook:
+    """A Recorder's hook on a module or an optimizer: calls ``method(*bound, *args)``.
+
+    Copies of the module (``copy.deepcopy``, ``AveragedModel``, pickling, ``torch.save`` of
+    the whole model) copy its hook dictionaries; a copy of this hook is :func:`_inert`, so
+    a copied model neither drags the Recorder along nor records into it.
+    """
+
+    __slots__ = ("_call",)
+
+    def __init__(self, method: Callable[..., Any], *bound: Any) -> None:
+        self._call = partial(method, *bound) if bound else method
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self._call(*args, **kwargs)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> Callable[..., None]:
+        return _inert
+
+    def __copy__(self) -> Callable[..., None]:
+        return _inert
+
+    def __reduce__(self) -> tuple[Callable[[], Callable[..., None]], tuple[()]]:
+        return (_inert_hook, ())
 
 
 class HooksMixin(RecorderBase):
@@ -37,22 +71,26 @@ class HooksMixin(RecorderBase):
         self._backward_task = -1  # the backward pass whose end makes a row (no optimizer)
         self._forward_seen = False
         self._stepped = False  # optimizer.step() ran inside the grad scaler's step
+        self._wrapped_steps: list[Any] = []  # optimizer-like objects whose step() is wrapped
 
     # Hooks that Dynamo may trace (torch.compile) do only attribute checks and dict updates;
     # their work runs in torch.compiler.disable'd methods, eagerly, on real tensors (a graph
     # break on recorded steps, none on unrecorded ones: Dynamo guards on the checks).
     def _attach(self) -> None:
         model = self.model
-        self._handles.append(model.register_forward_pre_hook(self._on_root_pre))
-        self._handles.append(model.register_forward_hook(self._on_root_post))
+        self._handles.append(model.register_forward_pre_hook(Hook(self._on_root_pre)))
+        self._handles.append(model.register_forward_hook(Hook(self._on_root_post)))
         self._hook_layers()
         for name, module in model.named_modules():
             self._order_handles.append(
-                module.register_forward_pre_hook(partial(self._note_call, eager_name(name)))
+                module.register_forward_pre_hook(Hook(self._note_call, eager_name(name)))
             )
         for index, opt in enumerate(self._optimizers):
-            self._handles.append(opt.register_step_pre_hook(partial(self._on_step_pre, index)))
-            self._handles.append(opt.register_step_post_hook(partial(self._on_step_post, index)))
+            if hooked(opt):
+                self._handles.append(opt.register_step_pre_hook(Hook(self._on_step_pre, index)))
+                self._handles.append(opt.register_step_post_hook(Hook(self._on_step_post, index)))
+            else:
+                self._wrap_step(index, opt)
         self._module_ids = {id(m) for m in model.modules()}
         registration = torch.nn.modules.module
         self._handles.append(
@@ -74,7 +112,9 @@ class HooksMixin(RecorderBase):
                 probe.attach(attachment)
             for lay in self._layers:
                 self._layer_handles.append(
-                    lay.module.register_forward_hook(partial(self._on_layer_output, lay.reg_index))
+                    lay.module.register_forward_hook(
+                        Hook(self._on_layer_output, lay.reg_index)
+                    )
                 )
 
     def _detach(self) -> None:
@@ -86,6 +126,9 @@ class HooksMixin(RecorderBase):
         if self._scaler_step is not None:
             del self._scaler.step
             self._scaler_step = None
+        for opt in self._wrapped_steps:
+            del opt.step
+        self._wrapped_steps = []
 
     def _on_registration(self, module: nn.Module, name: str, value: Any) -> None:
         if id(module) in self._module_ids:
@@ -191,6 +234,22 @@ class HooksMixin(RecorderBase):
             return result
 
         return first_call_measured
+
+    def _wrap_step(self, index: int, optimizer: Any) -> None:
+        """Measure around the ``step()`` of an optimizer-like object without step hooks
+        (as the step hooks of a torch optimizer would)."""
+        original = optimizer.step
+
+        def step(*args: Any, **kwargs: Any) -> Any:
+            changed = self._on_step_pre(index, optimizer, (optimizer, *args), kwargs)
+            if changed is not None:
+                (_, *args), kwargs = changed
+            out = original(*args, **kwargs)
+            self._on_step_post(index, optimizer, (), {})
+            return out
+
+        optimizer.step = step
+        self._wrapped_steps.append(optimizer)
 
     def _wrap_scaler(self) -> None:
         scaler = self._scaler

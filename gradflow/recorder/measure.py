@@ -130,7 +130,7 @@ class MeasureMixin(RecorderBase):
             return
         t0 = time.perf_counter()
         log = row.log
-        device_vals, host_vals = split_scalars(row.scalars)
+        device_vals, host_vals = split_scalars(row.scalar_means())
         # Step probes' blocks first, then the call probes' (one tensor for all where the
         # log was merged or reduced across ranks): the writer unpacks them in this order.
         stepped = row.packed

@@ -18,31 +18,52 @@ from gradflow.probes import PROBES
 LayerSelect = Sequence[str] | Callable[[str, nn.Module], bool] | None
 
 
-def unwrap_optimizer(optimizer: Any) -> torch.optim.Optimizer:
-    """The torch optimizer inside wrappers that hold it as ``.optimizer`` (accelerate's
-    ``AcceleratedOptimizer``, Lightning's ``LightningOptimizer``), unwrapped repeatedly."""
+def hooked(optimizer: Any) -> bool:
+    """Whether ``optimizer`` is a torch optimizer with step hooks (measured through them)."""
+    # A wrapper may subclass Optimizer without its step hooks (AcceleratedOptimizer does).
+    return isinstance(optimizer, torch.optim.Optimizer) and hasattr(
+        optimizer, "_optimizer_step_pre_hooks"
+    )
+
+
+def unwrap_optimizer(optimizer: Any) -> Any:
+    """What gradflow measures around for ``optimizer``: a torch optimizer, found inside
+    wrappers that only pass ``step()`` on and hold it as ``.optimizer`` (accelerate's
+    ``AcceleratedOptimizer``, Lightning's ``LightningOptimizer``), or the first wrapper on
+    the way that holds its optimizer as ``.base`` or has ``step()`` and ``param_groups`` of
+    its own (``schedulefree.ScheduleFreeWrapper``): such a wrapper may change the
+    parameters outside its inner optimizer's step, so its own ``step()`` is measured."""
     seen: set[int] = set()
     current = optimizer
-    # A wrapper may subclass Optimizer without its step hooks (AcceleratedOptimizer does).
-    while not (
-        isinstance(current, torch.optim.Optimizer) and hasattr(current, "_optimizer_step_pre_hooks")
-    ):
+    while not hooked(current):
+        if hasattr(current, "base") or (
+            callable(getattr(current, "step", None)) and hasattr(current, "param_groups")
+        ):
+            return current
         inner = getattr(current, "optimizer", None)
         if inner is None or id(current) in seen:
             raise GradflowError(
-                "optimizer must be a torch.optim.Optimizer or an object holding one as "
-                f".optimizer, got {type(optimizer).__name__}"
+                "optimizer must be a torch.optim.Optimizer, an object holding one as "
+                ".optimizer or .base, or an object with step() and param_groups, got "
+                f"{type(optimizer).__name__}"
             )
         seen.add(id(current))
         current = inner
     return current
 
 
-def optimizers_of(optimizer: Any) -> list[torch.optim.Optimizer]:
+def optimizers_of(optimizer: Any) -> list[Any]:
+    """The optimizers (or optimizer-like wrappers) measured around, see
+    :func:`unwrap_optimizer`; each must have ``param_groups`` and ``step()``."""
     if optimizer is None:
         return []
     items = list(optimizer) if isinstance(optimizer, (list, tuple)) else [optimizer]
     found = [unwrap_optimizer(item) for item in items]
+    for item in found:
+        if not (callable(getattr(item, "step", None)) and hasattr(item, "param_groups")):
+            raise GradflowError(
+                f"{type(item).__name__} has no step() and param_groups to measure around"
+            )
     if len({id(o) for o in found}) != len(found):
         raise GradflowError("the same optimizer is given twice")
     return found

@@ -38,8 +38,13 @@ class MeasuredRow:
     time: float
     packed: dict[str, tuple[torch.Tensor, Block]]  # the step probes' reductions, by probe
     log: CallLog  # the layer calls of the row (merged, or reduced across ranks)
-    scalars: dict[str, Any]  # logged scalars, still added to until the row is handed over
+    scalars: dict[str, list[Any]]  # logged values by name, added to until handed over
     skipped: bool
+
+    def scalar_means(self) -> dict[str, Any]:
+        """Each logged scalar's mean over the values logged in the row (a tensor where
+        any value is one: no sync)."""
+        return {name: sum(values) / len(values) for name, values in self.scalars.items()}
 
 
 class RowState:
@@ -58,7 +63,7 @@ class RowState:
         self.root_trained = False  # a training forward of the model ran in the recorded row
         self.layer_called = False  # a layer's forward hook ran on a recorded step
         self.dirty = False  # a submodule or parameter of the model was (re)registered
-        self.scalars: dict[str, Any] = {}  # logged for the row being measured
+        self.scalars: dict[str, list[Any]] = {}  # logged for the row being measured
         self.closed: MeasuredRow | None = None
 
     @property
@@ -101,12 +106,17 @@ class RowState:
 
     def log(self, values: dict[str, Any], *, recorded: bool) -> None:
         """Scalars logged now: those of the closed row while it waits, else those of the
-        row being measured if it is ``recorded``."""
+        row being measured if it is ``recorded``. A name logged several times in a row
+        (one loss per micro-batch) keeps every value; the row stores their mean."""
         if self.phase is RowPhase.CLOSED:
             assert self.closed is not None
-            self.closed.scalars.update(values)
+            target = self.closed.scalars
         elif recorded:
-            self.scalars.update(values)
+            target = self.scalars
+        else:
+            return
+        for name, value in values.items():
+            target.setdefault(name, []).append(value)
 
     @contextmanager
     def replay(self) -> Iterator[None]:

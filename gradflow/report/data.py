@@ -131,7 +131,10 @@ def _run(run: Run, label: str, drawn: list[Layer]) -> dict[str, Any]:
             [k, v if isinstance(v, str) else json.dumps(v, default=str)]
             for k, v in run.config.items()
         ],
-        "layers": [{"name": lay.name, "kind": lay.kind, "depth": lay.depth} for lay in drawn],
+        "layers": [
+            {"name": lay.name, "kind": lay.kind, "depth": lay.depth, "aliases": list(lay.aliases)}
+            for lay in drawn
+        ],
         "stage_of": stage_of.tolist(),
         "stages": [{"name": s.name, "bottleneck": s.bottleneck} for s in found],
         "events": _events(run),

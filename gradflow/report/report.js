@@ -249,6 +249,8 @@
       ["at", spanText(info.unit, info.panel.spans[c])],
       [info.what, fmt(info.rows[k][c])],
     ];
+    // Tied parameters: the other modules that own this layer's parameters.
+    if (layer.aliases && layer.aliases.length) lines.splice(1, 0, ["also", layer.aliases.join(", ")]);
     tip.replaceChildren(...lines.map(([key, val]) => {
       const line = el("div");
       line.appendChild(el("span", `${key} `, "key"));

@@ -50,6 +50,7 @@ LAYER_DTYPE = np.dtype(
         ("depth", "<i4"),
         ("n_params", "<i8"),
         ("shape", "S256"),
+        ("aliases", "S256"),  # other modules owning its parameters (absent in older files)
     ]
 )
 EVENT_DTYPE = np.dtype(
@@ -76,6 +77,12 @@ class Layer:
     depth: int
     n_params: int
     shape: str
+    aliases: tuple[str, ...] = ()  # other modules that own (share) its parameters: tied
+
+    @property
+    def label(self) -> str:
+        """The name, with the modules sharing its parameters: ``wte (also: lm_head)``."""
+        return f"{self.name} (also: {', '.join(self.aliases)})" if self.aliases else self.name
 
 
 @dataclass(frozen=True)

@@ -44,6 +44,8 @@ _ALLOWED_FILTERS = {h5py.h5z.FILTER_DEFLATE, h5py.h5z.FILTER_SHUFFLE, h5py.h5z.F
 _STEPS, _EPOCHS, _EVENTS = 0, 1, 2  # positions in /counts
 _STRINGS = ("gradflow_version", "created", "torch_version", "device")
 _LAYER_FIELDS = {"name": "S", "kind": "S", "type": "S", "depth": "i", "n_params": "i", "shape": "S"}
+# Written since tied parameters are shown; files without it still read (no aliases).
+_LAYER_FIELDS_ALIASES = {**_LAYER_FIELDS, "aliases": "S"}
 _EVENT_FIELDS = {
     "step": "i",
     "epoch": "i",
@@ -143,7 +145,9 @@ def check_layout(path: Path, f: h5py.File, max_version: int) -> CheckedLayout:
     counts = read_counts(path, counts_ds)
 
     layers_ds = _dataset(path, f, "layers")
-    _check_dtype(path, "layers", layers_ds, _Spec("V", 1, None, fields=_LAYER_FIELDS))
+    has_aliases = "aliases" in (layers_ds.dtype.fields or {})
+    fields = _LAYER_FIELDS_ALIASES if has_aliases else _LAYER_FIELDS
+    _check_dtype(path, "layers", layers_ds, _Spec("V", 1, None, fields=fields))
     datasets: dict[str, h5py.Dataset] = {"counts": counts_ds, "layers": layers_ds}
     for name in _GROUPS:
         _group(path, f, name)
@@ -410,6 +414,13 @@ def _layers(path: Path, ds: h5py.Dataset) -> list[dict[str, Any]]:
             "depth": int(r["depth"]),
             "n_params": int(r["n_params"]),
             "shape": _text(path, bytes(r["shape"]), f"the shape of layer {i}"),
+            "aliases": tuple(
+                a
+                for a in _text(path, bytes(r["aliases"]), f"the aliases of layer {i}").split(",")
+                if a
+            )
+            if "aliases" in (table.dtype.fields or {})
+            else (),
         }
         for i, r in enumerate(table)
     ]

@@ -340,6 +340,7 @@ def _write_layout(
                 lay.depth,
                 lay.n_params,
                 lay.shape.encode()[:256],
+                ",".join(lay.aliases).encode()[:256],
             )
             for lay in layers
         ],

@@ -69,7 +69,7 @@ def test_close_resets_the_row_flags_but_not_the_sticky_ones() -> None:
     rows = RowState()
     rows.step(0)
     rows.skipped = rows.root_trained = rows.layer_called = rows.dirty = True
-    rows.scalars["loss"] = 1.0
+    rows.scalars["loss"] = [1.0]
     rows.close(_row())
     assert not rows.skipped and not rows.root_trained and rows.scalars == {}
     assert rows.layer_called and rows.dirty  # about the model, not the row
@@ -90,7 +90,7 @@ def test_logged_scalars_go_to_the_closed_row_while_it_waits() -> None:
     assert rows.scalars == {}
     assert rows.take() is measured
     rows.log({"d": 4.0}, recorded=True)
-    assert rows.scalars == {"d": 4.0} and set(measured.scalars) == {"a", "b", "c"}
+    assert rows.scalars == {"d": [4.0]} and set(measured.scalars) == {"a", "b", "c"}
 
 
 def test_replay_nests_and_unwinds_on_error() -> None:
@@ -111,3 +111,16 @@ def test_a_step_while_a_row_waits_is_refused() -> None:
     rows.close(_row())
     with pytest.raises(AssertionError, match="hand the closed row over first"):
         rows.step(0)
+
+
+def test_a_scalar_logged_several_times_in_a_row_is_their_mean() -> None:
+    rows = RowState()
+    rows.step(0)
+    for value in (1.0, 2.0, 6.0):  # one per micro-batch
+        rows.log({"loss": value}, recorded=True)
+    measured = _row()
+    measured.scalars = rows.scalars
+    rows.close(measured)
+    rows.log({"loss": torch.tensor(3.0), "lr": 0.5}, recorded=False)  # after step()
+    means = measured.scalar_means()
+    assert float(means["loss"]) == (1.0 + 2.0 + 6.0 + 3.0) / 4 and means["lr"] == 0.5
