@@ -1,7 +1,8 @@
 """Which modules are layers, in which order, and what they output.
 
-A layer is a module that directly owns trainable parameters; the recorder measures each
-one's parameters and, through its forward hook, its output.
+A layer is a module that directly owns parameters, trainable or not; the recorder measures
+the parameters of each one that require gradients (none while it is frozen: its statistics
+are NaN then) and, through its forward hook, its output.
 """
 
 from __future__ import annotations
@@ -38,7 +39,8 @@ def layer_kind(module: nn.Module) -> str:
 
 @dataclass
 class LayerSpec:
-    """A module that directly owns trainable parameters, with those parameters."""
+    """A module that directly owns parameters: all of them (``owned``) and those that
+    require gradients (``params``: measured; none while the layer is frozen)."""
 
     name: str
     module: nn.Module
@@ -46,55 +48,57 @@ class LayerSpec:
     reg_index: int
     depth: int = -1
     aliases: list[str] = field(default_factory=list)  # other modules owning its parameters
+    owned: list[nn.Parameter] = field(default_factory=list)  # every parameter it owns
 
     @property
     def n_params(self) -> int:
+        """Elements of the measured (trainable) parameters."""
         return sum(p.numel() for p in self.params)
 
     def info(self, index: int) -> Layer:
-        shape = "+".join("x".join(str(s) for s in p.shape) or "1" for p in self.params)
+        owned = self.owned or self.params
+        shape = "+".join("x".join(str(s) for s in p.shape) or "1" for p in owned)
         return Layer(
             index=index,
             name=self.name or "(root)",
             kind=layer_kind(self.module),
             type=type(self.module).__name__,
             depth=self.depth,
-            n_params=self.n_params,
+            n_params=sum(p.numel() for p in owned),
             shape=shape,
             aliases=tuple(self.aliases),
         )
 
 
-def discover_layers(model: nn.Module, keep: frozenset[int] = frozenset()) -> list[LayerSpec]:
+def discover_layers(model: nn.Module) -> list[LayerSpec]:
     """Layers in registration order; a tied parameter belongs to its first owner only,
     whose ``aliases`` name the other modules owning it.
 
     A parametrized module (``torch.nn.utils.parametrize``: ``weight_norm``,
     ``spectral_norm``, ...) owns the parameters its parametrized tensors are computed from
-    (``parametrizations.weight.original0`` ...), before its own. Parameters that do not
-    require gradients are left out unless their id is in ``keep``. Names are those of the
-    eager model (:func:`eager_name`).
+    (``parametrizations.weight.original0`` ...), before its own. A layer's ``params`` are
+    those that require gradients now. Names are those of the eager model
+    (:func:`eager_name`).
     """
     owner: dict[int, LayerSpec] = {}
     layers: list[LayerSpec] = []
     for name, module in model.named_modules(remove_duplicate=False):
         name = eager_name(name)
-        params = []
-        owned = list(module.parameters(recurse=False))
+        mine = []
+        params = list(module.parameters(recurse=False))
         if parametrize.is_parametrized(module):
-            owned = [*module.parametrizations.parameters(), *owned]
+            params = [*module.parametrizations.parameters(), *params]
         tied: list[LayerSpec] = []
-        for p in owned:
-            if not (p.requires_grad or id(p) in keep):
-                continue
+        for p in params:
             if id(p) in owner:
                 tied.append(owner[id(p)])
             else:
-                params.append(p)
-        if params:
-            layer = LayerSpec(name, module, params, reg_index=len(layers))
+                mine.append(p)
+        if mine:
+            trainable = [p for p in mine if p.requires_grad]
+            layer = LayerSpec(name, module, trainable, reg_index=len(layers), owned=mine)
             layers.append(layer)
-            owner.update((id(p), layer) for p in params)
+            owner.update((id(p), layer) for p in mine)
         for first in tied:
             if first.name != name and name not in first.aliases:
                 first.aliases.append(name)

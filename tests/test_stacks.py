@@ -52,7 +52,6 @@ class Reference:
         self.layers = layers
         self.outputs: dict[str, list[torch.Tensor]] = {name: [] for name in layers}
         self.capturing = True
-        self.frozen: set[int] = set()  # parameters frozen after attaching: still recorded
         self.rows: list[Row] = []
         self._before: list[list[torch.Tensor]] = []
         self._grads: list[list[torch.Tensor | None]] = []
@@ -85,7 +84,7 @@ class Reference:
         owned = list(module.parameters(recurse=False))
         if parametrize.is_parametrized(module):  # weight_norm's original0/1 make its weight
             owned += list(module.parametrizations.parameters())
-        return [p for p in owned if p.requires_grad or id(p) in self.frozen]
+        return [p for p in owned if p.requires_grad]
 
     def weights_and_grads(self) -> None:
         """Copy weights and gradients now (where the optimizer step reads them)."""
@@ -614,8 +613,10 @@ def test_new_param_group_and_replaced_submodule_are_recorded(tmp_path) -> None:
             ref.weights_and_grads()
             opt.step()
             ref.row()
-        assert rec.layer_names == ["0", "2"]
+        assert rec.layer_names == ["0", "2", "4"]  # "4", frozen, is not measured
     ref.check(path)
+    with open_run(path) as run:
+        assert np.isnan(run.stat("param", "weight_norm")[:, 2]).all()
 
 
 def test_changed_layer_set_is_refused(tmp_path) -> None:
@@ -870,7 +871,7 @@ class Branches(nn.Module):
         return (self.right if self.use_right else self.left)(torch.tanh(self.inp(x)))
 
 
-def test_frozen_layer_and_unused_branch_have_no_gradient(tmp_path) -> None:
+def test_unused_branch_has_no_gradient(tmp_path) -> None:
     model = Branches()
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     ref = Reference(model, ["inp", "left", "right"])
@@ -878,18 +879,16 @@ def test_frozen_layer_and_unused_branch_have_no_gradient(tmp_path) -> None:
     def before(step: int) -> None:
         model.use_right = step == 1  # "left" gets no gradient in step 1, "right" in 0 and 2
         if step == 2:
-            model.inp.requires_grad_(False)  # frozen: still recorded, no gradient (NaN)
-            ref.frozen |= {id(p) for p in model.inp.parameters()}
             opt.add_param_group({"params": [nn.Parameter(torch.zeros(1))]})  # re-derives
 
     loop(model, opt, tmp_path / "r.h5", ref, batches(3), before=before)
     with open_run(tmp_path / "r.h5") as run:
         # Forward order; "right", not called before the layout was taken, goes last.
         assert run.layer_names == ["inp", "left", "right"]
-        inp, left, right = 0, 1, 2
+        left, right = 1, 2
         for stat in ("grad_norm", "grad_nonfinite"):  # not measured: NaN, not 0
             grad = run.stat("param", stat)
-            assert np.isnan([grad[0, right], grad[1, left], grad[2, inp]]).all()
+            assert np.isnan([grad[0, right], grad[1, left], grad[2, right]]).all()
             assert np.isfinite([grad[0, left], grad[1, right], grad[2, left]]).all()
         # torch optimizers skip a parameter without a gradient (a measured update of 0);
         # an uncalled layer's activations are NaN (not measured), not 0.
@@ -927,23 +926,6 @@ def test_layer_with_some_parameters_without_gradient(tmp_path) -> None:
     loop(model, opt, tmp_path / "r.h5", ref, batches(3), before=before)
     with open_run(tmp_path / "r.h5") as run:
         assert np.isfinite(run.stat("param", "grad_norm")).all()
-
-
-def test_layer_unfrozen_after_attaching_stays_unrecorded(tmp_path) -> None:
-    model = Branches()
-    model.left.requires_grad_(False)  # frozen when the Recorder attaches: not a layer
-    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    ref = Reference(model, ["inp", "right"])
-
-    def before(step: int) -> None:
-        model.use_right = step != 1
-        if step == 1:
-            model.left.requires_grad_(True)
-            opt.add_param_group({"params": [nn.Parameter(torch.zeros(1))]})  # re-derives
-
-    loop(model, opt, tmp_path / "r.h5", ref, batches(3), before=before)
-    with open_run(tmp_path / "r.h5") as run:
-        assert run.layer_names == ["inp", "right"]
 
 
 class SharedBlock(nn.Module):

@@ -192,13 +192,21 @@ def reduce_per_layer(
     # has gradient statistics over those of its parameters that have one, NaN if none has.
     missing = np.isnan(parts["g_nonfinite"])
     parts["g_nonfinite"] = np.where(missing, 0.0, parts["g_nonfinite"])
+    # A frozen layer has no tensors here (its start is the next one's): NaN, not measured.
+    n_tensors = missing.shape[-1]
+    measured = np.diff(np.append(layer_starts, n_tensors)) > 0
+    starts = layer_starts[measured]
+    shape = (*missing.shape[:-1], len(layer_starts))
     out: dict[str, np.ndarray] = {}
     for name in COLUMNS:
         reduce = np.maximum if name == "d_max" else np.add
-        out[name] = reduce.reduceat(parts[name], layer_starts, axis=-1)
-    out["n"] = np.broadcast_to(layer_numel, out["w_sq"].shape)
+        out[name] = np.full(shape, np.nan)
+        if len(starts):
+            out[name][..., measured] = reduce.reduceat(parts[name], starts, axis=-1)
+    out["n"] = np.broadcast_to(np.where(measured, layer_numel, np.nan), shape)
     if missing.any():
-        none = np.logical_and.reduceat(missing, layer_starts, axis=-1)
+        none = np.full(shape, False)
+        none[..., measured] = np.logical_and.reduceat(missing, starts, axis=-1)
         out["g_sq"] = np.where(none, np.nan, out["g_sq"])
         out["g_nonfinite"] = np.where(none, np.nan, out["g_nonfinite"])
     return out

@@ -67,8 +67,10 @@ class Recorder(HooksMixin, MeasureMixin, LayoutMixin):
     the parameters changed since the row opened); parameters whose optimizer did not step
     within a row are NaN there.
 
-    A layer none of whose parameters has a gradient at the step (``grad is None``: an
-    unused branch, frozen after attaching) has NaN gradient statistics there (not
+    A frozen layer (every parameter ``requires_grad=False``) is not measured while frozen:
+    its statistics are NaN and it costs nothing; it is measured from the step it is
+    unfrozen on. A layer none of whose parameters has a gradient at the step (``grad is
+    None``: an unused branch) has NaN gradient statistics there (not
     measured); where only some have one, they are those of the parameters that have one.
     Its weight and update are measured as usual (a parameter the optimizer skipped: an
     update of 0). A layer not called within a row has NaN activation and output-gradient

@@ -110,7 +110,8 @@ class HooksMixin(RecorderBase):
             attachment = self._attachment()
             for probe in self._call_probes:
                 probe.attach(attachment)
-            for lay in self._layers:
+            # A frozen layer is not measured: no hook, no cost per step.
+            for lay in (lay for lay in self._layers if lay.params):
                 self._layer_handles.append(
                     lay.module.register_forward_hook(
                         Hook(self._on_layer_output, lay.reg_index)
@@ -143,7 +144,14 @@ class HooksMixin(RecorderBase):
         self._forward_seen = True
         rows = self._rows
         rows.root_trained |= module.training and self._active
-        if rows.dirty and self._active and self._layout_sent and rows.phase is not STEPPING:
+        # Re-derived before the forward: a layer frozen or unfrozen since the last step is
+        # measured (its output too) from this step on, or not.
+        if (
+            self._active
+            and self._layout_sent
+            and rows.phase is not STEPPING
+            and self._layout_changed()
+        ):
             self._rederive()
         if rows.phase is RowPhase.CLOSED:
             self._finalize_row()

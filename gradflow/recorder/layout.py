@@ -135,12 +135,8 @@ class LayoutMixin(RecorderBase):
         self._rows.dirty = False
         known, self._module_ids = self._module_ids, {id(m) for m in self.model.modules()}
         old = {lay.name: lay for lay in self._layers}
-        # Parameters frozen since they were recorded stay recorded (no gradient: NaN); layers
-        # frozen when the layout was taken stay unrecorded once unfrozen, as they are
-        # between re-derivations.
-        recorded = frozenset(id(p) for lay in self._layers for p in lay.params)
         try:
-            found = recorded_layers(discover_layers(self.model, keep=recorded), self._select)
+            found = recorded_layers(discover_layers(self.model), self._select)
         except GradflowError:
             found = []
         new = {lay.name: lay for lay in found if lay.name in old or id(lay.module) not in known}
@@ -177,5 +173,10 @@ class LayoutMixin(RecorderBase):
 
 
 def _signature(layers: Sequence[LayerSpec]) -> list[tuple[Any, ...]]:
-    """Shape, dtype and device of every recorded parameter: a change means new probes."""
-    return [(p.shape, p.dtype, p.device) for lay in layers for p in lay.params]
+    """Shape, dtype, device and ``requires_grad`` of every parameter of the layers: a change
+    (one frozen or unfrozen) means new probes."""
+    return [
+        (p.shape, p.dtype, p.device, p.requires_grad)
+        for lay in layers
+        for p in (lay.owned or lay.params)
+    ]

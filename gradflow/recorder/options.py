@@ -163,11 +163,11 @@ def recorded_layers(layers: list[LayerSpec], select: LayerSelect) -> list[LayerS
             for lay in layers
             if any(lay.name == p or lay.name.startswith(p + ".") for p in prefixes)
         ]
-    if not chosen:
+    if not any(lay.params for lay in chosen):
         raise GradflowError(
             "no layer to record: the model has no module owning trainable parameters"
             if select is None
-            else f"layer selection {select!r} matches no layer"
+            else f"layer selection {select!r} matches no layer with trainable parameters"
         )
     for i, lay in enumerate(chosen):
         lay.reg_index = i
