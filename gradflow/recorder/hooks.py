@@ -113,9 +113,7 @@ class HooksMixin(RecorderBase):
             # A frozen layer is not measured: no hook, no cost per step.
             for lay in (lay for lay in self._layers if lay.params):
                 self._layer_handles.append(
-                    lay.module.register_forward_hook(
-                        Hook(self._on_layer_output, lay.reg_index)
-                    )
+                    lay.module.register_forward_hook(Hook(self._on_layer_output, lay.reg_index))
                 )
 
     def _detach(self) -> None:
