@@ -21,7 +21,6 @@ import numpy as np
 from gradflow.errors import GradflowError
 from gradflow.runfile.lock import WriteLock, check_writable
 from gradflow.runfile.read import Run, open_run
-from gradflow.runfile.replace import atomic_path
 from gradflow.runfile.schema import (
     COMPRESSION,
     EVENT_DTYPE,
@@ -35,6 +34,7 @@ from gradflow.runfile.schema import (
     chunk_rows,
 )
 from gradflow.runfile.validate import printable
+from gradflow.safefile import atomic_path
 
 _UNCLOSABLE: list[h5py.File] = []  # files HDF5 failed to close (see _close)
 

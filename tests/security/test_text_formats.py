@@ -21,7 +21,7 @@ import h5py
 import matplotlib as mpl
 import numpy as np
 import pytest
-from runfiles import SyntheticRun, fcn_layers, write_run
+from runfiles import STEP_STATS, SyntheticRun, fcn_layers, write_run
 
 from gradflow.plots import FIGURES, save
 from gradflow.report import build_report
@@ -33,6 +33,7 @@ from gradflow.runfile import open_run
 # would be drawn as x squared.
 MATH_STAGES = ("$x^2$", r"a$\foo$b", "down", "up", "$y$")
 MATH_MODEL = r"$\alpha$ net"
+FIGURE_STATS = {**STEP_STATS, "skip": ["shortcut_share", "long_share"]}  # every figure draws
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +42,7 @@ def math_runs(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
     paths = []
     for name in ("a", "b"):
         with SyntheticRun(folder / f"{name}.h5", fcn_layers(stages=MATH_STAGES),
-                          model=MATH_MODEL) as run:  # fmt: skip
+                          model=MATH_MODEL, step_stats=FIGURE_STATS) as run:  # fmt: skip
             for _ in range(3):
                 run.steps(10).epoch(metrics={"train_loss": 0.5, "val_loss": 0.4, "$v$": 0.3})
         paths.append(folder / f"{name}.h5")
