@@ -68,7 +68,7 @@ class BudgetSchedule:
         self.spike = spike
         self._clock = clock
         self._t0 = clock()
-        self._writer_seconds: Callable[[], tuple[float, int]] = lambda: (0.0, 0)
+        self._writer_seconds: Callable[[], tuple[float, int, float]] | None = None
         self._train_s = 0.0  # training-thread cost of the rows charged so far
         self._recent: deque[float] = deque(maxlen=16)  # the last rows' training-thread costs
         self._charged = 0  # rows charged
@@ -83,8 +83,9 @@ class BudgetSchedule:
         self._pending_loss: Any = None  # a device loss copied to the host, not yet read
         self._decided: dict[int, bool] = {}
 
-    def bind(self, writer_seconds: Callable[[], tuple[float, int]]) -> None:
-        """Read the writer's cost from ``writer_seconds() -> (seconds, rows handled)``."""
+    def bind(self, writer_seconds: Callable[[], tuple[float, int, float]]) -> None:
+        """Read the writer's cost from ``writer_seconds() -> (seconds, rows committed,
+        seconds of the last commit)`` (without it, rows cost the training thread's time)."""
         self._writer_seconds = writer_seconds
 
     # -- what the recorder reports -----------------------------------------------------------
@@ -104,9 +105,6 @@ class BudgetSchedule:
             self._last_epoch_len = length
         self._epoch_start = next_step
         self._forced.add(next_step)
-        last = self._epoch_last(next_step)
-        if last is not None:
-            self._forced.add(last)
         return self._force(next_step)
 
     def loss(self, value: Any, next_step: int) -> bool:
@@ -134,14 +132,14 @@ class BudgetSchedule:
             if ready is None or ready.query():
                 self._pending_loss = None
                 self._judge(float(host), step)
-        record = step in self._forced or self._affordable()
+        record = step in self._forced or step == self._epoch_last() or self._affordable()
         self._decided = {step: record}
         self._recorded += record
         return record
 
     def reached(self) -> float:
         """The measured cost so far as a share of the wall time since the start."""
-        writer_s, _ = self._writer_seconds()
+        writer_s, _, _ = self._writer()
         wall = self._clock() - self._t0
         return (self._train_s + writer_s) / wall if wall > 0 else 0.0
 
@@ -150,7 +148,7 @@ class BudgetSchedule:
         if self._charged == 0:
             return False  # the first row is not measured yet
         now = self._clock()
-        writer_s, writer_rows = self._writer_seconds()
+        writer_s, writer_rows, commit_s = self._writer()
         then, writer_then = self._seen
         self._seen = (now, writer_s)
         self._credit += self.budget * (now - then) - (writer_s - writer_then)
@@ -158,20 +156,24 @@ class BudgetSchedule:
             return self._recorded == self._charged and self._credit >= 0
         # A median: one slow row (the first, a garbage collection) does not set the pace.
         per_train = statistics.median(self._recent)
-        # Until the writer's first commit its cost per row is unknown: assumed equal to
-        # the training thread's (statistics of rows are computed at commits).
-        per_writer = writer_s / writer_rows if writer_rows else per_train
-        row = per_train + per_writer
+        row = per_train
         owed = (self._recorded - self._charged) * per_train
-        owed += max(0, self._recorded - writer_rows) * per_writer
+        # The writer's cost is mostly per commit (one every flush_every rows or
+        # flush_seconds while rows wait), little per row: rows waiting owe the next commit,
+        # estimated as the last one (before the first, as one row's).
+        if self._recorded > writer_rows and self._writer_seconds is not None:
+            owed += commit_s if writer_rows else per_train
         # Credit is not saved up beyond two rows: time the training spends elsewhere
         # (validation, a pause) does not pay for a burst of rows afterwards.
         self._credit = min(self._credit, owed + 2 * row)
         return self._credit - owed >= row
 
-    def _epoch_last(self, start: int) -> int | None:
+    def _writer(self) -> tuple[float, int, float]:
+        return (0.0, 0, 0.0) if self._writer_seconds is None else self._writer_seconds()
+
+    def _epoch_last(self) -> int | None:
         length = self.steps_per_epoch or self._last_epoch_len
-        return start + length - 1 if length else None
+        return self._epoch_start + length - 1 if length else None
 
     def _judge(self, loss: float, next_step: int) -> bool:
         spike = (

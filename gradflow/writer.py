@@ -96,6 +96,7 @@ class NullWriter:
     error: BaseException | None = None
     first_nonfinite: Event | None = None
     busy_s = 0.0
+    commit_s = 0.0
     rows_written = 0
 
     def start(self) -> None:
@@ -122,6 +123,7 @@ class WriterThread(threading.Thread):
         self.first_nonfinite: Event | None = None
         self.rows_written = 0
         self.busy_s = 0.0  # seconds spent on rows and commits, file writes included
+        self.commit_s = 0.0  # seconds the last commit took
         self._write_s = 0.0  # the last file write's seconds, not yet in a row's overhead
         self._layout: RunLayout | None = None
         self._file: RunWriter | None = None
@@ -317,22 +319,25 @@ class WriterThread(threading.Thread):
         self._pending_events.append(event)
 
     def _commit(self) -> None:
-        if self._file is None:
+        pending = self._pending_steps or self._pending_epochs or self._pending_events
+        if self._file is None or not (pending or self._pending_attrs):
+            self._last_commit = time.monotonic()
             return
         t0 = time.perf_counter()
         try:
-            self._write()
+            self._write(self._file)
         finally:
             spent = time.perf_counter() - t0
             self.busy_s += spent
+            self.commit_s = spent
             self._write_s += spent
 
-    def _write(self) -> None:
+    def _write(self, file: RunWriter) -> None:
         if self._pending_steps:
             t0 = time.perf_counter()
             merged = _concat([self._rows(group) for group in _same_layout(self._pending_steps)])
             self._write_s -= time.perf_counter() - t0  # in the rows' overhead already
-            self._file.append_steps(merged)
+            file.append_steps(merged)
             self.rows_written += len(merged)
         layout = self._require_layout()
         for ep in self._pending_epochs:
@@ -347,15 +352,15 @@ class WriterThread(threading.Thread):
                 stats = {k: np.full(len(layout.layers), np.nan) for k in EPOCH_STATS}
             metrics = dict(zip(ep.metric_names, vec[n:].tolist(), strict=True))
             metrics.update(ep.host_metrics)
-            self._file.append_epoch(ep.epoch, ep.end_step, stats, metrics)
+            file.append_epoch(ep.epoch, ep.end_step, stats, metrics)
         for event in self._pending_events:
-            self._file.add_event(event)
-        self._file.set_attrs(self._pending_attrs)
+            file.add_event(event)
+        file.set_attrs(self._pending_attrs)
         self._pending_attrs = {}
         self._pending_steps = []
         self._pending_epochs = []
         self._pending_events = []
-        self._file.commit()
+        file.commit()
         self._last_commit = time.monotonic()
 
 

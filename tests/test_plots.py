@@ -161,7 +161,8 @@ def test_gradient_and_activation_heatmaps_draw_their_statistics(run_a: Run) -> N
     fig = activation_heatmap([run_a])
     stored = run_a.stat("activation", "zero_fraction", layers=cols)
     np.testing.assert_allclose(drawn(fig), stored.T, rtol=1e-6)
-    assert fig.axes[0].collections[0].norm.vmin == 0.0 and fig.axes[0].collections[0].norm.vmax == 1.0
+    norm = fig.axes[0].collections[0].norm
+    assert norm.vmin == 0.0 and norm.vmax == 1.0
 
 
 def test_per_step_statistic_against_epochs_is_the_epoch_mean(run_a: Run) -> None:
@@ -500,9 +501,8 @@ def test_shared_scale_gives_every_panel_one_norm(runs_dir: Path, tmp_path: Path)
                 assert (norm.vmin, norm.vmax) == pytest.approx((lo, hi), rel=1e-6)
             assert len(fig.axes) == 5  # four panels, one colour bar
             own = updates_heatmap(runs, log=log, shared_scale=False)
-            limits = [
-                (own.axes[i].collections[0].norm.vmin, own.axes[i].collections[0].norm.vmax) for i in range(4)
-            ]
+            norms = [own.axes[i].collections[0].norm for i in range(4)]
+            limits = [(norm.vmin, norm.vmax) for norm in norms]
             want = [(v.min(), v.max()) for v in keep]
             np.testing.assert_allclose(limits, want, rtol=1e-6)
             assert len({lim[1] for lim in limits}) == 4  # the panels do differ

@@ -108,7 +108,8 @@ def budget_line(run: Run) -> str | None:
         return None
     reached = float(run.attrs.get("budget_reached", float("nan")))
     shown = f"{100 * reached:.2f} %" if np.isfinite(reached) else "not closed"
-    return f"{100 * float(budget):.2f} % of wall time, reached {shown} ({run.n_steps} steps recorded)"
+    steps = f"{run.n_steps} steps recorded"
+    return f"{100 * float(budget):.2f} % of wall time, reached {shown} ({steps})"
 
 
 def info_panel(run: Run) -> RenderableType:

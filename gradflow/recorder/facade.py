@@ -219,7 +219,7 @@ class Recorder(HooksMixin, MeasureMixin, LayoutMixin):
         self._writer.start()
         if self._budget is not None:
             writer = self._writer
-            self._budget.bind(lambda: (writer.busy_s, writer.rows_written))
+            self._budget.bind(lambda: (writer.busy_s, writer.rows_written, writer.commit_s))
         _OPEN[model] = self
         try:
             if not self._inert:
