@@ -18,7 +18,7 @@ BENCH_FILES := benchmarks/common.py benchmarks/overhead.py benchmarks/runfile.py
 	benchmarks/floor.py benchmarks/kernels.py benchmarks/gpu.py benchmarks/soak.py
 
 .PHONY: help test lint bench bench-overhead bench-resunet bench-runfile bench-plot bench-soak \
-	bench-stacks bench-gpu-dry bench-gpu bench-summary
+	bench-stacks bench-budget bench-gpu-dry bench-gpu bench-summary
 
 help:
 	@echo "make test    pytest"
@@ -26,6 +26,7 @@ help:
 	@echo "make bench   the CPU benchmarks (about 13 min on a quiet 2-core machine),"
 	@echo "             output and JSON in $(RESULTS)/"
 	@echo "make bench-stacks    fig3b-long-9, resnet18, gpt2-mini side by side, C kernels on/off"
+	@echo "make bench-budget    all probes every step vs under budgets of 1 % and 5 %"
 	@echo "make bench-gpu-dry   benchmarks/gpu.py --device cpu --quick (checks the GPU script)"
 	@echo "make bench-gpu       on a CUDA machine: CUDA tests + paper-resunet GPU overhead"
 	@echo "make bench-compare BASE=<rev>   overhead rows of <rev> and the working tree,"
@@ -57,6 +58,12 @@ bench-stacks: | $(RESULTS)
 	$(PYTHON) benchmarks/overhead.py --model fig3b-long-9,resnet18,gpt2-mini --pairs $(STACK_PAIRS) \
 		--variants param,all,param-torch,all-torch --no-memory \
 		--json $(RESULTS)/overhead_stacks.json | tee $(RESULTS)/overhead_stacks.txt
+
+# All probes every step next to all probes under overhead budgets of 1 % and 5 %.
+bench-budget: | $(RESULTS)
+	$(PYTHON) benchmarks/overhead.py --model fig3b-long-9,resnet18,gpt2-mini,paper-resunet \
+		--pairs $(STACK_PAIRS) --variants all,budget-1pc,budget-5pc --no-memory \
+		--json $(RESULTS)/overhead_budget.json | tee $(RESULTS)/overhead_budget.txt
 
 # wandb.watch and TensorBoard histograms cost seconds per step on 11 M parameters: left out;
 # so is every-10th-step recording (shown on fig3b), whose 5-step trials would differ.

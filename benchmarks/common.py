@@ -527,7 +527,7 @@ class GradflowTool(Tool):
         trainer: Stepper,
         path: Path,
         *,
-        every: int = 1,
+        every: int | None = 1,
         probes: Sequence[str] = ("param",),
         native: bool = True,
         **options: Any,
@@ -570,7 +570,11 @@ class GradflowTool(Tool):
         try:
             with open_run(self.path) as run:
                 n = max(run.n_steps, 1)
-                return {k: 1e3 * v / n for k, v in run.overhead.items() if k != "wall"}
+                out = {k: 1e3 * v / n for k, v in run.overhead.items() if k != "wall"}
+                out["rows"] = float(run.n_steps)
+                if "budget_reached" in run.attrs:
+                    out["budget_reached"] = float(run.attrs["budget_reached"])
+                return out
         except Exception:
             return None
 
@@ -597,14 +601,21 @@ class Variant:
 
 
 def recorder_variant(
-    name: str, label: str, every: int, probes: Sequence[str], native: bool = True
+    name: str,
+    label: str,
+    every: int | None,
+    probes: Sequence[str],
+    native: bool = True,
+    budget: float | None = None,
 ) -> Variant:
-    """A variant recording with gradflow into ``<folder>/<name>.h5``."""
+    """A variant recording with gradflow into ``<folder>/<name>.h5`` (every ``every``-th
+    step, or under an overhead ``budget``)."""
+    options = {} if budget is None else {"budget": budget}
     return Variant(
         name,
         label,
         lambda t, folder: GradflowTool(
-            t, folder / f"{name}.h5", every=every, probes=probes, native=native
+            t, folder / f"{name}.h5", every=every, probes=probes, native=native, **options
         ),
     )
 

@@ -216,6 +216,12 @@ VARIANTS = {
         ),
         recorder_variant("all", "gradflow all probes every step", 1, DEFAULT_PROBES),
         recorder_variant(
+            "budget-1pc", "gradflow all probes, budget=0.01", None, DEFAULT_PROBES, budget=0.01
+        ),
+        recorder_variant(
+            "budget-5pc", "gradflow all probes, budget=0.05", None, DEFAULT_PROBES, budget=0.05
+        ),
+        recorder_variant(
             "param-torch", "gradflow parameter statistics, C kernels off", 1, ("param",), False
         ),
         recorder_variant(

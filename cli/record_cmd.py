@@ -120,7 +120,16 @@ def record(
         bool, typer.Option("--resume", help="Continue --out from its checkpoint.")
     ] = False,
     loss: Annotated[str, typer.Option(help="dice or bce.", metavar="dice|bce")] = _DEFAULTS.loss,
-    every: Annotated[int, typer.Option(help="Record every N-th step.")] = _DEFAULTS.every,
+    every: Annotated[
+        int | None, typer.Option(help="Record every N-th step (default 1).")
+    ] = None,
+    budget: Annotated[
+        float | None,
+        typer.Option(
+            help="Instead of --every: the recorder's largest share of the wall time "
+            "(e.g. 0.02); it picks the recorded steps."
+        ),
+    ] = None,
     val_every: Annotated[
         int, typer.Option(help="Validate every K epochs (0: never).")
     ] = _DEFAULTS.val_every,
@@ -161,6 +170,8 @@ def record(
     """Train a zoo FCN on EM data while recording per-layer statistics into --out."""
     if out is None:
         raise GradflowError("missing --out RUN.h5: where should the run file go?")
+    if every is not None and budget is not None:
+        raise GradflowError("--every and --budget exclude each other: give one of them")
     config = TrainConfig(
         model=model,
         model_overrides=_model_options(model_option or []),
@@ -181,7 +192,8 @@ def record(
         augment=not no_augment,
         val_every=val_every,
         val_slices=val_slices,
-        every=every,
+        every=_DEFAULTS.every if every is None else every,
+        budget=budget,
         probes=tuple(p.strip() for p in probes.split(",") if p.strip()),
         flush_every=flush_every,
         flush_seconds=flush_seconds,

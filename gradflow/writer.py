@@ -52,6 +52,13 @@ class Relayout:
 
 
 @dataclass
+class FileAttrs:
+    """Attributes to set on the run file at the next commit (e.g. at close)."""
+
+    attrs: dict[str, Any]
+
+
+@dataclass
 class StepItem:
     """One recorded step: a packed float64 host tensor and how to unpack it."""
 
@@ -88,6 +95,9 @@ class NullWriter:
 
     error: BaseException | None = None
     first_nonfinite: Event | None = None
+    busy_s = 0.0
+    commit_s = 0.0
+    rows_written = 0
 
     def start(self) -> None:
         """Nothing to start."""
@@ -112,12 +122,16 @@ class WriterThread(threading.Thread):
         self.error: BaseException | None = None
         self.first_nonfinite: Event | None = None
         self.rows_written = 0
+        self.busy_s = 0.0  # seconds spent on rows and commits, file writes included
+        self.commit_s = 0.0  # seconds the last commit took
+        self._write_s = 0.0  # the last file write's seconds, not yet in a row's overhead
         self._layout: RunLayout | None = None
         self._file: RunWriter | None = None
         self._stat_names: dict[str, list[str]] = {}  # per probe, those the file holds
         self._pending_steps: list[tuple[StepItem, float]] = []  # with the seconds spent on each
         self._pending_epochs: list[EpochItem] = []
         self._pending_events: list[Event] = []
+        self._pending_attrs: dict[str, Any] = {}
         self._last_commit = time.monotonic()
 
     # -- called from the training thread ------------------------------------------------------
@@ -175,6 +189,8 @@ class WriterThread(threading.Thread):
             self._pending_epochs.append(item)
         elif isinstance(item, Event):
             self._pending_events.append(item)
+        elif isinstance(item, FileAttrs):
+            self._pending_attrs.update(item.attrs)
         elif isinstance(item, Relayout):
             self._commit()  # pending rows have the previous sizes
             self._layout = dataclasses.replace(self._require_layout(), map=item.map)
@@ -225,7 +241,9 @@ class WriterThread(threading.Thread):
             and math.isfinite(item.host_scalars.get("loss", 0.0))
         ):
             self._check_nonfinite(item, *_reductions(self._require_layout(), [item]))
-        self._pending_steps.append((item, time.perf_counter() - t0))
+        spent = time.perf_counter() - t0
+        self.busy_s += spent
+        self._pending_steps.append((item, spent))
 
     def _rows(self, items: list[tuple[StepItem, float]]) -> StepRows:
         """Rows of steps whose packed vectors share one layout, computed together."""
@@ -247,7 +265,9 @@ class WriterThread(threading.Thread):
             scalars[name] = np.array([item.host_scalars[name] for item in steps])
         nan = np.full(len(steps), np.nan)
         loss, scale = scalars.pop("loss", nan), scalars.pop("scale", nan)
-        shared = (time.perf_counter() - t0) / len(steps)
+        # A file write is timed after its rows are built: it counts in the next rows.
+        shared = (time.perf_counter() - t0 + self._write_s) / len(steps)
+        self._write_s = 0.0
         return StepRows(
             steps=np.array([item.step for item in steps], np.int64),
             epoch=np.array([item.epoch for item in steps], np.int32),
@@ -299,11 +319,25 @@ class WriterThread(threading.Thread):
         self._pending_events.append(event)
 
     def _commit(self) -> None:
-        if self._file is None:
+        pending = self._pending_steps or self._pending_epochs or self._pending_events
+        if self._file is None or not (pending or self._pending_attrs):
+            self._last_commit = time.monotonic()
             return
+        t0 = time.perf_counter()
+        try:
+            self._write(self._file)
+        finally:
+            spent = time.perf_counter() - t0
+            self.busy_s += spent
+            self.commit_s = spent
+            self._write_s += spent
+
+    def _write(self, file: RunWriter) -> None:
         if self._pending_steps:
+            t0 = time.perf_counter()
             merged = _concat([self._rows(group) for group in _same_layout(self._pending_steps)])
-            self._file.append_steps(merged)
+            self._write_s -= time.perf_counter() - t0  # in the rows' overhead already
+            file.append_steps(merged)
             self.rows_written += len(merged)
         layout = self._require_layout()
         for ep in self._pending_epochs:
@@ -318,13 +352,15 @@ class WriterThread(threading.Thread):
                 stats = {k: np.full(len(layout.layers), np.nan) for k in EPOCH_STATS}
             metrics = dict(zip(ep.metric_names, vec[n:].tolist(), strict=True))
             metrics.update(ep.host_metrics)
-            self._file.append_epoch(ep.epoch, ep.end_step, stats, metrics)
+            file.append_epoch(ep.epoch, ep.end_step, stats, metrics)
         for event in self._pending_events:
-            self._file.add_event(event)
+            file.add_event(event)
+        file.set_attrs(self._pending_attrs)
+        self._pending_attrs = {}
         self._pending_steps = []
         self._pending_epochs = []
         self._pending_events = []
-        self._file.commit()
+        file.commit()
         self._last_commit = time.monotonic()
 
 
@@ -402,6 +438,7 @@ __all__ = [
     "EPOCH_STATS",
     "OVERHEAD_COLUMNS",
     "EpochItem",
+    "FileAttrs",
     "Relayout",
     "RunLayout",
     "StepItem",

@@ -248,6 +248,6 @@ def test_shared_scale_flag_reaches_the_figure(
     args = ["updates-heatmap", runs["a"], runs["b"], runs["a"], runs["b"], "--log", flag]
     status, _, err = gradflow(capsys, "plot", *args, "-o", tmp_path / "u.png")
     assert status == 0, err
-    norms = [drawn[0].axes[i].images[0].norm for i in range(4)]
+    norms = [drawn[0].axes[i].collections[0].norm for i in range(4)]
     limits = {(norm.vmin, norm.vmax) for norm in norms}
     assert len(limits) == (1 if shared else 2)  # a and b differ; the two copies agree

@@ -175,6 +175,8 @@ BAD_INPUTS: list[tuple[str, list[str], str]] = [
     ("nesterov with adam", ["--optimizer", "adam", "--nesterov"], "--nesterov applies to"),
     ("no-nesterov with rmsprop", ["--no-nesterov"], "--no-nesterov applies to --optimizer sgd"),
     ("not a float", ["--lr", "abc"], "Invalid value for '--lr'"),
+    ("every and budget", ["--every", "2", "--budget", "0.1"], "--every and --budget exclude"),
+    ("budget above 1", ["--budget", "1.5"], "budget must be between 0 and 1, got 1.5"),
     ("unknown option", ["--learning-rate", "0.1"], "No such option: --learning-rate"),
 ]
 

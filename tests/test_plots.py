@@ -75,7 +75,7 @@ def conv(run: Run) -> list[int]:
 
 
 def drawn(fig: Figure, panel: int = 0) -> np.ndarray:
-    return np.ma.getdata(fig.axes[panel].images[0].get_array())
+    return np.ma.getdata(fig.axes[panel].collections[0].get_array())
 
 
 def test_updates_heatmap_draws_the_stored_epoch_updates(run_a: Run) -> None:
@@ -86,8 +86,8 @@ def test_updates_heatmap_draws_the_stored_epoch_updates(run_a: Run) -> None:
     assert ax.get_xlabel() == "epoch"
     assert "input → output" in ax.get_ylabel()
     assert ax.get_ylim() == (len(conv(run_a)), 0)  # input at the top
-    assert ax.images[0].colorbar is not None
-    assert "|ΔW|" in ax.images[0].colorbar.ax.get_ylabel()
+    assert ax.collections[0].colorbar is not None
+    assert "|ΔW|" in ax.collections[0].colorbar.ax.get_ylabel()
     labels = {t.get_text(): t for t in ax.get_yticklabels()}
     assert {"down1", "across", "up2"} <= set(labels)
     assert labels["across"].get_bbox_patch() is not None  # the bottleneck is shaded
@@ -96,7 +96,7 @@ def test_updates_heatmap_draws_the_stored_epoch_updates(run_a: Run) -> None:
 
 def test_panels_are_lettered_in_run_order_on_a_shared_or_own_scale(run_a: Run, run_b: Run) -> None:
     fig = updates_heatmap([run_a, run_b])
-    images = [fig.axes[i].images[0] for i in range(2)]
+    images = [fig.axes[i].collections[0] for i in range(2)]
     assert [fig.axes[i].get_title("left") for i in range(2)] == ["(a) long-short", "(b) long-only"]
     assert images[0].norm is images[1].norm
     assert len(fig.axes) == 3  # two panels, one colour bar
@@ -104,14 +104,14 @@ def test_panels_are_lettered_in_run_order_on_a_shared_or_own_scale(run_a: Run, r
         drawn(fig, 1), run_b.stat("epoch", "update_abs_mean", layers=conv(run_b)).T, rtol=1e-6
     )
     own = updates_heatmap([run_a, run_b], shared_scale=False)
-    norms = [own.axes[i].images[0].norm for i in range(2)]
+    norms = [own.axes[i].collections[0].norm for i in range(2)]
     assert norms[0] is not norms[1]
     assert len(own.axes) == 4  # a colour bar per panel
     assert norms[0].vmax != norms[1].vmax
 
 
 def test_log_scale_uses_a_lognorm_and_draws_zeros_as_smallest(run_a: Run) -> None:
-    norm = updates_heatmap([run_a], log=True).axes[0].images[0].norm
+    norm = updates_heatmap([run_a], log=True).axes[0].collections[0].norm
     assert isinstance(norm, LogNorm)
     zero_aware = ZeroAwareLogNorm(1e-3, 1.0)
     out = zero_aware(np.array([0.0, 1e-3, 1.0, np.nan]))
@@ -161,7 +161,8 @@ def test_gradient_and_activation_heatmaps_draw_their_statistics(run_a: Run) -> N
     fig = activation_heatmap([run_a])
     stored = run_a.stat("activation", "zero_fraction", layers=cols)
     np.testing.assert_allclose(drawn(fig), stored.T, rtol=1e-6)
-    assert fig.axes[0].images[0].norm.vmin == 0.0 and fig.axes[0].images[0].norm.vmax == 1.0
+    norm = fig.axes[0].collections[0].norm
+    assert norm.vmin == 0.0 and norm.vmax == 1.0
 
 
 def test_per_step_statistic_against_epochs_is_the_epoch_mean(run_a: Run) -> None:
@@ -190,7 +191,7 @@ def test_diff_heatmap_aligns_layers_by_name_and_reports_the_rest(run_a: Run, run
     a = run_a.stat("epoch", "update_abs_mean", layers=[lay.index for lay in common])
     b = run_b.stat("epoch", "update_abs_mean", layers=[index_b[lay.name] for lay in common])
     np.testing.assert_allclose(drawn(fig), (a - b).T, rtol=1e-5, atol=1e-12)
-    image = fig.axes[0].images[0]
+    image = fig.axes[0].collections[0]
     assert isinstance(image.norm, CenteredNorm) and image.norm.vcenter == 0
     legend_title = fig.legends[0].get_title().get_text()
     assert "only in long-only (5)" in legend_title and "down1.2.conv" in legend_title
@@ -493,16 +494,15 @@ def test_shared_scale_gives_every_panel_one_norm(runs_dir: Path, tmp_path: Path)
         stored = [run.stat("epoch", "update_abs_mean", layers=conv(run)) for run in runs]
         for log in (False, True):
             fig = updates_heatmap(runs, log=log, shared_scale=True)
-            norms = [fig.axes[i].images[0].norm for i in range(4)]
+            norms = [fig.axes[i].collections[0].norm for i in range(4)]
             keep = [v[v > 0] if log else v for v in stored]
             lo, hi = min(v.min() for v in keep), max(v.max() for v in keep)
             for norm in norms:
                 assert (norm.vmin, norm.vmax) == pytest.approx((lo, hi), rel=1e-6)
             assert len(fig.axes) == 5  # four panels, one colour bar
             own = updates_heatmap(runs, log=log, shared_scale=False)
-            limits = [
-                (own.axes[i].images[0].norm.vmin, own.axes[i].images[0].norm.vmax) for i in range(4)
-            ]
+            norms = [own.axes[i].collections[0].norm for i in range(4)]
+            limits = [(norm.vmin, norm.vmax) for norm in norms]
             want = [(v.min(), v.max()) for v in keep]
             np.testing.assert_allclose(limits, want, rtol=1e-6)
             assert len({lim[1] for lim in limits}) == 4  # the panels do differ

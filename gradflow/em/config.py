@@ -44,6 +44,7 @@ RESUME_KEYS = (
     "loss",
     "augment",
     "every",
+    "budget",
     "probes",
 )
 _DEVICE = re.compile(r"cpu|cuda(:\d+)?")
@@ -75,7 +76,8 @@ class TrainConfig:
     - validation: after every ``val_every``-th epoch (default 1: every epoch; 0: never;
       the metrics are NaN in other epochs) on the first ``val_slices`` validation slices
       (default None: all 5).
-    - recording: record every ``every``-th step (default 1) with ``probes`` (default: all);
+    - recording: record every ``every``-th step (default 1), or the steps an overhead
+      ``budget`` affords (see :mod:`gradflow.budget`), with ``probes`` (default: all);
       the run file is flushed every ``flush_every`` rows or ``flush_seconds`` seconds;
       ``on_nonfinite``: "stop" after the first step with a non-finite value, or "continue".
     - ``log_every``: steps between progress lines; ``command``: the command line, stored in
@@ -106,6 +108,7 @@ class TrainConfig:
     val_every: int = 1
     val_slices: int | None = None
     every: int = 1
+    budget: float | None = None
     probes: tuple[str, ...] = DEFAULT_PROBES
     flush_every: int = 100
     flush_seconds: float = 5.0
@@ -134,6 +137,10 @@ class TrainConfig:
                 raise GradflowError(f"{name} must be at least {low}, got {value}")
         if self.seed > MAX_SEED:
             raise GradflowError(f"seed must be at most 2**63 - 1 = {MAX_SEED}, got {self.seed}")
+        if self.budget is not None and not 0 < self.budget < 1:
+            raise GradflowError(f"budget must be between 0 and 1, got {self.budget}")
+        if self.budget is not None and self.every != 1:
+            raise GradflowError("every and budget exclude each other: give one of them")
         if self.val_slices is not None and not 1 <= self.val_slices <= N_VAL:
             raise GradflowError(f"val_slices must be 1 to {N_VAL}, got {self.val_slices}")
         for name in ("lr", "eps", "flush_seconds"):

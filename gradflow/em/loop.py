@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from gradflow.budget import BudgetSchedule
 from gradflow.em.checkpoint import (
     Checkpoint,
     save_checkpoint,
@@ -308,7 +309,10 @@ def open_recorder(
         trainer.model,
         trainer.optimizer,
         out,
-        every=config.every,
+        every=None if config.budget is not None else config.every,
+        budget=None
+        if config.budget is None
+        else BudgetSchedule(config.budget, steps_per_epoch=config.steps_per_epoch),
         probes=config.probes,
         flush_every=config.flush_every,
         flush_seconds=config.flush_seconds,

@@ -121,12 +121,20 @@ def load(
             yield first - a, run.stat(probe, name, rows=rows, layers=columns)
 
     values = bin_means(blocks(), starts, len(columns))
-    # Each row covers one spacing of the time axis, centred on its epoch / step.
-    n_distinct = np.count_nonzero(np.diff(coords)) + 1
-    gap = (coords[-1] - coords[0]) / (n_distinct - 1) if n_distinct > 1 else 1.0
-    edges = np.concatenate([coords[starts], [coords[-1] + gap]]).astype(np.float64) - gap / 2
     spans = np.stack([coords[starts], coords[np.append(starts[1:], len(coords)) - 1]], axis=1)
-    return LayerTime(values, edges, spans, unit, stat, list(layers))
+    return LayerTime(values, bin_edges(spans), spans, unit, stat, list(layers))
+
+
+def bin_edges(spans: np.ndarray) -> np.ndarray:
+    """Edges [B + 1] of bins whose first and last coordinates are ``spans`` [B, 2]: halfway
+    between neighbouring bins, so that irregularly spaced steps (a schedule, an overhead
+    budget) sit at their true positions; the outer bins reach out by half the gap to
+    their neighbour (by 0.5 for a single bin)."""
+    spans = spans.astype(np.float64)
+    inner = (spans[:-1, 1] + spans[1:, 0]) / 2
+    lead = (spans[1, 0] - spans[0, 1]) / 2 if len(spans) > 1 else 0.5
+    trail = (spans[-1, 0] - spans[-2, 1]) / 2 if len(spans) > 1 else 0.5
+    return np.concatenate([[spans[0, 0] - lead], inner, [spans[-1, 1] + trail]])
 
 
 def common_window(runs: Sequence[Run], stat: str, window: TimeWindow | None) -> TimeWindow:

@@ -85,9 +85,11 @@ def _extend(norm: Normalize, values: Sequence[np.ndarray]) -> Extend:
 
 def _draw(ax: Axes, data: LayerTime, norm: Normalize, cmap_name: str) -> ScalarMappable:
     n = len(data.layers)
-    image = ax.pcolorfast(
-        data.edges, np.arange(n + 1), data.values.T, cmap=colormap(cmap_name), norm=norm
-    )
+    # A mesh on the bins' edges: irregularly spaced steps are drawn where they are.
+    image = ax.pcolormesh(
+        data.edges, np.arange(n + 1), data.values.T, cmap=colormap(cmap_name), norm=norm,
+        shading="flat", rasterized=True,
+    )  # fmt: skip
     mark_layer_groups(ax, data.layers, "y")
     ax.set_xlabel(data.unit)
     ax.set_ylabel("layer (input → output)")

@@ -98,7 +98,21 @@ def _facts(run: Run) -> Table:
             grid.add_row("best val_loss", f"{val[best]:.4g} at epoch {run.epochs[best]}")
     grid.add_row("kernels", Text(_cut(str(attrs.get("kernel_backend", "not recorded")))))
     grid.add_row("overhead", overhead_line(run) or "not recorded")
+    budget = budget_line(run)
+    if budget is not None:
+        grid.add_row("budget", budget)
     return grid
+
+
+def budget_line(run: Run) -> str | None:
+    """The overhead budget the steps were chosen under and the share reached, if any."""
+    budget = run.attrs.get("budget")
+    if budget is None:
+        return None
+    reached = float(run.attrs.get("budget_reached", float("nan")))
+    shown = f"{100 * reached:.2f} %" if np.isfinite(reached) else "not closed"
+    steps = f"{run.n_steps} steps recorded"
+    return f"{100 * float(budget):.2f} % of wall time, reached {shown} ({steps})"
 
 
 def info_panel(run: Run) -> RenderableType:

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
+from gradflow.budget import BudgetSchedule
 from gradflow.layers import LayerSpec
 from gradflow.probes import Attachment, CallLog, Probe
 from gradflow.recorder.rows import RowState
@@ -23,6 +24,7 @@ class RecorderBase:
     path: Path
     probes: tuple[str, ...]
     schedule: Schedule
+    _budget: BudgetSchedule | None  # the schedule, when it keeps an overhead budget
     step: int
     epoch: int
     rank: int

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from gradflow.budget import BudgetSchedule
 from gradflow.errors import GradflowError, reason
 from gradflow.names import DEFAULT_PROBES
 from gradflow.probes import PROBES, CallLog, Probe
@@ -30,10 +31,10 @@ from gradflow.recorder.options import (
     optimizers_of,
     split_scalars,
 )
-from gradflow.recorder.rows import RowState
+from gradflow.recorder.rows import RowPhase, RowState
 from gradflow.runfile import Event, WriteLock, check_writable
 from gradflow.schedule import Schedule, as_schedule
-from gradflow.writer import EpochItem, NullWriter, WriterThread
+from gradflow.writer import EpochItem, FileAttrs, NullWriter, WriterThread
 
 _OPEN: weakref.WeakKeyDictionary[nn.Module, Recorder] = weakref.WeakKeyDictionary()
 
@@ -96,6 +97,11 @@ class Recorder(HooksMixin, MeasureMixin, LayoutMixin):
             update is the real change of the parameters across it.
         path: the run file to write.
         every: which steps to record: an int ``n`` (every n-th step) or ``step -> bool``.
+        budget: instead of ``every``, the largest share of the wall time the recorder may
+            spend (e.g. ``0.02``), or a :class:`~gradflow.budget.BudgetSchedule` (to give
+            ``steps_per_epoch``): it then picks the recorded steps itself (see
+            :mod:`gradflow.budget`); the run file's ``budget`` and ``budget_reached``
+            attributes hold the budget and the share reached.
         probes: one or several of ``"param"``, ``"activation"``, ``"grad_output"`` (or
             probes registered in :data:`gradflow.probes.PROBES`).
         layers: name prefixes or a ``(name, module) -> bool`` predicate selecting layers.
@@ -122,6 +128,7 @@ class Recorder(HooksMixin, MeasureMixin, LayoutMixin):
         path: str | os.PathLike[str] = "run.h5",
         *,
         every: int | Schedule | None = None,
+        budget: float | BudgetSchedule | None = None,
         probes: str | Iterable[str] = DEFAULT_PROBES,
         layers: LayerSelect = None,
         scaler: Any = None,
@@ -156,7 +163,13 @@ class Recorder(HooksMixin, MeasureMixin, LayoutMixin):
             },
         )
         self._optimizers = optimizers_of(optimizer)
-        self.schedule = as_schedule(every)
+        if budget is not None and every is not None:
+            raise GradflowError("every and budget exclude each other: give one of them")
+        self._budget = (
+            budget if isinstance(budget, BudgetSchedule) or budget is None
+            else BudgetSchedule(budget)
+        )  # fmt: skip
+        self.schedule = self._budget or as_schedule(every)
         self.path = Path(path)
         if model in _OPEN:
             other: Recorder = _OPEN[model]
@@ -209,6 +222,9 @@ class Recorder(HooksMixin, MeasureMixin, LayoutMixin):
             WriterThread(flush_every, flush_seconds) if self._writes else NullWriter()
         )
         self._writer.start()
+        if self._budget is not None:
+            writer = self._writer
+            self._budget.bind(lambda: (writer.busy_s, writer.rows_written, writer.commit_s))
         _OPEN[model] = self
         try:
             if not self._inert:
@@ -265,6 +281,9 @@ class Recorder(HooksMixin, MeasureMixin, LayoutMixin):
                 value = float(value)
             values[name] = value
         self._rows.log(values, recorded=self._active)
+        if self._budget is not None and "loss" in values:
+            after = self.step + (self._rows.phase is RowPhase.STEPPING)
+            self._active |= self._budget.loss(values["loss"], after)
 
     def epoch_end(self, **metrics: float | torch.Tensor) -> None:
         """Close the current epoch: store its update statistics and the given metrics."""
@@ -293,6 +312,8 @@ class Recorder(HooksMixin, MeasureMixin, LayoutMixin):
             )
         )
         self.epoch += 1
+        if self._budget is not None:
+            self._active |= self._budget.epoch_end(self.step)
 
     def flush(self, timeout: float = 60.0) -> None:
         """Block until everything recorded so far is committed to the run file
@@ -311,6 +332,8 @@ class Recorder(HooksMixin, MeasureMixin, LayoutMixin):
             if not self._inert:
                 self._ensure_layout()
                 self._end_row()
+                if self._budget is not None:
+                    self._writer.put(FileAttrs({"budget_reached": self._budget.reached()}))
         finally:
             # Compiled code may keep calling hooks it was traced with: they check this.
             self._active = False

@@ -74,6 +74,11 @@ class LayoutMixin(RecorderBase):
                     "flush_seconds": self._flush[1],
                     "optimizer": ",".join(type(o).__name__ for o in self._optimizers),
                     "world_size": self.world_size,
+                    **(
+                        {"budget": self._budget.budget, "budget_reached": float("nan")}
+                        if self._budget is not None
+                        else {}
+                    ),
                     "activation_scope": "all ranks"
                     if self._reduce_activations
                     else f"rank {self.rank} local batch",

@@ -139,6 +139,8 @@ class MeasureMixin(RecorderBase):
         parts = [t for t, _ in stepped.values()] + log.tensors(self.probes)
         packed, ready = self._to_host(parts, device_vals)
         copy_s = time.perf_counter() - t0
+        if self._budget is not None:
+            self._budget.charge(self._hook_s + log.hook_s + self._stats_s + copy_s)
         self._writer.put(
             StepItem(
                 step=row.step,

@@ -241,6 +241,11 @@ class RunWriter:
         _put(self._f["events"], self._n_events, self._n_events + 1, rec)
         self._n_events += 1
 
+    def set_attrs(self, attrs: Mapping[str, Any]) -> None:
+        """Set attributes of the file (committed with the next :meth:`commit`)."""
+        for key, value in attrs.items():
+            self._f.attrs[key] = value
+
     def commit(self) -> None:
         """Flush the rows, then publish their count, then flush again (see module doc)."""
         self._f.flush()
