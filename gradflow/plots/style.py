@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import re
 import string
 from collections.abc import Callable, Sequence
 from typing import Any, Literal, ParamSpec, TypeVar
@@ -12,6 +13,7 @@ import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.colors import Colormap
 from matplotlib.figure import Figure
+from matplotlib.ticker import Formatter, LogFormatter
 from matplotlib.typing import RcKeyType
 
 from gradflow.plots.selection import LayerGroup, layer_groups
@@ -68,14 +70,62 @@ FIXED_LIMITS = {"activation/zero_fraction": (0.0, 1.0)}  # fractions: a fixed 0.
 
 
 def styled(fn: Callable[P, R]) -> Callable[P, R]:
-    """Build the figure under gradflow's rc settings without touching the global ones."""
+    """Build the figure under gradflow's rc settings without touching the global ones; its
+    log-scale ticks are written in Unicode (``10⁻³``), as mathtext is off."""
 
     @functools.wraps(fn)
     def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
         with mpl.rc_context(RC):
-            return fn(*args, **kwargs)
+            result = fn(*args, **kwargs)
+        if isinstance(result, Figure):
+            plain_log_ticks(result)
+        return result
 
     return wrapper
+
+
+_SUPERSCRIPT = str.maketrans("-−0123456789.", "⁻⁻⁰¹²³⁴⁵⁶⁷⁸⁹·")
+
+
+def _plain(label: str) -> str:
+    """A log formatter's mathtext label (``$\\mathdefault{2\\times10^{-3}}$``) as Unicode."""
+    if not label.startswith("$"):
+        return label
+    text = label.strip("$").replace("\\mathdefault", "").replace("\\times", "×")
+    text = re.sub(r"\^\{([^}]*)\}", lambda m: m.group(1).translate(_SUPERSCRIPT), text)
+    return text.replace("{", "").replace("}", "")
+
+
+class _PlainLogFormatter(Formatter):
+    """A log formatter whose labels are drawn without mathtext (see :func:`_plain`)."""
+
+    def __init__(self, inner: LogFormatter) -> None:
+        self.inner = inner
+
+    def set_axis(self, axis: Any) -> None:
+        super().set_axis(axis)
+        self.inner.set_axis(axis)
+
+    def set_locs(self, locs: Any) -> None:
+        self.inner.set_locs(locs)
+
+    def __call__(self, x: float, pos: int | None = None) -> str:
+        return _plain(self.inner(x, pos))
+
+
+def plain_log_ticks(fig: Figure) -> None:
+    """Every log-scale axis of ``fig`` (colour bars included) labelled in Unicode.
+
+    Args:
+        fig: the figure; changed in place.
+    """
+    for ax in fig.axes:
+        for axis in (ax.xaxis, ax.yaxis):
+            for get, set_ in ((axis.get_major_formatter, axis.set_major_formatter),
+                              (axis.get_minor_formatter, axis.set_minor_formatter)):  # fmt: skip
+                formatter = get()
+                if isinstance(formatter, LogFormatter):
+                    set_(_PlainLogFormatter(formatter))
 
 
 def colormap(name: str) -> Colormap:

@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 from runfiles import STEP_STATS, SyntheticRun, fcn_layers, write_run
 
-from gradflow.plots import FIGURES, save
+from gradflow.plots import FIGURES, render, save
 from gradflow.report import build_report
 from gradflow.report.data import payload
 from gradflow.runfile import open_run
@@ -274,3 +274,17 @@ def test_extreme_values_give_no_warnings_or_tracebacks(tmp_path: Path) -> None:
             per_layer = opened.stat("epoch", "update_abs_mean").astype(np.float64).mean(axis=0)
         assert np.all(per_layer == per_layer[0]) and np.isfinite(per_layer[0])
         assert float(table[1][2]) == 1.0
+
+
+@pytest.mark.parametrize("figure", ["updates-heatmap", "depth-profile"])
+def test_log_ticks_are_unicode_not_raw_mathtext(
+    figure: str, math_runs: list[Path], tmp_path: Path
+) -> None:
+    """Mathtext is off for text from files, so log ticks must not show "$\\mathdefault..."."""
+    with open_run(math_runs[0]) as run:
+        fig = render(figure, [run], log=True)
+        fig.canvas.draw()
+        labels = [t.get_text() for ax in fig.axes
+                  for t in ax.get_xticklabels() + ax.get_yticklabels()]  # fmt: skip
+    assert not [label for label in labels if "mathdefault" in label], labels
+    assert any("10" in label and any(c in label for c in "⁰¹²³⁴⁵⁶⁷⁸⁹") for label in labels)
