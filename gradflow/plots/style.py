@@ -10,7 +10,7 @@ from typing import Any, Literal, ParamSpec, TypeVar
 import matplotlib as mpl
 import numpy as np
 from matplotlib.axes import Axes
-from matplotlib.colors import Colormap
+from matplotlib.colors import Colormap, to_hex
 from matplotlib.figure import Figure
 from matplotlib.typing import RcKeyType
 
@@ -81,6 +81,13 @@ def styled(fn: Callable[P, R]) -> Callable[P, R]:
 def colormap(name: str) -> Colormap:
     """A copy of colour map ``name`` with NaN drawn in :data:`BAD_COLOUR`."""
     return mpl.colormaps[name].with_extremes(bad=BAD_COLOUR)
+
+
+def plotly_colourscale(name: str, n: int = 11) -> list[list[Any]]:
+    """Colour map ``name`` as a plotly colour scale (``n`` stops): the browser report and
+    the notebook figures draw in the PNG figures' colours."""
+    cmap = colormap(name)
+    return [[i / (n - 1), to_hex(cmap(i / (n - 1)))] for i in range(n)]
 
 
 def stat_label(stat: str) -> str:
