@@ -11,7 +11,8 @@ a group separator; :func:`variable_name` and :func:`statistic_name` convert)::
 Coordinates: ``step`` (the optimizer step of each recorded row) with ``epoch_of_step``,
 ``time`` (seconds since the recorder started) and ``loss``; ``epoch`` (the closed epochs)
 with ``end_step``; ``layer`` (names, in the file's order) with ``kind``, ``layer_type``,
-``depth``, ``stage`` (the group the figures label, e.g. ``down2``) and ``n_params``. Each
+``depth``, ``stage`` (the group the browser report's layer axis labels, e.g. ``down2.1``
+or ``transformer.h.3``) and ``n_params``. Each
 variable's ``statistic`` attribute holds its original name. The dataset's attributes are
 the run file's (``gradflow_version``, ``created``, ``device``, ...), the config as JSON
 (``config``) and flattened (``config.optimizer.lr``): numbers and text only, so that netCDF
@@ -98,7 +99,7 @@ def _layer_coords(run: Run) -> dict[str, tuple[str, Any, dict[str, str]]]:
             np.array([lay.depth for lay in layers], np.int64),
             {"long_name": "forward order (input first)"},
         ),
-        "stage": ("layer", stage, {"long_name": "group of layers the figures label"}),
+        "stage": ("layer", stage, {"long_name": "group of layers the report labels"}),
         "n_params": (
             "layer",
             np.array([lay.n_params for lay in layers], np.int64),

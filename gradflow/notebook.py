@@ -35,7 +35,13 @@ def summary_html(run: Run) -> str:
 
     from gradflow.plots.info import info_panel
 
-    console = Console(record=True, width=SUMMARY_WIDTH, file=io.StringIO(), color_system=None)
+    console = Console(
+        record=True,
+        width=SUMMARY_WIDTH,
+        file=io.StringIO(),
+        color_system=None,
+        force_jupyter=False,  # in a notebook rich would also display it itself
+    )
     console.print(info_panel(run))
     text = "\n".join(line.rstrip() for line in console.export_text().splitlines())
     return f'<pre style="font-size:12px;line-height:1.25;margin:0">{html.escape(text)}</pre>'

@@ -27,11 +27,12 @@ from gradflow.plots.style import (
     MARKER_COLOUR,
     finite_range,
     plotly_colourscale,
+    spaced_labels,
     stat_label,
 )
 from gradflow.runfile import Event
 
-MAX_STAGE_LABELS = 30  # as in the report's script
+LABEL_PX = 13  # height of a 10 px group label with its spacing
 STAGE_LINE = {"color": "black", "width": 0.6}
 BOTTLENECK_FILL = "#262626"
 
@@ -79,8 +80,7 @@ class ColourScale:
         """The layout's ``coloraxis``: colour map, limits and a colour bar (1eK ticks for log)."""
         colorbar: dict[str, object] = {"title": {"text": html.escape(label), "side": "right"}}
         if self.log:
-            ticks = list(range(int(np.floor(self.lo)), int(np.ceil(self.hi)) + 1))
-            colorbar.update(tickvals=ticks, ticktext=[f"1e{k}" for k in ticks])
+            colorbar.update(log_ticks(self.lo, self.hi))
         colorbar["thickness"] = 12
         return {
             "colorscale": plotly_colourscale(HEAT_CMAP),
@@ -88,6 +88,32 @@ class ColourScale:
             "cmax": self.hi if self.hi > self.lo else self.lo + 1.0,
             "colorbar": colorbar,
         }
+
+
+def _sci(value: float) -> str:
+    """``6.3e-4`` (two significant digits, the exponent without padding)."""
+    mantissa, exponent = f"{value:.1e}".split("e")
+    return f"{mantissa}e{int(exponent)}"
+
+
+def log_ticks(lo: float, hi: float) -> dict[str, list[Any]]:
+    """Colour-bar ticks for log10 values from ``lo`` to ``hi``: powers of ten, with 2 and 5
+    times them where the range spans less than two decades, and four evenly spaced values
+    where even those give fewer than two ticks."""
+    decades = range(int(np.floor(lo)), int(np.ceil(hi)) + 1)
+    steps = (1, 2, 5) if hi - lo < 2 else (1,)
+    ticks = [(k + np.log10(m), f"{m}e{k}") for k in decades for m in steps]
+    inside = [(float(v), t) for v, t in ticks if lo - 1e-9 <= v <= hi + 1e-9]
+    if len(inside) < 2:
+        inside = [(float(v), _sci(10**v)) for v in np.linspace(lo, hi, 4)]
+    return {"tickvals": [v for v, _ in inside], "ticktext": [t for _, t in inside]}
+
+
+def _integer_ticks(edges: np.ndarray) -> dict[str, Any]:
+    """Steps and epochs are whole numbers: a tick per unit where few fit (as the report)."""
+    if edges[-1] - edges[0] > 12:
+        return {}
+    return {"tickmode": "linear", "tick0": float(np.ceil(edges[0])), "dtick": 1}
 
 
 def _time_axis(data: LayerTime) -> tuple[np.ndarray, str]:
@@ -99,20 +125,30 @@ def _time_axis(data: LayerTime) -> tuple[np.ndarray, str]:
     return centres, f"{data.unit}s around %{{x:.0f}} (mean of the bin)"
 
 
-def _stage_marks(data: LayerTime, axis: int) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """The layer axis's ticks at the group centres and the lines and bottleneck strips."""
+def _stage_marks(
+    data: LayerTime, axis: int, panel_px: float
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Group names at the group centres, left of the panel (annotations: the layer axis
+    keeps its categories, the layer names, for hover), as many as fit ``panel_px`` pixels
+    of height, and the lines between groups and the bottleneck's strip."""
     found = layer_groups(data.layers)
-    every = max(1, -(-len(found) // MAX_STAGE_LABELS))
-    labelled = [s for i, s in enumerate(found) if i % every == 0 or s.bottleneck]
-    text = [html.escape(s.name) for s in labelled]
-    ticks = {
-        "tickmode": "array",
-        # A category axis places numbers by the categories' serial numbers: group centres.
-        "tickvals": [(s.start + s.stop - 1) / 2 for s in labelled],
-        "ticktext": [
-            f"<b>{t}</b>" if s.bottleneck else t for s, t in zip(labelled, text, strict=True)
-        ],
-    }
+    labelled = spaced_labels(found, min_gap=len(data.layers) * LABEL_PX / max(panel_px, 1.0))
+    suffix = "" if axis == 1 else str(axis)
+    xref, yref = f"x{suffix} domain", f"y{suffix}"  # "x domain": the panel's own width
+    labels = [
+        {
+            "text": f"<b>{html.escape(s.name)}</b>" if s.bottleneck else html.escape(s.name),
+            "xref": xref,
+            "yref": yref,
+            "x": -0.01,
+            # A category axis places numbers by the categories' serial numbers.
+            "y": (s.start + s.stop - 1) / 2,
+            "xanchor": "right",
+            "showarrow": False,
+            "font": {"size": 10},
+        }
+        for s in labelled
+    ]
     suffix = "" if axis == 1 else str(axis)
     xref, yref = f"x{suffix} domain", f"y{suffix}"  # "x domain": the panel's own width
     shapes: list[dict[str, Any]] = [
@@ -144,7 +180,7 @@ def _stage_marks(data: LayerTime, axis: int) -> tuple[dict[str, Any], list[dict[
         for s in found
         if s.bottleneck
     ]
-    return ticks, shapes
+    return labels, shapes
 
 
 def grid_domains(
@@ -260,10 +296,11 @@ def heatmap_spec(
     most = max(len(p.data.layers) for p in panels)
     height = row_height or min(560, max(320, 120 + 10 * most))
     total = height * rows + (40 if title else 0)
-    domains = grid_domains(rows, columns, min(0.12, 0.5 / columns), 44 / total)
+    domains = grid_domains(rows, columns, min(0.12, 0.5 / columns), 70 / total)
+    margin = {"l": 90, "r": 10, "t": 60 if title else 40, "b": 40}
     traces: list[dict[str, Any]] = []
     shapes: list[dict[str, Any]] = []
-    titles: list[dict[str, Any]] = []
+    annotations: list[dict[str, Any]] = []
     layout: dict[str, Any] = {}
     for i, panel in enumerate(panels):
         axis = "" if i == 0 else str(i + 1)
@@ -271,8 +308,10 @@ def heatmap_spec(
         event = _event_trace(panel, axis)
         if event is not None:
             traces.append(event)
-        ticks, marks = _stage_marks(panel.data, i + 1)
+        panel_px = (domains[i][1][1] - domains[i][1][0]) * (total - margin["t"] - margin["b"])
+        labels, marks = _stage_marks(panel.data, i + 1, panel_px)
         shapes += marks
+        annotations += labels
         (x0, x1), (_, y1) = domains[i]
         layout[f"xaxis{axis}"] = {
             "domain": [x0, x1],
@@ -280,19 +319,22 @@ def heatmap_spec(
             "title": {"text": panel.data.unit} if i // columns == rows - 1 else None,
             "showgrid": False,
             "zeroline": False,
+            "range": [float(panel.data.edges[0]), float(panel.data.edges[-1])],
+            **_integer_ticks(panel.data.edges),
         }
         layout[f"yaxis{axis}"] = {
             "domain": domains[i][1],
             "anchor": f"x{axis}",
             "type": "category",
-            "autorange": "reversed",
             "showgrid": False,
             "zeroline": False,
+            "showticklabels": False,
             "ticks": "",
-            "tickfont": {"size": 10},
-            **ticks,
+            # Fixed: labels placed in data coordinates would widen an automatic range.
+            "range": [len(panel.data.layers) - 0.5, -0.5],
+            "autorange": False,
         }
-        titles.append(
+        annotations.append(
             {
                 "text": html.escape(panel.title),
                 "x": (x0 + x1) / 2,
@@ -311,9 +353,9 @@ def heatmap_spec(
         coloraxis=scale.axis(label),
         plot_bgcolor=BAD_COLOUR,  # a cell without a value: not measured
         shapes=shapes,
-        annotations=titles,
+        annotations=annotations,
         height=total,
-        margin={"l": 90, "r": 10, "t": 60 if title else 40, "b": 40},
+        margin=margin,
     )
     return {"data": traces, "layout": layout}
 

@@ -137,8 +137,10 @@ def finite_range(values: Sequence[np.ndarray], positive: bool = False) -> tuple[
     return (lo, hi) if lo <= hi else (np.nan, np.nan)
 
 
-def _spaced_labels(found: list[LayerGroup], min_gap: float) -> list[LayerGroup]:
-    # Labels closer than min_gap layers would overlap; the bottleneck's label always stays.
+def spaced_labels(found: list[LayerGroup], min_gap: float) -> list[LayerGroup]:
+    """The groups to label so that no two labels are closer than ``min_gap`` layers (they
+    would overlap); the bottleneck's label always stays."""
+
     def centre(s: LayerGroup) -> float:
         return (s.start + s.stop) / 2
 
@@ -156,7 +158,7 @@ def mark_layer_groups(
     between groups (darker where the group one level up changes), the bottleneck stage with
     a shaded label and a dark strip along the axis (positions: drawn-layer index x scale)."""
     found = layer_groups(layers)
-    labelled = _spaced_labels(found, min_gap=len(layers) / MAX_STAGE_LABELS)
+    labelled = spaced_labels(found, min_gap=len(layers) / MAX_STAGE_LABELS)
     centres = [(s.start + s.stop) / 2 * scale for s in labelled]
     line = ax.axhline if axis == "y" else ax.axvline
     for s in found[1:]:

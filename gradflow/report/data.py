@@ -90,7 +90,13 @@ def _events(run: Run) -> list[dict[str, Any]]:
 
 def _summary(run: Run) -> str:
     """What ``gradflow info`` prints for ``run``: facts, overhead and the health table."""
-    console = Console(record=True, width=SUMMARY_WIDTH, file=io.StringIO(), color_system=None)
+    console = Console(
+        record=True,
+        width=SUMMARY_WIDTH,
+        file=io.StringIO(),
+        color_system=None,
+        force_jupyter=False,  # a report built in a notebook: rich would display it there
+    )
     console.print(info_panel(run))
     return "\n".join(line.rstrip() for line in console.export_text().splitlines())
 

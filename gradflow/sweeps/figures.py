@@ -118,7 +118,9 @@ def _x_axis(levels: list[Any]) -> dict[str, Any]:
     numbers = [v for v in levels if isinstance(v, (int, float)) and not isinstance(v, bool)]
     if levels and len(numbers) == len(levels):
         wide = min(numbers) > 0 and max(numbers) / min(numbers) >= 100
-        return {"type": "log" if wide else "linear"}
+        if wide:  # a label per decade, as 1e-4
+            return {"type": "log", "dtick": 1, "exponentformat": "e"}
+        return {"type": "linear"}
     return {
         "type": "category",
         "categoryorder": "array",

@@ -23,10 +23,11 @@ SEED = "seed"
 
 
 def flat_items(mapping: Mapping[str, Any], prefix: str = "") -> Iterator[tuple[str, Any]]:
-    """``(dotted.key, leaf)`` for every leaf of nested mappings (an empty mapping is a leaf)."""
+    """``(dotted.key, leaf)`` for every leaf of nested mappings; an empty mapping has none
+    (``overrides: {}`` and ``overrides: {depth: 3}`` differ in ``overrides.depth`` only)."""
     for key, value in mapping.items():
         name = f"{prefix}{key}"
-        if isinstance(value, Mapping) and value:
+        if isinstance(value, Mapping):
             yield from flat_items(value, f"{name}.")
         else:
             yield name, value
