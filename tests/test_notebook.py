@@ -3,7 +3,8 @@ h5py, colours against the browser report) and ``examples/quickstart.ipynb`` exec
 real kernel.
 
 With ``GRADFLOW_SCREENSHOTS=DIR`` the notebook test also renders the executed notebook's
-outputs in headless Chromium and saves ``notebook.png`` there.
+cells and outputs as one page in headless Chromium (as Jupyter shows them: HTML, text, plotly
+figures) and saves its top 2000 pixels as ``notebook.png`` there.
 """
 
 from __future__ import annotations
@@ -161,7 +162,13 @@ def _render(nb: Any) -> str:
     parts = []
     for cell in nb.cells:
         if cell.cell_type == "markdown":
-            parts.append(f"<p class=md>{html.escape(cell.source)}</p>")
+            heading, _, text = cell.source.partition("\n")
+            if heading.startswith("# "):
+                parts.append(f"<h2>{html.escape(heading[2:])}</h2>")
+            else:
+                text = cell.source
+            code = re.sub(r"`([^`]+)`", r"<code>\1</code>", html.escape(text.strip()))
+            parts.append(f"<p class=md>{code}</p>")
             continue
         parts.append(f"<pre class=code>{html.escape(cell.source)}</pre>")
         for out in cell.outputs:
@@ -197,7 +204,10 @@ def _screenshot(page: str, out: Path) -> None:
         tab = browser.new_page(viewport={"width": 1140, "height": 900})
         tab.goto(source.as_uri())
         tab.wait_for_timeout(2000)  # plotly draws after load
-        tab.screenshot(path=str(out), full_page=True)
+        height = min(2000, tab.evaluate("document.documentElement.scrollHeight"))
+        tab.screenshot(
+            path=str(out), full_page=True, clip={"x": 0, "y": 0, "width": 1140, "height": height}
+        )
         browser.close()
     source.unlink()
 

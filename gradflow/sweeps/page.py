@@ -72,7 +72,8 @@ def _table(sweep: Sweep) -> dict[str, Any]:
 def payload(sweep: Sweep, x: str | None) -> dict[str, Any]:
     """Everything the sweep page shows, JSON-serialisable."""
     structure = sweep.structure
-    xs: list[str | None] = [*structure.columns] or [None]
+    columns = [*structure.columns, *([x] if x and x not in structure.columns else [])]
+    xs: list[str | None] = [*columns] or [None]
     scalars = list(SCALARS)
     summaries = sweep.summaries
     figures = {
