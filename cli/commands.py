@@ -5,4 +5,5 @@ from gradflow.cli import (
     plot_cmd,  # noqa: F401
     record_cmd,  # noqa: F401
     report_cmd,  # noqa: F401
+    sweep_cmd,  # noqa: F401
 )

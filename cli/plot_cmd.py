@@ -27,7 +27,12 @@ def plot(
     ] = None,
     out: Annotated[
         Path | None,
-        typer.Option("--out", "-o", help="Output file: .png, .pdf, .svg (.md, .csv for tables)."),
+        typer.Option(
+            "--out",
+            "-o",
+            help="Output file: .png, .pdf, .svg (.md, .csv for tables); without FIGURE, "
+            "RUN-FIGURE.png by default.",
+        ),
     ] = None,
     stat: Annotated[
         str | None,
@@ -66,7 +71,11 @@ def plot(
         bool, typer.Option("--list", help="List the figures and exit.")
     ] = False,
 ) -> None:
-    """Draw FIGURE from one or more run files into --out."""
+    """Draw FIGURE from one or more run files into --out.
+
+    Without FIGURE (`gradflow plot RUN.h5`) it draws the most useful figure for what the
+    runs hold, says which, and writes RUN-FIGURE.png unless --out names a file.
+    """
     # Imported here: matplotlib and h5py load for this command only, not for --help.
     from gradflow.plots import FIGURES, PlotWarning, TimeWindow, save
     from gradflow.runfile import open_run
@@ -78,11 +87,14 @@ def plot(
         return
     if figure is None:
         raise GradflowError("missing FIGURE; `gradflow plot --list` shows them")
-    FIGURES.get(figure)
-    if not runs:
-        raise GradflowError(f"missing RUN.h5: which run files should {figure} draw?")
-    if out is None:
-        raise GradflowError("missing --out FILE (.png, .pdf, .svg; .md or .csv for tables)")
+    if figure not in FIGURES and _names_a_run(figure):
+        runs, figure = [Path(figure), *(runs or [])], None
+    else:
+        FIGURES.get(figure)
+        if not runs:
+            raise GradflowError(f"missing RUN.h5: which run files should {figure} draw?")
+        if out is None:
+            raise GradflowError("missing --out FILE (.png, .pdf, .svg; .md or .csv for tables)")
     if epochs is not None and steps is not None:
         raise GradflowError("--epochs and --steps exclude each other")
     window = (
@@ -105,10 +117,24 @@ def plot(
     with ExitStack() as stack, warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", PlotWarning)
         opened = [stack.enter_context(open_run(path)) for path in runs]
+        if figure is None:
+            from gradflow.plots.default import default_view
+
+            view = default_view(opened, stat)
+            figure = view.figure
+            options.update(stat=view.stat, log=log or view.log)
+            out = out or Path("-".join([*(path.stem for path in runs), figure]) + ".png")
+            typer.echo(f"no figure named: {view.describe()}")
+        assert out is not None
         written = save(figure, opened, out, force=force, **options)
     for warning in caught:
         print(f"gradflow: warning: {warning.message}", file=sys.stderr)
     typer.echo(f"wrote {written}")
+
+
+def _names_a_run(name: str) -> bool:
+    """Whether the FIGURE argument is a run file (``gradflow plot RUN.h5``)."""
+    return name.lower().endswith((".h5", ".hdf5")) or Path(name).is_file()
 
 
 @app.command()

@@ -12,9 +12,11 @@ from typing import TYPE_CHECKING, Any
 from gradflow.errors import GradflowError
 
 if TYPE_CHECKING:
+    from gradflow.notebook import show
     from gradflow.recorder import Recorder
     from gradflow.runfile import Run, open_run
     from gradflow.schedule import every, log_spaced
+    from gradflow.sweeps import Sweep, sweep
 
 __version__ = "0.1.0"
 
@@ -25,9 +27,23 @@ _LAZY = {
     "log_spaced": "gradflow.schedule",
     "Run": "gradflow.runfile",
     "open_run": "gradflow.runfile",
+    "show": "gradflow.notebook",
+    "Sweep": "gradflow.sweeps",
+    "sweep": "gradflow.sweeps",
 }
 
-__all__ = ["GradflowError", "Recorder", "Run", "__version__", "every", "log_spaced", "open_run"]
+__all__ = [
+    "GradflowError",
+    "Recorder",
+    "Run",
+    "Sweep",
+    "__version__",
+    "every",
+    "log_spaced",
+    "open_run",
+    "show",
+    "sweep",
+]
 
 
 def __getattr__(name: str) -> Any:

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from runfiles import write_slices
+from sweeps import write_ablation
 
 from gradflow.em.data import load_dataset
 
@@ -47,3 +48,12 @@ def em(tmp_path_factory: pytest.TempPathFactory) -> Path:
     volume = load_dataset("synthetic", n_synthetic=7, synthetic_size=64)
     images = (volume.images - volume.images.min()) / np.ptp(volume.images) * 255
     return write_slices(tmp_path_factory.mktemp("em"), images, (1 - volume.labels) * 255)
+
+
+@pytest.fixture(scope="session")
+def ablation(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder of 40 synthetic run files: 2 models x 2 optimizers x 10 seeds
+    (:mod:`sweeps`)."""
+    folder = tmp_path_factory.mktemp("ablation")
+    write_ablation(folder)
+    return folder

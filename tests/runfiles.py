@@ -13,6 +13,7 @@ import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -94,6 +95,8 @@ class SyntheticRun:
         vanishing: Sequence[str] = (),
         dead: Sequence[str] = (),
         seed: int = 0,
+        config: Mapping[str, Any] | None = None,
+        loss_offset: float = 0.0,
     ) -> None:
         self.layers = list(layers)
         self.steps_per_epoch = steps_per_epoch
@@ -104,12 +107,19 @@ class SyntheticRun:
         self.dead = np.zeros(len(self.layers), bool)
         self.dead[[index[n] for n in dead]] = True
         self.rng = np.random.default_rng(seed)
+        self.loss_offset = loss_offset
         self.writer = RunWriter.create(
             path,
             layers=self.layers,
             step_stats=self.step_stats,
             epoch_stats=self.epoch_stats,
-            config={"model": model, "data": "synthetic", "seed": seed, "lr": 1e-3},
+            config={
+                "model": model,
+                "data": "synthetic",
+                "seed": seed,
+                "lr": 1e-3,
+                **(config or {}),
+            },
             attrs={"device": "cpu"},
             overwrite=True,
         )
@@ -137,7 +147,7 @@ class SyntheticRun:
                     steps=steps,
                     epoch=(steps // self.steps_per_epoch).astype(np.int32),
                     time=0.01 * (steps + 1.0),
-                    loss=(1.0 / (1.0 + steps / 100.0)).astype(np.float32),
+                    loss=(1.0 / (1.0 + steps / 100.0) + self.loss_offset).astype(np.float32),
                     scale=np.full(k, np.nan, np.float32),
                     skipped=np.zeros(k, np.uint8),
                     overhead=np.full((k, 4), 1e-4, np.float32),
@@ -187,8 +197,9 @@ class SyntheticRun:
         self.writer.commit()
         return self
 
-    def close(self) -> None:
-        self.writer.close()
+    def close(self, compact: bool = True) -> None:
+        """Close the writer; ``compact=False`` skips the gzip rewrite (faster, larger)."""
+        self.writer.close(compact_file=compact)
 
     def __enter__(self) -> SyntheticRun:
         return self
@@ -203,17 +214,22 @@ def write_run(
     epochs: int = 4,
     steps_per_epoch: int = 10,
     layers: Sequence[Layer] | None = None,
+    compact: bool = True,
     **options: object,
 ) -> Path:
-    """A complete small run: ``epochs`` epochs of ``steps_per_epoch`` steps each."""
-    with SyntheticRun(
+    """A complete small run: ``epochs`` epochs of ``steps_per_epoch`` steps each
+    (``compact=False``: left uncompressed, written faster)."""
+    run = SyntheticRun(
         path,
         layers or fcn_layers(),
         steps_per_epoch=steps_per_epoch,
         **options,  # type: ignore[arg-type]
-    ) as run:
+    )
+    try:
         for _ in range(epochs):
             run.steps(steps_per_epoch).epoch()
+    finally:
+        run.close(compact)
     return Path(path)
 
 

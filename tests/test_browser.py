@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -273,3 +274,155 @@ def test_serve_shows_a_run_while_it_is_written(tmp_path: Path, page: tuple[Any, 
             if child is not None and child.poll() is None:
                 child.kill()
                 child.communicate()
+
+
+# -- the sweep page ---------------------------------------------------------------------------
+# The middle of cell (row, column) of the first small multiple (category y axis: row index).
+SWEEP_CELL = """([id, row, x]) => {
+  const div = document.getElementById(id);
+  const xa = div._fullLayout.xaxis, ya = div._fullLayout.yaxis, box = div.getBoundingClientRect();
+  return {x: box.left + xa._offset + xa.l2p(x), y: box.top + ya._offset + ya.l2p(row)};
+}"""
+
+
+def _only_the_file(tab: Any, out: Path) -> list[str]:
+    requested: list[str] = []
+
+    def route(handler: Any) -> None:
+        requested.append(handler.request.url)
+        if handler.request.url.startswith("file://"):
+            handler.continue_()
+        else:
+            handler.abort()
+
+    tab.route("**/*", route)
+    return requested
+
+
+def _final_loss(path: Path) -> float:
+    """Mean logged loss over the last epoch's steps, read with h5py."""
+    with h5py.File(path, "r") as f:
+        n = int(f["counts"][0])
+        epoch, loss = f["epoch"][:n], f["loss"][:n].astype(np.float64)
+    return float(loss[epoch == epoch[-1]].mean())
+
+
+@pytest.mark.slow
+def test_sweep_page_of_40_runs(ablation: Path, tmp_path: Path, page: tuple[Any, list[str]]) -> None:
+    from sweeps import MODELS, OPTIMIZERS, SEEDS, ablation_config, run_name
+
+    import gradflow
+
+    tab, errors = page
+    out = gradflow.sweep(ablation).write_html(tmp_path / "sweep.html")
+    requested = _only_the_file(tab, out)
+    tab.goto(out.as_uri(), timeout=120_000)  # 5 MB of inlined script on a loaded machine
+    wait_until(tab, "window.gradflowReady === true")
+    assert errors == [] and requested == [out.as_uri()]
+    assert tab.inner_text("#structure") == (
+        "model.name (2) x optimizer.name (2) x seed (10): 40 runs, every combination"
+    )
+    assert tab.locator("#notes li").all_inner_texts() == [
+        "model.name sets model.blocks, model.conv_layers",
+        "optimizer.name sets optimizer.momentum",
+    ]
+    header = tab.locator("#runs th").all_inner_texts()
+    assert header == [
+        "run",
+        "model.name",
+        "optimizer.name",
+        "seed",
+        "optimizer.lr",
+        "final_loss",
+        "centre_edge",
+        "best_val_loss",
+    ]
+    rows = [
+        tab.locator(f"#runs tbody tr:nth-child({i + 1}) td").all_inner_texts() for i in range(40)
+    ]
+    expected = [(m, o, s) for m in MODELS for o in OPTIMIZERS for s in SEEDS]
+    for cells, (model, optimizer, seed) in zip(rows, expected, strict=True):
+        config = ablation_config(model, optimizer, seed)
+        assert cells[:5] == [
+            run_name(model, optimizer, seed),
+            model,
+            optimizer,
+            str(seed),
+            str(config["optimizer"]["lr"]),
+        ]
+        assert float(cells[5]) == pytest.approx(_final_loss(ablation / cells[0]), rel=5e-4)
+    # The scalar plot, against the first setting by default: per optimizer a line through
+    # the mean final loss over the seeds.
+    lines = tab.evaluate(
+        "document.getElementById('scalar-plot').data"
+        ".filter(t => t.mode === 'lines+markers').map(t => [t.name, t.x, t.y])"
+    )
+    assert [line[0] for line in lines] == list(OPTIMIZERS)
+    for name, xs, ys in lines:
+        assert xs == list(MODELS)
+        means = [
+            np.mean([_final_loss(ablation / run_name(m, name, s)) for s in SEEDS]) for m in MODELS
+        ]
+        assert ys == pytest.approx(means, rel=1e-6)
+    tab.select_option("#x", "optimizer.lr")
+    wait_until(
+        tab, "document.getElementById('scalar-plot').dataset.key === 'final_loss|optimizer.lr'"
+    )
+    assert tab.evaluate("document.getElementById('scalar-plot')._fullLayout.xaxis.type") == "log"
+    # Small multiples: one plot per statistic, one heat map per model and optimizer.
+    plots = tab.evaluate("[...document.querySelectorAll('#heatmaps .plot')].map(d => d.id)")
+    assert plots == ["heat-epoch-update_abs_mean", "heat-param-grad_norm", "heat-grad_output-norm"]
+    for plot in plots:
+        count = f"document.getElementById('{plot}').data.filter(t => t.type === 'heatmap').length"
+        assert tab.evaluate(count) == 4
+    # Hover on the first panel (tiny-a, rmsprop): layer, epoch and the seeds' mean value.
+    plot, row, epoch = "heat-epoch-update_abs_mean", 3, 1
+    with h5py.File(ablation / run_name("tiny-a", "rmsprop", 0), "r") as f:
+        table = f["layers"][()]
+    convs = sorted(
+        (i for i, r in enumerate(table) if r["kind"] == b"conv"),
+        key=lambda i: (int(table[i]["depth"]), i),
+    )
+    values = []
+    for seed in SEEDS:
+        with h5py.File(ablation / run_name("tiny-a", "rmsprop", seed), "r") as f:
+            values.append(float(f["epochs/update_abs_mean"][epoch, convs[row]]))
+    tab.locator(f"#{plot}").scroll_into_view_if_needed()
+    point = tab.evaluate(SWEEP_CELL, [plot, row, epoch])
+    tab.mouse.move(point["x"], point["y"])
+    wait_until(tab, "document.querySelector('.hoverlayer .hovertext') !== null")
+    label = tab.evaluate("document.querySelector('.hoverlayer .hovertext').textContent")
+    assert f"layer {table[convs[row]]['name'].decode()}" in label and f"epoch {epoch}" in label
+    shown = float(re.search(r"over the epoch ([-\d.e+]+)", label).group(1))
+    assert shown == pytest.approx(np.mean(values), rel=5e-4)
+    # Sorting by a column: the lowest final loss first.
+    tab.click("#runs th:nth-child(6)")
+    first = float(tab.inner_text("#runs tbody tr:first-child td:nth-child(6)"))
+    assert first == pytest.approx(min(_final_loss(p) for p in ablation.glob("*.h5")), rel=5e-4)
+    assert errors == []
+    shoot(tab, "sweep_synthetic.png", full_page=True)
+
+
+def test_sweep_page_shows_text_from_run_files_as_text(
+    tmp_path: Path, page: tuple[Any, list[str]]
+) -> None:
+    from runfiles import write_run
+
+    import gradflow
+
+    names = ['<img src=x onerror="window.pwned=1">', "<script>window.pwned=2</script>"]
+    for i, name in enumerate(names):
+        write_run(tmp_path / f"r{i}.h5", epochs=2, compact=False, config={"model": {"name": name}})
+    tab, errors = page
+    dialogs: list[str] = []
+    tab.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
+    out = gradflow.sweep(tmp_path, cache=False).write_html(tmp_path / "sweep.html")
+    requested = _only_the_file(tab, out)
+    tab.goto(out.as_uri(), timeout=120_000)  # 5 MB of inlined script on a loaded machine
+    wait_until(tab, "window.gradflowReady === true")
+    assert tab.locator("#runs tbody td:nth-child(2)").all_inner_texts() == sorted(names)
+    assert tab.evaluate("window.pwned") is None and dialogs == [] and errors == []
+    assert tab.evaluate("document.querySelectorAll('img, main script').length") == 0
+    legend = tab.evaluate("document.getElementById('scalar-plot').data.map(t => t.name)")
+    assert not any("<img" in (n or "") or "<script" in (n or "") for n in legend)  # escaped
+    assert requested == [out.as_uri()]

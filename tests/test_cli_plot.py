@@ -251,3 +251,45 @@ def test_shared_scale_flag_reaches_the_figure(
     norms = [drawn[0].axes[i].collections[0].norm for i in range(4)]
     limits = {(norm.vmin, norm.vmax) for norm in norms}
     assert len(limits) == (1 if shared else 2)  # a and b differ; the two copies agree
+
+
+def test_without_a_figure_name_the_most_useful_one(
+    capsys: pytest.CaptureFixture[str],
+    runs: dict[str, Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    status, out, err = gradflow(capsys, "plot", runs["a"])
+    assert status == 0, err
+    assert out.splitlines() == [
+        "no figure named: updates-heatmap of epoch/update_abs_mean, log colour (closed epochs: 3)",
+        "wrote a-updates-heatmap.png",
+    ]
+    # The same picture as naming it.
+    status, _, err = gradflow(
+        capsys, "plot", "updates-heatmap", runs["a"], "--log", "--out", tmp_path / "named.png"
+    )
+    assert status == 0, err
+    assert (tmp_path / "a-updates-heatmap.png").read_bytes() == (
+        tmp_path / "named.png"
+    ).read_bytes()
+    # No closed epoch (in one of the runs): the gradient norms per step.
+    status, out, err = gradflow(capsys, "plot", runs["steps"], runs["a"])
+    assert status == 0, err
+    assert out.splitlines() == [
+        "no figure named: gradient-heatmap of param/grad_norm, log colour "
+        "(no closed epoch: per step)",
+        "wrote steps-a-gradient-heatmap.png",
+    ]
+    status, out, err = gradflow(capsys, "plot", runs["a"], "--stat", "activation/zero_fraction")
+    assert status == 0, err
+    assert out.startswith("no figure named: gradient-heatmap of activation/zero_fraction, linear")
+    # A second time: the file exists; and a file that is not a run.
+    for args, message in [
+        ((runs["a"],), "a-updates-heatmap.png: file exists; pass --force"),
+        ((runs["text"],), "not an HDF5 file, so not a gradflow run"),
+        ((tmp_path / "missing.h5",), "missing.h5: no such run file"),
+    ]:
+        status, _, err = gradflow(capsys, "plot", *args)
+        assert status == 2 and err.startswith("gradflow: error: ") and message in err, err

@@ -11,7 +11,7 @@ from typing import Any, Literal, ParamSpec, TypeVar
 import matplotlib as mpl
 import numpy as np
 from matplotlib.axes import Axes
-from matplotlib.colors import Colormap
+from matplotlib.colors import Colormap, to_hex
 from matplotlib.figure import Figure
 from matplotlib.ticker import Formatter, LogFormatter
 from matplotlib.typing import RcKeyType
@@ -133,6 +133,13 @@ def colormap(name: str) -> Colormap:
     return mpl.colormaps[name].with_extremes(bad=BAD_COLOUR)
 
 
+def plotly_colourscale(name: str, n: int = 11) -> list[list[Any]]:
+    """Colour map ``name`` as a plotly colour scale (``n`` stops): the browser report and
+    the notebook figures draw in the PNG figures' colours."""
+    cmap = colormap(name)
+    return [[i / (n - 1), to_hex(cmap(i / (n - 1)))] for i in range(n)]
+
+
 def stat_label(stat: str) -> str:
     """Axis / colour-bar label of a ``probe/name`` statistic."""
     return STAT_LABELS.get(stat, stat)
@@ -180,8 +187,10 @@ def finite_range(values: Sequence[np.ndarray], positive: bool = False) -> tuple[
     return (lo, hi) if lo <= hi else (np.nan, np.nan)
 
 
-def _spaced_labels(found: list[LayerGroup], min_gap: float) -> list[LayerGroup]:
-    # Labels closer than min_gap layers would overlap; the bottleneck's label always stays.
+def spaced_labels(found: list[LayerGroup], min_gap: float) -> list[LayerGroup]:
+    """The groups to label so that no two labels are closer than ``min_gap`` layers (they
+    would overlap); the bottleneck's label always stays."""
+
     def centre(s: LayerGroup) -> float:
         return (s.start + s.stop) / 2
 
@@ -199,7 +208,7 @@ def mark_layer_groups(
     between groups (darker where the group one level up changes), the bottleneck stage with
     a shaded label and a dark strip along the axis (positions: drawn-layer index x scale)."""
     found = layer_groups(layers)
-    labelled = _spaced_labels(found, min_gap=len(layers) / MAX_STAGE_LABELS)
+    labelled = spaced_labels(found, min_gap=len(layers) / MAX_STAGE_LABELS)
     centres = [(s.start + s.stop) / 2 * scale for s in labelled]
     line = ax.axhline if axis == "y" else ax.axvline
     for s in found[1:]:

@@ -16,7 +16,6 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-from matplotlib.colors import to_hex
 from rich.console import Console
 
 from gradflow.errors import GradflowError
@@ -30,8 +29,8 @@ from gradflow.plots.style import (
     DIFF_CMAP,
     FIXED_LIMITS,
     HEAT_CMAP,
-    colormap,
     finite_range,
+    plotly_colourscale,
     run_labels,
     stat_label,
 )
@@ -64,12 +63,6 @@ def _range(values: Sequence[np.ndarray], positive: bool = False) -> list[float] 
     return None if np.isnan(lo) else [lo, hi]
 
 
-def _colourscale(name: str, n: int = 11) -> list[list[Any]]:
-    """The PNG figures' colour map as a plotly colour scale."""
-    cmap = colormap(name)
-    return [[i / (n - 1), to_hex(cmap(i / (n - 1)))] for i in range(n)]
-
-
 def _has(run: Run, stat: str) -> bool:
     probe, name = stat.split("/", 1)
     if probe == "epoch":
@@ -97,7 +90,13 @@ def _events(run: Run) -> list[dict[str, Any]]:
 
 def _summary(run: Run) -> str:
     """What ``gradflow info`` prints for ``run``: facts, overhead and the health table."""
-    console = Console(record=True, width=SUMMARY_WIDTH, file=io.StringIO(), color_system=None)
+    console = Console(
+        record=True,
+        width=SUMMARY_WIDTH,
+        file=io.StringIO(),
+        color_system=None,
+        force_jupyter=False,  # a report built in a notebook: rich would display it there
+    )
     console.print(info_panel(run))
     return "\n".join(line.rstrip() for line in console.export_text().splitlines())
 
@@ -213,7 +212,10 @@ def payload(runs: Sequence[Run], max_bins: int = SCREEN_BINS) -> dict[str, Any]:
     drawn = [select_layers(run, all_layers=True) for run in runs]
     sections = [_heatmap(runs, labels, stat, drawn, max_bins) for stat in HEATMAP_STATS]
     data = {
-        "colourscales": {"heat": _colourscale(HEAT_CMAP), "diff": _colourscale(DIFF_CMAP)},
+        "colourscales": {
+            "heat": plotly_colourscale(HEAT_CMAP),
+            "diff": plotly_colourscale(DIFF_CMAP),
+        },
         "no_value": BAD_COLOUR,
         "runs": [
             _run(run, label, layers) for run, label, layers in zip(runs, labels, drawn, strict=True)

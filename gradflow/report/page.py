@@ -14,7 +14,7 @@ from gradflow.report.data import SCREEN_BINS, payload, to_json
 from gradflow.runfile import check_writable, open_run
 from gradflow.safefile import atomic_write
 
-_TEMPLATE = """<!DOCTYPE html>
+_DOCUMENT = """<!DOCTYPE html>
 <html lang="en">
 <head>
 <meta charset="utf-8">
@@ -26,7 +26,13 @@ _TEMPLATE = """<!DOCTYPE html>
 <script>{plotly}</script>
 </head>
 <body>
-<header>
+{body}
+<script id="gradflow-data" type="application/json">{data}</script>
+<script>{script}</script>
+</body>
+</html>
+"""
+_REPORT_BODY = """<header>
   <h1>{title}</h1>
   <div id="controls">
     <label>layers <input id="layer-filter" type="search" placeholder="name, substring or regex"
@@ -41,12 +47,7 @@ _TEMPLATE = """<!DOCTYPE html>
   <section id="heatmaps"></section>
   <section id="curves"></section>
 </main>
-<div id="tooltip" role="tooltip" hidden></div>
-<script id="gradflow-data" type="application/json">{data}</script>
-<script>{script}</script>
-</body>
-</html>
-"""
+<div id="tooltip" role="tooltip" hidden></div>"""
 
 
 def _asset(name: str) -> str:
@@ -61,16 +62,27 @@ def plotly_js() -> str:
         raise GradflowError("the HTML report needs plotly: pip install plotly") from err
 
 
+def document(title: str, body: str, data: str, script: str, css: str) -> str:
+    """A self-contained page: plotly.js, ``css``, ``body``, ``data`` (JSON from
+    :func:`~gradflow.report.data.to_json`, safe inside a script element) and ``script``
+    inlined, under a Content-Security-Policy that allows no request but to its own origin.
+    ``title`` is escaped here (:func:`~gradflow.escape.visible`, then HTML); ``body`` must
+    be markup of gradflow's own, with no text from a run file."""
+    return _DOCUMENT.format(
+        title=html.escape(visible(title)),
+        css=css,
+        plotly=plotly_js(),
+        body=body,
+        data=data,
+        script=script,
+    )
+
+
 def page(data: str, title: str) -> str:
     """The page around ``data`` (JSON from :func:`~gradflow.report.data.to_json`; ``null``
     makes the page poll ``/data.json`` of the server that sent it)."""
-    return _TEMPLATE.format(
-        title=html.escape(visible(title)),
-        css=_asset("report.css"),
-        plotly=plotly_js(),
-        data=data,
-        script=_asset("report.js"),
-    )
+    body = _REPORT_BODY.format(title=html.escape(visible(title)))
+    return document(title, body, data, _asset("report.js"), _asset("report.css"))
 
 
 def build_report(

@@ -261,6 +261,18 @@ class Run:
             return pd.DataFrame(columns=["step", "layer", "probe", "stat", "value"])
         return pd.concat(frames, ignore_index=True)
 
+    def to_xarray(self) -> Any:
+        """The run as a labelled ``xarray.Dataset`` (see :mod:`gradflow.labelled`)."""
+        from gradflow.labelled import to_xarray
+
+        return to_xarray(self)
+
+    def _repr_html_(self) -> str:
+        """The notebook view: summary and heat map (see :mod:`gradflow.notebook`)."""
+        from gradflow.notebook import run_html
+
+        return run_html(self)
+
     def close(self) -> None:
         """Close the file (idempotent)."""
         if self._f.id.valid:
