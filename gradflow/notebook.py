@@ -17,6 +17,7 @@ from contextlib import ExitStack
 from typing import TYPE_CHECKING
 
 from gradflow.errors import GradflowError
+from gradflow.escape import visible
 from gradflow.runfile import Run, open_run
 
 if TYPE_CHECKING:
@@ -44,7 +45,9 @@ def summary_html(run: Run) -> str:
     )
     console.print(info_panel(run))
     text = "\n".join(line.rstrip() for line in console.export_text().splitlines())
-    return f'<pre style="font-size:12px;line-height:1.25;margin:0">{html.escape(text)}</pre>'
+    return (
+        f'<pre style="font-size:12px;line-height:1.25;margin:0">{html.escape(visible(text))}</pre>'
+    )
 
 
 def thumbnail_png(run: Run) -> tuple[bytes, str]:

@@ -13,10 +13,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from gradflow.errors import GradflowError
+from gradflow.escape import visible_all
 from gradflow.plots.interactive import plain
 from gradflow.report.data import to_json
 from gradflow.report.page import document
 from gradflow.runfile import check_writable
+from gradflow.safefile import atomic_write
 from gradflow.sweeps.figures import cells, heatmap_figure, scalar_figure, setting, text
 from gradflow.sweeps.scalars import SCALARS
 
@@ -70,7 +72,8 @@ def _table(sweep: Sweep) -> dict[str, Any]:
 
 
 def payload(sweep: Sweep, x: str | None) -> dict[str, Any]:
-    """Everything the sweep page shows, JSON-serialisable."""
+    """Everything the sweep page shows, JSON-serialisable, every string in it
+    :func:`~gradflow.escape.visible` (names and config values come from anyone)."""
     structure = sweep.structure
     columns = [*structure.columns, *([x] if x and x not in structure.columns else [])]
     xs: list[str | None] = [*columns] or [None]
@@ -87,7 +90,7 @@ def payload(sweep: Sweep, x: str | None) -> dict[str, Any]:
         if any(math.isfinite(s.scalars.get(name, math.nan)) for s in sweep.summaries)
     ]
     skipped = [f"skipped {reason}" for _, reason in sweep.skipped]
-    return {
+    data = {
         "title": f"gradflow sweep: {len(sweep.summaries)} runs",
         "structure": structure.describe(),
         "notes": [*structure.follow_notes(), *skipped],
@@ -103,6 +106,7 @@ def payload(sweep: Sweep, x: str | None) -> dict[str, Any]:
             for stat in sweep.stats
         ],
     }
+    return dict(visible_all(data))
 
 
 def check_out(out: Path, *, force: bool) -> None:
@@ -127,7 +131,6 @@ def write_page(sweep: Sweep, out: Path, *, force: bool, x: str | None) -> Path:
     check_out(out, force=force)
     data = payload(sweep, sweep.check_x(x))
     page = document(data["title"], _BODY, to_json(data), _asset("sweep.js"), _asset("sweep.css"))
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(page, encoding="utf-8")
-    tmp.replace(out)
+    with atomic_write(out) as file:
+        file.write(page.encode("utf-8"))
     return out

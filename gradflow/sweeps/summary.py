@@ -10,10 +10,8 @@ Entries are ``.npz`` files read without pickle; an unreadable one is recomputed.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
-import os
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -25,6 +23,7 @@ from gradflow.errors import GradflowError, GradflowWarning
 from gradflow.plots.binning import LayerTime, load
 from gradflow.plots.selection import select_layers
 from gradflow.runfile import Layer, Run, open_run
+from gradflow.safefile import atomic_write
 from gradflow.sweeps.scalars import SCALARS
 from gradflow.sweeps.structure import flat_items
 from gradflow.usercache import cache_dir
@@ -140,14 +139,11 @@ class SummaryCache:
             "layers": [asdict(lay) for lay in summary.layers],
             "heat": heat,
         }
-        tmp = entry.with_name(f".{entry.name}.tmp-{os.getpid()}.npz")
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
-            np.savez(tmp, meta=np.array(json.dumps(meta, default=str)), **arrays)  # type: ignore[arg-type]
-            os.replace(tmp, entry)
+            with atomic_write(entry) as file:
+                np.savez(file, meta=np.array(json.dumps(meta, default=str)), **arrays)  # type: ignore[arg-type]
         except OSError as err:
-            with contextlib.suppress(OSError):  # the folder itself may be what failed
-                tmp.unlink(missing_ok=True)
             if not self._warned:
                 self._warned = True
                 warnings.warn(
