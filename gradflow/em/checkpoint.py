@@ -117,7 +117,7 @@ def _check_archive(path: Path, max_bytes: int) -> None:
             unpacked = sum(member.file_size for member in archive.infolist())
     except (zipfile.BadZipFile, OSError, ValueError) as err:
         raise GradflowError(
-            f"{path}: not a gradflow checkpoint (not a zip archive: {err})"
+            f"{path}: not a readable gradflow checkpoint (not a zip archive: {err})"
         ) from None
     if unpacked > max_bytes:
         raise GradflowError(
