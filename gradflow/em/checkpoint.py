@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from gradflow.errors import GradflowError
+from gradflow.runfile import printable
 from gradflow.safefile import atomic_write
 
 FORMAT = 1
@@ -25,6 +26,8 @@ FORMAT = 1
 # archive's headers (a few hundred bytes per tensor).
 SIZE_FACTOR = 4
 SIZE_SLACK = 4 << 20
+# The lines of torch.load's weights_only errors around the one that says what was refused.
+_TORCH_ADVICE = ("Weights only load failed", "(1)", "(2)", "Check the documentation")
 # Optimizer states that are running averages of squares: never negative.
 NON_NEGATIVE = frozenset({"square_avg", "exp_avg_sq", "max_exp_avg_sq"})
 
@@ -151,8 +154,12 @@ def load_checkpoint(
         # weights_only: tensors and plain containers only, so loading runs no foreign code.
         payload = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # torch raises many types for a damaged or foreign file
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise GradflowError(f"{path}: not a readable gradflow checkpoint ({first})") from None
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+        # The line that says what was refused, not torch's advice around it; it may quote
+        # the file (a global's name), so it is made printable.
+        found = [line for line in lines if not line.startswith(_TORCH_ADVICE)]
+        why = printable((found or lines or [type(err).__name__])[0])
+        raise GradflowError(f"{path}: not a readable gradflow checkpoint ({why})") from None
     keys = {"format", "model", "optimizer", "epoch", "step", "config"}
     if not isinstance(payload, dict) or not keys <= payload.keys():
         raise GradflowError(f"{path}: not a gradflow checkpoint")

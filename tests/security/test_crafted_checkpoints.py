@@ -139,6 +139,16 @@ def test_crafted_optimizer_state_is_refused_before_the_run_file_is_touched(
     assert time.perf_counter() - start < 20
 
 
+def test_what_torch_refuses_is_named_in_one_printable_line(recorded: Path, tmp_path: Path) -> None:
+    # A pickle naming a global that holds a terminal escape; torch's message quotes it.
+    run = _copy(recorded, tmp_path)
+    pickled = b"\x80\x02cos\n\x1b[2Jsystem\nq\x00."
+    entries = [("archive/data.pkl", pickled), ("archive/version", b"3\n")]
+    _zip(checkpoint_path(run), [(n, d, len(d), zlib.crc32(d), False) for n, d in entries])
+    message = _resume_refused(run, "unsupported GLOBAL os.\ufffd[2Jsystem")
+    assert not any(ch < " " for ch in message), repr(message)
+
+
 def test_the_untouched_checkpoint_resumes(recorded: Path, tmp_path: Path) -> None:
     run = _copy(recorded, tmp_path)
     shutil.copyfile(checkpoint_path(recorded), checkpoint_path(run))
@@ -207,9 +217,11 @@ def _zip(path: Path, entries: list[tuple[str, bytes, int, int, bool]]) -> None:
 
 
 def _bomb(path: Path, recorded: Path, inflated: int) -> None:
-    """A checkpoint whose one weight inflates from about a thousandth of ``inflated``."""
+    """A checkpoint whose one weight inflates from about a thousandth of ``inflated``
+    (everything else as recorded, less the optimizer's tensors: torch would read it)."""
     payload = _payload(recorded)
     payload["model"] = {"down1.conv.weight": _Tensor(inflated // 4)}
+    payload["optimizer"]["state"] = {}
     pickled = bytearray()
 
     class Sink:
