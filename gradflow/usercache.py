@@ -73,9 +73,9 @@ def open_library(path: Path) -> ctypes.CDLL | None:
         if not _trusted(os.fstat(source.fileno())):
             return None
         copy = Path(tmp) / path.name
-        with open(copy, "xb") as target:
-            shutil.copyfileobj(source, target)
-        try:
+        try:  # a full disk or a file-size limit while copying: no library, as unreadable
+            with open(copy, "xb") as target:
+                shutil.copyfileobj(source, target)
             return ctypes.CDLL(str(copy))
         except OSError:
             return None
