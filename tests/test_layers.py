@@ -79,17 +79,16 @@ def test_tied_parameter_belongs_to_first_owner() -> None:
     assert layers[1].n_params == 10
 
 
-def test_frozen_parameters_left_out_unless_kept() -> None:
+def test_frozen_layers_are_layers_with_only_trainable_params_measured() -> None:
     model = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2), nn.Linear(2, 2))
     model[0].requires_grad_(False)
     model[1].bias.requires_grad_(False)
     layers = discover_layers(model)
-    assert [lay.name for lay in layers] == ["1", "2"]
-    assert _ids(layers[0].params) == [id(model[1].weight)]
-    kept = discover_layers(model, keep=frozenset({id(model[1].bias), id(model[0].weight)}))
-    assert [lay.name for lay in kept] == ["0", "1", "2"]
-    assert _ids(kept[0].params) == [id(model[0].weight)]
-    assert _ids(kept[1].params) == [id(model[1].weight), id(model[1].bias)]
+    assert [lay.name for lay in layers] == ["0", "1", "2"]
+    assert _ids(layers[0].params) == []  # frozen: a layer, measured once it trains
+    assert _ids(layers[0].owned) == [id(model[0].weight), id(model[0].bias)]
+    assert _ids(layers[1].params) == [id(model[1].weight)]
+    assert _ids(layers[1].owned) == [id(model[1].weight), id(model[1].bias)]
 
 
 def test_parametrized_module_owns_its_originals() -> None:
