@@ -31,7 +31,7 @@ RTOL = 1e-12
 # at std 0.5, so 1e-8 there.
 RTOL_OFFSET = 1e-8
 
-PROBES = ("param", "epoch", "activation", "grad_output")
+PROBES = ("param", "epoch", "activation", "grad_output", "skip")
 
 
 @dataclass(frozen=True)
@@ -92,7 +92,28 @@ def _grad_output_reductions(layers: list[Layer]) -> Reductions:
     }
 
 
+def _sq(x: np.ndarray) -> float:
+    return float(np.sum(np.square(x)))
+
+
+def _skip_reductions(layers: list[Layer]) -> Reductions:
+    """``skip`` reductions, taking the gradient through a block's shortcut (and a long skip)
+    to be ``grad_output`` and through its branch (and the path below) to be ``grad``."""
+    measured = np.array([float(x.grad_output.size > 0) for x in layers])
+    short_sq = np.array([_sq(x.grad_output) for x in layers])
+    other_sq = np.array([_sq(x.grad) for x in layers])
+    return {
+        "shortcut_sq": short_sq, "branch_sq": other_sq, "blocks": measured,
+        "long_sq": short_sq, "below_sq": other_sq, "long_skips": measured,
+    }  # fmt: skip
+
+
+def _share_reference(x: Layer) -> float:
+    return _ratio(_norm(x.grad_output), _norm(x.grad_output) + _norm(x.grad))
+
+
 REDUCTIONS: dict[str, Callable[[list[Layer]], Reductions]] = {
+    "skip": _skip_reductions,
     "param": _param_reductions,
     "epoch": _param_reductions,
     "activation": _activation_reductions,
@@ -131,6 +152,12 @@ REFERENCES: dict[str, Callable[[Layer], float]] = {
     "activation/nonfinite": lambda x: _count(~np.isfinite(x.output)),
     "grad_output/norm": lambda x: _norm(x.grad_output),
     "grad_output/rms": lambda x: float(np.sqrt(np.mean(np.square(x.grad_output)))),
+    "skip/shortcut_norm": lambda x: _norm(x.grad_output),
+    "skip/branch_norm": lambda x: _norm(x.grad),
+    "skip/shortcut_share": _share_reference,
+    "skip/long_norm": lambda x: _norm(x.grad_output),
+    "skip/below_norm": lambda x: _norm(x.grad),
+    "skip/long_share": _share_reference,
 }
 
 
