@@ -184,6 +184,6 @@ def test_lock_file_that_is_a_link_is_refused(tmp_path: Path) -> None:
     victim.write_text("keep\n")
     out = tmp_path / "run.h5"
     lock_path(out).symlink_to(victim)
-    with pytest.raises(GradflowError, match="the lock file .* is a symbolic link"):
+    with pytest.raises(GradflowError, match=r"the lock file .* is a symbolic link"):
         WriteLock.acquire(out)
     assert victim.read_text() == "keep\n"
