@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import csv
 import math
+import statistics
 from pathlib import Path
 
 import numpy as np
 import pytest
 from runfiles import SyntheticRun, fcn_layers
+from scipy import stats
 
 from gradflow.analysis import centre_edge_ratio
+from gradflow.em import intervals
 from gradflow.em import verdicts as vd
 from gradflow.runfile import open_run
 
@@ -41,22 +44,57 @@ def test_bootstrap_matches_a_plain_reimplementation() -> None:
     rng = np.random.default_rng(3)
     x = rng.lognormal(0.3, 0.4, 5).tolist()
     y = rng.lognormal(0.0, 0.2, 7).tolist()  # panels need not have equal seed counts
-    got = vd.bootstrap_ratio(x, y, resamples=2000, seed=11)
+    got = intervals.bootstrap_ratio(x, y, resamples=2000, seed=11)
     np.testing.assert_allclose(got, loop_bootstrap(x, y, 2000, 11), rtol=1e-12)
     assert got[1] < got[0] < got[2]
-    assert vd.bootstrap_ratio(x, y) == vd.bootstrap_ratio(x, y)  # fixed RNG seed
+    assert intervals.bootstrap_ratio(x, y) == intervals.bootstrap_ratio(x, y)  # fixed RNG seed
 
 
 def test_bootstrap_interval_is_that_of_any_generator_within_monte_carlo_error() -> None:
     rng = np.random.default_rng(5)
     x, y = rng.lognormal(0.0, 0.5, 5), rng.lognormal(0.0, 0.5, 5)
-    _, low, high = vd.bootstrap_ratio(x, y)
-    others = np.array([vd.bootstrap_ratio(x, y, seed=s)[1:] for s in range(3)])
+    _, low, high = intervals.bootstrap_ratio(x, y)
+    others = np.array([intervals.bootstrap_ratio(x, y, seed=s)[1:] for s in range(3)])
     np.testing.assert_allclose(others, [[low, high]] * 3, rtol=0.05)
 
 
 def test_bootstrap_of_identical_seeds_is_a_point() -> None:
-    assert vd.bootstrap_ratio([2.0] * 5, [0.5] * 5) == pytest.approx((4.0, 4.0, 4.0))
+    assert intervals.bootstrap_ratio([2.0] * 5, [0.5] * 5) == pytest.approx((4.0, 4.0, 4.0))
+
+
+def test_replication_interval_by_hand() -> None:
+    x, y = [1.0, 2.0, 4.0, 2.0, 1.0], [0.5, 0.25, 0.5]
+    lx, ly = [math.log(v) for v in x], [math.log(v) for v in y]
+    vx = statistics.variance(lx) * (1 / 5 + 1 / 4)  # 4 new seeds of x's panel
+    vy = statistics.variance(ly) * (1 / 3 + 1 / 2)  # 2 new seeds of y's panel
+    dof = (vx + vy) ** 2 / (vx**2 / 4 + vy**2 / 2)
+    half = stats.t.ppf(0.975, dof) * math.sqrt(vx + vy)
+    centre = statistics.fmean(lx) - statistics.fmean(ly)
+    got = intervals.replication_interval(x, y, (4, 2))
+    np.testing.assert_allclose(got, [math.exp(centre - half), math.exp(centre + half)], rtol=1e-12)
+    assert intervals.replication_interval([2.0] * 3, [0.5] * 3, (5, 5)) == (4.0, 4.0)
+    assert all(math.isnan(v) for v in intervals.replication_interval([1.0], [1.0, 2.0], (5, 5)))
+
+
+@pytest.mark.parametrize(("n", "m"), [(5, 5), (5, 2), (8, 3)])
+def test_replications_land_in_the_predicted_range_95_percent_of_the_time(n: int, m: int) -> None:
+    """Draw an ablation (n seeds a panel) and a replication (m fresh seeds) from known
+    log-normal panels, thousands of times: the replication's Q falls inside the range
+    predicted from the ablation alone 95 % of the time (binomial standard error 0.4 %),
+    where the bootstrap interval of the ablation's own Q holds it far less often."""
+    rng = np.random.default_rng(7)
+    trials, inside, inside_bootstrap = 3000, 0, 0
+    for trial in range(trials):
+        x, y = rng.lognormal(0.0, 0.8, n), rng.lognormal(-1.0, 0.3, n)
+        again = np.exp(np.log(rng.lognormal(0.0, 0.8, m)).mean())
+        again /= np.exp(np.log(rng.lognormal(-1.0, 0.3, m)).mean())
+        low, high = intervals.replication_interval(x, y, (m, m))
+        inside += low <= again <= high
+        if trial < 300:  # the bootstrap is slow; 300 trials show its shortfall
+            _, blow, bhigh = intervals.bootstrap_ratio(x, y, resamples=1000)
+            inside_bootstrap += blow <= again <= bhigh
+    assert inside / trials == pytest.approx(0.95, abs=0.015)
+    assert inside_bootstrap / 300 < 0.85
 
 
 A, B, C, D = vd.PREDICTIONS
@@ -175,6 +213,15 @@ def test_tables_from_run_files(tmp_path: Path, capsys: pytest.CaptureFixture[str
             path.with_suffix(".done").touch()
     assert vd.main([str(tmp_path / "runs"), str(tmp_path / "out")]) == 0
     assert "| 32px-4steps | sgd | (a)" in capsys.readouterr().out
+    assert not (tmp_path / "out" / "replication.csv").exists()
+    # The runs as their own replication: every Q equal, inside, same verdict.
+    runs = str(tmp_path / "runs")
+    assert vd.main([runs, str(tmp_path / "again"), runs]) == 0
+    assert "replication: 8 of 8 Q inside their predicted range" in capsys.readouterr().out
+    with open(tmp_path / "again" / "replication.csv") as f:
+        again = list(csv.DictReader(f))
+    assert len(again) == 8 and {r["agreement"] for r in again} == {"agrees"}
+    assert all(r["Q"] == r["replication Q"] and r["inside"] == "yes" for r in again)
     with open(tmp_path / "out" / "verdicts.csv") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == len(vd.PREDICTIONS) * len(vd.QUANTITIES)
@@ -207,3 +254,39 @@ def test_bad_root_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     err = capsys.readouterr().err
     assert err == f"gradflow: error: {tmp_path / 'nowhere'}: no such directory of ablation runs\n"
     assert vd.main([str(tmp_path), str(tmp_path / "out")]) == 2
+
+
+def test_compare_a_replication() -> None:
+    original = ratios_for(
+        {
+            "a": [1.0, 1.1, 0.9, 1.05, 0.95],
+            "b": [0.1, 0.12, 0.08, 0.11, 0.09],
+            "c": [0.5, 0.55, 0.45, 0.5, 0.52],
+            "d": [0.3, 0.35, 0.25, 0.3, 0.32],
+        }
+    )
+    again = {  # other seeds; (b)'s centre now moves twice as much as (c)'s
+        vd.RunKey(key.scale, key.condition, key.panel, key.seed + 10): dict(values)
+        for key, values in original.items()
+    }
+    for key in again:
+        if key.panel == "b":
+            again[key]["update"] = again[key]["update"] * 10
+    rows = {
+        (r.original.prediction.letter, r.original.quantity): r for r in vd.compare(original, again)
+    }
+    assert len(rows) == len(vd.PREDICTIONS) * len(vd.QUANTITIES)
+    same = rows["d", "update"]
+    assert same.replication.estimate == pytest.approx(same.original.estimate)
+    assert same.inside and same.agreement == "agrees"
+    moved = rows["b", "update"]  # 0.2 -> 2: far outside, from holds to does not hold
+    assert moved.replication.estimate == pytest.approx(10 * moved.original.estimate)
+    assert not moved.inside and moved.high < moved.replication.estimate
+    assert (moved.original.verdict, moved.replication.verdict) == (vd.HOLDS, vd.FAILS)
+    assert moved.agreement == "contradicts"
+    assert rows["a", "update"].agreement == "differs"  # 10 -> 1: holds -> not resolved
+    # Cells the original does not have are left out.
+    elsewhere = {
+        vd.RunKey("96px-192steps", k.condition, k.panel, k.seed): v for k, v in again.items()
+    }
+    assert vd.compare(original, elsewhere) == []

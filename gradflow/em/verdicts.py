@@ -16,8 +16,14 @@ seeds of each panel resampled with replacement, independently per panel). Its ve
 ``does not hold`` where it lies wholly on the other side, else ``not resolved at this
 scale``; a panel with fewer than :data:`MIN_SEEDS` seeds gives ``too few seeds``.
 
-``python -m gradflow.em.verdicts ROOT OUT`` writes ``OUT/verdicts.{csv,md}`` and the
-per-run ratios ``OUT/centre_edge.{csv,md}``.
+A 95 % interval of the five-seed Q is not where another set of seeds lands: a replication
+has its own seed noise. :func:`gradflow.em.intervals.replication_interval` gives that range, a 95 % prediction
+interval (Welch t on the log scale) for the Q that a replication with fresh seeds gives, and
+:func:`compare` checks a replication's Q against it and sets the two verdicts side by side.
+
+``python -m gradflow.em.verdicts ROOT OUT [REPLICATION_ROOT]`` writes
+``OUT/verdicts.{csv,md}``, the per-run ratios ``OUT/centre_edge.{csv,md}`` and, given a
+replication's runs, ``OUT/replication.{csv,md}``.
 """
 
 from __future__ import annotations
@@ -30,12 +36,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-import numpy as np
-
 from gradflow.analysis import centre_edge_ratio
+from gradflow.em.intervals import RESAMPLES, bootstrap_ratio, replication_interval
 from gradflow.errors import GradflowError
 from gradflow.plots.tables import Cell, Table
 from gradflow.runfile import open_run
+from gradflow.safefile import atomic_write
 
 PANELS: dict[str, str] = {
     "a": "fig3a-long-short-9",
@@ -52,9 +58,6 @@ QUANTITIES: dict[str, tuple[str, str]] = {
 """Each quantity's (probe, statistic) in the run file."""
 
 MIN_SEEDS = 5
-RESAMPLES = 10_000
-RNG_SEED = 20160816  # fixed: the same runs always give the same intervals
-LEVEL = 0.95
 
 HOLDS, FAILS, UNRESOLVED, TOO_FEW = (
     "holds",
@@ -161,37 +164,6 @@ def run_ratios(runs: Mapping[RunKey, Path]) -> dict[RunKey, dict[str, float]]:
     return out
 
 
-def bootstrap_ratio(
-    x: Sequence[float],
-    y: Sequence[float],
-    *,
-    resamples: int = RESAMPLES,
-    seed: int = RNG_SEED,
-    level: float = LEVEL,
-) -> tuple[float, float, float]:
-    """The ratio of geometric means ``exp(mean log x - mean log y)`` and its percentile
-    bootstrap interval.
-
-    Args:
-        x, y: positive per-seed values of the two panels.
-        resamples: bootstrap resamples; each draws ``len(x)`` of ``x`` and ``len(y)`` of
-            ``y`` with replacement, independently (all of ``x``'s draws first).
-        seed: seed of the ``numpy.random.default_rng`` generator.
-        level: the interval's coverage.
-
-    Returns:
-        (estimate, low, high).
-    """
-    log_x, log_y = np.log(np.asarray(x, np.float64)), np.log(np.asarray(y, np.float64))
-    rng = np.random.default_rng(seed)
-    pick_x = rng.integers(0, len(log_x), size=(resamples, len(log_x)))
-    pick_y = rng.integers(0, len(log_y), size=(resamples, len(log_y)))
-    q = np.exp(log_x[pick_x].mean(axis=1) - log_y[pick_y].mean(axis=1))
-    tail = 100 * (1 - level) / 2
-    low, high = np.percentile(q, [tail, 100 - tail])
-    return float(np.exp(log_x.mean() - log_y.mean())), float(low), float(high)
-
-
 def verdict(prediction: Prediction, low: float, high: float, seeds: tuple[int, int]) -> str:
     """The verdict on ``prediction`` from its interval ``[low, high]`` and the number of
     seeds of each of its two panels."""
@@ -201,6 +173,19 @@ def verdict(prediction: Prediction, low: float, high: float, seeds: tuple[int, i
     if above or below:
         return HOLDS if above == (prediction.side == "above") else FAILS
     return UNRESOLVED
+
+
+def _per_panel(
+    ratios: Mapping[RunKey, Mapping[str, float]], scale: str, condition: str, quantity: str
+) -> dict[str, list[float]]:
+    """Each panel's usable values (finite and positive) of one cell, in seed order."""
+    per_panel: dict[str, list[float]] = {letter: [] for letter in PANELS}
+    for key, values in sorted(ratios.items(), key=lambda item: item[0].seed):
+        value = values.get(quantity, math.nan)
+        here = (key.scale, key.condition) == (scale, condition)
+        if here and math.isfinite(value) and value > 0:
+            per_panel[key.panel].append(value)
+    return per_panel
 
 
 def verdicts(ratios: Mapping[RunKey, Mapping[str, float]]) -> list[Verdict]:
@@ -213,12 +198,7 @@ def verdicts(ratios: Mapping[RunKey, Mapping[str, float]]) -> list[Verdict]:
     out = []
     for scale, condition in cells:
         for quantity in QUANTITIES:
-            per_panel: dict[str, list[float]] = {letter: [] for letter in PANELS}
-            for key, values in sorted(ratios.items(), key=lambda item: item[0].seed):
-                value = values.get(quantity, math.nan)
-                here = (key.scale, key.condition) == (scale, condition)
-                if here and math.isfinite(value) and value > 0:
-                    per_panel[key.panel].append(value)
+            per_panel = _per_panel(ratios, scale, condition, quantity)
             for prediction in PREDICTIONS:
                 x, y = per_panel[prediction.numerator], per_panel[prediction.denominator]
                 seeds = (len(x), len(y))
@@ -231,6 +211,62 @@ def verdicts(ratios: Mapping[RunKey, Mapping[str, float]]) -> list[Verdict]:
                         scale, condition, prediction, quantity, estimate, low, high, judged, seeds
                     )
                 )
+    return out
+
+
+@dataclass(frozen=True)
+class Replication:
+    """A replication's result beside the original's, for one prediction and cell.
+
+    ``low``, ``high``: the original's 95 % prediction interval for a replication with the
+    replication's seed counts (:func:`replication_interval`).
+    """
+
+    original: Verdict
+    replication: Verdict
+    low: float
+    high: float
+
+    @property
+    def inside(self) -> bool:
+        """Whether the replication's Q lies in the predicted range."""
+        return self.low <= self.replication.estimate <= self.high
+
+    @property
+    def agreement(self) -> str:
+        """``agrees`` (same verdict), ``contradicts`` (one holds where the other does
+        not hold) or ``differs`` (one of them not resolved or with too few seeds)."""
+        pair = {self.original.verdict, self.replication.verdict}
+        if len(pair) == 1:
+            return "agrees"
+        return "contradicts" if pair == {HOLDS, FAILS} else "differs"
+
+
+def compare(
+    original: Mapping[RunKey, Mapping[str, float]],
+    replication: Mapping[RunKey, Mapping[str, float]],
+) -> list[Replication]:
+    """The replication's verdicts against the original's, in every cell (scale, condition)
+    that both have.
+
+    Args:
+        original: per-run ratios of the ablation (:func:`run_ratios`).
+        replication: per-run ratios of runs with other seeds at the same cells.
+
+    Returns:
+        One :class:`Replication` per prediction, quantity and shared cell.
+    """
+    first = {(v.scale, v.condition, v.prediction.letter, v.quantity): v for v in verdicts(original)}
+    out = []
+    for again in verdicts(replication):
+        found = first.get((again.scale, again.condition, again.prediction.letter, again.quantity))
+        if found is None:
+            continue
+        panels = _per_panel(original, found.scale, found.condition, found.quantity)
+        low, high = replication_interval(
+            panels[found.prediction.numerator], panels[found.prediction.denominator], again.seeds
+        )
+        out.append(Replication(found, again, low, high))
     return out
 
 
@@ -282,49 +318,131 @@ def ratio_table(ratios: Mapping[RunKey, Mapping[str, float]]) -> Table:
     return Table(["scale", "condition", "panel", "seed", *QUANTITIES], rows)
 
 
-def write_tables(root: Path, out: Path) -> list[Verdict]:
-    """Read the finished ablation runs under ``root``; write ``verdicts.{csv,md}`` and
-    ``centre_edge.{csv,md}`` (per-run ratios) into ``out``; return the verdicts."""
+def replication_table(rows: Iterable[Replication]) -> Table:
+    """A replication beside the original: one row per cell, prediction and quantity."""
+    columns = [
+        "scale",
+        "condition",
+        "prediction",
+        "quantity",
+        "Q",
+        "replication Q",
+        "predicted 95 % low",
+        "predicted 95 % high",
+        "inside",
+        "verdict",
+        "replication verdict",
+        "agreement",
+        "replication seeds",
+    ]
+    table: list[list[Cell]] = [
+        [
+            r.original.scale,
+            r.original.condition,
+            f"({r.original.prediction.letter}) {r.original.prediction.claim}",
+            r.original.quantity,
+            r.original.estimate,
+            r.replication.estimate,
+            r.low,
+            r.high,
+            "yes" if r.inside else "no",
+            r.original.verdict,
+            r.replication.verdict,
+            r.agreement,
+            f"{r.replication.seeds[0]}/{r.replication.seeds[1]}",
+        ]
+        for r in rows
+    ]
+    return Table(columns, table)
+
+
+def _finished_ratios(root: Path) -> dict[RunKey, dict[str, float]]:
     runs = find_runs(root)
     if not runs:
         raise GradflowError(
             f"{root}: no finished ablation runs (<scale>/<panel>-<condition>-sN.h5)"
         )
-    ratios = run_ratios(runs)
+    return run_ratios(runs)
+
+
+def _write(out: Path, name: str, table: Table, intro: str) -> None:
+    with atomic_write(out / f"{name}.csv") as file:
+        file.write(table.to_csv().encode())
+    with atomic_write(out / f"{name}.md") as file:
+        file.write((intro + table.to_markdown()).encode())
+
+
+def write_tables(
+    root: Path, out: Path, replication_root: Path | None = None
+) -> tuple[list[Verdict], list[Replication]]:
+    """Write the ablation's tables.
+
+    Args:
+        root: the ablation's runs (``<scale>/<panel>-<condition>-sN.h5``, finished ones).
+        out: folder for ``verdicts.{csv,md}`` and ``centre_edge.{csv,md}`` (per-run
+            ratios), and ``replication.{csv,md}`` given ``replication_root``.
+        replication_root: runs of the same cells with other seeds, or None.
+
+    Returns:
+        The verdicts, and the replication's comparison (empty without one).
+    """
+    ratios = _finished_ratios(root)
     rows = verdicts(ratios)
+    again = compare(ratios, _finished_ratios(replication_root)) if replication_root else []
     out.mkdir(parents=True, exist_ok=True)
-    preamble = (
-        f"Q: ratio of the geometric means over seeds of two panels' centre/edge ratios; 95 % "
-        f"percentile bootstrap interval ({RESAMPLES} resamples, seeds resampled per panel); "
-        f"verdicts need {MIN_SEEDS} seeds per panel. Written by `python -m "
+    method = (
+        f"95 % percentile bootstrap interval ({RESAMPLES} resamples, seeds resampled per "
+        f"panel); verdicts need {MIN_SEEDS} seeds per panel. Written by `python -m "
         "gradflow.em.verdicts`.\n\n"
     )
-    for name, table, intro in (
-        ("verdicts", verdict_table(rows), preamble),
-        (
-            "centre_edge",
-            ratio_table(ratios),
-            "Centre/edge ratio per run (central third of "
-            "the conv layers over the outer thirds; below 1: the centre is starved).\n\n",
-        ),
-    ):
-        (out / f"{name}.csv").write_text(table.to_csv(), encoding="utf-8")
-        (out / f"{name}.md").write_text(intro + table.to_markdown(), encoding="utf-8")
-    return rows
+    _write(
+        out,
+        "verdicts",
+        verdict_table(rows),
+        "Q: ratio of the geometric means over seeds of two panels' centre/edge ratios; " + method,
+    )
+    _write(
+        out,
+        "centre_edge",
+        ratio_table(ratios),
+        "Centre/edge ratio per run (central third of the conv layers over the outer "
+        "thirds; below 1: the centre is starved).\n\n",
+    )
+    if replication_root:
+        _write(
+            out,
+            "replication",
+            replication_table(again),
+            f"Runs in {replication_root} (seeds the ablation did not use) against those in "
+            f"{root}. predicted: the 95 % range of a replication's Q with its seed counts "
+            "(Welch t prediction interval on the log scale); inside: the replication's Q is "
+            "in it. Verdicts: " + method,
+        )
+    return rows, again
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m gradflow.em.verdicts ROOT OUT``: write the tables, print the verdicts."""
+    """``python -m gradflow.em.verdicts ROOT OUT [REPLICATION_ROOT]``: write the tables,
+    print the verdicts (and the replication's comparison)."""
     args = list(sys.argv[1:] if argv is None else argv)
-    if len(args) != 2:
-        print("usage: python -m gradflow.em.verdicts RUNS_ROOT OUT_DIR", file=sys.stderr)
+    if len(args) not in (2, 3):
+        print(
+            "usage: python -m gradflow.em.verdicts RUNS_ROOT OUT_DIR [REPLICATION_ROOT]",
+            file=sys.stderr,
+        )
         return 2
     try:
-        rows = write_tables(Path(args[0]), Path(args[1]))
+        rows, again = write_tables(
+            Path(args[0]), Path(args[1]), Path(args[2]) if len(args) == 3 else None
+        )
     except GradflowError as err:
         print(f"gradflow: error: {err}", file=sys.stderr)
         return 2
     print(verdict_table(rows).to_markdown(), end="")
+    if again:
+        inside = sum(r.inside for r in again)
+        print(f"\nreplication: {inside} of {len(again)} Q inside their predicted range")
+        print(replication_table(again).to_markdown(), end="")
     return 0
 
 
