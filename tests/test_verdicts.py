@@ -242,6 +242,12 @@ def test_tables_from_run_files(tmp_path: Path, capsys: pytest.CaptureFixture[str
         assert float(row["Q"]) == pytest.approx(q, rel=1e-9)
         assert float(row["95 % low"]) <= q * (1 + 1e-9) <= float(row["95 % high"]) * (1 + 2e-9)
         assert row["seeds"] == f"{len(logs[0])}/{len(logs[1])}"
+        if "d" not in (prediction.numerator, prediction.denominator):
+            x, y = (np.exp(v) for v in logs)
+            expected = intervals.replication_interval(x, y, (len(x), len(y)))
+            got = (float(row["replication 95 % low"]), float(row["replication 95 % high"]))
+            assert got == pytest.approx(expected, rel=1e-3)  # the table rounds to 4 digits
+            assert got[0] <= float(row["95 % low"]) and float(row["95 % high"]) <= got[1]
         assert (row["verdict"] == vd.TOO_FEW) == (
             "d" in (prediction.numerator, prediction.denominator)
         )

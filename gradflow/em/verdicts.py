@@ -17,9 +17,10 @@ seeds of each panel resampled with replacement, independently per panel). Its ve
 scale``; a panel with fewer than :data:`MIN_SEEDS` seeds gives ``too few seeds``.
 
 A 95 % interval of the five-seed Q is not where another set of seeds lands: a replication
-has its own seed noise. :func:`gradflow.em.intervals.replication_interval` gives that range, a 95 % prediction
-interval (Welch t on the log scale) for the Q that a replication with fresh seeds gives, and
-:func:`compare` checks a replication's Q against it and sets the two verdicts side by side.
+has its own seed noise. :func:`gradflow.em.intervals.replication_interval` gives that
+range, a 95 % prediction interval (Welch t on the log scale) for the Q that a replication
+with fresh seeds gives, and :func:`compare` checks a replication's Q against it and sets
+the two verdicts side by side.
 
 ``python -m gradflow.em.verdicts ROOT OUT [REPLICATION_ROOT]`` writes
 ``OUT/verdicts.{csv,md}``, the per-run ratios ``OUT/centre_edge.{csv,md}`` and, given a
@@ -111,7 +112,12 @@ PREDICTIONS: tuple[Prediction, ...] = (
 
 @dataclass(frozen=True)
 class Verdict:
-    """One prediction's estimate, interval and verdict at one scale, condition, quantity."""
+    """One prediction's estimate, interval and verdict at one scale, condition, quantity.
+
+    ``low``, ``high``: the estimate's 95 % bootstrap interval; ``again_low``,
+    ``again_high``: the 95 % range of the Q that a replication with as many fresh seeds
+    gives (:func:`gradflow.em.intervals.replication_interval`).
+    """
 
     scale: str
     condition: str
@@ -122,6 +128,8 @@ class Verdict:
     high: float
     verdict: str
     seeds: tuple[int, int]  # seeds of the numerator's and the denominator's panel
+    again_low: float = math.nan
+    again_high: float = math.nan
 
 
 def parse_run_path(path: Path) -> RunKey | None:
@@ -206,9 +214,20 @@ def verdicts(ratios: Mapping[RunKey, Mapping[str, float]]) -> list[Verdict]:
                 if min(seeds) > 0:
                     estimate, low, high = bootstrap_ratio(x, y)
                 judged = verdict(prediction, low, high, seeds)
+                again_low, again_high = replication_interval(x, y, seeds)
                 out.append(
                     Verdict(
-                        scale, condition, prediction, quantity, estimate, low, high, judged, seeds
+                        scale,
+                        condition,
+                        prediction,
+                        quantity,
+                        estimate,
+                        low,
+                        high,
+                        judged,
+                        seeds,
+                        again_low,
+                        again_high,
                     )
                 )
     return out
@@ -289,6 +308,8 @@ def verdict_table(rows: Iterable[Verdict]) -> Table:
         "95 % high",
         "verdict",
         "seeds",
+        "replication 95 % low",
+        "replication 95 % high",
     ]
     table: list[list[Cell]] = [
         [
@@ -302,6 +323,8 @@ def verdict_table(rows: Iterable[Verdict]) -> Table:
             v.high,
             v.verdict,
             f"{v.seeds[0]}/{v.seeds[1]}",
+            v.again_low,
+            v.again_high,
         ]
         for v in rows
     ]
