@@ -15,6 +15,11 @@
 #   Override the scale like this:  SCALES="64:36x16" SEEDS="0 1 2" JOBS=4 figures/ablation.sh
 #   Only the tables and figures, from the runs already in runs/ablation/: TABLES_ONLY=1 ...
 #   A run already recorded (its .done marker exists) is not recorded again.
+#   A replication with seeds the ablation did not use (its tables then compare it with the
+#   ablation's predicted ranges, figures/ablation/replication.md):
+#     SEEDS="5 6 7 8 9" SCALES=64:16x12 RUNS=runs/replication SKIP_SCALE= \
+#       OUT=runs/replication/tables FIGURES=runs/replication figures/ablation.sh
+#     TABLES_ONLY=1 figures/ablation.sh
 #
 # Conditions (each panel's learning rate as in the gallery: panel (d), without batch norm,
 # trains at a tenth of the others' rate); the default is rmsprop and sgd-nesterov:
@@ -52,9 +57,10 @@ SKIP_SCALE=${SKIP_SCALE-"64:16x12"}         # panels (a), (b) with the skip prob
 
 cd "$(dirname "$0")/.."
 RUNS=${RUNS:-runs/ablation}
+REPLICATION=${REPLICATION:-runs/replication}  # runs with other seeds, compared if present
 OUT=${OUT:-figures/ablation}
 FIGURES=${FIGURES:-figures}
-[[ "$QUICK" == 1 ]] && RUNS=runs/ablation-quick OUT=runs/ablation-quick FIGURES=runs/ablation-quick
+[[ "$QUICK" == 1 ]] && RUNS=runs/ablation-quick OUT=runs/ablation-quick FIGURES=runs/ablation-quick REPLICATION=
 mkdir -p "$RUNS" "$OUT"
 
 PANELS=(fig3a-long-short-9 fig3b-long-9 fig3c-long-3 fig3d-long-7-nobn)
@@ -127,9 +133,13 @@ if [[ "$TABLES_ONLY" != 1 ]]; then
     fi
 fi
 
-# --- tables: verdicts with bootstrap intervals, per-run centre/edge ratios -----------------
+# --- tables: verdicts with bootstrap intervals, per-run centre/edge ratios, replication ---
 if compgen -G "$RUNS/*px-*steps/*.done" > /dev/null; then
-    python -m gradflow.em.verdicts "$RUNS" "$OUT"
+    replication=()
+    if [[ -n "$REPLICATION" && "$REPLICATION" != "$RUNS" ]] && compgen -G "$REPLICATION/*px-*steps/*.done" > /dev/null; then
+        replication=("$REPLICATION")
+    fi
+    python -m gradflow.em.verdicts "$RUNS" "$OUT" "${replication[@]}"
 else
     echo "ablation: no finished runs in $RUNS/<scale>/: no tables"
 fi

@@ -422,7 +422,9 @@ def write_tables(
         out,
         "verdicts",
         verdict_table(rows),
-        "Q: ratio of the geometric means over seeds of two panels' centre/edge ratios; " + method,
+        "Q: ratio of the geometric means over seeds of two panels' centre/edge ratios; "
+        "replication: the 95 % range of the Q that as many fresh seeds give (Welch t "
+        "prediction interval on the log scale); " + method,
     )
     _write(
         out,
