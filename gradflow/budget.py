@@ -68,7 +68,7 @@ class BudgetSchedule:
         self.spike = spike
         self._clock = clock
         self._t0 = clock()
-        self._writer_seconds: Callable[[], tuple[float, int, float]] | None = None
+        self._writer_seconds: Callable[[], tuple[float, int, tuple[float, int]]] | None = None
         self._train_s = 0.0  # training-thread cost of the rows charged so far
         self._recent: deque[float] = deque(maxlen=16)  # the last rows' training-thread costs
         self._charged = 0  # rows charged
@@ -83,9 +83,10 @@ class BudgetSchedule:
         self._pending_loss: Any = None  # a device loss copied to the host, not yet read
         self._decided: dict[int, bool] = {}
 
-    def bind(self, writer_seconds: Callable[[], tuple[float, int, float]]) -> None:
+    def bind(self, writer_seconds: Callable[[], tuple[float, int, tuple[float, int]]]) -> None:
         """Read the writer's cost from ``writer_seconds() -> (seconds, rows committed,
-        seconds of the last commit)`` (without it, rows cost the training thread's time)."""
+        (seconds, rows) of the last commit of rows)`` (without it, rows cost the training
+        thread's time)."""
         self._writer_seconds = writer_seconds
 
     # -- what the recorder reports -----------------------------------------------------------
@@ -148,7 +149,7 @@ class BudgetSchedule:
         if self._charged == 0:
             return False  # the first row is not measured yet
         now = self._clock()
-        writer_s, writer_rows, commit_s = self._writer()
+        writer_s, writer_rows, _ = self._writer()
         then, writer_then = self._seen
         self._seen = (now, writer_s)
         self._credit += self.budget * (now - then) - (writer_s - writer_then)
@@ -156,20 +157,29 @@ class BudgetSchedule:
             return self._recorded == self._charged and self._credit >= 0
         # A median: one slow row (the first, a garbage collection) does not set the pace.
         per_train = statistics.median(self._recent)
-        row = per_train
-        owed = (self._recorded - self._charged) * per_train
-        # The writer's cost is mostly per commit (one every flush_every rows or
-        # flush_seconds while rows wait), little per row: rows waiting owe the next commit,
-        # estimated as the last one (before the first, as one row's).
-        if self._recorded > writer_rows and self._writer_seconds is not None:
-            owed += commit_s if writer_rows else per_train
+        waiting = max(self._recorded - writer_rows, 0)  # rows the writer has not committed
+        owed = (self._recorded - self._charged) * per_train + self._commit(waiting, per_train)
+        row = per_train + self._commit(waiting + 1, per_train) - self._commit(waiting, per_train)
         # Credit is not saved up beyond two rows: time the training spends elsewhere
         # (validation, a pause) does not pay for a burst of rows afterwards.
         self._credit = min(self._credit, owed + 2 * row)
         return self._credit - owed >= row
 
-    def _writer(self) -> tuple[float, int, float]:
-        return (0.0, 0, 0.0) if self._writer_seconds is None else self._writer_seconds()
+    def _commit(self, rows: int, per_train: float) -> float:
+        """The estimated writer's cost of committing ``rows`` rows: as the last commit of
+        rows cost, scaled up where more rows wait than it held. A commit costs mostly a
+        fixed amount on a fast file system and per row on a slow one; scaling only up
+        overestimates the first case until commits with more rows show the lower cost,
+        where the opposite would overdraw the budget in the second."""
+        if self._writer_seconds is None or rows == 0:
+            return 0.0
+        seconds, committed = self._writer()[2]
+        if committed == 0:  # nothing committed yet (the writer commits the first row at once)
+            return rows * per_train
+        return seconds * max(1.0, rows / committed)
+
+    def _writer(self) -> tuple[float, int, tuple[float, int]]:
+        return (0.0, 0, (0.0, 0)) if self._writer_seconds is None else self._writer_seconds()
 
     def _epoch_last(self) -> int | None:
         length = self.steps_per_epoch or self._last_epoch_len

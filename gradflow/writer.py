@@ -3,7 +3,8 @@
 The training thread hands over one packed tensor of reductions per recorded step (already
 on its way to the host); this thread waits for it, turns reductions into statistics
 (:mod:`gradflow.statistics`), locates the first non-finite value, buffers rows and appends
-them to the run file every ``flush_every`` rows or ``flush_seconds`` seconds.
+them to the run file every ``flush_every`` rows or ``flush_seconds`` seconds (the first
+commits hold 1, 2, 4, ... rows up to ``flush_every``).
 """
 
 from __future__ import annotations
@@ -96,8 +97,8 @@ class NullWriter:
     error: BaseException | None = None
     first_nonfinite: Event | None = None
     busy_s = 0.0
-    commit_s = 0.0
     rows_written = 0
+    last_commit = (0.0, 0)
 
     def start(self) -> None:
         """Nothing to start."""
@@ -123,7 +124,7 @@ class WriterThread(threading.Thread):
         self.first_nonfinite: Event | None = None
         self.rows_written = 0
         self.busy_s = 0.0  # seconds spent on rows and commits, file writes included
-        self.commit_s = 0.0  # seconds the last commit took
+        self.last_commit = (0.0, 0)  # the last commit of step rows: (seconds, rows)
         self._write_s = 0.0  # the last file write's seconds, not yet in a row's overhead
         self._layout: RunLayout | None = None
         self._file: RunWriter | None = None
@@ -159,7 +160,11 @@ class WriterThread(threading.Thread):
                 if item is None:
                     break
                 self._handle(item)
-                if len(self._pending_steps) >= self.flush_every or (
+                # Commits grow from one row, doubling up to flush_every: a killed run has
+                # its first row on disk, and an overhead budget learns what the file system
+                # costs per row before it spends much on rows.
+                due = min(self.flush_every, max(1, 2 * self.last_commit[1]))
+                if len(self._pending_steps) >= due or (
                     time.monotonic() - self._last_commit >= self.flush_seconds
                 ):
                     self._commit()
@@ -323,14 +328,15 @@ class WriterThread(threading.Thread):
         if self._file is None or not (pending or self._pending_attrs):
             self._last_commit = time.monotonic()
             return
-        t0 = time.perf_counter()
+        t0, before = time.perf_counter(), self.rows_written
         try:
             self._write(self._file)
         finally:
             spent = time.perf_counter() - t0
             self.busy_s += spent
-            self.commit_s = spent
             self._write_s += spent
+            if self.rows_written > before:
+                self.last_commit = (spent, self.rows_written - before)
 
     def _write(self, file: RunWriter) -> None:
         if self._pending_steps:

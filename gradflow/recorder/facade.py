@@ -106,7 +106,8 @@ class Recorder(HooksMixin, MeasureMixin, LayoutMixin):
             probes registered in :data:`gradflow.probes.PROBES`).
         layers: name prefixes or a ``(name, module) -> bool`` predicate selecting layers.
         scaler: a ``torch.amp.GradScaler`` in use (records scale and skipped steps).
-        flush_every: rows between flushes to disk; ``flush_seconds``: seconds between them.
+        flush_every: rows between flushes to disk (the first flushes hold 1, 2, 4, ...
+            rows up to it); ``flush_seconds``: seconds between them.
         config: JSON-able description of the run, stored in the file.
         overwrite: replace an existing file (default: refuse).
         epoch_stats: record the per-epoch update ``|W_end - W_start|`` at :meth:`epoch_end`
@@ -224,7 +225,7 @@ class Recorder(HooksMixin, MeasureMixin, LayoutMixin):
         self._writer.start()
         if self._budget is not None:
             writer = self._writer
-            self._budget.bind(lambda: (writer.busy_s, writer.rows_written, writer.commit_s))
+            self._budget.bind(lambda: (writer.busy_s, writer.rows_written, writer.last_commit))
         _OPEN[model] = self
         try:
             if not self._inert:
