@@ -86,7 +86,9 @@ def variant(
     name: str, frozen: int, path: Path, select: Callable[[str, nn.Module], bool] | None = None
 ) -> Variant:
     recorded = Trainer(model(frozen))
-    rec = gradflow.Recorder(recorded.net, recorded.opt, path, every=1, probes="param", layers=select)
+    rec = gradflow.Recorder(
+        recorded.net, recorded.opt, path, every=1, probes="param", layers=select
+    )
     return Variant(name, Trainer(model(frozen)), recorded, rec)
 
 
@@ -101,9 +103,11 @@ def main() -> None:
         variants = [
             variant("frozen", N_FROZEN, Path(tmp) / "frozen.h5"),
             variant(
-                "frozen, layers=", N_FROZEN, Path(tmp) / "selected.h5",
+                "frozen, layers=",
+                N_FROZEN,
+                Path(tmp) / "selected.h5",
                 lambda name, module: name in trainable,
-            ),  # fmt: skip
+            ),
             variant("trainable", 0, Path(tmp) / "trainable.h5"),
         ]
         for v in variants:
