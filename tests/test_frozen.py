@@ -14,6 +14,7 @@ from matplotlib.figure import Figure
 from test_stacks import RTOL, batches
 from torch import nn
 
+import gradflow
 from gradflow import Recorder, open_run
 from gradflow.plots import TimeWindow, diff_heatmap, gradient_heatmap
 from gradflow.recorder.hooks import Hook
@@ -219,3 +220,12 @@ def test_report_lists_only_measured_layers_and_counts_the_rest(frozen_run: Path)
         (panel,) = section["panels"]
         assert [shown["layers"][k]["name"] for k in panel["rows"]] == ["2", "4", "6"]
         assert section["left_out"] == "1 layer never measured in this range is not drawn"
+
+
+def test_notebook_heat_map_leaves_out_layers_never_measured(frozen_run: Path) -> None:
+    fig = gradflow.show(frozen_run, "param/grad_norm")
+    (heat,) = fig.data
+    assert list(heat.y) == ["2", "4", "6"]
+    assert fig.layout.title.text == (
+        "param/grad_norm; 1 layer never measured in this range is not drawn"
+    )
