@@ -229,3 +229,23 @@ def test_notebook_heat_map_leaves_out_layers_never_measured(frozen_run: Path) ->
     assert fig.layout.title.text == (
         "param/grad_norm; 1 layer never measured in this range is not drawn"
     )
+
+
+def test_report_without_optimizer_leaves_out_the_frozen_layer_everywhere(tmp_path) -> None:
+    path = tmp_path / "r.h5"
+    net = model()
+    net[0].requires_grad_(False)
+    with Recorder(net, None, path):  # no optimizer: no update anywhere, NaN in every layer
+        for x, y in batches(3):
+            net.zero_grad()
+            nn.functional.mse_loss(net(x), y).backward()
+    with open_run(path) as run:
+        assert np.isnan(run.stat("param", "update_ratio")).all()
+        data = payload([run])
+    (shown,) = data["runs"]
+    assert [lay["name"] for lay in shown["layers"]] == ["2", "4", "6"]
+    assert shown["not_measured"] == 1
+    ratio = next(s for s in data["heatmaps"] if s["stat"] == "param/update_ratio")
+    (panel,) = ratio["panels"]
+    assert panel["rows"] == [0, 1, 2]
+    assert ratio["left_out"] == "1 layer never measured in this range is not drawn"

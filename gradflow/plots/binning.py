@@ -35,8 +35,12 @@ class LayerTime:
         """These data without the layers never measured in them
         (:func:`~gradflow.plots.selection.measured_columns`), and how many were left out."""
         keep = measured_columns(self.values)
-        kept = replace(self, values=self.values[:, keep], layers=[self.layers[i] for i in keep])
-        return kept, len(self.layers) - len(keep)
+        return self.take(keep), len(self.layers) - len(keep)
+
+    def take(self, columns: Sequence[int] | np.ndarray) -> LayerTime:
+        """These data for the layers at ``columns`` only."""
+        picked = np.asarray(columns, dtype=np.int64)
+        return replace(self, values=self.values[:, picked], layers=[self.layers[i] for i in picked])
 
 
 def time_coords(run: Run, stat: str, unit: Unit) -> np.ndarray:

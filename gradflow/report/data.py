@@ -194,34 +194,34 @@ def _heatmap(
     runs: Sequence[Run],
     labels: list[str],
     stat: str,
-    data: dict[int, tuple[LayerTime, int]],
+    data: dict[int, LayerTime],
     layers: tuple[list[list[Layer]], list[list[Layer]]],
     max_bins: int,
 ) -> dict[str, Any]:
-    """The section of ``stat``: ``data`` (its measured layers, how many left out) per run
-    that holds it; ``layers``: every run's drawn layers and those the report shows."""
+    """The section of ``stat``: ``data`` (its measured layers) per run that holds it;
+    ``layers``: every run's drawn layers and those the report shows."""
     drawn, shown = layers
-    values = [d.values for d, _ in data.values()]
+    position = [{lay.name: k for k, lay in enumerate(layers)} for layers in shown]
+    panels, left_out = {}, []
+    for i, d in data.items():
+        panels[i] = d.take([k for k, lay in enumerate(d.layers) if lay.name in position[i]])
+        if note := left_out_note(len(drawn[i]) - len(panels[i].layers)):
+            left_out.append(note if len(runs) == 1 else f"{labels[i]}: {note}")
+    values = [d.values for d in panels.values()]
     fixed = FIXED_LIMITS.get(stat)
-    panels = []
-    for i, (d, _) in data.items():
-        position = {lay.name: k for k, lay in enumerate(shown[i])}
-        panels.append(_panel(i, labels[i], d, [position[lay.name] for lay in d.layers]))
-    left_out = [
-        note if len(runs) == 1 else f"{labels[i]}: {note}"
-        for i, (_, n) in data.items()
-        if (note := left_out_note(n))
-    ]
     section: dict[str, Any] = {
         "stat": stat,
         "label": stat_label(stat),
-        "unit": next(iter(data.values()))[0].unit,
+        "unit": next(iter(data.values())).unit,
         "log": fixed is None,
         "range": list(fixed) if fixed else _range(values),
         "log_range": _range(values, positive=True),
         "infinite": any(bool(np.isinf(v).any()) for v in values),
         "left_out": "; ".join(left_out),
-        "panels": panels,
+        "panels": [
+            _panel(i, labels[i], d, [position[i][lay.name] for lay in d.layers])
+            for i, d in panels.items()
+        ],
     }
     if len(runs) == 2 and len(data) == 2:
         section["diff"] = _diff(runs, labels, stat, drawn, shown[0], max_bins, fixed is None)
@@ -243,7 +243,7 @@ def payload(runs: Sequence[Run], max_bins: int = SCREEN_BINS) -> dict[str, Any]:
     drawn = [select_layers(run, all_layers=True) for run in runs]
     loaded = {
         stat: {
-            i: load(run, stat, drawn[i], None, max_bins).measured()
+            i: load(run, stat, drawn[i], None, max_bins).measured()[0]
             for i, run in enumerate(runs)
             if _has(run, stat)
         }
@@ -252,7 +252,13 @@ def payload(runs: Sequence[Run], max_bins: int = SCREEN_BINS) -> dict[str, Any]:
     loaded = {stat: data for stat, data in loaded.items() if data}
     shown = []
     for i, layers in enumerate(drawn):
-        measured = {lay.name for data in loaded.values() if i in data for lay in data[i][0].layers}
+        # A statistic measured nowhere (updates without an optimizer) keeps every layer.
+        measured = {
+            lay.name
+            for data in loaded.values()
+            if i in data and not np.isnan(data[i].values).all()
+            for lay in data[i].layers
+        }
         shown.append([lay for lay in layers if lay.name in measured] or layers)
     data = {
         "colourscales": {
