@@ -109,13 +109,15 @@ def show(
         all_layers: draw every layer (default: conv layers of zoo FCNs, else weight layers).
         max_bins: the most time columns; longer runs are averaged into bins.
 
+    Layers never measured in a run are left out of its panel; the title says how many.
+
     Returns:
         A ``plotly.graph_objects.Figure``; hover shows layer, step or epoch and value.
     """
     from gradflow.plots.binning import load
     from gradflow.plots.default import default_view
     from gradflow.plots.interactive import HeatPanel, heatmap_grid
-    from gradflow.plots.selection import select_layers
+    from gradflow.plots.selection import left_out_note, select_layers
     from gradflow.plots.style import run_labels
 
     given = [runs] if isinstance(runs, (Run, str, os.PathLike)) else list(runs)
@@ -124,18 +126,17 @@ def show(
             run if isinstance(run, Run) else stack.enter_context(open_run(run)) for run in given
         ]
         view = default_view(opened, stat)
-        panels = [
-            HeatPanel(
-                label,
-                load(run, view.stat, select_layers(run, layers, all_layers), None, max_bins),
-                run.first_nonfinite,
-            )
-            for run, label in zip(opened, run_labels(opened), strict=True)
-        ]
+        panels, notes = [], [view.stat]
+        for run, label in zip(opened, run_labels(opened), strict=True):
+            chosen = select_layers(run, layers, all_layers)
+            data, left_out = load(run, view.stat, chosen, None, max_bins).measured()
+            panels.append(HeatPanel(label, data, run.first_nonfinite))
+            if note := left_out_note(left_out):
+                notes.append(note if len(opened) == 1 else f"{label}: {note}")
     return heatmap_grid(
         panels,
         view.stat,
         log=view.log if log is None else log,
         columns=len(panels),
-        title=view.stat,
+        title="; ".join(notes),
     )

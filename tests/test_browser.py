@@ -23,6 +23,7 @@ import chromium
 import h5py
 import numpy as np
 import pytest
+import test_frozen
 
 from gradflow.errors import GradflowError
 from gradflow.report import build_report
@@ -426,3 +427,22 @@ def test_sweep_page_shows_text_from_run_files_as_text(
     legend = tab.evaluate("document.getElementById('scalar-plot').data.map(t => t.name)")
     assert not any("<img" in (n or "") or "<script" in (n or "") for n in legend)  # escaped
     assert requested == [out.as_uri()]
+
+
+def test_report_says_how_many_layers_were_never_measured(
+    tmp_path: Path, page: tuple[Any, list[str]]
+) -> None:
+    tab, errors = page
+    run = tmp_path / "frozen.h5"
+    test_frozen.record(run)  # layer "0" frozen throughout
+    out = build_report([run], tmp_path / "report.html")
+    tab.goto(out.as_uri())
+    wait_until(tab, "window.gradflowReady === true")
+    plot = "heat-param-grad_norm-run0"
+    tab.locator(f"#{plot}").scroll_into_view_if_needed()
+    wait_until(tab, f"document.getElementById('{plot}').dataset.drawn === '1'")
+    assert tab.get_attribute(f"#{plot}", "data-rows") == "3"
+    note = tab.inner_text("#heat-param-grad_norm .note")
+    assert "1 layer never measured in this range is not drawn" in note
+    assert tab.inner_text("#layer-count") == "frozen: 3 of 3 layers (1 never measured: not shown)"
+    assert errors == []

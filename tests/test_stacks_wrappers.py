@@ -1,5 +1,6 @@
 """Copies of a recorded model, optimizer-like wrappers, a loss logged per micro-batch and tied
-parameters, each against a reference that uses no gradflow code (see ``test_stacks``)."""
+parameters, each against a reference that uses no gradflow code (see ``test_stacks``;
+frozen and unfrozen layers: ``test_frozen``)."""
 
 from __future__ import annotations
 
@@ -228,60 +229,3 @@ def test_layer_table_without_aliases_still_reads(tmp_path) -> None:
     with open_run(path) as run:
         assert run.layer_names == ["embed", "head"]
         assert [lay.aliases for lay in run.layers] == [(), ()]
-
-
-def _frozen_reference(
-    model: nn.Sequential, names: list[str]
-) -> Callable[[], Callable[[], np.ndarray]]:
-    """Called before a step: a function that, called after it, gives the weight, gradient
-    and update norms (float64, [3, L]) of each named layer across the step, NaN for a layer
-    whose parameters all had requires_grad=False."""
-    modules = dict(model.named_modules())
-
-    def before() -> Callable[[], np.ndarray]:
-        layers = [list(modules[name].parameters()) for name in names]
-        trainable = [all(p.requires_grad for p in params) for params in layers]
-        w = [torch.cat([p.detach().double().reshape(-1) for p in ps]) for ps in layers]
-        g = [
-            torch.cat([p.grad.double().reshape(-1) for p in ps]) if t else None
-            for ps, t in zip(layers, trainable, strict=True)
-        ]
-
-        def after() -> np.ndarray:
-            rows = []
-            for ps, t, w0, g0 in zip(layers, trainable, w, g, strict=True):
-                if not t:
-                    rows.append([np.nan] * 3)
-                    continue
-                d = torch.cat([p.detach().double().reshape(-1) for p in ps]) - w0
-                rows.append([float(w0.norm()), float(g0.norm()), float(d.norm())])
-            return np.array(rows).T
-
-        return after
-
-    return before
-
-
-def test_frozen_layer_is_not_measured_until_it_is_unfrozen(tmp_path) -> None:
-    model = mlp()
-    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    model[2].requires_grad_(False)  # frozen at attaching: in the layer set, not measured
-    path = tmp_path / "r.h5"
-    reference = _frozen_reference(model, ["0", "2", "4"])
-    want = []
-    with Recorder(model, opt, path, probes=("param", "activation")) as rec:
-        assert rec.layer_names == ["0", "2", "4"]
-        for step, (x, y) in enumerate(batches(6)):
-            model[2].requires_grad_(step in (2, 3))  # unfrozen for steps 2 and 3
-            opt.zero_grad()
-            nn.functional.mse_loss(model(x), y).backward()
-            after = reference()
-            opt.step()
-            want.append(after())
-    want = np.array(want)
-    with open_run(path) as run:
-        assert run.layer_names == ["0", "2", "4"]
-        for k, stat in enumerate(("weight_norm", "grad_norm", "update_norm")):
-            np.testing.assert_allclose(run.stat("param", stat), want[:, k], rtol=RTOL, err_msg=stat)
-        act = run.stat("activation", "mean")[:, 1]
-        assert np.isnan(act[[0, 1, 4, 5]]).all() and np.isfinite(act[[2, 3]]).all()

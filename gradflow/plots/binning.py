@@ -7,12 +7,12 @@ Long runs never sit in memory as a whole: rows are read in blocks and averaged i
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
 from gradflow.errors import GradflowError
-from gradflow.plots.selection import TimeWindow, Unit, parse_stat
+from gradflow.plots.selection import TimeWindow, Unit, measured_columns, parse_stat
 from gradflow.runfile import Layer, Run
 
 MAX_TIME_BINS = 2000
@@ -30,6 +30,17 @@ class LayerTime:
     unit: Unit
     stat: str
     layers: list[Layer]
+
+    def measured(self) -> tuple[LayerTime, int]:
+        """These data without the layers never measured in them
+        (:func:`~gradflow.plots.selection.measured_columns`), and how many were left out."""
+        keep = measured_columns(self.values)
+        return self.take(keep), len(self.layers) - len(keep)
+
+    def take(self, columns: Sequence[int] | np.ndarray) -> LayerTime:
+        """These data for the layers at ``columns`` only."""
+        picked = np.asarray(columns, dtype=np.int64)
+        return replace(self, values=self.values[:, picked], layers=[self.layers[i] for i in picked])
 
 
 def time_coords(run: Run, stat: str, unit: Unit) -> np.ndarray:

@@ -8,17 +8,19 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
+import matplotlib as mpl
 import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.cm import ScalarMappable
 from matplotlib.colors import CenteredNorm, LogNorm, Normalize
 from matplotlib.figure import Figure
+from matplotlib.textpath import text_to_path
 from matplotlib.ticker import MaxNLocator
 
 from gradflow.errors import GradflowError
 from gradflow.plots.binning import MAX_TIME_BINS, LayerTime, common_window, load
 from gradflow.plots.catalog import FIGURES, PlotWarning
-from gradflow.plots.selection import TimeWindow, match_layers, select_layers
+from gradflow.plots.selection import TimeWindow, left_out_note, match_layers, select_layers
 from gradflow.plots.style import (
     DIFF_CMAP,
     FIXED_LIMITS,
@@ -30,12 +32,15 @@ from gradflow.plots.style import (
     panel_grid,
     panel_title,
     run_labels,
+    short_labels,
     stat_label,
     styled,
+    wrap_chars,
 )
 from gradflow.runfile import Event, Run
 
 Scale = Literal["linear", "log", "diverging"]
+LABEL_ROOM = 1.0  # inches of layer labels a panel holds without widening the figure
 Extend = Literal["neither", "min", "max", "both"]
 
 
@@ -102,7 +107,8 @@ def _mark_events(ax: Axes, data: LayerTime, events: list[tuple[str, Event]]) -> 
     for prefix, ev in events:
         x = ev.epoch if data.unit == "epoch" else ev.step
         label = (
-            f"{prefix}first non-finite {ev.probe}: {ev.layer}, step {ev.step} (epoch {ev.epoch})"
+            f"{prefix}first non-finite {ev.probe}: {short_labels([ev.layer])[0]}, "
+            f"step {ev.step} (epoch {ev.epoch})"
         )
         if ev.layer in names:
             ax.plot(
@@ -119,6 +125,18 @@ def _mark_events(ax: Axes, data: LayerTime, events: list[tuple[str, Event]]) -> 
             ax.axvline(x, color=MARKER_COLOUR, ls="--", lw=1.2, label=label)
 
 
+def _measured_panels(panels: Sequence[Panel]) -> tuple[list[Panel], str | None]:
+    """The panels without their layers never measured, and the line saying so."""
+    kept, notes = [], []
+    for panel in panels:
+        data, n = panel.data.measured()
+        kept.append(replace(panel, data=data))
+        note = left_out_note(n)
+        if note:
+            notes.append(note if len(panels) == 1 else f"{panel.title}: {note}")
+    return kept, "; ".join(notes) or None
+
+
 def draw_heatmaps(
     panels: Sequence[Panel],
     *,
@@ -128,7 +146,13 @@ def draw_heatmaps(
     title: str | None = None,
     note: str | None = None,
 ) -> Figure:
-    """Draw ``panels`` side by side, layers top (input) to bottom, time left to right."""
+    """Draw ``panels`` side by side, layers top (input) to bottom, time left to right.
+
+    Layers never measured in a panel's range are not drawn; the note under the figure
+    says how many (:func:`~gradflow.plots.selection.measured_columns`).
+    """
+    panels, left_out = _measured_panels(panels)
+    note = "; ".join(n for n in (note, left_out) if n) or None
     fig, axes = panel_grid(len(panels), (3.4, 5.0))
     cmap = DIFF_CMAP if scale == "diverging" else HEAT_CMAP
     stat = panels[0].data.stat
@@ -150,13 +174,19 @@ def draw_heatmaps(
             )
     if shared is not None:
         fig.colorbar(image, ax=axes, label=colour_label, extend=_extend(shared, every))
+    _widen_for_labels(fig, axes)
     handles = [h for ax in axes for h in ax.get_legend_handles_labels()[0]]
     if handles or note:
         # One figure-level legend holds the event markers and the note, so that the
-        # constrained layout makes room for both below the panels.
+        # constrained layout makes room for both below the panels; both wrapped to its width.
+        chars = wrap_chars(fig, "small")
+        # Beside its marker a label has the width of about 8 characters less.
+        label_chars = wrap_chars(fig, mpl.rcParams["legend.fontsize"]) - 8
+        for handle in handles:
+            handle.set_label(textwrap.fill(str(handle.get_label()), label_chars))
         fig.legend(
             handles=handles,
-            title=textwrap.fill(note, 90) if note else None,
+            title=textwrap.fill(note, chars) if note else None,
             loc="outside lower left",
             frameon=False,
             alignment="left",
@@ -165,6 +195,23 @@ def draw_heatmaps(
     if title:
         fig.suptitle(title)
     return fig
+
+
+def _widen_for_labels(fig: Figure, axes: Sequence[Axes]) -> None:
+    """Widen ``fig`` by what its widest layer labels need beyond :data:`LABEL_ROOM` inches,
+    in every column of panels, so that the panels keep their width."""
+    widths = [
+        text_to_path.get_text_width_height_descent(
+            label.get_text(), label.get_fontproperties(), ismath=False
+        )[0]
+        / 72
+        for ax in axes
+        for label in ax.get_yticklabels()
+    ]
+    extra = max(widths, default=0.0) - LABEL_ROOM
+    if extra > 0:
+        columns = len({spec.colspan.start for ax in axes if (spec := ax.get_subplotspec())})
+        fig.set_figwidth(fig.get_figwidth() + extra * columns)
 
 
 def _update_stat(window: TimeWindow | None) -> str:

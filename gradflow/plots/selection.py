@@ -7,6 +7,8 @@ import re
 from dataclasses import dataclass, replace
 from typing import Literal
 
+import numpy as np
+
 from gradflow.errors import GradflowError, unknown_name
 from gradflow.runfile import Layer, Run
 
@@ -113,6 +115,30 @@ def select_layers(run: Run, pattern: str | None = None, all_layers: bool = False
             f"(names look like {examples}){hint}"
         )
     return chosen
+
+
+def measured_columns(values: np.ndarray) -> np.ndarray:
+    """The layers worth drawing: indices of the columns of ``values[time, layer]`` with a
+    value in at least one bin (a layer NaN throughout, e.g. frozen over the whole range, was
+    never measured there); every column where none has one (a blank map says so itself).
+
+    Args:
+        values: a statistic per time bin and layer, NaN where not measured.
+
+    Returns:
+        Column indices, in order.
+    """
+    seen = ~np.isnan(values).all(axis=0)
+    return np.flatnonzero(seen) if seen.any() else np.arange(values.shape[1])
+
+
+def left_out_note(n: int) -> str | None:
+    """The line saying that ``n`` layers never measured in the drawn range are not drawn
+    (None for none)."""
+    if not n:
+        return None
+    layers, are = ("layer", "is") if n == 1 else ("layers", "are")
+    return f"{n} {layers} never measured in this range {are} not drawn"
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.colors import Colormap, to_hex
 from matplotlib.figure import Figure
+from matplotlib.font_manager import FontProperties
 from matplotlib.ticker import Formatter, LogFormatter
 from matplotlib.typing import RcKeyType
 
@@ -66,6 +67,8 @@ STAT_LABELS = {
     "skip/below_norm": "‖∂L/∂encoder output‖ via path below",
 }
 MAX_STAGE_LABELS = 30  # about as many 8 pt labels as fit along a 5 inch axis
+MAX_LABEL_CHARS = 28  # a layer label's width: about 1.7 inch at 8 pt
+EM_WIDTH = 0.62  # a wide-ish character's width in ems (DejaVu Sans digits: 0.64)
 FIXED_LIMITS = {"activation/zero_fraction": (0.0, 1.0)}  # fractions: a fixed 0..1 scale
 
 
@@ -187,6 +190,41 @@ def finite_range(values: Sequence[np.ndarray], positive: bool = False) -> tuple[
     return (lo, hi) if lo <= hi else (np.nan, np.nan)
 
 
+def _middle_ellipsis(name: str, width: int) -> str:
+    if len(name) <= width:
+        return name
+    keep = width - 1
+    return f"{name[: keep - keep // 2]}…{name[len(name) - keep // 2 :]}"
+
+
+def short_labels(names: Sequence[str], max_chars: int = MAX_LABEL_CHARS) -> list[str]:
+    """``names`` as labels of at most ``max_chars`` characters: a longer one keeps its
+    start and end around an ellipsis (``model.1.submo…unit0.conv``). Where two would read
+    the same, every label keeps more of its name, up to the whole name.
+
+    Args:
+        names: layer or group names.
+        max_chars: the longest label wanted.
+
+    Returns:
+        One label per name, distinct where the names are.
+    """
+    width = max_chars
+    longest = max((len(n) for n in names), default=0)
+    while True:
+        labels = [_middle_ellipsis(n, width) for n in names]
+        if len(set(labels)) == len(set(names)) or width >= longest:
+            return labels
+        width += 4
+
+
+def wrap_chars(fig: Figure, size: float | str) -> int:
+    """How many characters of font size ``size`` (points, or ``"small"`` ...) fit across
+    ``fig``, for wrapping notes."""
+    points = FontProperties(size=size).get_size_in_points()
+    return max(20, int(fig.get_figwidth() * 72 / (EM_WIDTH * points)))
+
+
 def spaced_labels(found: list[LayerGroup], min_gap: float) -> list[LayerGroup]:
     """The groups to label so that no two labels are closer than ``min_gap`` layers (they
     would overlap); the bottleneck's label always stays."""
@@ -214,13 +252,14 @@ def mark_layer_groups(
     for s in found[1:]:
         major = s.first_of_parent
         line(s.start * scale, color="k", lw=0.7 if major else 0.4, alpha=0.7 if major else 0.3)
+    names = short_labels([s.name for s in labelled])
     if axis == "y":
-        ax.set_yticks(centres, [s.name for s in labelled])
+        ax.set_yticks(centres, names)
         ticklabels = ax.get_yticklabels()
     else:
-        ax.set_xticks(centres, [s.name for s in labelled])
+        ax.set_xticks(centres, names)
         ticklabels = ax.get_xticklabels()
-        if sum(len(s.name) for s in labelled) > 60:  # would overlap side by side
+        if sum(map(len, names)) > 60:  # would overlap side by side
             ax.tick_params(axis="x", labelrotation=90)
     ax.tick_params(axis=axis, length=0)
     for s, text in zip(labelled, ticklabels, strict=True):

@@ -23,7 +23,13 @@ from gradflow.escape import visible_all
 from gradflow.plots.binning import LayerTime, bin_means, bin_starts, common_window, load
 from gradflow.plots.heatmap import _listing
 from gradflow.plots.info import info_panel
-from gradflow.plots.selection import layer_groups, match_layers, select_layers
+from gradflow.plots.selection import (
+    layer_groups,
+    left_out_note,
+    match_layers,
+    measured_columns,
+    select_layers,
+)
 from gradflow.plots.style import (
     BAD_COLOUR,
     DIFF_CMAP,
@@ -115,9 +121,9 @@ def _curves(run: Run) -> dict[str, Any]:
     }
 
 
-def _run(run: Run, label: str, drawn: list[Layer]) -> dict[str, Any]:
-    found = layer_groups(drawn)
-    stage_of = np.zeros(len(drawn), np.int64)
+def _run(run: Run, label: str, shown: list[Layer], not_measured: int) -> dict[str, Any]:
+    found = layer_groups(shown)
+    stage_of = np.zeros(len(shown), np.int64)
     for i, s in enumerate(found):
         stage_of[s.start : s.stop] = i
     return {
@@ -132,8 +138,9 @@ def _run(run: Run, label: str, drawn: list[Layer]) -> dict[str, Any]:
         ],
         "layers": [
             {"name": lay.name, "kind": lay.kind, "depth": lay.depth, "aliases": list(lay.aliases)}
-            for lay in drawn
+            for lay in shown
         ],
+        "not_measured": not_measured,
         "stage_of": stage_of.tolist(),
         "stages": [{"name": s.name, "bottleneck": s.bottleneck} for s in found],
         "events": _events(run),
@@ -146,11 +153,12 @@ def _diff(
     labels: list[str],
     stat: str,
     drawn: list[list[Layer]],
+    shown: list[Layer],
     max_bins: int,
     ratio: bool,
 ) -> dict[str, Any]:
     """Run A minus run B (and, with ``ratio``, log10 A/B) over the layers both have, as
-    ``diff-heatmap``."""
+    ``diff-heatmap``; ``shown``: run A's layers in the report, which the rows index."""
     matched = match_layers(drawn[0], drawn[1])
     only = [
         f"only in {label} ({len(names)}): {_listing(names)}"
@@ -165,52 +173,93 @@ def _diff(
     b = load(runs[1], stat, matched.b, window, max_bins)
     if not np.array_equal(a.edges, b.edges):
         return {"title": title, "note": f"the runs recorded different {window.unit}s"}
-    position = {lay.name: i for i, lay in enumerate(drawn[0])}
-    panel = _panel(0, title, a, [position[lay.name] for lay in matched.a])
-    del panel["values"]
     with np.errstate(invalid="ignore"):
         diff = a.values - b.values  # inf - inf: NaN, no difference to show
+    keep = measured_columns(diff)
+    position = {lay.name: i for i, lay in enumerate(shown)}
+    panel = _panel(0, title, a, [position[matched.a[k].name] for k in keep])
+    del panel["values"]
+    diff = diff[:, keep]
     panel.update(diff=_matrix(diff), diff_range=_range([np.abs(diff)]))
     if ratio:
         with np.errstate(divide="ignore", invalid="ignore"):
-            log_ratio = np.log10(a.values / b.values)
+            log_ratio = np.log10(a.values[:, keep] / b.values[:, keep])
         panel.update(ratio=_matrix(log_ratio), ratio_range=_range([np.abs(log_ratio)]))
-    return {**panel, "note": "layers " + "; ".join(only) if only else ""}
+    left_out = left_out_note(len(matched.a) - len(keep))
+    notes = ["layers " + "; ".join(only) if only else None, left_out]
+    return {**panel, "note": "; ".join(n for n in notes if n)}
 
 
 def _heatmap(
-    runs: Sequence[Run], labels: list[str], stat: str, drawn: list[list[Layer]], max_bins: int
-) -> dict[str, Any] | None:
-    have = [i for i, run in enumerate(runs) if _has(run, stat)]
-    if not have:
-        return None
-    data = {i: load(runs[i], stat, drawn[i], None, max_bins) for i in have}
-    values = [d.values for d in data.values()]
+    runs: Sequence[Run],
+    labels: list[str],
+    stat: str,
+    data: dict[int, LayerTime],
+    layers: tuple[list[list[Layer]], list[list[Layer]]],
+    max_bins: int,
+) -> dict[str, Any]:
+    """The section of ``stat``: ``data`` (its measured layers) per run that holds it;
+    ``layers``: every run's drawn layers and those the report shows."""
+    drawn, shown = layers
+    position = [{lay.name: k for k, lay in enumerate(layers)} for layers in shown]
+    panels, left_out = {}, []
+    for i, d in data.items():
+        panels[i] = d.take([k for k, lay in enumerate(d.layers) if lay.name in position[i]])
+        if note := left_out_note(len(drawn[i]) - len(panels[i].layers)):
+            left_out.append(note if len(runs) == 1 else f"{labels[i]}: {note}")
+    values = [d.values for d in panels.values()]
     fixed = FIXED_LIMITS.get(stat)
     section: dict[str, Any] = {
         "stat": stat,
         "label": stat_label(stat),
-        "unit": data[have[0]].unit,
+        "unit": next(iter(data.values())).unit,
         "log": fixed is None,
         "range": list(fixed) if fixed else _range(values),
         "log_range": _range(values, positive=True),
         "infinite": any(bool(np.isinf(v).any()) for v in values),
-        "panels": [_panel(i, labels[i], data[i], list(range(len(drawn[i])))) for i in have],
+        "left_out": "; ".join(left_out),
+        "panels": [
+            _panel(i, labels[i], d, [position[i][lay.name] for lay in d.layers])
+            for i, d in panels.items()
+        ],
     }
-    if len(runs) == 2 and len(have) == 2:
-        section["diff"] = _diff(runs, labels, stat, drawn, max_bins, ratio=fixed is None)
+    if len(runs) == 2 and len(data) == 2:
+        section["diff"] = _diff(runs, labels, stat, drawn, shown[0], max_bins, fixed is None)
     return section
 
 
 def payload(runs: Sequence[Run], max_bins: int = SCREEN_BINS) -> dict[str, Any]:
     """Everything the report page draws for ``runs``, JSON-serialisable (no NaN), every
     string in it :func:`~gradflow.escape.visible` (file names and config values come from
-    anyone)."""
+    anyone).
+
+    Layers never measured in any heat map's statistic are left out of the report (each
+    run's ``not_measured`` counts them), and each heat map leaves out those never measured
+    in its statistic (its ``left_out`` line says how many).
+    """
     if not runs:
         raise GradflowError("no run files to report on")
     labels = run_labels(runs)
     drawn = [select_layers(run, all_layers=True) for run in runs]
-    sections = [_heatmap(runs, labels, stat, drawn, max_bins) for stat in HEATMAP_STATS]
+    loaded = {
+        stat: {
+            i: load(run, stat, drawn[i], None, max_bins).measured()[0]
+            for i, run in enumerate(runs)
+            if _has(run, stat)
+        }
+        for stat in HEATMAP_STATS
+    }
+    loaded = {stat: data for stat, data in loaded.items() if data}
+    shown = []
+    for i, layers in enumerate(drawn):
+        # A statistic measured nowhere (updates without an optimizer) keeps every layer.
+        measured = {
+            lay.name
+            for data in loaded.values()
+            if i in data and not np.isnan(data[i].values).all()
+            for lay in data[i].layers
+        }
+        shown.append([lay for lay in layers if lay.name in measured] or layers)
     data = {
         "colourscales": {
             "heat": plotly_colourscale(HEAT_CMAP),
@@ -218,9 +267,13 @@ def payload(runs: Sequence[Run], max_bins: int = SCREEN_BINS) -> dict[str, Any]:
         },
         "no_value": BAD_COLOUR,
         "runs": [
-            _run(run, label, layers) for run, label, layers in zip(runs, labels, drawn, strict=True)
+            _run(run, label, layers, len(all_drawn) - len(layers))
+            for run, label, layers, all_drawn in zip(runs, labels, shown, drawn, strict=True)
         ],
-        "heatmaps": [s for s in sections if s is not None],
+        "heatmaps": [
+            _heatmap(runs, labels, stat, sections, (drawn, shown), max_bins)
+            for stat, sections in loaded.items()
+        ],
     }
     return dict(visible_all(data))
 

@@ -305,6 +305,7 @@
       if (!section.log) notes.push("fixed scale 0..1");
       if (section.panels.length > 1) notes.push("one colour scale for all runs");
       if (section.infinite) notes.push("infinite values at the ends of the colour scale (hover: inf)");
+      if (section.left_out) notes.push(section.left_out);
       if (d && d.diff) notes.push("difference over the layers both runs have, matched by name");
       if (d && d.note) notes.push(d.note);
       box.querySelector(".note").textContent = notes.join("; ");
@@ -314,7 +315,10 @@
     });
     const match = matcher(state.filter);
     document.getElementById("layer-count").textContent = state.data.runs
-      .map((run) => `${run.label}: ${run.layers.filter((l) => match(l.name)).length} of ${run.layers.length} layers`)
+      .map((run) => {
+        const count = `${run.label}: ${run.layers.filter((l) => match(l.name)).length} of ${run.layers.length} layers`;
+        return run.not_measured ? `${count} (${run.not_measured} never measured: not shown)` : count;
+      })
       .join("; ");
     return todo.map((args) => lazy(args[0], () => drawPanel(...args)));
   }
