@@ -2,12 +2,15 @@
 
 Each example runs in a namespace of its own, after the section's helper block, with every
 registry restored afterwards; the run files it writes are checked against numpy and plain
-torch computations of the same quantities from the raw tensors.
+torch computations of the same quantities from the raw tensors. The plug-in section's
+``pyproject.toml`` is installed with pip as a real package and used from the command line.
 """
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -28,8 +31,14 @@ from gradflow.statistics import STATISTICS
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 SECTION = "## Extending gradflow"
-EXAMPLES = ("A new statistic", "A new probe", "A new figure", "A new model preset")
-LAUNCHER = "Your registrations on the command line"
+EXAMPLES = (
+    "A new statistic",
+    "A new probe",
+    "A new step probe",
+    "A new figure",
+    "A new model preset",
+)
+PLUGINS = "Plug-ins"
 REGISTRIES: tuple[Registry[Any], ...] = (STATISTICS, PROBES, FIGURES, TABLES, _MODELS)
 
 Example = Callable[..., dict[str, Any]]
@@ -55,10 +64,10 @@ def section(markdown: str, heading: str) -> str:
     return "\n".join(body) + "\n"
 
 
-def python_blocks(text: str) -> list[str]:
-    """The ```python code blocks of ``text``, in order (of this level only: nested
-    ``###`` subsections included)."""
-    return re.findall(r"^```python\n(.*?)^```$", text, flags=re.DOTALL | re.MULTILINE)
+def code_blocks(text: str, language: str = "python") -> list[str]:
+    """The ```python (or other ``language``) blocks of ``text``, in order (of this
+    level only: nested ``###`` subsections included)."""
+    return re.findall(rf"^```{language}\n(.*?)^```$", text, flags=re.DOTALL | re.MULTILINE)
 
 
 def extending() -> str:
@@ -67,11 +76,11 @@ def extending() -> str:
 
 def helper_blocks() -> list[str]:
     """The python blocks before the section's first subsection: run before each example."""
-    return python_blocks(extending().split("\n### ", 1)[0])
+    return code_blocks(extending().split("\n### ", 1)[0])
 
 
 def example_blocks(name: str) -> list[str]:
-    return python_blocks(section(extending(), f"### {name}"))
+    return code_blocks(section(extending(), f"### {name}"))
 
 
 @pytest.fixture
@@ -107,9 +116,9 @@ def test_every_python_block_of_the_section_is_run_here() -> None:
     with_code = [
         name for name in re.findall(r"^### (.+)$", text, re.MULTILINE) if example_blocks(name)
     ]
-    assert with_code == [*EXAMPLES, LAUNCHER]
+    assert with_code == list(EXAMPLES)
     assert len(helper_blocks()) == 1
-    assert len(python_blocks(text)) == 1 + sum(len(example_blocks(name)) for name in with_code)
+    assert len(code_blocks(text)) == 1 + sum(len(example_blocks(name)) for name in with_code)
 
 
 def grad64(param: nn.Parameter) -> torch.Tensor:
@@ -184,6 +193,46 @@ def test_new_probe_is_recorded_and_equals_torch(run_example: Example, tmp_path: 
         np.testing.assert_allclose(run.stat("abs_output", "mean"), expected, rtol=1e-5)
 
 
+def mean_abs(tensors: list[torch.Tensor]) -> float:
+    return float(torch.cat([t.flatten() for t in tensors]).abs().mean())
+
+
+def test_new_step_probe_is_recorded_and_equals_torch(run_example: Example, tmp_path: Path) -> None:
+    namespace = run_example("A new step probe")  # its check_probe passes
+    assert PROBES.get("grad_abs") is namespace["GradAbsProbe"]
+    written = namespace["run"]
+    assert written.probes()["grad_abs"] == ["mean"]
+    assert written.stat("grad_abs", "mean").shape == (5, 2)
+
+    raw = record(tmp_path / "check.h5", ("grad_abs",))
+    expected = [[mean_abs(grads) for grads in step] for step in raw["grads"]]
+    with gradflow.open_run(tmp_path / "check.h5") as run:
+        np.testing.assert_allclose(run.stat("grad_abs", "mean"), expected, rtol=1e-5)
+
+
+def test_the_step_probe_leaves_a_frozen_layer_unmeasured(
+    run_example: Example, tmp_path: Path
+) -> None:
+    # The first layer has no tensors in the packed vector: its start is the second's.
+    run_example("A new step probe")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 12), nn.Tanh(), nn.Linear(12, 4), nn.Linear(4, 3))
+    model[0].requires_grad_(False)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.05)
+    expected = []
+    with gradflow.Recorder(model, optimizer, tmp_path / "frozen.h5", probes=("grad_abs",)):
+        for _ in range(2):
+            optimizer.zero_grad()
+            model(torch.randn(10, 6)).square().mean().backward()
+            expected.append([mean_abs([grad64(p) for p in model[i].parameters()]) for i in (2, 3)])
+            optimizer.step()
+    with gradflow.open_run(tmp_path / "frozen.h5") as run:
+        assert run.layer_names == ["0", "2", "3"]
+        values = run.stat("grad_abs", "mean")
+    assert np.isnan(values[:, 0]).all()
+    np.testing.assert_allclose(values[:, 1:], expected, rtol=1e-5)
+
+
 def test_new_figure_renders_a_png(run_example: Example, isolated: Path) -> None:
     run_example("A new figure")
     assert FIGURES.summary("last-grad-norm") == (
@@ -200,25 +249,6 @@ def test_new_model_preset_is_listed_and_builds(run_example: Example) -> None:
     assert sum(isinstance(m, nn.Conv2d) for m in model.modules()) == 23
     with torch.no_grad():
         assert model(torch.randn(2, 1, 16, 16)).shape == (2, 1, 16, 16)
-
-
-def test_launcher_lists_the_new_preset(
-    isolated: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-) -> None:
-    (isolated / "my_extensions.py").write_text(
-        "\n".join(example_blocks("A new model preset")), encoding="utf-8"
-    )
-    monkeypatch.syspath_prepend(str(isolated))
-    monkeypatch.setattr(sys, "argv", ["mygradflow.py", "models"])
-    (launcher,) = example_blocks(LAUNCHER)
-    try:
-        with pytest.raises(SystemExit) as exited:
-            exec(compile(launcher, "mygradflow.py", "exec"), {"__name__": "__main__"})
-    finally:
-        sys.modules.pop("my_extensions", None)
-    assert exited.value.code == 0
-    out = capsys.readouterr().out
-    assert "tiny-plain-4" in out and "12,513" in out
 
 
 def test_a_resumed_run_file_keeps_its_statistics(run_example: Example, tmp_path: Path) -> None:
@@ -255,7 +285,7 @@ def test_a_resumed_run_file_keeps_its_statistics(run_example: Example, tmp_path:
 def test_a_registered_probe_is_accepted_by_the_training_configuration(
     run_example: Example,
 ) -> None:
-    # `gradflow record --probes` started from a launcher that imports the probe first.
+    # `gradflow record --probes` with the probe of a plug-in, which the registry loads.
     from gradflow.em.config import TrainConfig
     from gradflow.errors import GradflowError
 
