@@ -23,6 +23,7 @@ from PIL import Image
 from torch import nn
 
 import gradflow
+from gradflow import statistics
 from gradflow.em.models import _MODELS, create_model, list_models
 from gradflow.plots.catalog import FIGURES, TABLES
 from gradflow.probes import PROBES
@@ -293,3 +294,162 @@ def test_a_registered_probe_is_accepted_by_the_training_configuration(
         TrainConfig(probes=("param", "abs_output")).validate()
     run_example("A new probe")
     TrainConfig(probes=("param", "abs_output")).validate()
+
+
+# -- a plug-in installed with pip, used from the command line ---------------------------------
+PLUGIN_MODULE = '''
+"""A gradflow plug-in: a statistic, a step probe and a figure."""
+
+import numpy as np
+import torch
+from matplotlib.figure import Figure
+
+from gradflow.plots import FIGURES
+from gradflow.probes import Block, Probe, register
+from gradflow.statistics import statistic
+
+
+@statistic("param", "grad_to_weight", "||grad|| / ||W|| at the optimizer step")
+def grad_to_weight(r):
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.sqrt(r["g_sq"] / r["w_sq"])
+
+
+@register
+class WeightAbsProbe(Probe):
+    """Sum of |W| of each layer's trainable parameters after the optimizer step."""
+
+    name = "weight_abs"
+    scope = "step"
+    columns = ("w_abs",)
+
+    def attach(self, attachment):
+        self.params = [p for layer in attachment.layers for p in layer.params]
+        self.row = None
+
+    def after_step(self, group, stepped, has_update):
+        with torch.no_grad():
+            self.row = torch.stack([p.abs().sum(dtype=torch.float64) for p in self.params])
+
+    def pack(self):
+        row, self.row = self.row, None
+        return None if row is None else (row, Block(row.numel()))
+
+    @classmethod
+    def unpack(cls, packed, blocks, layers):
+        ends = np.append(layers.layer_starts[1:], packed.shape[1])
+        w_abs = np.full((len(packed), layers.n_layers), np.nan)
+        for i, (start, end) in enumerate(zip(layers.layer_starts, ends)):
+            if end > start:
+                w_abs[:, i] = packed[:, start:end].sum(axis=1)
+        return {"w_abs": w_abs, "n": np.broadcast_to(layers.layer_numel, w_abs.shape)}
+
+
+@statistic("weight_abs", "mean", "mean |W| after the optimizer step")
+def mean_abs_weight(r):
+    return r["w_abs"] / r["n"]
+
+
+@FIGURES.register("weight-abs")
+def weight_abs(runs, *, title=None):
+    """Each layer's mean |W| at the last recorded step."""
+    fig = Figure(figsize=(5, 3), layout="constrained")
+    ax = fig.subplots()
+    for run in runs:
+        ax.plot(run.stat("weight_abs", "mean")[-1], marker="o", label=run.name)
+    ax.set(xlabel="layer", ylabel="mean |W|", title=title)
+    return fig
+'''
+TINY = [
+    "--model", "tiny", "--epochs", "1", "--steps-per-epoch", "2", "--crop", "32",
+    "--batch-size", "2", "--val-slices", "1", "--log-every", "1",
+]  # fmt: skip
+
+
+def install(package: Path, site: Path) -> None:
+    """``pip install`` the package folder into ``site``, offline, as a user would."""
+    pytest.importorskip("setuptools")  # the build backend, without build isolation
+    done = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--no-deps", "--no-build-isolation",
+         "--no-index", "--quiet", "--target", str(site), str(package)],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+
+
+@pytest.mark.slow
+def test_an_installed_plug_in_works_on_the_command_line(em: Path, tmp_path: Path) -> None:
+    from importlib.metadata import distributions
+
+    from gradflow.em.checkpoint import checkpoint_path, load_checkpoint
+
+    package, site = tmp_path / "package", tmp_path / "site"
+    package.mkdir()
+    (pyproject,) = code_blocks(section(extending(), f"### {PLUGINS}"), "toml")
+    # One more entry point, to a module that does not exist: a warning, not a failure.
+    broken = '\nbroken = "gradflow_weight_abs_missing"\n'
+    assert pyproject.rstrip().endswith('weight_abs = "gradflow_weight_abs"')
+    (package / "pyproject.toml").write_text(pyproject + broken, encoding="utf-8")
+    (package / "gradflow_weight_abs.py").write_text(PLUGIN_MODULE, encoding="utf-8")
+    install(package, site)
+    (dist,) = distributions(path=[str(site)])
+    assert {(e.group, e.name, e.value) for e in dist.entry_points} == {
+        ("gradflow.plugins", "weight_abs", "gradflow_weight_abs"),
+        ("gradflow.plugins", "broken", "gradflow_weight_abs_missing"),
+    }
+
+    plain = {**os.environ, "OMP_NUM_THREADS": "1", "MPLBACKEND": "Agg", "COLUMNS": "200"}
+    path = os.pathsep.join([str(site), str(README.parent), os.environ.get("PYTHONPATH", "")])
+    with_plug_in = {**plain, "PYTHONPATH": path}
+
+    def gradflow_command(*args: object, env: dict[str, str] = with_plug_in) -> str:
+        done = subprocess.run(
+            [sys.executable, "-m", "gradflow.cli.main", *map(str, args)],
+            capture_output=True, text=True, env=env, timeout=300,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        assert "Traceback" not in done.stderr
+        warnings = [line for line in done.stderr.splitlines() if "plug-in" in line]
+        assert warnings == (
+            [
+                "gradflow: warning: plug-in 'broken' (gradflow_weight_abs_missing) not loaded: "
+                "ModuleNotFoundError: No module named 'gradflow_weight_abs_missing'"
+            ]
+            if env is with_plug_in
+            else []
+        )
+        return done.stdout
+
+    run_path, png = tmp_path / "run.h5", tmp_path / "w.png"
+    gradflow_command("record", *TINY, "--data", em, "--probes", "param,weight_abs",
+                     "--out", run_path)  # fmt: skip
+    gradflow_command("plot", "weight-abs", run_path, "--out", png)
+    with Image.open(png) as image:
+        assert image.format == "PNG" and image.width > 100
+    assert "weight-abs" in gradflow_command("plot", "--list")
+
+    # Read where the plug-in is neither installed nor imported.
+    assert "weight_abs: mean" in gradflow_command("info", run_path, env=plain)
+    assert "gradflow_weight_abs" not in sys.modules
+    with gradflow.open_run(run_path) as run:
+        stored = run.probes()
+        assert sorted(stored["param"]) == sorted([*statistics.names("param"), "grad_to_weight"])
+        assert stored["weight_abs"] == ["mean"]
+        layers, steps = run.layer_names, run.steps.tolist()
+        grad_to_weight = run.stat("param", "grad_to_weight")
+        with np.errstate(divide="ignore"):  # zero-initialised residual branches: inf
+            ratio = run.stat("param", "grad_norm") / run.stat("param", "weight_norm")
+        mean_abs_weight = run.stat("weight_abs", "mean").astype(np.float64)
+    assert steps == [0, 1] and len(layers) > 3
+    np.testing.assert_allclose(grad_to_weight, ratio, rtol=1e-5)
+    # The last row's weights, after the last step, are the checkpoint's.
+    state = load_checkpoint(checkpoint_path(run_path)).model
+    trainable = {name for name, p in create_model("tiny").named_parameters()}
+    expected = [
+        np.concatenate(
+            [np.abs(state[k].double().numpy()).ravel()
+             for k in state if k in trainable and k.rpartition(".")[0] == layer]
+        ).mean()
+        for layer in layers
+    ]  # fmt: skip
+    np.testing.assert_allclose(mean_abs_weight[-1], expected, rtol=1e-5)
