@@ -14,6 +14,9 @@ import warnings
 from importlib.metadata import EntryPoint, entry_points
 
 GROUP = "gradflow.plugins"
+# Held while registrations are imported, so that a thread reading a registry waits for the
+# imports another thread started; re-entrant: an imported module may read a registry.
+IMPORTS = threading.RLock()
 
 
 class PluginWarning(UserWarning):
@@ -32,15 +35,13 @@ def import_package(name: str) -> None:
 
 
 class _Plugins:
-    """The entry points loaded in this process: once, whichever thread reads a registry
-    first (the lock is re-entrant: a plug-in's import may read a registry itself)."""
+    """The entry points loaded in this process: once, whichever thread asks first."""
 
     def __init__(self) -> None:
-        self.lock = threading.RLock()
         self.loaded: list[str] | None = None
 
     def load(self) -> list[str]:
-        with self.lock:
+        with IMPORTS:
             if self.loaded is None:
                 self.loaded = []
                 for entry in entry_points(group=GROUP):

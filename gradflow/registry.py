@@ -6,7 +6,7 @@ from collections.abc import Callable, Iterator
 from typing import Generic, TypeVar
 
 from gradflow.errors import unknown_name
-from gradflow.plugins import import_package, load_plugins
+from gradflow.plugins import IMPORTS, import_package, load_plugins
 
 T = TypeVar("T")
 
@@ -27,19 +27,23 @@ class Registry(Generic[T]):
         self.kind = kind
         self._package = package
         self._complete = False
+        self._importing = False
         self._items: dict[str, T] = {}
 
     def _complete_once(self) -> None:
         if self._complete:
             return
-        self._complete = True  # before the imports: a module they import may read it
-        try:
-            if self._package is not None:
-                import_package(self._package)
-        except BaseException:
-            self._complete = False
-            raise
-        load_plugins()
+        with IMPORTS:
+            if self._complete or self._importing:  # read by a module these imports import
+                return
+            self._importing = True
+            try:
+                if self._package is not None:
+                    import_package(self._package)
+                load_plugins()
+            finally:
+                self._importing = False
+            self._complete = True
 
     def register(self, name: str) -> Callable[[T], T]:
         """Decorator registering ``obj`` under ``name`` (names are unique)."""

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import sys
 import textwrap
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -154,3 +156,16 @@ def test_a_plug_in_that_raises_leaves_the_others(site: Path) -> None:
     with pytest.warns(PluginWarning, match=r"'broken' .*: RuntimeError: no GPU here$"):
         assert load_plugins() == ["demo", "demo_fn"]
     assert "param/plugin_stat" in STATISTICS
+
+
+def test_a_second_thread_waits_for_the_imports(site: Path) -> None:
+    # demo_plugin takes a second to import; a read meanwhile sees its registrations.
+    source = (site / "demo_plugin.py").read_text()
+    (site / "demo_plugin.py").write_text("import time\ntime.sleep(1.0)\n" + source)
+    first = threading.Thread(target=lambda: "anything" in STATISTICS)
+    with pytest.warns(PluginWarning):
+        first.start()
+        time.sleep(0.3)
+        assert "demo_plugin" in sys.modules and "param/plugin_stat" not in STATISTICS._items
+        assert "param/plugin_stat" in STATISTICS
+        first.join()
