@@ -81,6 +81,7 @@ broken = demo_missing_module
 def fresh(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """Registries as if never read (copies, put back afterwards) and no plug-in loaded yet."""
     for registry in REGISTRIES:
+        len(registry)  # read once: its package's modules register into it, not into the copy
         monkeypatch.setattr(registry, "_items", dict(registry._items))
         monkeypatch.setattr(registry, "_complete", False)
     monkeypatch.setattr(plugins._PLUGINS, "loaded", None)
