@@ -431,6 +431,10 @@ def test_an_installed_plug_in_works_on_the_command_line(em: Path, tmp_path: Path
 
     # Read where the plug-in is neither installed nor imported.
     assert "weight_abs: mean" in gradflow_command("info", run_path, env=plain)
+    heatmap = tmp_path / "heatmap.png"
+    gradflow_command("plot", "gradient-heatmap", run_path, "--stat", "weight_abs/mean",
+                     "--out", heatmap, env=plain)  # fmt: skip
+    assert heatmap.stat().st_size > 0
     assert "gradflow_weight_abs" not in sys.modules
     with gradflow.open_run(run_path) as run:
         stored = run.probes()
