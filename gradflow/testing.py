@@ -135,7 +135,8 @@ def _check(
         with open_run(path) as run:
             layers = run.layer_names
             recorded = {name: run.stat(probe, name).astype(np.float64) for name in reference}
-            assert run.steps.tolist() == list(range(steps)), f"recorded steps {run.steps}"
+            if run.steps.tolist() != list(range(steps)):
+                raise AssertionError(f"{steps} steps trained, steps {run.steps} recorded")
     for name, fn in reference.items():
         expected = np.array([[float(fn(step[layer])) for layer in layers] for step in tensors])
         _compare(f"{probe}/{name}", recorded[name], expected, layers, tolerance)
