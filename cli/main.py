@@ -5,13 +5,17 @@ from __future__ import annotations
 import signal
 import sys
 import threading
-from typing import Any
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any, TextIO
 
 import typer
 
 from gradflow.cli import commands  # noqa: F401  (registers every command on the app)
 from gradflow.cli.app import app
 from gradflow.errors import GradflowError
+from gradflow.plugins import PluginWarning
 
 
 class Terminated(KeyboardInterrupt):
@@ -47,10 +51,34 @@ class _Signals:
         raise Terminated if signum == signal.SIGTERM else KeyboardInterrupt
 
 
+@contextmanager
+def _plugin_warnings() -> Iterator[None]:
+    """A plug-in that fails to load is one ``gradflow: warning:`` line, like the command's
+    other warnings, not Python's two lines with a source line."""
+    with warnings.catch_warnings():
+        show = warnings.showwarning
+
+        def one_line(
+            message: Warning | str,
+            category: type[Warning],
+            filename: str,
+            lineno: int,
+            file: TextIO | None = None,
+            line: str | None = None,
+        ) -> None:
+            if issubclass(category, PluginWarning):
+                print(f"gradflow: warning: {message}", file=sys.stderr)
+            else:
+                show(message, category, filename, lineno, file, line)
+
+        warnings.showwarning = one_line
+        yield
+
+
 def main(argv: list[str] | None = None) -> None:
     """Run the command line and exit with its status (2 for bad input, 128 + signal when
     interrupted: 130 for SIGINT, 143 for SIGTERM)."""
-    with _Signals() as signals:
+    with _Signals() as signals, _plugin_warnings():
         try:
             status = app(args=argv, prog_name="gradflow", standalone_mode=False)
         except typer.TyperException as err:  # usage errors: bad option values, unknown names

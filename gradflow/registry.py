@@ -1,4 +1,4 @@
-"""A small name -> object registry shared by models, statistics and figures."""
+"""A small name -> object registry shared by models, statistics, probes and figures."""
 
 from __future__ import annotations
 
@@ -6,16 +6,44 @@ from collections.abc import Callable, Iterator
 from typing import Generic, TypeVar
 
 from gradflow.errors import unknown_name
+from gradflow.plugins import IMPORTS, import_package, load_plugins
 
 T = TypeVar("T")
 
 
 class Registry(Generic[T]):
-    """Maps names to objects; unknown names raise a :class:`GradflowError` with suggestions."""
+    """Maps names to objects; unknown names raise a :class:`GradflowError` with suggestions.
 
-    def __init__(self, kind: str) -> None:
+    The first time it is read (any method but :meth:`register`), every module of its
+    ``package`` is imported and so are the installed plug-ins (:mod:`gradflow.plugins`),
+    so that whatever they register is there.
+
+    Args:
+        kind: what it holds, named in messages (``"figure"``).
+        package: the package whose modules register into it (``"gradflow.plots"``).
+    """
+
+    def __init__(self, kind: str, package: str | None = None) -> None:
         self.kind = kind
+        self._package = package
+        self._complete = False
+        self._importing = False
         self._items: dict[str, T] = {}
+
+    def _complete_once(self) -> None:
+        if self._complete:
+            return
+        with IMPORTS:
+            if self._complete or self._importing:  # read by a module these imports import
+                return
+            self._importing = True
+            try:
+                if self._package is not None:
+                    import_package(self._package)
+                load_plugins()
+            finally:
+                self._importing = False
+            self._complete = True
 
     def register(self, name: str) -> Callable[[T], T]:
         """Decorator registering ``obj`` under ``name`` (names are unique)."""
@@ -30,6 +58,7 @@ class Registry(Generic[T]):
 
     def get(self, name: str) -> T:
         """The object registered as ``name``."""
+        self._complete_once()
         try:
             return self._items[name]
         except KeyError:
@@ -37,6 +66,7 @@ class Registry(Generic[T]):
 
     def names(self) -> list[str]:
         """Registered names in registration order."""
+        self._complete_once()
         return list(self._items)
 
     def summary(self, name: str) -> str:
@@ -48,10 +78,13 @@ class Registry(Generic[T]):
         return doc.strip().splitlines()[0] if doc.strip() else ""
 
     def __contains__(self, name: object) -> bool:
+        self._complete_once()
         return name in self._items
 
     def __iter__(self) -> Iterator[str]:
+        self._complete_once()
         return iter(self._items)
 
     def __len__(self) -> int:
+        self._complete_once()
         return len(self._items)

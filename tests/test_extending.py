@@ -2,12 +2,15 @@
 
 Each example runs in a namespace of its own, after the section's helper block, with every
 registry restored afterwards; the run files it writes are checked against numpy and plain
-torch computations of the same quantities from the raw tensors.
+torch computations of the same quantities from the raw tensors. The plug-in section's
+``pyproject.toml`` is installed with pip as a real package and used from the command line.
 """
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -20,6 +23,7 @@ from PIL import Image
 from torch import nn
 
 import gradflow
+from gradflow import statistics
 from gradflow.em.models import _MODELS, create_model, list_models
 from gradflow.plots.catalog import FIGURES, TABLES
 from gradflow.probes import PROBES
@@ -28,8 +32,14 @@ from gradflow.statistics import STATISTICS
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 SECTION = "## Extending gradflow"
-EXAMPLES = ("A new statistic", "A new probe", "A new figure", "A new model preset")
-LAUNCHER = "Your registrations on the command line"
+EXAMPLES = (
+    "A new statistic",
+    "A new probe",
+    "A new step probe",
+    "A new figure",
+    "A new model preset",
+)
+PLUGINS = "Plug-ins"
 REGISTRIES: tuple[Registry[Any], ...] = (STATISTICS, PROBES, FIGURES, TABLES, _MODELS)
 
 Example = Callable[..., dict[str, Any]]
@@ -55,10 +65,10 @@ def section(markdown: str, heading: str) -> str:
     return "\n".join(body) + "\n"
 
 
-def python_blocks(text: str) -> list[str]:
-    """The ```python code blocks of ``text``, in order (of this level only: nested
-    ``###`` subsections included)."""
-    return re.findall(r"^```python\n(.*?)^```$", text, flags=re.DOTALL | re.MULTILINE)
+def code_blocks(text: str, language: str = "python") -> list[str]:
+    """The ```python (or other ``language``) blocks of ``text``, in order (of this
+    level only: nested ``###`` subsections included)."""
+    return re.findall(rf"^```{language}\n(.*?)^```$", text, flags=re.DOTALL | re.MULTILINE)
 
 
 def extending() -> str:
@@ -67,17 +77,18 @@ def extending() -> str:
 
 def helper_blocks() -> list[str]:
     """The python blocks before the section's first subsection: run before each example."""
-    return python_blocks(extending().split("\n### ", 1)[0])
+    return code_blocks(extending().split("\n### ", 1)[0])
 
 
 def example_blocks(name: str) -> list[str]:
-    return python_blocks(section(extending(), f"### {name}"))
+    return code_blocks(section(extending(), f"### {name}"))
 
 
 @pytest.fixture
 def isolated(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
     """Registries that forget what a test registers, and ``tmp_path`` as the working folder."""
     for registry in REGISTRIES:
+        len(registry)  # read once: its package's modules register into it, not into the copy
         monkeypatch.setattr(registry, "_items", dict(registry._items))
     monkeypatch.chdir(tmp_path)
     return tmp_path
@@ -107,9 +118,9 @@ def test_every_python_block_of_the_section_is_run_here() -> None:
     with_code = [
         name for name in re.findall(r"^### (.+)$", text, re.MULTILINE) if example_blocks(name)
     ]
-    assert with_code == [*EXAMPLES, LAUNCHER]
+    assert with_code == list(EXAMPLES)
     assert len(helper_blocks()) == 1
-    assert len(python_blocks(text)) == 1 + sum(len(example_blocks(name)) for name in with_code)
+    assert len(code_blocks(text)) == 1 + sum(len(example_blocks(name)) for name in with_code)
 
 
 def grad64(param: nn.Parameter) -> torch.Tensor:
@@ -184,6 +195,46 @@ def test_new_probe_is_recorded_and_equals_torch(run_example: Example, tmp_path: 
         np.testing.assert_allclose(run.stat("abs_output", "mean"), expected, rtol=1e-5)
 
 
+def mean_abs(tensors: list[torch.Tensor]) -> float:
+    return float(torch.cat([t.flatten() for t in tensors]).abs().mean())
+
+
+def test_new_step_probe_is_recorded_and_equals_torch(run_example: Example, tmp_path: Path) -> None:
+    namespace = run_example("A new step probe")  # its check_probe passes
+    assert PROBES.get("grad_abs") is namespace["GradAbsProbe"]
+    written = namespace["run"]
+    assert written.probes()["grad_abs"] == ["mean"]
+    assert written.stat("grad_abs", "mean").shape == (5, 2)
+
+    raw = record(tmp_path / "check.h5", ("grad_abs",))
+    expected = [[mean_abs(grads) for grads in step] for step in raw["grads"]]
+    with gradflow.open_run(tmp_path / "check.h5") as run:
+        np.testing.assert_allclose(run.stat("grad_abs", "mean"), expected, rtol=1e-5)
+
+
+def test_the_step_probe_leaves_a_frozen_layer_unmeasured(
+    run_example: Example, tmp_path: Path
+) -> None:
+    # The first layer has no tensors in the packed vector: its start is the second's.
+    run_example("A new step probe")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 12), nn.Tanh(), nn.Linear(12, 4), nn.Linear(4, 3))
+    model[0].requires_grad_(False)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.05)
+    expected = []
+    with gradflow.Recorder(model, optimizer, tmp_path / "frozen.h5", probes=("grad_abs",)):
+        for _ in range(2):
+            optimizer.zero_grad()
+            model(torch.randn(10, 6)).square().mean().backward()
+            expected.append([mean_abs([grad64(p) for p in model[i].parameters()]) for i in (2, 3)])
+            optimizer.step()
+    with gradflow.open_run(tmp_path / "frozen.h5") as run:
+        assert run.layer_names == ["0", "2", "3"]
+        values = run.stat("grad_abs", "mean")
+    assert np.isnan(values[:, 0]).all()
+    np.testing.assert_allclose(values[:, 1:], expected, rtol=1e-5)
+
+
 def test_new_figure_renders_a_png(run_example: Example, isolated: Path) -> None:
     run_example("A new figure")
     assert FIGURES.summary("last-grad-norm") == (
@@ -200,25 +251,6 @@ def test_new_model_preset_is_listed_and_builds(run_example: Example) -> None:
     assert sum(isinstance(m, nn.Conv2d) for m in model.modules()) == 23
     with torch.no_grad():
         assert model(torch.randn(2, 1, 16, 16)).shape == (2, 1, 16, 16)
-
-
-def test_launcher_lists_the_new_preset(
-    isolated: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-) -> None:
-    (isolated / "my_extensions.py").write_text(
-        "\n".join(example_blocks("A new model preset")), encoding="utf-8"
-    )
-    monkeypatch.syspath_prepend(str(isolated))
-    monkeypatch.setattr(sys, "argv", ["mygradflow.py", "models"])
-    (launcher,) = example_blocks(LAUNCHER)
-    try:
-        with pytest.raises(SystemExit) as exited:
-            exec(compile(launcher, "mygradflow.py", "exec"), {"__name__": "__main__"})
-    finally:
-        sys.modules.pop("my_extensions", None)
-    assert exited.value.code == 0
-    out = capsys.readouterr().out
-    assert "tiny-plain-4" in out and "12,513" in out
 
 
 def test_a_resumed_run_file_keeps_its_statistics(run_example: Example, tmp_path: Path) -> None:
@@ -255,7 +287,7 @@ def test_a_resumed_run_file_keeps_its_statistics(run_example: Example, tmp_path:
 def test_a_registered_probe_is_accepted_by_the_training_configuration(
     run_example: Example,
 ) -> None:
-    # `gradflow record --probes` started from a launcher that imports the probe first.
+    # `gradflow record --probes` with the probe of a plug-in, which the registry loads.
     from gradflow.em.config import TrainConfig
     from gradflow.errors import GradflowError
 
@@ -263,3 +295,166 @@ def test_a_registered_probe_is_accepted_by_the_training_configuration(
         TrainConfig(probes=("param", "abs_output")).validate()
     run_example("A new probe")
     TrainConfig(probes=("param", "abs_output")).validate()
+
+
+# -- a plug-in installed with pip, used from the command line ---------------------------------
+PLUGIN_MODULE = '''
+"""A gradflow plug-in: a statistic, a step probe and a figure."""
+
+import numpy as np
+import torch
+from matplotlib.figure import Figure
+
+from gradflow.plots import FIGURES
+from gradflow.probes import Block, Probe, register
+from gradflow.statistics import statistic
+
+
+@statistic("param", "grad_to_weight", "||grad|| / ||W|| at the optimizer step")
+def grad_to_weight(r):
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.sqrt(r["g_sq"] / r["w_sq"])
+
+
+@register
+class WeightAbsProbe(Probe):
+    """Sum of |W| of each layer's trainable parameters after the optimizer step."""
+
+    name = "weight_abs"
+    scope = "step"
+    columns = ("w_abs",)
+
+    def attach(self, attachment):
+        self.params = [p for layer in attachment.layers for p in layer.params]
+        self.row = None
+
+    def after_step(self, group, stepped, has_update):
+        with torch.no_grad():
+            self.row = torch.stack([p.abs().sum(dtype=torch.float64) for p in self.params])
+
+    def pack(self):
+        row, self.row = self.row, None
+        return None if row is None else (row, Block(row.numel()))
+
+    @classmethod
+    def unpack(cls, packed, blocks, layers):
+        ends = np.append(layers.layer_starts[1:], packed.shape[1])
+        w_abs = np.full((len(packed), layers.n_layers), np.nan)
+        for i, (start, end) in enumerate(zip(layers.layer_starts, ends)):
+            if end > start:
+                w_abs[:, i] = packed[:, start:end].sum(axis=1)
+        return {"w_abs": w_abs, "n": np.broadcast_to(layers.layer_numel, w_abs.shape)}
+
+
+@statistic("weight_abs", "mean", "mean |W| after the optimizer step")
+def mean_abs_weight(r):
+    return r["w_abs"] / r["n"]
+
+
+@FIGURES.register("weight-abs")
+def weight_abs(runs, *, title=None):
+    """Each layer's mean |W| at the last recorded step."""
+    fig = Figure(figsize=(5, 3), layout="constrained")
+    ax = fig.subplots()
+    for run in runs:
+        ax.plot(run.stat("weight_abs", "mean")[-1], marker="o", label=run.name)
+    ax.set(xlabel="layer", ylabel="mean |W|", title=title)
+    return fig
+'''
+TINY = [
+    "--model", "tiny", "--epochs", "1", "--steps-per-epoch", "2", "--crop", "32",
+    "--batch-size", "2", "--val-slices", "1", "--log-every", "1",
+]  # fmt: skip
+
+
+def install(package: Path, site: Path) -> None:
+    """``pip install`` the package folder into ``site``, offline, as a user would."""
+    pytest.importorskip("setuptools")  # the build backend, without build isolation
+    done = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--no-deps", "--no-build-isolation",
+         "--no-index", "--quiet", "--target", str(site), str(package)],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+
+
+@pytest.mark.slow
+def test_an_installed_plug_in_works_on_the_command_line(em: Path, tmp_path: Path) -> None:
+    from importlib.metadata import distributions
+
+    from gradflow.em.checkpoint import checkpoint_path, load_checkpoint
+
+    package, site = tmp_path / "package", tmp_path / "site"
+    package.mkdir()
+    (pyproject,) = code_blocks(section(extending(), f"### {PLUGINS}"), "toml")
+    # One more entry point, to a module that does not exist: a warning, not a failure.
+    broken = '\nbroken = "gradflow_weight_abs_missing"\n'
+    assert pyproject.rstrip().endswith('weight_abs = "gradflow_weight_abs"')
+    (package / "pyproject.toml").write_text(pyproject + broken, encoding="utf-8")
+    (package / "gradflow_weight_abs.py").write_text(PLUGIN_MODULE, encoding="utf-8")
+    install(package, site)
+    (dist,) = distributions(path=[str(site)])
+    assert {(e.group, e.name, e.value) for e in dist.entry_points} == {
+        ("gradflow.plugins", "weight_abs", "gradflow_weight_abs"),
+        ("gradflow.plugins", "broken", "gradflow_weight_abs_missing"),
+    }
+
+    plain = {**os.environ, "OMP_NUM_THREADS": "1", "MPLBACKEND": "Agg", "COLUMNS": "200"}
+    path = os.pathsep.join([str(site), str(README.parent), os.environ.get("PYTHONPATH", "")])
+    with_plug_in = {**plain, "PYTHONPATH": path}
+
+    def gradflow_command(*args: object, env: dict[str, str] = with_plug_in) -> str:
+        done = subprocess.run(
+            [sys.executable, "-m", "gradflow.cli.main", *map(str, args)],
+            capture_output=True, text=True, env=env, timeout=300,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        assert "Traceback" not in done.stderr
+        warnings = [line for line in done.stderr.splitlines() if "plug-in" in line]
+        assert warnings == (
+            [
+                "gradflow: warning: plug-in 'broken' (gradflow_weight_abs_missing) not loaded: "
+                "ModuleNotFoundError: No module named 'gradflow_weight_abs_missing'"
+            ]
+            if env is with_plug_in
+            else []
+        )
+        return done.stdout
+
+    run_path, png = tmp_path / "run.h5", tmp_path / "w.png"
+    gradflow_command("record", *TINY, "--data", em, "--probes", "param,weight_abs",
+                     "--out", run_path)  # fmt: skip
+    gradflow_command("plot", "weight-abs", run_path, "--out", png)
+    with Image.open(png) as image:
+        assert image.format == "PNG" and image.width > 100
+    assert "weight-abs" in gradflow_command("plot", "--list")
+
+    # Read where the plug-in is neither installed nor imported.
+    assert "weight_abs: mean" in gradflow_command("info", run_path, env=plain)
+    heatmap = tmp_path / "heatmap.png"
+    gradflow_command("plot", "gradient-heatmap", run_path, "--stat", "weight_abs/mean",
+                     "--out", heatmap, env=plain)  # fmt: skip
+    assert heatmap.stat().st_size > 0
+    assert "gradflow_weight_abs" not in sys.modules
+    with gradflow.open_run(run_path) as run:
+        stored = run.probes()
+        assert sorted(stored["param"]) == sorted([*statistics.names("param"), "grad_to_weight"])
+        assert stored["weight_abs"] == ["mean"]
+        layers, steps = run.layer_names, run.steps.tolist()
+        grad_to_weight = run.stat("param", "grad_to_weight")
+        with np.errstate(divide="ignore"):  # zero-initialised residual branches: inf
+            ratio = run.stat("param", "grad_norm") / run.stat("param", "weight_norm")
+        mean_abs_weight = run.stat("weight_abs", "mean").astype(np.float64)
+    assert steps == [0, 1] and len(layers) > 3
+    np.testing.assert_allclose(grad_to_weight, ratio, rtol=1e-5)
+    # The last row's weights, after the last step, are the checkpoint's.
+    state = load_checkpoint(checkpoint_path(run_path)).model
+    trainable = {name for name, p in create_model("tiny").named_parameters()}
+    expected = [
+        np.concatenate(
+            [np.abs(state[k].double().numpy()).ravel()
+             for k in state if k in trainable and k.rpartition(".")[0] == layer]
+        ).mean()
+        for layer in layers
+    ]  # fmt: skip
+    np.testing.assert_allclose(mean_abs_weight[-1], expected, rtol=1e-5)

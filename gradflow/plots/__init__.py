@@ -22,9 +22,9 @@ if TYPE_CHECKING:
     from gradflow.plots.selection import TimeWindow
     from gradflow.plots.tables import Table, best_losses, best_losses_table
 
-# Public name -> its module. They load on first use, all modules at once (each registers
-# its figures in FIGURES), so that `gradflow info`, which draws no figure, does not import
-# matplotlib.
+# Public name -> its module, imported on first use, so that `gradflow info`, which draws no
+# figure, does not import matplotlib. FIGURES and TABLES import every module of the package
+# (each registers its figures) the first time they are read.
 _LAZY = {
     "FIGURES": "catalog",
     "TABLES": "catalog",
@@ -65,9 +65,9 @@ __all__ = [
 
 
 def __getattr__(name: str) -> Any:
-    if name not in _LAZY:
+    module = _LAZY.get(name)
+    if module is None:
         raise AttributeError(f"module 'gradflow.plots' has no attribute {name!r}")
-    modules = {m: importlib.import_module(f"gradflow.plots.{m}") for m in set(_LAZY.values())}
-    for key, module in _LAZY.items():
-        globals()[key] = getattr(modules[module], key)
-    return globals()[name]
+    value = getattr(importlib.import_module(f"gradflow.plots.{module}"), name)
+    globals()[name] = value
+    return value

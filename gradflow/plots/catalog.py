@@ -13,10 +13,10 @@ from gradflow.runfile import Run
 if TYPE_CHECKING:
     from gradflow.plots.tables import Table
 
-FIGURES: Registry[Callable[..., Figure]] = Registry("figure")
+FIGURES: Registry[Callable[..., Figure]] = Registry("figure", package="gradflow.plots")
 """Every figure: ``fn(runs, **options) -> Figure``; the first docstring line is its summary."""
 
-TABLES: Registry[Callable[[Sequence[Run]], Table]] = Registry("table")
+TABLES: Registry[Callable[[Sequence[Run]], Table]] = Registry("table", package="gradflow.plots")
 """Figures that can also be written as text (``.md`` / ``.csv``): ``fn(runs) -> Table``."""
 
 

@@ -135,7 +135,7 @@ class Probe:
         return []
 
 
-PROBES: Registry[type[Probe]] = Registry("probe")
+PROBES: Registry[type[Probe]] = Registry("probe", package="gradflow.probes")
 
 
 def register(cls: type[Probe]) -> type[Probe]:
