@@ -81,6 +81,7 @@ gradflow plot centre-edge "$RUNS"/*-s*.h5 --force --out "$OUT/centre_edge.md"
 
 # A model from outside the zoo: a 12-block ViT in plain torch, recorded with gradflow.Recorder.
 python figures/transformer_example.py --run "$RUNS/vit-12.h5" --out "$OUT/transformer_updates.png"
+python figures/monai_example.py --data "$DATA" --run "$RUNS/monai-unet.h5" --out "$OUT/monai_updates.png"
 
 big=$(find "$OUT" -name '*.png' -size +500k)
 if [[ -n "$big" ]]; then
