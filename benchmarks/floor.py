@@ -342,7 +342,7 @@ def gradflow_passes(params: Sequence[torch.Tensor]) -> dict[str, Callable[[], An
     return {
         "grad squares": lambda: kernels.squares(grads),
         "take (copy_squares)": lambda: kernels.copy_squares(weights, views),
-        "delta": lambda: kernels.delta(views, weights),
+        "delta": lambda: kernels.delta(views, weights, grads),
     }
 
 
