@@ -4,6 +4,7 @@ parameters, measured around each optimizer step."""
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -209,6 +210,22 @@ class Snapshot:
         return [d_sq, d_abs, d_max]
 
 
+Mark = tuple["weakref.ref[torch.Tensor]", int] | None
+
+
+def _mark(grad: torch.Tensor | None) -> Mark:
+    """The gradient tensor (weakly: a new one may take a freed one's id) and its in-place
+    version."""
+    return None if grad is None else (weakref.ref(grad), grad._version)
+
+
+def _unchanged(grad: torch.Tensor | None, mark: Mark) -> bool:
+    """Whether ``grad`` is the gradient ``mark`` was taken of, not changed in place since."""
+    if mark is None or grad is None:
+        return mark is None and grad is None
+    return mark[0]() is grad and grad._version == mark[1]
+
+
 def reduce_per_layer(
     vec: np.ndarray, layer_starts: np.ndarray, layer_numel: np.ndarray
 ) -> dict[str, np.ndarray]:
@@ -311,6 +328,7 @@ class ParamReductions:
         sharded = any(hasattr(p, "device_mesh") for p in self.params)
         self.reduce_shards = ShardReducer(self.params) if sharded else None
         self._pre: dict[int, list[torch.Tensor]] = {}
+        self._marks: dict[int, list[Mark]] = {}
         self._done: dict[int, torch.Tensor] = {}
         self._missing: dict[tuple[int, ...], torch.Tensor] = {}
 
@@ -363,11 +381,13 @@ class ParamReductions:
             return
         g_sq, nonfinite = self.grad_reductions(group)
         self._pre[group] = [snapshot.take(), g_sq, nonfinite]
+        self._marks[group] = [_mark(p.grad) for p in snapshot.params]
 
     def after_step(self, group: int = 0, stepped: bool = True, has_update: bool = True) -> None:
         """Reduce ``W_before - W_after`` of a group measured by :meth:`before_step` (0 where
         its step was skipped, NaN where no optimizer step is measured)."""
         pre = self._pre.pop(group, None)
+        marks = self._marks.pop(group, [])
         snapshot = self.snapshots[group]
         if pre is None or snapshot is None:
             return
@@ -376,21 +396,32 @@ class ParamReductions:
         elif not stepped:
             deltas = [torch.zeros_like(pre[0])] * len(DELTA_COLUMNS)
         else:
-            deltas = self._update(group, snapshot)
+            deltas = self._update(group, snapshot, marks)
         self._done[group] = torch.cat([*pre, *deltas])
 
-    def _update(self, group: int, snapshot: Snapshot) -> list[torch.Tensor]:
-        """The update columns of one group, with the gradients its optimizer stepped on (its
-        ``step()`` leaves them in place)."""
+    def _update(self, group: int, snapshot: Snapshot, marks: Sequence[Mark]) -> list[torch.Tensor]:
+        """The update columns of one group, with the gradients its optimizer stepped on, which
+        ``step()`` leaves in place; NaN products for a parameter whose gradient the step
+        replaced or changed (a closure evaluated again, as LBFGS does): the gradient
+        measured before the step is gone."""
         grads, sparse = self._grads(group)
-        if not sparse:
+        changed = tuple(
+            j for j, (p, mark) in enumerate(zip(snapshot.params, marks, strict=True))
+            if not _unchanged(p.grad, mark)
+        )  # fmt: skip
+        if not sparse and not changed:
             return snapshot.delta(grads)
-        dots = {j: snapshot.sparse_dot(j, g) for j, g in sparse.items()}  # before delta()
-        columns = snapshot.delta([None if j in sparse else g for j, g in enumerate(grads)])
+        # Sparse products are taken before delta(), which may overwrite the copy.
+        dots = {j: snapshot.sparse_dot(j, g) for j, g in sparse.items() if j not in changed}
+        skipped = {*sparse, *changed}
+        columns = snapshot.delta([None if j in skipped else g for j, g in enumerate(grads)])
         at = DELTA_COLUMNS.index("g_dot_d")
-        columns[at] = columns[at].clone()
+        column = columns[at].clone()
         for j, dot in dots.items():
-            columns[at][j] = dot
+            column[j] = dot
+        if changed:
+            column = column.index_fill(0, self._positions(changed), math.nan)
+        columns[at] = column
         return columns
 
     def row(self) -> torch.Tensor | None:
@@ -398,7 +429,7 @@ class ParamReductions:
         (NaN for parameters whose optimizer did not step), or None if nothing was
         measured."""
         done, self._done = self._done, {}
-        self._pre = {}
+        self._pre, self._marks = {}, {}
         if not done:
             return None
         if self._whole:
