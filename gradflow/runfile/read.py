@@ -165,14 +165,28 @@ class Run:
     def stat(
         self,
         probe: str,
-        name: str,
+        name: str | None = None,
         rows: slice | None = None,
         layers: Sequence[int] | np.ndarray | None = None,
     ) -> np.ndarray:
-        """float32 [T, L] for a step statistic, or [E, L] for ``probe="epoch"``.
+        """One statistic's values, per recorded row and layer.
 
-        ``rows`` selects recorded rows (a slice), ``layers`` layer indices.
+        Args:
+            probe: the probe (``param``), or the whole name (``param/grad_norm``) with
+                ``name`` left out.
+            name: the statistic (``grad_norm``).
+            rows: the recorded rows to read (a slice); all by default.
+            layers: the layer indices to read; all by default.
+
+        Returns:
+            float32 [T, L] for a step statistic, [E, L] for ``epoch/...``.
         """
+        if name is None:
+            probe, slash, name = probe.partition("/")
+            if not (slash and probe and name):
+                raise GradflowError(
+                    f"statistic {probe + slash + name!r}: expected PROBE/NAME, e.g. param/grad_norm"
+                )
         key = self._key(probe, name)
         n = self.n_epochs if probe == "epoch" else self.n_steps
         start, stop, step = (rows or slice(None)).indices(n)
