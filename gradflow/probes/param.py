@@ -293,9 +293,11 @@ class ParamReductions:
     i-th parameter in layer order); each group is measured around its own optimizer's step.
     A group holds one float32 snapshot of its parameters, allocated at the first recorded
     step and reused, with ``W_before``; after the step it is turned into
-    ``W_before - W_after`` in place, so measuring the update needs no second copy. Sharded
-    parameters are measured on their local shards and completed across ranks by a
-    :class:`ShardReducer`. Sparse gradients are measured by their coalesced values.
+    ``W_before - W_after`` in place (or read against ``W_after`` by the C kernels), so
+    measuring the update needs no second copy; the gradients, which ``step()`` leaves in
+    place, are read again for the update's products with them. Sharded parameters are
+    measured on their local shards and completed across ranks by a :class:`ShardReducer`.
+    Sparse gradients are measured by their coalesced values.
     """
 
     def __init__(self, layers: Sequence[LayerSpec], owners: Sequence[int] | None = None) -> None:
@@ -452,7 +454,8 @@ class ParamReductions:
 class ParamProbe(Probe):
     """Per layer: the sums of squares of the weights and gradients and the gradients'
     non-finite entries before each optimizer step, and sum of squares, sum and maximum of
-    the update's magnitude around it (see :class:`ParamReductions`)."""
+    the update's magnitude around it and its products with the gradient (see
+    :class:`ParamReductions`)."""
 
     name = "param"
     scope = "step"
