@@ -190,6 +190,23 @@ def test_the_gradient_update_cosine_is_drawn_on_a_fixed_linear_scale(tmp_path: P
         assert norm.vmin == -1.0 and norm.vmax == 1.0
 
 
+@pytest.mark.parametrize("positive_at", [8500, None], ids=["one-late-positive", "none"])
+def test_the_default_colour_is_log_where_any_value_is_positive(
+    positive_at: int | None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Zeros, and one positive value (or none) past the first block of rows read.
+    def zeros(self: SyntheticRun, probe: str, stat: str, steps: np.ndarray) -> np.ndarray:
+        values = np.zeros((len(steps), len(self.layers)), np.float32)
+        values[steps == positive_at] = 1.0
+        return values
+
+    monkeypatch.setattr(SyntheticRun, "_stat", zeros)
+    with SyntheticRun(tmp_path / "r.h5", fcn_layers()) as synthetic:
+        synthetic.steps(9000)
+    with open_run(tmp_path / "r.h5") as run:
+        assert default_view([run], "param/grad_norm").log == (positive_at is not None)
+
+
 def test_per_step_statistic_against_epochs_is_the_epoch_mean(run_a: Run) -> None:
     fig = gradient_heatmap([run_a], window=TimeWindow("epoch", 1, 3))
     stored = run_a.stat("grad_output", "norm", layers=conv(run_a))

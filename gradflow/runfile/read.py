@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -197,18 +197,6 @@ class Run:
             else np.zeros((0, ds.shape[1]), ds.dtype)
         )
         return data if layers is None else data[:, np.asarray(layers, dtype=np.int64)]
-
-    def stat_blocks(
-        self, probe: str, name: str, block_rows: int = 8192
-    ) -> Iterator[tuple[int, np.ndarray]]:
-        """Yield ``(first_row, block)`` pieces of a statistic, for runs too large for memory."""
-        key = self._key(probe, name)
-        ds = self._datasets[key]
-        n = self.n_epochs if probe == "epoch" else self.n_steps
-        chunk = ds.chunks[0] if ds.chunks else block_rows
-        block_rows = max(chunk, block_rows // chunk * chunk)
-        for start in range(0, n, block_rows):
-            yield start, self._read(key, slice(start, min(n, start + block_rows)))
 
     # -- per-epoch data ---------------------------------------------------------------------
     @property
