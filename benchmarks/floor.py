@@ -3,8 +3,9 @@ recorder comes to it.
 
 One recorded step's parameter statistics read the gradients (sums of squares), read the
 weights and write them into the snapshot before the optimizer step (``take``), and read the
-snapshot and the weights after it (``delta``): four reads and one write of N float32. This
-script measures, on this machine:
+snapshot, the weights and the gradients after it (``delta``, whose sum of grad * update
+gives ``param/grad_update_cos``): five reads and one write of N float32. This script
+measures, on this machine:
 
 1. bandwidth: a read, a write and a copy of a float32 tensor as large as all of
    paper-resunet's parameters, by torch (``torch.sum``, ``fill_``, ``copy_``) and by plain
@@ -15,7 +16,7 @@ script measures, on this machine:
    ``overhead`` columns, and gradflow's C kernels timed one by one;
 4. a carried snapshot: if the next step is recorded too, ``delta`` could also write the new
    weights into the snapshot and sum their squares, so the next ``take`` is skipped (three
-   streams instead of four). Timed with a small C file compiled here (separate passes and
+   streams instead of five). Timed with a small C file compiled here (separate passes and
    the fused one), and whether ``p._version`` could tell that weights changed between steps
    outside the optimizer.
 
@@ -342,7 +343,7 @@ def gradflow_passes(params: Sequence[torch.Tensor]) -> dict[str, Callable[[], An
     return {
         "grad squares": lambda: kernels.squares(grads),
         "take (copy_squares)": lambda: kernels.copy_squares(weights, views),
-        "delta": lambda: kernels.delta(views, weights),
+        "delta": lambda: kernels.delta(views, weights, grads),
     }
 
 
@@ -486,8 +487,8 @@ def main(argv: list[str] | None = None) -> None:
 
     lib = compile_snippet()
     bw = bandwidth(n, args.repeats, lib)
-    today = floor(n, bw, reads=4, writes=1)
-    carried_floor = floor(n, bw, reads=3, writes=1)
+    today = floor(n, bw, reads=5, writes=1)
+    carried_floor = floor(n, bw, reads=4, writes=1)
     print(
         f"1. bandwidth, {4 * n / MB:.1f} MB float32, best of {args.repeats}, interleaved, "
         f"{torch.get_num_threads()} threads, each call after writing {EVICT_MB} MB elsewhere"
@@ -513,13 +514,13 @@ def main(argv: list[str] | None = None) -> None:
     print()
     print(
         "2. the floor of one recorded step's parameter statistics: read the gradients, "
-        "read W + write the snapshot (take), read the snapshot + read W (delta)"
+        "read W + write the snapshot (take), read the snapshot, W and the gradients (delta)"
     )
     print(
         f"   {today['read_mb']:.0f} MB read + {today['write_mb']:.0f} MB written "
         f"= {today['ms']:.2f} ms at the measured read and write speeds"
     )
-    today["take_as_copy_ms"] = floor(n, bw, reads=3, writes=0)["ms"] + 8 * n / bw["copy_gbs"] / MB
+    today["take_as_copy_ms"] = floor(n, bw, reads=4, writes=0)["ms"] + 8 * n / bw["copy_gbs"] / MB
     print(f"   (with take at the copy speed instead: {today['take_as_copy_ms']:.2f} ms)")
     print()
 
@@ -543,7 +544,7 @@ def main(argv: list[str] | None = None) -> None:
     if kernels is None:
         print("   gradflow's parameter kernels: unavailable (no C kernels in this process)")
     else:
-        streams = {"grad squares": (1, 0), "take (copy_squares)": (1, 1), "delta": (2, 0)}
+        streams = {"grad squares": (1, 0), "take (copy_squares)": (1, 1), "delta": (3, 0)}
         rows = []
         for name, ms in kernels.items():
             r, w = streams[name]
@@ -596,7 +597,11 @@ def main(argv: list[str] | None = None) -> None:
             f"   ms per step, blocks of 5 steps, best of {args.repeats}; one C file "
             f"(-march=native, {torch.get_num_threads()} threads): take + delta "
             f"{carried['C take + delta']:.2f} -> carried {carried['C carried']:.2f}"
-            + ("" if theirs is None else f"; gradflow's take + delta {theirs:.2f}")
+            + (
+                ""
+                if theirs is None
+                else f"; gradflow's take + delta (which also reads the gradients) {theirs:.2f}"
+            )
         )
         print(
             f"   saving per recorded step: {saving['same_code_ms']:.2f} ms against the same "

@@ -70,7 +70,7 @@ def timings(tensors: dict[str, list[torch.Tensor]], repeat: int) -> dict[str, fl
         def run() -> None:
             snapshot.grad_reductions(tensors["grads"])
             snapshot.take()
-            snapshot.delta()
+            snapshot.delta(tensors["grads"])
 
         return run
 

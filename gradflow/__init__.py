@@ -56,4 +56,5 @@ def __getattr__(name: str) -> Any:
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))
+    """The public API alone (what tab completion offers), not the helpers of this module."""
+    return sorted(__all__)

@@ -10,11 +10,13 @@ statistics are element-wise):
 
 - ``param``: ``n`` (trainable elements), ``w_sq`` (sum of W^2 before the step), ``g_sq``
   (sum of grad^2), ``g_nonfinite`` (non-finite grad entries), ``d_sq``, ``d_abs`` and
-  ``d_max`` (sum of squares, sum and max of |W_after - W_before|).
+  ``d_max`` (sum of squares, sum and max of |W_after - W_before|), ``g_dot_d`` (sum of
+  grad * (W_before - W_after), with the gradient the optimizer stepped on).
 - ``activation``: ``n`` (output elements), ``sum``, ``sum_sq``, ``nonzero`` (entries
   that are not exactly 0; NaN counts as nonzero), ``nonfinite`` (NaN or Inf entries).
 - ``grad_output``: ``n`` (elements of the output gradient), ``sum_sq``.
-- ``epoch``: like ``param`` but ``d_*`` is the change over the whole epoch.
+- ``epoch``: like ``param`` but ``d_*`` is the change over the whole epoch (``g_*`` are
+  0, ``g_dot_d`` NaN: no one gradient belongs to an epoch).
 - ``skip`` (:mod:`gradflow.probes.skip`): per residual block, ``shortcut_sq`` and
   ``branch_sq`` (sums of squares of the gradient reaching the block's input through the
   shortcut and through the residual branch) and ``blocks`` (calls measured); per long skip,
@@ -102,6 +104,17 @@ def _weight_norm(r: Reductions) -> np.ndarray:
 @statistic("param", "grad_norm", "||grad|| at the optimizer step (accumulated, unscaled, reduced)")
 def _grad_norm(r: Reductions) -> np.ndarray:
     return _sqrt(r["g_sq"])
+
+
+@statistic(
+    "param",
+    "grad_update_cos",
+    "cos(∇W, ΔW) of the step: -1 for plain SGD, above -1 with momentum or Adam",
+)
+def _grad_update_cos(r: Reductions) -> np.ndarray:
+    # g_dot_d is taken with d = W_before - W_after, the negated update. Where either norm is
+    # 0 the dot product is 0 too: 0 / 0, NaN.
+    return _div(-np.asarray(r["g_dot_d"]), _sqrt(r["g_sq"]) * _sqrt(r["d_sq"]))
 
 
 @statistic("param", "grad_nonfinite", "number of NaN/Inf gradient entries")

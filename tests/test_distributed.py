@@ -60,6 +60,7 @@ def test_distributed_equals_single_process(mode: str, single: Path, tmp_path: Pa
             "weight_norm",
             "update_abs_mean",
             "update_abs_max",
+            "grad_update_cos",
         ):
             np.testing.assert_allclose(
                 run.stat("param", stat), ref.stat("param", stat), rtol=1e-5, err_msg=stat

@@ -105,6 +105,7 @@ class Reference:
                     "update_norm": np.linalg.norm(d),
                     "update_abs_mean": np.abs(d).mean(),
                     "update_abs_max": np.abs(d).max(),
+                    "grad_update_cos": g @ d / (np.linalg.norm(g) * np.linalg.norm(d)),
                 }.items():
                     row.setdefault(key, []).append(float(value))
             for key, values in row.items():

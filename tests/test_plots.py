@@ -9,10 +9,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from matplotlib.colors import CenteredNorm, LogNorm
 from matplotlib.figure import Figure
 from runfiles import SyntheticRun, fcn_layers, write_run
+from torch import nn
 
+from gradflow import Recorder
 from gradflow.errors import GradflowError
 from gradflow.plots import (
     PlotWarning,
@@ -29,6 +32,7 @@ from gradflow.plots import (
     updates_heatmap,
 )
 from gradflow.plots.binning import bin_means
+from gradflow.plots.default import default_view
 from gradflow.plots.health import health
 from gradflow.plots.heatmap import ZeroAwareLogNorm
 from gradflow.plots.selection import MAX_GROUPS, is_zoo_fcn, layer_groups, select_layers
@@ -163,6 +167,44 @@ def test_gradient_and_activation_heatmaps_draw_their_statistics(run_a: Run) -> N
     np.testing.assert_allclose(drawn(fig), stored.T, rtol=1e-6)
     norm = fig.axes[0].collections[0].norm
     assert norm.vmin == 0.0 and norm.vmax == 1.0
+
+
+def test_the_gradient_update_cosine_is_drawn_on_a_fixed_linear_scale(tmp_path: Path) -> None:
+    # Cosines are negative (-1 for plain SGD): no log colour, the scale is -1..1.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    with Recorder(model, opt, tmp_path / "cos.h5", probes="param") as rec:
+        for _ in range(3):
+            opt.zero_grad()
+            model(torch.randn(5, 4)).square().mean().backward()
+            opt.step()
+            rec.log()
+    with open_run(tmp_path / "cos.h5") as run:
+        stored = run.stat("param", "grad_update_cos")
+        assert (stored < 0).all()
+        assert not default_view([run], "param/grad_update_cos").log
+        fig = gradient_heatmap([run], stat="param/grad_update_cos", all_layers=True)
+        np.testing.assert_allclose(drawn(fig), stored.T, rtol=1e-6)
+        norm = fig.axes[0].collections[0].norm
+        assert norm.vmin == -1.0 and norm.vmax == 1.0
+
+
+@pytest.mark.parametrize("positive_at", [8500, None], ids=["one-late-positive", "none"])
+def test_the_default_colour_is_log_where_any_value_is_positive(
+    positive_at: int | None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Zeros, and one positive value (or none) past the first block of rows read.
+    def zeros(self: SyntheticRun, probe: str, stat: str, steps: np.ndarray) -> np.ndarray:
+        values = np.zeros((len(steps), len(self.layers)), np.float32)
+        values[steps == positive_at] = 1.0
+        return values
+
+    monkeypatch.setattr(SyntheticRun, "_stat", zeros)
+    with SyntheticRun(tmp_path / "r.h5", fcn_layers()) as synthetic:
+        synthetic.steps(9000)
+    with open_run(tmp_path / "r.h5") as run:
+        assert default_view([run], "param/grad_norm").log == (positive_at is not None)
 
 
 def test_per_step_statistic_against_epochs_is_the_epoch_mean(run_a: Run) -> None:

@@ -201,3 +201,18 @@ def test_live_reader_sees_epochs_and_metric_names_written_after_it_opened(tmp_pa
             run.refresh()
             assert run.metrics["val_loss"] == pytest.approx([0.7, 0.45])
         tell("close")
+
+
+def test_stat_takes_probe_and_name_or_the_whole_name(tmp_path: Path) -> None:
+    with open_run(_good_run(tmp_path)) as run:
+        both = run.stat("param", "grad_norm")
+        assert both.shape == (3, 1) and np.isfinite(both).all()
+        np.testing.assert_array_equal(run.stat("param/grad_norm"), both)
+        np.testing.assert_array_equal(
+            run.stat("param/grad_norm", rows=slice(1, 3), layers=[0]), both[1:3]
+        )
+        for bad in ("param", "param/", "/grad_norm", ""):
+            with pytest.raises(GradflowError, match="expected PROBE/NAME"):
+                run.stat(bad)
+        with pytest.raises(GradflowError, match=r"unknown statistic .*'param/grad_nrom'"):
+            run.stat("param/grad_nrom")

@@ -103,15 +103,22 @@ class Reference:
             for i in range(len(self.layers))
         ]
 
-    def row(self, stepped: list[bool] | None = None) -> None:
+    def row(self, stepped: list[bool] | None = None, regraded: bool = False) -> None:
         """Close a row: the update is the change since :meth:`weights_and_grads`;
-        ``stepped[i]`` False: layer i's optimizer did not step (NaN expected)."""
+        ``stepped[i]`` False: layer i's optimizer did not step (NaN expected); ``regraded``:
+        the step evaluated the gradient again (no gradient-update cosine expected)."""
         stats: dict[str, list[float]] = {}
         for i, name in enumerate(self.layers):
             w = torch.cat([t.reshape(-1) for t in self._before[i]])
             present = [t.reshape(-1) for t in self._grads[i] if t is not None]
             g = torch.cat(present) if present else torch.full((1,), np.nan, dtype=torch.float64)
             d = torch.cat([p.detach().double().reshape(-1) for p in self.params(i)]) - w
+            # g . d over the parameters that have a gradient
+            dot = sum(
+                float((t.reshape(-1) * (p.detach().double() - b).reshape(-1)).sum())
+                for t, p, b in zip(self._grads[i], self.params(i), self._before[i], strict=True)
+                if t is not None
+            )
             nan = stepped is not None and not stepped[i]
             outs = self.outputs[name]
             act = torch.cat([o.detach().double().reshape(-1) for o in outs]) if outs else None
@@ -121,6 +128,9 @@ class Reference:
                 ("param", "weight_norm"): w.norm(),
                 ("param", "grad_norm"): g.norm(),
                 ("param", "grad_nonfinite"): (~torch.isfinite(g)).sum() if present else None,
+                ("param", "grad_update_cos"): dot / (g.norm() * d.norm())
+                if present and not regraded
+                else None,
                 ("param", "update_norm"): d.norm(),
                 ("param", "update_ratio"): d.norm() / w.norm(),
                 ("param", "update_abs_mean"): d.abs().mean(),
@@ -169,6 +179,7 @@ def closure_steps(
     with Recorder(model, opt, path) as rec:
         for x, y in batches(steps):
             first = True
+            before = calls
 
             def closure(x: torch.Tensor = x, y: torch.Tensor = y) -> float:
                 nonlocal first, calls
@@ -184,7 +195,7 @@ def closure_steps(
 
             loss = opt.step(closure)
             rec.log(loss=loss)
-            ref.row()
+            ref.row(regraded=calls - before > 1)
     ref.check(path)
     return calls
 

@@ -108,6 +108,23 @@ def test_unknown_attribute_is_an_attribute_error() -> None:
         gradflow.Recoder  # noqa: B018
 
 
+def test_dir_lists_the_public_api_alone() -> None:
+    # In a fresh interpreter, after the lazy names and some submodules have loaded.
+    code = (
+        "import gradflow, gradflow.runfile\n"
+        "gradflow.Run\n"
+        "print(' '.join(dir(gradflow)))\n"
+        "print(' '.join(gradflow.__all__))\n"
+        "print(all(getattr(gradflow, name) is not None for name in gradflow.__all__))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    listed, public, resolved = result.stdout.splitlines()
+    assert listed.split() == sorted(public.split())
+    assert {"Recorder", "open_run", "Run", "GradflowError"} <= set(listed.split())
+    assert resolved == "True"
+
+
 def test_loss_names_match_the_registry() -> None:
     from gradflow.em.config import LOSS_NAMES
     from gradflow.em.metrics import LOSSES

@@ -8,6 +8,7 @@ the host computation must stay silent on NaN, Inf, empty layers and divisions by
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -55,7 +56,8 @@ def _count(mask: np.ndarray) -> float:
 
 
 def _param_reductions(layers: list[Layer]) -> Reductions:
-    """``param``/``epoch`` reductions: elements, sums of W^2, g^2, |d|, d^2, max |d|."""
+    """``param``/``epoch`` reductions: elements, sums of W^2, g^2, |d|, d^2, max |d|, and
+    of g * (W_before - W_after)."""
     rows = [
         {
             "n": float(x.w_before.size),
@@ -65,6 +67,7 @@ def _param_reductions(layers: list[Layer]) -> Reductions:
             "d_sq": np.sum(np.square(x.delta)),
             "d_abs": np.sum(np.abs(x.delta)),
             "d_max": np.max(np.abs(x.delta)),
+            "g_dot_d": np.sum(x.grad * (x.w_before - x.w_after)),
         }
         for x in layers
     ]
@@ -129,6 +132,12 @@ def _ratio(a: float, b: float) -> float:
     return float(np.float64(a) / np.float64(b))
 
 
+def _cosine(a: np.ndarray, b: np.ndarray) -> float:
+    """cos(a, b); NaN where either is 0."""
+    norms = _norm(a) * _norm(b)
+    return float(np.dot(a.ravel(), b.ravel()) / norms) if norms else math.nan
+
+
 def _update_references(probe: str) -> dict[str, Callable[[Layer], float]]:
     return {
         f"{probe}/update_norm": lambda x: _norm(x.delta),
@@ -144,6 +153,7 @@ REFERENCES: dict[str, Callable[[Layer], float]] = {
     **_update_references("param"),
     "param/weight_norm": lambda x: _norm(x.w_before),
     "param/grad_norm": lambda x: _norm(x.grad),
+    "param/grad_update_cos": lambda x: _cosine(x.grad, x.delta),
     "param/grad_nonfinite": lambda x: _count(~np.isfinite(x.grad)),
     **_update_references("epoch"),
     "activation/mean": lambda x: float(np.mean(x.output)),

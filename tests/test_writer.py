@@ -70,8 +70,9 @@ class Raw:
 
 def _param_block(rng: np.random.Generator, sizes: Sequence[Sequence[int]], raw: Raw) -> np.ndarray:
     """Per-tensor columns [w_sq x P, g_sq x P, g_nonfinite x P, d_sq x P, d_abs x P,
-    d_max x P] of random weights, gradients and updates."""
-    cols: list[list[float]] = [[] for _ in range(6)]
+    g_dot_d x P, d_max x P] of random weights, gradients and updates ``d`` (the kernels'
+    ``g_dot_d`` is taken with ``W_before - W_after``, the negated update)."""
+    cols: list[list[float]] = [[] for _ in range(7)]
     for layer, tensor_sizes in enumerate(sizes):
         for size in tensor_sizes:
             w = rng.normal(size=size)
@@ -85,6 +86,7 @@ def _param_block(rng: np.random.Generator, sizes: Sequence[Sequence[int]], raw: 
                 float((~np.isfinite(g)).sum()),
                 (d * d).sum(),
                 np.abs(d).sum(),
+                -(g * d).sum(),
                 np.abs(d).max(),
             ]
             for col, value in zip(cols, columns, strict=True):
@@ -187,6 +189,10 @@ def _norm(a: np.ndarray) -> float:
     return float(np.sqrt((a * a).sum()))
 
 
+def _cosine(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.dot(a, b) / (_norm(a) * _norm(b)))
+
+
 def _expected(raw: Raw, scale: float = 1.0) -> dict[tuple[str, str], np.ndarray]:
     out: dict[tuple[str, str], np.ndarray] = {}
     if raw.w:
@@ -199,6 +205,12 @@ def _expected(raw: Raw, scale: float = 1.0) -> dict[tuple[str, str], np.ndarray]
             ("param", "update_ratio"): _per_layer(d, _norm) / _per_layer(raw.w, _norm),
             ("param", "update_abs_mean"): _per_layer(d, lambda a: np.abs(a).mean()),
             ("param", "update_abs_max"): _per_layer(d, lambda a: np.abs(a).max()),
+            ("param", "grad_update_cos"): np.array(
+                [
+                    _cosine(np.concatenate(raw.g[k]), np.concatenate(d[k])) if k in d else math.nan
+                    for k in range(3)
+                ]
+            ),
         }
     out |= {
         ("activation", "mean"): _per_layer(raw.act, np.mean),

@@ -7,8 +7,10 @@ The probes never compute a statistic on the device, only these reductions (float
   gradient; a probe may ask for a subset (output gradients: ``sum_sq`` only);
 - per parameter tensor (:data:`GRAD_COLUMNS`, :data:`WEIGHT_COLUMNS`,
   :data:`DELTA_COLUMNS`): the gradient's ``sum_sq`` and ``nonfinite``, the weight's
-  ``sum_sq`` (taken with its copy), and ``d_sq``, ``d_abs``, ``d_max`` of
-  ``d = W_before - W_after``.
+  ``sum_sq`` (taken with its copy), and ``d_sq``, ``d_abs``, ``g_dot_d``, ``d_max`` of
+  ``d = W_before - W_after`` (``g_dot_d``: the sum of ``grad * d``, with the gradient the
+  optimizer stepped on; NaN where no gradient is given, as for an epoch's update). The
+  maximum comes last: every other column is a sum.
 
 Backends: :mod:`~gradflow.kernels.reference` (plain float64 torch on any device: the oracle
 the contract test holds every other backend to), :mod:`~gradflow.kernels.cpu` (C kernels,
@@ -27,7 +29,7 @@ if TYPE_CHECKING:
 CALL_COLUMNS = ("sum", "sum_sq", "nonzero", "nonfinite")
 GRAD_COLUMNS = ("sum_sq", "nonfinite")
 WEIGHT_COLUMNS = ("sum_sq",)
-DELTA_COLUMNS = ("d_sq", "d_abs", "d_max")
+DELTA_COLUMNS = ("d_sq", "d_abs", "g_dot_d", "d_max")
 
 
 def kernel_backend(device: torch.device) -> str:

@@ -42,6 +42,7 @@ import numpy as np
 import torch
 
 from gradflow.errors import GradflowWarning
+from gradflow.kernels import DELTA_COLUMNS
 from gradflow.kernels._cbuild import CFLAGS, SHARED, SOURCE, digest_macro, source_digest
 from gradflow.usercache import cache_dir, open_library, unsafe_folder
 
@@ -319,10 +320,14 @@ class ParamKernels:
         return self._run(self.COPY_SQUARES, [sources, targets], 1)[0]
 
     def delta(
-        self, before: Sequence[torch.Tensor], after: Sequence[torch.Tensor]
+        self,
+        before: Sequence[torch.Tensor],
+        after: Sequence[torch.Tensor],
+        grads: Sequence[torch.Tensor | None],
     ) -> list[torch.Tensor]:
-        """``[sum d^2, sum |d|, max |d|]`` of ``d = before - after``."""
-        return self._run(self.DELTA, [before, after], 3)
+        """:data:`~gradflow.kernels.DELTA_COLUMNS` of ``d = before - after`` (``g_dot_d``
+        with ``grads``; ``None`` counts 0)."""
+        return self._run(self.DELTA, [before, after, grads], len(DELTA_COLUMNS))
 
 
 def param_kernels(sizes: Sequence[int]) -> ParamKernels | None:

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 
 import torch
 
-from gradflow.kernels import CALL_COLUMNS
+from gradflow.kernels import CALL_COLUMNS, DELTA_COLUMNS
 
 
 def call_columns(x: torch.Tensor) -> dict[str, float]:
@@ -35,15 +35,27 @@ def weight_columns(weights: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def delta_columns(
-    before: Sequence[torch.Tensor], after: Sequence[torch.Tensor]
+    before: Sequence[torch.Tensor],
+    after: Sequence[torch.Tensor],
+    grads: Sequence[torch.Tensor | None] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Per-tensor ``d_sq``, ``d_abs`` and ``d_max`` of ``d = before - after`` (float64 [P];
-    the maximum of an empty tensor is 0, NaN where ``d`` has a NaN)."""
-    out: dict[str, list[torch.Tensor]] = {"d_sq": [], "d_abs": [], "d_max": []}
-    for b, a in zip(before, after, strict=True):
-        d = (b.detach().double() - a.detach().double()).cpu().abs().reshape(-1)
+    """Per-tensor :data:`~gradflow.kernels.DELTA_COLUMNS` of ``d = before - after`` (float64
+    [P]): ``d_sq``, ``d_abs``, ``g_dot_d`` (the sum of ``grad * d``: 0 for a missing
+    gradient, NaN without ``grads``) and ``d_max`` (0 for an empty tensor, NaN where ``d``
+    has a NaN)."""
+    out: dict[str, list[torch.Tensor]] = {name: [] for name in DELTA_COLUMNS}
+    for i, (b, a) in enumerate(zip(before, after, strict=True)):
+        signed = (b.detach().double() - a.detach().double()).cpu().reshape(-1)
+        d = signed.abs()
         out["d_sq"].append((d * d).sum())
         out["d_abs"].append(d.sum())
+        grad = None if grads is None else grads[i]
+        if grads is None:
+            out["g_dot_d"].append(d.new_tensor(math.nan))
+        elif grad is None:
+            out["g_dot_d"].append(d.new_tensor(0.0))
+        else:
+            out["g_dot_d"].append((grad.detach().double().cpu().reshape(-1) * signed).sum())
         if d.isnan().any():
             out["d_max"].append(d.new_tensor(math.nan))
         else:

@@ -54,6 +54,7 @@ STAT_LABELS = {
     "param/update_abs_max": "max |ΔW| per step",
     "param/grad_norm": "‖∇W‖",
     "param/weight_norm": "‖W‖",
+    "param/grad_update_cos": "cos(∇W, ΔW) per step",
     "grad_output/norm": "‖∂L/∂output‖",
     "grad_output/rms": "rms ∂L/∂output",
     "activation/zero_fraction": "fraction of zero activations",
@@ -69,7 +70,8 @@ STAT_LABELS = {
 MAX_STAGE_LABELS = 30  # about as many 8 pt labels as fit along a 5 inch axis
 MAX_LABEL_CHARS = 28  # a layer label's width: about 1.7 inch at 8 pt
 EM_WIDTH = 0.62  # a wide-ish character's width in ems (DejaVu Sans digits: 0.64)
-FIXED_LIMITS = {"activation/zero_fraction": (0.0, 1.0)}  # fractions: a fixed 0..1 scale
+# Fractions and cosines: fixed linear scales
+FIXED_LIMITS = {"activation/zero_fraction": (0.0, 1.0), "param/grad_update_cos": (-1.0, 1.0)}
 
 
 def styled(fn: Callable[P, R]) -> Callable[P, R]:

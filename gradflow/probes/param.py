@@ -4,6 +4,7 @@ parameters, measured around each optimizer step."""
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -19,8 +20,8 @@ from gradflow.layers import LayerSpec
 from gradflow.probes.base import Attachment, Block, Check, LayerMap, Probe, register
 
 # Per parameter tensor, in packed order: the weights' and gradients' reductions before the
-# step, then the update's (``d = W_before - W_after``); the maxima last (summed over a
-# layer's tensors and across shards: all but those).
+# step, then the update's (``d = W_before - W_after``, and its products with the gradient);
+# the maxima last (summed over a layer's tensors and across shards: all but those).
 COLUMNS = ("w_sq", "g_sq", "g_nonfinite", *DELTA_COLUMNS)
 WIDTH = len(COLUMNS)
 SUMMED = WIDTH - 1
@@ -148,15 +149,42 @@ class Snapshot:
         return result
 
     @torch.no_grad()
-    def delta(self) -> list[torch.Tensor]:
-        """Per-tensor ``[sum d^2, sum |d|, max |d|]`` of ``d = W_then - W_now`` (3 x float64
-        [P]); may turn the copy into ``|d|`` in place: call :meth:`take` before reuse."""
+    def delta(self, grads: Sequence[torch.Tensor | None] | None = None) -> list[torch.Tensor]:
+        """Per-tensor :data:`~gradflow.kernels.DELTA_COLUMNS` of ``d = W_then - W_now``
+        (float64 [P] each): ``g_dot_d`` with ``grads`` (dense; ``None`` counts 0), NaN
+        without. May overwrite the copy: call :meth:`take` before reuse."""
         current = self._current()
-        native = self._native(current)
+        given: Sequence[torch.Tensor | None] = [None] * len(current) if grads is None else grads
+        native = self._native([*current, *given])
         if native is not None:
-            return native.delta(self._views, current)
-        result: list[torch.Tensor] = self._phases["delta"]()
-        return result
+            columns = native.delta(self._views, current, given)
+        else:
+            d_sq, d_abs, d_max = self._phases["delta"]()
+            # Gradients move between steps: multiplied in eagerly, outside any graph.
+            columns = [d_sq, d_abs, self._dot(given), d_max]
+        if grads is None:
+            columns[DELTA_COLUMNS.index("g_dot_d")] = torch.full_like(columns[0], math.nan)
+        return columns
+
+    @torch.no_grad()
+    def sparse_dot(self, j: int, grad: torch.Tensor) -> torch.Tensor:
+        """The sum of ``grad * d`` of tensor ``j`` for a sparse ``grad``, over the entries it
+        holds (float64, 0-d); call before :meth:`delta`, which may overwrite the copy."""
+        g = grad.coalesce()
+        at = tuple(g.indices())
+        d = self._views[j][at].double() - local(self._current()[j])[at].double()
+        return (g.values().double() * d).sum()
+
+    def _dot(self, grads: Sequence[torch.Tensor | None]) -> torch.Tensor:
+        """Per-tensor sums of ``grad * d`` with the buffer holding ``d``; leaves the
+        products there."""
+        pairs = [(v, g) for v, g in zip(self._views, grads, strict=True) if g is not None]
+        missing = [v for v, g in zip(self._views, grads, strict=True) if g is None]
+        if pairs:
+            torch._foreach_mul_([v for v, _ in pairs], [g for _, g in pairs])
+        if missing:
+            torch._foreach_zero_(missing)
+        return self._per_tensor(self._rows.sum(1))[0]
 
     def _grad_stats(self) -> list[torch.Tensor]:
         rows = self._rows
@@ -169,16 +197,33 @@ class Snapshot:
         return self._per_tensor(self._row_squares())[0]
 
     def _delta_stats(self) -> list[torch.Tensor]:
+        """``[d_sq, d_abs, d_max]``, leaving ``d`` in the buffer (for :meth:`_dot`)."""
         torch._foreach_sub_(self._views, self._current())
-        d_sq = self._row_squares()
-        rows = self._rows.abs_()
-        d_sq, d_abs = self._per_tensor(d_sq, rows.sum(1))
+        rows = self._rows
+        d_sq, d_abs = self._per_tensor(
+            self._row_squares(), torch.linalg.vector_norm(rows, 1, dim=1)
+        )
         # unsafe=True: the lengths are right by construction, and checking them would sync;
         # initial=0 is right for maxima of |d| (an empty tensor gives 0); NaN propagates.
-        d_max = torch.segment_reduce(
-            rows.amax(1).double(), "max", lengths=self._lengths, unsafe=True, initial=0
-        )
+        row_max = torch.linalg.vector_norm(rows, math.inf, dim=1).double()
+        d_max = torch.segment_reduce(row_max, "max", lengths=self._lengths, unsafe=True, initial=0)
         return [d_sq, d_abs, d_max]
+
+
+Mark = tuple["weakref.ref[torch.Tensor]", int] | None
+
+
+def _mark(grad: torch.Tensor | None) -> Mark:
+    """The gradient tensor (weakly: a new one may take a freed one's id) and its in-place
+    version."""
+    return None if grad is None else (weakref.ref(grad), grad._version)
+
+
+def _unchanged(grad: torch.Tensor | None, mark: Mark) -> bool:
+    """Whether ``grad`` is the gradient ``mark`` was taken of, not changed in place since."""
+    if mark is None or grad is None:
+        return mark is None and grad is None
+    return mark[0]() is grad and grad._version == mark[1]
 
 
 def reduce_per_layer(
@@ -207,8 +252,8 @@ def reduce_per_layer(
     if missing.any():
         none = np.full(shape, False)
         none[..., measured] = np.logical_and.reduceat(missing, starts, axis=-1)
-        out["g_sq"] = np.where(none, np.nan, out["g_sq"])
-        out["g_nonfinite"] = np.where(none, np.nan, out["g_nonfinite"])
+        for name in ("g_sq", "g_nonfinite", "g_dot_d"):
+            out[name] = np.where(none, np.nan, out[name])
     return out
 
 
@@ -248,9 +293,11 @@ class ParamReductions:
     i-th parameter in layer order); each group is measured around its own optimizer's step.
     A group holds one float32 snapshot of its parameters, allocated at the first recorded
     step and reused, with ``W_before``; after the step it is turned into
-    ``W_before - W_after`` in place, so measuring the update needs no second copy. Sharded
-    parameters are measured on their local shards and completed across ranks by a
-    :class:`ShardReducer`. Sparse gradients are measured by their coalesced values.
+    ``W_before - W_after`` in place (or read against ``W_after`` by the C kernels), so
+    measuring the update needs no second copy; the gradients, which ``step()`` leaves in
+    place, are read again for the update's products with them. Sharded parameters are
+    measured on their local shards and completed across ranks by a :class:`ShardReducer`.
+    Sparse gradients are measured by their coalesced values.
     """
 
     def __init__(self, layers: Sequence[LayerSpec], owners: Sequence[int] | None = None) -> None:
@@ -283,6 +330,7 @@ class ParamReductions:
         sharded = any(hasattr(p, "device_mesh") for p in self.params)
         self.reduce_shards = ShardReducer(self.params) if sharded else None
         self._pre: dict[int, list[torch.Tensor]] = {}
+        self._marks: dict[int, list[Mark]] = {}
         self._done: dict[int, torch.Tensor] = {}
         self._missing: dict[tuple[int, ...], torch.Tensor] = {}
 
@@ -291,14 +339,7 @@ class ParamReductions:
         (float64 [P_group])."""
         snapshot = self.snapshots[group]
         assert snapshot is not None
-        params = snapshot.params
-        if self.reduce_shards is None:
-            grads = [p.grad for p in params]
-        else:
-            grads = [local(p.grad) if p.grad is not None else None for p in params]
-        sparse = {
-            j: g for j in self._maybe_sparse[group] if (g := grads[j]) is not None and g.is_sparse
-        }
+        grads, sparse = self._grads(group)
         if not sparse:
             g_sq, nonfinite = snapshot.grad_reductions(grads)
         else:
@@ -312,6 +353,19 @@ class ParamReductions:
         if missing:  # counted as NaN: no gradient is not a zero gradient
             nonfinite = nonfinite.index_fill(0, self._positions(missing), math.nan)
         return g_sq, nonfinite
+
+    def _grads(self, group: int) -> tuple[list[torch.Tensor | None], dict[int, torch.Tensor]]:
+        """One group's gradients (local shards) and, by position, those that are sparse."""
+        snapshot = self.snapshots[group]
+        assert snapshot is not None
+        if self.reduce_shards is None:
+            grads = [p.grad for p in snapshot.params]
+        else:
+            grads = [local(p.grad) if p.grad is not None else None for p in snapshot.params]
+        sparse = {
+            j: g for j in self._maybe_sparse[group] if (g := grads[j]) is not None and g.is_sparse
+        }
+        return grads, sparse
 
     def _positions(self, positions: tuple[int, ...]) -> torch.Tensor:
         """``positions`` as an index tensor on the device (cached: the set of parameters
@@ -329,26 +383,55 @@ class ParamReductions:
             return
         g_sq, nonfinite = self.grad_reductions(group)
         self._pre[group] = [snapshot.take(), g_sq, nonfinite]
+        self._marks[group] = [_mark(p.grad) for p in snapshot.params]
 
     def after_step(self, group: int = 0, stepped: bool = True, has_update: bool = True) -> None:
         """Reduce ``W_before - W_after`` of a group measured by :meth:`before_step` (0 where
         its step was skipped, NaN where no optimizer step is measured)."""
         pre = self._pre.pop(group, None)
+        marks = self._marks.pop(group, [])
         snapshot = self.snapshots[group]
         if pre is None or snapshot is None:
             return
         if not has_update:
             deltas = [torch.full_like(pre[0], math.nan)] * len(DELTA_COLUMNS)
+        elif not stepped:
+            deltas = [torch.zeros_like(pre[0])] * len(DELTA_COLUMNS)
         else:
-            deltas = snapshot.delta() if stepped else [torch.zeros_like(pre[0])] * 3
+            deltas = self._update(group, snapshot, marks)
         self._done[group] = torch.cat([*pre, *deltas])
+
+    def _update(self, group: int, snapshot: Snapshot, marks: Sequence[Mark]) -> list[torch.Tensor]:
+        """The update columns of one group, with the gradients its optimizer stepped on, which
+        ``step()`` leaves in place; NaN products for a parameter whose gradient the step
+        replaced or changed (a closure evaluated again, as LBFGS does): the gradient
+        measured before the step is gone."""
+        grads, sparse = self._grads(group)
+        changed = tuple(
+            j for j, (p, mark) in enumerate(zip(snapshot.params, marks, strict=True))
+            if not _unchanged(p.grad, mark)
+        )  # fmt: skip
+        if not sparse and not changed:
+            return snapshot.delta(grads)
+        # Sparse products are taken before delta(), which may overwrite the copy.
+        dots = {j: snapshot.sparse_dot(j, g) for j, g in sparse.items() if j not in changed}
+        skipped = {*sparse, *changed}
+        columns = snapshot.delta([None if j in skipped else g for j, g in enumerate(grads)])
+        at = DELTA_COLUMNS.index("g_dot_d")
+        column = columns[at].clone()
+        for j, dot in dots.items():
+            column[j] = dot
+        if changed:
+            column = column.index_fill(0, self._positions(changed), math.nan)
+        columns[at] = column
+        return columns
 
     def row(self) -> torch.Tensor | None:
         """All reductions measured since the last row as one float64 vector [WIDTH x P]
         (NaN for parameters whose optimizer did not step), or None if nothing was
         measured."""
         done, self._done = self._done, {}
-        self._pre = {}
+        self._pre, self._marks = {}, {}
         if not done:
             return None
         if self._whole:
@@ -371,7 +454,8 @@ class ParamReductions:
 class ParamProbe(Probe):
     """Per layer: the sums of squares of the weights and gradients and the gradients'
     non-finite entries before each optimizer step, and sum of squares, sum and maximum of
-    the update's magnitude around it (see :class:`ParamReductions`)."""
+    the update's magnitude around it and its products with the gradient (see
+    :class:`ParamReductions`)."""
 
     name = "param"
     scope = "step"

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -165,14 +165,28 @@ class Run:
     def stat(
         self,
         probe: str,
-        name: str,
+        name: str | None = None,
         rows: slice | None = None,
         layers: Sequence[int] | np.ndarray | None = None,
     ) -> np.ndarray:
-        """float32 [T, L] for a step statistic, or [E, L] for ``probe="epoch"``.
+        """One statistic's values, per recorded row and layer.
 
-        ``rows`` selects recorded rows (a slice), ``layers`` layer indices.
+        Args:
+            probe: the probe (``param``), or the whole name (``param/grad_norm``) with
+                ``name`` left out.
+            name: the statistic (``grad_norm``).
+            rows: the recorded rows to read (a slice); all by default.
+            layers: the layer indices to read; all by default.
+
+        Returns:
+            float32 [T, L] for a step statistic, [E, L] for ``epoch/...``.
         """
+        if name is None:
+            probe, slash, name = probe.partition("/")
+            if not (slash and probe and name):
+                raise GradflowError(
+                    f"statistic {probe + slash + name!r}: expected PROBE/NAME, e.g. param/grad_norm"
+                )
         key = self._key(probe, name)
         n = self.n_epochs if probe == "epoch" else self.n_steps
         start, stop, step = (rows or slice(None)).indices(n)
@@ -183,18 +197,6 @@ class Run:
             else np.zeros((0, ds.shape[1]), ds.dtype)
         )
         return data if layers is None else data[:, np.asarray(layers, dtype=np.int64)]
-
-    def stat_blocks(
-        self, probe: str, name: str, block_rows: int = 8192
-    ) -> Iterator[tuple[int, np.ndarray]]:
-        """Yield ``(first_row, block)`` pieces of a statistic, for runs too large for memory."""
-        key = self._key(probe, name)
-        ds = self._datasets[key]
-        n = self.n_epochs if probe == "epoch" else self.n_steps
-        chunk = ds.chunks[0] if ds.chunks else block_rows
-        block_rows = max(chunk, block_rows // chunk * chunk)
-        for start in range(0, n, block_rows):
-            yield start, self._read(key, slice(start, min(n, start + block_rows)))
 
     # -- per-epoch data ---------------------------------------------------------------------
     @property

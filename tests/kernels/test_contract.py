@@ -2,13 +2,14 @@
 
 The contract: layer outputs give :data:`~gradflow.kernels.CALL_COLUMNS` (output gradients
 ``sum_sq`` alone) as :meth:`gradflow.probes.CallLog.tensors` reports them; parameters give
-``w_sq, g_sq, g_nonfinite, d_sq, d_abs, d_max`` per tensor. Backends: the C kernels from
-the install-time extension (``c-extension``), from the per-user cache (``c-cached``) and
-built without run-time dispatch (``c-portable``, the code of compilers without ifunc); torch
-operations on the host (``torch``); the accelerator path's torch operations run on the CPU
-(``device``); the Triton kernel in its CPU interpreter (``triton``); on a CUDA machine the
-CUDA paths too (``cuda``: torch operations, ``cuda-triton``: the fused kernel, ``cuda-graphs``:
-parameter reductions replayed as CUDA graphs).
+``w_sq, g_sq, g_nonfinite`` and :data:`~gradflow.kernels.DELTA_COLUMNS` per tensor.
+Backends: the C kernels from the install-time extension (``c-extension``), from the per-user
+cache (``c-cached``) and built without run-time dispatch (``c-portable``, the code of
+compilers without ifunc); torch operations on the host (``torch``); the accelerator path's
+torch operations run on the CPU (``device``); the Triton kernel in its CPU interpreter
+(``triton``); on a CUDA machine the CUDA paths too (``cuda``: torch operations,
+``cuda-triton``: the fused kernel, ``cuda-graphs``: parameter reductions replayed as CUDA
+graphs).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import pytest
 import torch
 from torch import nn
 
-from gradflow.kernels import CALL_COLUMNS, reference
+from gradflow.kernels import CALL_COLUMNS, DELTA_COLUMNS, reference
 from gradflow.kernels import cpu as native
 from gradflow.kernels import triton as fused
 from gradflow.kernels.cpu import ParamKernels
@@ -309,7 +310,20 @@ def _large_update(params: list[nn.Parameter]) -> None:
             p.mul_(0.9).add_(0.01)
 
 
-PARAMS = {"odd": (_odd_params, _odd_update), "large": (_large_params, _large_update)}
+def _wide_params(device: torch.device) -> tuple[list[nn.Parameter], list[torch.Tensor | None]]:
+    """float64 parameters and gradients (the snapshot is float64 then), one gradient
+    missing."""
+    params, grads = _large_params(device)
+    wide: list[torch.Tensor | None] = [None if g is None else g.double() for g in grads]
+    wide[2] = None
+    return [nn.Parameter(p.detach().double()) for p in params], wide
+
+
+PARAMS = {
+    "odd": (_odd_params, _odd_update),
+    "large": (_large_params, _large_update),
+    "float64": (_wide_params, _large_update),
+}
 
 
 @pytest.mark.parametrize("params_case", list(PARAMS))
@@ -336,25 +350,52 @@ def test_parameter_columns_match_the_reference(
     g_sq, g_bad = (t.cpu().numpy() for t in snap.grad_reductions(grads))
     w_sq = snap.take().cpu().numpy()
     update(params)
-    d_sq, d_abs, d_max = (t.cpu().numpy() for t in snap.delta())
+    deltas = dict(zip(DELTA_COLUMNS, (t.cpu().numpy() for t in snap.delta(grads)), strict=True))
 
     grad_want = reference.grad_columns(grads)
     want = {
         "w_sq": reference.weight_columns(before)["sum_sq"],
         "g_sq": grad_want["sum_sq"],
         "g_nonfinite": grad_want["nonfinite"],
-        **reference.delta_columns(before, params),
+        **reference.delta_columns(before, params, grads),
     }
-    got = {"w_sq": w_sq, "g_sq": g_sq, "g_nonfinite": g_bad, "d_sq": d_sq, "d_abs": d_abs}
-    got["d_max"] = d_max
+    got = {"w_sq": w_sq, "g_sq": g_sq, "g_nonfinite": g_bad, **deltas}
+    # g.d sums products of either sign: its error is bounded by the rounding of sum |g d|.
+    abs_dot = [
+        0.0 if g is None else float((g.double() * (b - p.detach()).double()).abs().nansum())
+        for g, b, p in zip(grads, before, params, strict=True)
+    ]
     for name, values in got.items():
         assert values.shape == (len(params),), name
-        # The snapshot is float32: |d| carries float32 rounding of W (1e-5 relative).
-        rtol = 1e-5 if name.startswith("d_") else 1e-6
+        # The snapshot is float32: d carries float32 rounding of W (1e-5 relative).
+        rtol = 1e-5 if name.startswith(("d_", "g_dot")) else 1e-6
         expected = want[name].tolist()
         for i, (value, wanted) in enumerate(zip(values.tolist(), expected, strict=True)):
-            assert_matches(value, wanted, f"{backend} {name}[{i}]", rtol)
+            atol = 1e-6 * abs_dot[i] if name == "g_dot_d" else 0.0
+            assert_matches(value, wanted, f"{backend} {name}[{i}]", rtol, atol)
+    d_sq, d_abs, g_dot_d, d_max = (deltas[name] for name in DELTA_COLUMNS)
     if params_case == "odd":
         assert np.isnan(d_max[6]) and d_max[2] == INF and d_max[1] == 0.0
+        assert np.isnan(g_dot_d[[2, 6]]).all() and np.isinf(g_dot_d[3]) and g_dot_d[1] == 0.0
     else:  # the empty tensor
-        assert d_sq[1] == d_abs[1] == d_max[1] == 0.0
+        assert d_sq[1] == d_abs[1] == g_dot_d[1] == d_max[1] == 0.0
+    if params_case == "float64":  # the missing gradient
+        assert g_dot_d[2] == 0.0 and d_sq[2] > 0
+
+
+@pytest.mark.parametrize("backend", [*C_BACKENDS, "torch"])
+def test_an_update_without_gradients_has_nan_products(
+    backend: str, libraries, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # An epoch's update: the same columns, g_dot_d NaN (no one gradient belongs to it).
+    use_kernels(monkeypatch, library(backend, libraries) if backend in C_BACKENDS else None)
+    params, _ = _odd_params(torch.device("cpu"))
+    snap = Snapshot(params, torch.device("cpu"))
+    before = [p.detach().clone() for p in params]
+    snap.take()
+    _large_update(params)
+    got = dict(zip(DELTA_COLUMNS, (t.numpy() for t in snap.delta()), strict=True))
+    want = reference.delta_columns(before, params)
+    for name in DELTA_COLUMNS:
+        np.testing.assert_allclose(got[name], want[name], rtol=1e-5, equal_nan=True, err_msg=name)
+    assert np.isnan(got["g_dot_d"]).all()

@@ -305,7 +305,9 @@ def test_param_kernels_copy_into_any_alignment_and_take_infinite_maxima() -> Non
     after[1][3] = float("nan")
     after[2][0] = 0.0
     after[3] = -after[3]
-    d_sq, d_abs, d_max = (t.numpy() for t in kernels.delta(targets, after))
+    no_grads = [None] * len(sizes)
+    d_sq, d_abs, g_dot_d, d_max = (t.numpy() for t in kernels.delta(targets, after, no_grads))
+    assert (g_dot_d == 0.0).all()  # no gradient: no products
     d64 = [(t.double() - a.double()).abs().numpy() for t, a in zip(targets, after, strict=True)]
     assert d_max[0] == np.inf and np.isnan(d_max[1]) and d_max[2] == 0.0
     np.testing.assert_allclose(d_max[3:], [float(d.max()) for d in d64[3:]], rtol=1e-7)

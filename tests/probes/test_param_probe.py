@@ -44,7 +44,7 @@ def _per_layer_reference(
             for name in ("w_sq", "d_sq", "d_abs"):
                 out[name][r, lay] = sum(per_tensor[name][r, i] for i in idx)
             out["d_max"][r, lay] = max(per_tensor["d_max"][r, i] for i in idx)
-            for name in ("g_sq", "g_nonfinite"):
+            for name in ("g_sq", "g_nonfinite", "g_dot_d"):
                 values = [per_tensor[name][r, i] for i in has_grad]
                 out[name][r, lay] = sum(values) if values else math.nan
     return out
@@ -62,6 +62,7 @@ def _random_per_tensor(rng: np.random.Generator, n_rows: int, n_tensors: int) ->
         "g_nonfinite": rng.integers(0, 3, (n_rows, n_tensors)).astype(np.float64),
         "d_sq": rng.uniform(0.0, 1e-3, (n_rows, n_tensors)),
         "d_abs": rng.uniform(0.0, 1e-2, (n_rows, n_tensors)),
+        "g_dot_d": rng.uniform(-1e-2, 1e-2, (n_rows, n_tensors)),
         "d_max": rng.uniform(0.0, 1e-2, (n_rows, n_tensors)),
     }
 
@@ -101,7 +102,8 @@ def test_parameters_without_gradient() -> None:
     # Row 1: every tensor has one.
     for i in (1, 3, 4):
         per_tensor["g_nonfinite"][0, i] = math.nan
-        per_tensor["g_sq"][0, i] = 0.0  # what the probe stores for a missing gradient
+        # what the probe stores for a missing gradient
+        per_tensor["g_sq"][0, i] = per_tensor["g_dot_d"][0, i] = 0.0
     got = ParamProbe.unpack(
         _pack(per_tensor),
         [Block(WIDTH * 6)] * 2,
@@ -112,7 +114,8 @@ def test_parameters_without_gradient() -> None:
         np.testing.assert_allclose(got[name], want[name], rtol=1e-12, err_msg=name)
     assert got["g_sq"][0, 0] == pytest.approx(per_tensor["g_sq"][0, [0, 2]].sum(), rel=1e-12)
     assert got["g_nonfinite"][0, 0] == per_tensor["g_nonfinite"][0, [0, 2]].sum()
-    assert math.isnan(got["g_sq"][0, 1]) and math.isnan(got["g_nonfinite"][0, 1])
+    for name in ("g_sq", "g_nonfinite", "g_dot_d"):
+        assert math.isnan(got[name][0, 1]), name
     assert np.isfinite(got["g_sq"][1]).all() and np.isfinite(got["g_nonfinite"][1]).all()
     # The other columns of a layer without gradients are still measured.
     for name in ("w_sq", "d_sq", "d_abs", "d_max"):
@@ -161,18 +164,20 @@ def _expected(
     after: Sequence[torch.Tensor] | None,
 ) -> np.ndarray:
     """[WIDTH, P] in float64 (``after`` None: no update measured, NaN deltas)."""
-    out = np.zeros((WIDTH, len(before)))
+    columns: dict[str, list[float]] = {name: [] for name in COLUMNS}
     for i, w in enumerate(before):
         g = grads[i]
-        out[0, i] = float((w * w).sum())
-        out[1, i] = 0.0 if g is None else float((g * g).sum())
-        out[2, i] = math.nan if g is None else float((~torch.isfinite(g)).sum())
-        if after is None:
-            out[3:, i] = math.nan
-            continue
-        d = (w - after[i]).abs()
-        out[3:, i] = [float((d * d).sum()), float(d.sum()), float(d.max())]
-    return out
+        columns["w_sq"].append(float((w * w).sum()))
+        columns["g_sq"].append(0.0 if g is None else float((g * g).sum()))
+        columns["g_nonfinite"].append(math.nan if g is None else float((~torch.isfinite(g)).sum()))
+        d = w - after[i] if after is not None else torch.full_like(w, math.nan)
+        columns["d_sq"].append(float((d * d).sum()))
+        columns["d_abs"].append(float(d.abs().sum()))
+        # no update measured: NaN; no gradient: 0
+        dot = math.nan if after is None else 0.0 if g is None else float((g * d).sum())
+        columns["g_dot_d"].append(dot)
+        columns["d_max"].append(float(d.abs().max()))
+    return np.array([columns[name] for name in COLUMNS])
 
 
 BACKENDS = ["float32", "float32-torch", "float64"]

@@ -143,6 +143,12 @@ def _first(output: object) -> torch.Tensor | None:
     return None
 
 
+def _cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    """cos(a, b) in float64; NaN where either is 0."""
+    norms = a.norm() * b.norm()
+    return (a @ b / norms).item() if norms > 0 else np.nan
+
+
 def train_with_reference(
     case: Case,
     path,
@@ -211,6 +217,7 @@ def train_with_reference(
                     "update_abs_mean": d.abs().mean().item(),
                     "update_abs_max": d.abs().max().item(),
                     "grad_nonfinite": float((~torch.isfinite(gr)).sum()),
+                    "grad_update_cos": _cosine(gr, d),
                     "act_mean": acts.mean().item() if acts is not None else np.nan,
                     "act_std": acts.std(unbiased=False).item() if acts is not None else np.nan,
                     "act_zero_fraction": (acts == 0).double().mean().item()
@@ -308,6 +315,30 @@ def test_a_statistic_without_reference_fails_the_reference_check(tmp_path, monke
 def test_any_optimizer_and_param_groups(make_opt, tmp_path) -> None:
     ref = train_with_reference(CASES["mlp"], tmp_path / "r.h5", optimizer=make_opt)
     assert_matches(tmp_path / "r.h5", CASES["mlp"], ref)
+
+
+@pytest.mark.parametrize(
+    ("make_opt", "momentum"),
+    [
+        (lambda m: torch.optim.SGD(m.parameters(), lr=0.05), False),
+        (lambda m: torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9), True),
+        (lambda m: torch.optim.Adam(m.parameters(), lr=1e-2), True),
+    ],
+    ids=["sgd", "sgd-momentum", "adam"],
+)
+def test_grad_update_cos_by_optimizer(make_opt, momentum: bool, tmp_path) -> None:
+    # Plain SGD steps against the gradient: -1. Momentum and Adam step along their history
+    # (and Adam per entry), so after the first step the cosine is above -1.
+    path = tmp_path / "r.h5"
+    ref = train_with_reference(CASES["cnn_bn"], path, optimizer=make_opt, steps=4)
+    assert_matches(path, CASES["cnn_bn"], ref)
+    with open_run(path) as run:
+        cos = run.stat("param", "grad_update_cos").astype(np.float64)
+    assert np.isfinite(cos).all()
+    if momentum:
+        assert (cos[1:] > -1 + 1e-3).all()
+    else:
+        np.testing.assert_allclose(cos, -1.0, rtol=0, atol=1e-6)
 
 
 class SignSGD(torch.optim.Optimizer):
