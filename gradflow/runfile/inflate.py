@@ -79,7 +79,7 @@ class ChunkCheck:
         if known is None or known[0] != shape:
             found: list[h5py.h5d.StoreInfo] = []
             ds.id.chunk_iter(found.append)
-            size = self.path.stat().st_size
+            size = ds.file.id.get_filesize()  # the path may name another file by now
             if any(info.size > size for info in found):
                 raise GradflowError(
                     f"{self.path}: damaged run file (/{name}: a chunk larger than the file)"

@@ -33,9 +33,9 @@ class Run:
     """
 
     def __init__(self, path: Path, file: h5py.File, layout: CheckedLayout) -> None:
-        self.path = path
         self._f = file
         self._layout = layout
+        self.path = path
         self._datasets = layout.datasets
         self.attrs: dict[str, Any] = layout.attrs
         self.config: dict[str, Any] = layout.config
@@ -80,6 +80,15 @@ class Run:
             ) from err
 
     # -- description ------------------------------------------------------------------------
+    @property
+    def path(self) -> Path:
+        """The file's name in messages (the one its chunk checks give too)."""
+        return self._layout.chunks.path
+
+    @path.setter
+    def path(self, value: Path) -> None:
+        self._layout.chunks.path = value
+
     @property
     def n_layers(self) -> int:
         return len(self.layers)

@@ -1,0 +1,211 @@
+"""Decompression bombs: a few-MB run file whose deflated chunks, or whose tables read whole,
+would inflate to gigabytes is refused in one line, fast, by every reader, with bounded
+peak memory (measured with ``getrusage`` in a fresh process)."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+import zlib
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+from runfiles import write_run
+
+from gradflow.errors import GradflowError
+from gradflow.runfile import open_run
+from gradflow.runfile.inflate import _inflated_size
+from gradflow.runfile.validate import TABLE_BYTES
+
+PEAK_BYTES = 500 * 2**20  # the promise tested: a refused bomb raises the peak no further
+LIMIT_S = 10.0
+
+
+def zeros_stream(n_bytes: int, segment: int = 2**20) -> bytes:
+    """A zlib stream of ``n_bytes`` zero bytes (a multiple of ``segment``), about 1030
+    times smaller, made without inflating it: one fully flushed segment, repeated."""
+    packer = zlib.compressobj(9)
+    first = packer.compress(b"\0" * segment) + packer.flush(zlib.Z_FULL_FLUSH)
+    body = first[2:]  # after the 2-byte zlib header; a full flush keeps no history
+    end = packer.flush(zlib.Z_FINISH)[:-4]
+    # Adler-32 of n zero bytes: A = 1, B = n (mod 65521).
+    checksum = ((n_bytes % 65521) << 16) | 1
+    return first[:2] + body * (n_bytes // segment) + end + checksum.to_bytes(4, "big")
+
+
+def test_zeros_stream_is_what_it_says() -> None:
+    n = 5 * 2**20
+    stream = zeros_stream(n)
+    assert zlib.decompress(stream) == b"\0" * n and len(stream) < n // 500
+
+
+@pytest.mark.parametrize("level", [1, 6, 9])
+def test_inflated_size_is_zlibs(level: int) -> None:
+    """The bounded count against zlib's own decompression, on random, repetitive and
+    empty data, at the limit and one byte below it."""
+    rng = random.Random(level)
+    payloads = [
+        b"",
+        bytes(rng.randrange(256) for _ in range(70_000)),
+        b"layer.0.conv " * 300_000,
+        np.random.default_rng(level).lognormal(size=50_000).astype(np.float32).tobytes(),
+    ]
+    for payload in payloads:
+        stream = zlib.compress(payload, level)
+        size = len(zlib.decompress(stream))
+        assert _inflated_size(stream, size) == size == len(payload)
+        if size:
+            assert _inflated_size(stream, size - 1) is None
+
+
+def _replace_stat(path: Path, chunk: bytes, name: str = "stats/param/grad_norm") -> None:
+    """Statistic ``/name`` as one deflated chunk of the given stored bytes."""
+    with h5py.File(path, "r+") as f:
+        shape = f[name].shape
+        del f[name]
+        ds = f.create_dataset(
+            name, shape=shape, maxshape=(None, shape[1]), chunks=shape, dtype=np.float32,
+            compression="gzip",
+        )  # fmt: skip
+        ds.id.write_direct_chunk((0, 0), chunk, 0)
+
+
+def test_a_chunk_of_its_declared_size_reads_one_byte_more_is_refused(tmp_path: Path) -> None:
+    path = write_run(tmp_path / "run.h5", epochs=1, steps_per_epoch=6)
+    with h5py.File(path, "r") as f:
+        shape = f["stats/param/grad_norm"].shape
+    values = np.random.default_rng(0).lognormal(size=shape).astype(np.float32)
+    _replace_stat(path, zlib.compress(values.tobytes()))
+    with open_run(path) as run:
+        assert np.array_equal(run.stat("param", "grad_norm"), values)
+    _replace_stat(path, zlib.compress(values.tobytes() + b"\0"))
+    with open_run(path) as run, pytest.raises(GradflowError, match="inflates beyond its"):
+        run.stat("param", "grad_norm")
+    _replace_stat(path, b"not a zlib stream")
+    with open_run(path) as run, pytest.raises(GradflowError, match="is no deflate stream"):
+        run.stat("param", "grad_norm")
+
+
+def test_checksummed_and_shuffled_chunks_read(tmp_path: Path) -> None:
+    """Fletcher-32 and shuffle around deflate, as HDF5 writes them, read as written."""
+    path = write_run(tmp_path / "run.h5", epochs=1, steps_per_epoch=6)
+    values = np.random.default_rng(1).lognormal(size=(6, 22)).astype(np.float32)
+    with h5py.File(path, "r+") as f:
+        del f["stats/param/grad_norm"]
+        f.create_dataset(
+            "stats/param/grad_norm", data=values, maxshape=(None, 22), chunks=(4, 22),
+            compression="gzip", shuffle=True, fletcher32=True,
+        )  # fmt: skip
+    with open_run(path) as run:
+        assert np.array_equal(run.stat("param", "grad_norm"), values)
+
+
+def chunk_bomb(folder: Path) -> Path:
+    """A 4 MB file: the one chunk (of 528 and 88 bytes) of two statistics inflates to
+    2 GiB each; ``info`` reads the first, ``plot`` and ``report`` the second."""
+    path = write_run(folder / "chunk-bomb.h5", epochs=1, steps_per_epoch=6)
+    stream = zeros_stream(2 * 2**30)
+    for name in ("stats/param/grad_nonfinite", "epochs/update_abs_mean"):
+        _replace_stat(path, stream, name)
+    return path
+
+
+def table_bomb(folder: Path) -> Path:
+    """A 2 MB file whose layer table, in chunks each inflating to its declared 57 MB,
+    holds 2.1 million layers: 1.8 GB read whole, more than :data:`TABLE_BYTES`."""
+    path = write_run(folder / "table-bomb.h5", epochs=1, steps_per_epoch=6)
+    with h5py.File(path, "r+") as f:
+        dtype = f["layers"].dtype
+        del f["layers"]
+        rows, chunks = 2**16, 32
+        ds = f.create_dataset(
+            "layers", shape=(rows * chunks,), chunks=(rows,), dtype=dtype, compression="gzip"
+        )
+        stream = zeros_stream(rows * dtype.itemsize, segment=dtype.itemsize * 2**10)
+        for i in range(chunks):
+            ds.id.write_direct_chunk((i * rows,), stream, 0)
+    assert rows * chunks * dtype.itemsize > 3 * TABLE_BYTES
+    return path
+
+
+READERS = r"""
+import contextlib, io, json, resource, sys, time
+from pathlib import Path
+
+# A bomb that got through stops here rather than taking the test machine's memory.
+resource.setrlimit(resource.RLIMIT_AS, (6 * 2**30, 6 * 2**30))
+from gradflow.errors import GradflowError
+from gradflow.cli.main import main
+from gradflow.report.server import LiveRuns
+from gradflow.runfile import open_run
+
+path, out = Path(sys.argv[1]), Path(sys.argv[2])
+
+def api():
+    with open_run(path) as run:
+        for probe, names in run.probes().items():
+            for name in names:
+                run.stat(probe, name)
+
+def cli(*args):
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        try:
+            main(list(args))
+        except SystemExit as done:
+            if done.code == 2:
+                raise GradflowError(err.getvalue())
+            raise AssertionError(f"exit {done.code}: {err.getvalue()}")
+
+def serve():
+    LiveRuns([path]).close()
+
+readers = {
+    "open_run": api,
+    "info": lambda: cli("info", str(path)),
+    "plot": lambda: cli("plot", str(path), "--out", str(out / "default.png")),
+    "report": lambda: cli("report", str(path), "--out", str(out / "report.html")),
+    "serve": serve,
+}
+found = {}
+for name, reader in readers.items():
+    start = time.perf_counter()
+    try:
+        reader()
+        answer = "ok"
+    except GradflowError as err:
+        answer = "error: " + str(err)
+    except BaseException as err:
+        answer = f"{type(err).__name__}: {err}"
+    found[name] = [answer, time.perf_counter() - start]
+peak = max(resource.getrusage(who).ru_maxrss for who in
+           (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
+print(json.dumps({"readers": found, "peak": peak * 1024}))
+"""
+
+
+@pytest.mark.parametrize("make", [chunk_bomb, table_bomb])
+def test_bombs_are_refused_fast_with_bounded_memory(tmp_path: Path, make: object) -> None:
+    assert callable(make)
+    path = make(tmp_path)
+    assert path.stat().st_size < 6 * 2**20
+    done = subprocess.run(
+        [sys.executable, "-c", READERS, str(path), str(tmp_path)],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path,
+        env={**os.environ, "MPLBACKEND": "Agg", "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    found = json.loads(done.stdout.splitlines()[-1])
+    for reader, (answer, seconds) in found["readers"].items():
+        assert answer.startswith("error: "), (reader, answer)
+        line = answer.removeprefix("error: ").removeprefix("gradflow: error: ").strip()
+        assert "\n" not in line and line.startswith(f"{path}: "), (reader, line)
+        assert "inflates beyond" in line or "tables hold" in line, line
+        assert seconds < LIMIT_S, (reader, seconds)
+    assert found["peak"] < PEAK_BYTES, found
+    assert not list(tmp_path.glob("*.png")) and not list(tmp_path.glob("*.html"))
