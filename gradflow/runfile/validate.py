@@ -471,9 +471,7 @@ def _layers(chunks: ChunkCheck, ds: h5py.Dataset) -> list[dict[str, Any]]:
     ]
 
 
-def read_names(
-    chunks: ChunkCheck, name: str, datasets: Mapping[str, h5py.Dataset]
-) -> list[str]:
+def read_names(chunks: ChunkCheck, name: str, datasets: Mapping[str, h5py.Dataset]) -> list[str]:
     """The non-empty entries of a name list (``/scalars/names``, ``/epochs/metrics/names``)."""
     names = [bytes(v) for v in chunks.read(name, datasets[name]) if v]
     return _texts(chunks.path, names, f"a name in /{name}")
