@@ -53,6 +53,7 @@ MAX_STRING_BYTES = 4096
 _ALLOWED_FILTERS = {h5py.h5z.FILTER_DEFLATE, h5py.h5z.FILTER_SHUFFLE, h5py.h5z.FILTER_FLETCHER32}
 _STEPS, _EPOCHS, _EVENTS = 0, 1, 2  # positions in /counts
 _STRINGS = ("gradflow_version", "created", "torch_version", "device")
+_NUMBERS = ("budget", "budget_reached")  # the overhead budget a run was recorded under
 _LAYER_FIELDS = {"name": "S", "kind": "S", "type": "S", "depth": "i", "n_params": "i", "shape": "S"}
 # Written since tied parameters are shown; files without it still read (no aliases).
 _LAYER_FIELDS_ALIASES = {**_LAYER_FIELDS, "aliases": "S"}
@@ -308,6 +309,9 @@ def _attrs(path: Path, f: h5py.File) -> dict[str, Any]:
     for name in _STRINGS:
         if name in out and not isinstance(out[name], str):
             raise _fail(path, f"damaged run file (attribute {name!r} is not text)")
+    for name in _NUMBERS:
+        if name in out and (isinstance(out[name], bool) or not isinstance(out[name], int | float)):
+            raise _fail(path, f"damaged run file (attribute {name!r} is not a number)")
     return out
 
 

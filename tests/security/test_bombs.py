@@ -15,7 +15,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-from runfiles import write_run
+from runfiles import write_run, zeros_stream
 
 from gradflow.errors import GradflowError
 from gradflow.runfile import open_run
@@ -24,18 +24,6 @@ from gradflow.runfile.validate import TABLE_BYTES
 
 PEAK_BYTES = 500 * 2**20  # the promise tested: a refused bomb raises the peak no further
 LIMIT_S = 10.0
-
-
-def zeros_stream(n_bytes: int, segment: int = 2**20) -> bytes:
-    """A zlib stream of ``n_bytes`` zero bytes (a multiple of ``segment``), about 1030
-    times smaller, made without inflating it: one fully flushed segment, repeated."""
-    packer = zlib.compressobj(9)
-    first = packer.compress(b"\0" * segment) + packer.flush(zlib.Z_FULL_FLUSH)
-    body = first[2:]  # after the 2-byte zlib header; a full flush keeps no history
-    end = packer.flush(zlib.Z_FINISH)[:-4]
-    # Adler-32 of n zero bytes: A = 1, B = n (mod 65521).
-    checksum = ((n_bytes % 65521) << 16) | 1
-    return first[:2] + body * (n_bytes // segment) + end + checksum.to_bytes(4, "big")
 
 
 def test_zeros_stream_is_what_it_says() -> None:
