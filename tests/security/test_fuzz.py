@@ -2,8 +2,9 @@
 huge declared dimensions, extreme values, attribute types, extra objects, external storage,
 decompression bombs, links, filters, deleted objects), 1 to 3 mutations a file, 300 files a
 seed (``--fuzz-seed N``). Every reader (``open_run`` and every series and statistic,
-``info``, the default ``plot`` figure, the ``report`` data) runs on each file in worker
-processes under an address-space limit; each must give a result or one
+``info``, the default ``plot`` figure, the ``report`` and ``serve`` data;
+``tests/scripts/readers.py``) runs on each file in worker processes under an
+address-space limit; each must give a result or one
 ``GradflowError`` line, within :data:`FILE_LIMIT_S` and under :data:`PEAK_BYTES` of
 resident memory."""
 
@@ -33,7 +34,7 @@ WORKERS = 4  # processes, two at a time
 FILE_LIMIT_S = 20.0  # every reader on one file (opening alone is promised in 10 s)
 PEAK_BYTES = 1536 * 2**20  # the 1 GiB read budget plus what the readers' imports take
 ADDRESS_LIMIT = 6 * 2**30  # setrlimit(RLIMIT_AS) of the workers: a bomb fails there
-WORKER = Path(__file__).parent.parent / "scripts" / "fuzz_readers.py"
+WORKER = Path(__file__).parent.parent / "scripts" / "readers.py"
 Mutation = Callable[[h5py.File, random.Random, Path], str]
 
 EXTREMES_F = [np.nan, np.inf, -np.inf, -1.0, 0.0, 3.4e38, -3.4e38, 1e-45, 1.8e308]

@@ -1,4 +1,4 @@
-"""Every reader on each run file named: ``fuzz_readers.py LIMIT_BYTES FILE...``.
+"""Every reader on each run file named: ``readers.py LIMIT_BYTES FILE...``.
 
 Runs under an address-space limit of LIMIT_BYTES (``setrlimit(RLIMIT_AS)``); per file it
 prints one JSON line: what each reader gave (``ok``, ``error: <GradflowError>`` or
@@ -27,6 +27,7 @@ from gradflow.plots.default import default_view  # noqa: E402
 from gradflow.plots.info import info_panel  # noqa: E402
 from gradflow.plots.output import render  # noqa: E402
 from gradflow.report.data import payload, to_json  # noqa: E402
+from gradflow.report.server import LiveRuns  # noqa: E402
 from gradflow.runfile import Run, open_run  # noqa: E402
 
 
@@ -63,12 +64,32 @@ def report(run: Run) -> None:
     to_json(payload([run]))
 
 
+def serve(run: Run) -> None:
+    """What ``gradflow serve`` reads at start: the file opened again, the page's data."""
+    LiveRuns([run.path]).close()
+
+
 READERS: dict[str, Callable[[Run], None]] = {
     "read": read,
     "info": info,
     "plot": plot,
     "report": report,
+    "serve": serve,
 }
+
+
+def peak_bytes() -> int:
+    """The peak resident memory of this process and of the children it waited for.
+
+    This process's own is ``VmHWM`` where Linux gives it: ``ru_maxrss`` keeps the peak of
+    the process that started this one (a test process of many hundred MB) across exec.
+    """
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    status = Path("/proc/self/status")
+    if status.exists():
+        lines = status.read_text().splitlines()
+        own = next(int(line.split()[1]) for line in lines if line.startswith("VmHWM:"))
+    return 1024 * max(own, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
 
 
 def answer(call: Callable[[], object]) -> str:
@@ -95,14 +116,10 @@ def readers(name: str) -> dict[str, str]:
 for name in sys.argv[2:]:
     start = time.perf_counter()
     answers = readers(name)
-    peak = max(
-        resource.getrusage(who).ru_maxrss
-        for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
-    )
     line = {
         "file": Path(name).name,
         "answers": answers,
         "seconds": time.perf_counter() - start,
-        "peak": peak * 1024,
+        "peak": peak_bytes(),
     }
     print(json.dumps(line), flush=True)
