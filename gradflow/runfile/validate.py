@@ -242,7 +242,7 @@ def check_rows(
     _check_sizes(path, size, datasets, counts)
 
 
-def per_layer(name: str) -> bool:
+def _per_layer(name: str) -> bool:
     """Whether ``/name`` is a per-layer statistic (read in blocks of rows, never whole)."""
     return name.startswith("stats/") or (name.startswith("epochs/") and name not in _FIXED)
 
@@ -283,7 +283,7 @@ def _check_sizes(
             chunk = int(np.prod(ds.chunks, dtype=object)) * ds.dtype.itemsize
             if chunk > MAX_CHUNK_BYTES:
                 raise _fail(path, f"damaged run file (/{name}: chunks of {chunk} bytes)")
-        tables += 0 if per_layer(name) else wanted
+        tables += 0 if _per_layer(name) else wanted
     if tables > TABLE_BYTES:
         raise _fail(
             path,
