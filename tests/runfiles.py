@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import zlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -272,3 +273,15 @@ def write_slices(folder: Path, images: np.ndarray, labels: np.ndarray) -> Path:
         for i, array in enumerate(stack):
             Image.fromarray(array.astype(np.uint8)).save(folder / "train" / sub / f"{i:02d}.png")
     return folder
+
+
+def zeros_stream(n_bytes: int, segment: int = 2**20) -> bytes:
+    """A zlib stream of ``n_bytes`` zero bytes (a multiple of ``segment``), about 1030
+    times smaller, made without inflating it: one fully flushed segment, repeated."""
+    packer = zlib.compressobj(9)
+    first = packer.compress(b"\0" * segment) + packer.flush(zlib.Z_FULL_FLUSH)
+    body = first[2:]  # after the 2-byte zlib header; a full flush keeps no history
+    end = packer.flush(zlib.Z_FINISH)[:-4]
+    # Adler-32 of n zero bytes: A = 1, B = n (mod 65521).
+    checksum = ((n_bytes % 65521) << 16) | 1
+    return first[:2] + body * (n_bytes // segment) + end + checksum.to_bytes(4, "big")

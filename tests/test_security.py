@@ -262,6 +262,8 @@ FORGED: list[tuple[str, Forge, str]] = [
     ("schema 2", _attr("schema_version", 2), "schema v2"),
     ("device number", _attr("device", 3), "'device' is not text"),
     ("attribute compound", _attr("extra", np.zeros(2, [("a", "i4")])), "unsupported type"),
+    ("budget a list", _attr("budget", np.arange(3)), "'budget' is not a number"),
+    ("budget text", _attr("budget_reached", "0.1"), "'budget_reached' is not a number"),
     ("counts negative", _replace("counts", np.array([-1, 2, 0])), "negative"),
     ("counts forged", _replace("counts", np.array([1000, 2, 0])), "says 1000 steps"),
     ("counts epochs", _replace("counts", np.array([6, 50, 0])), "says 50 epochs"),

@@ -14,6 +14,7 @@ import numpy as np
 from gradflow.errors import GradflowError
 from gradflow.plots.selection import TimeWindow, Unit, measured_columns, parse_stat
 from gradflow.runfile import Layer, Run
+from gradflow.runfile.validate import BIN_BYTES, BLOCK_BYTES
 
 MAX_TIME_BINS = 2000
 BLOCK_ROWS = 8192
@@ -117,18 +118,26 @@ def load(
     window: TimeWindow | None = None,
     max_bins: int = MAX_TIME_BINS,
 ) -> LayerTime:
-    """``stat`` of ``layers`` binned along time, read block by block."""
+    """``stat`` of ``layers`` binned along time, read block by block.
+
+    Blocks hold at most :data:`~gradflow.runfile.validate.BLOCK_BYTES` and the bins'
+    sums and counts :data:`~gradflow.runfile.validate.BIN_BYTES`: with very many layers,
+    fewer rows per block and fewer time bins than ``max_bins``.
+    """
     probe, name = parse_stat(run, stat)
     unit = window.unit if window else natural_unit(stat)
     coords = time_coords(run, stat, unit)
     a, b = window_rows(coords, window)
     coords = coords[a:b]
-    starts = bin_starts(coords, max_bins)
     columns = np.array([lay.index for lay in layers], dtype=np.int64)
+    starts = bin_starts(coords, max(1, min(max_bins, BIN_BYTES // (16 * max(len(columns), 1)))))
+    # Rows are read whole (every layer's column, floats of up to 8 bytes), then the drawn
+    # columns taken.
+    block_rows = max(1, min(BLOCK_ROWS, BLOCK_BYTES // (8 * run.n_layers)))
 
     def blocks() -> Iterable[tuple[int, np.ndarray]]:
-        for first in range(a, b, BLOCK_ROWS):
-            rows = slice(first, min(b, first + BLOCK_ROWS))
+        for first in range(a, b, block_rows):
+            rows = slice(first, min(b, first + block_rows))
             yield first - a, run.stat(probe, name, rows=rows, layers=columns)
 
     values = bin_means(blocks(), starts, len(columns))

@@ -13,7 +13,6 @@ from gradflow.runfile import Run
 
 EPOCH_UPDATES = "epoch/update_abs_mean"
 GRADIENT_NORMS = "param/grad_norm"
-BLOCK_ROWS = 8192
 
 
 @dataclass(frozen=True)
@@ -39,11 +38,9 @@ def _holds(run: Run, stat: str) -> bool:
 
 
 def _has_positive(run: Run, stat: str) -> bool:
-    rows = run.n_epochs if stat.startswith("epoch/") else run.n_steps
-    # Block by block: a long run is never read whole, and its first block nearly always
-    # decides.
-    for start in range(0, rows, BLOCK_ROWS):
-        block = run.stat(stat, rows=slice(start, start + BLOCK_ROWS))
+    probe, name = stat.split("/", 1)
+    # Block by block (bounded in bytes): the first block of a long run nearly always decides.
+    for _, block in run.stat_blocks(probe, name):
         if np.any(np.isfinite(block) & (block > 0)):
             return True
     return False

@@ -40,12 +40,18 @@ def update_outliers(run: Run) -> list[Finding]:
         return []
     means = _layer_means(run, stat)
     kinds = np.array([lay.kind for lay in run.layers])
+    usable = np.isfinite(means) & (means > 0)
+    # One median per kind, not per layer: linear in the number of layers.
+    medians = {}
+    for kind in np.unique(kinds):
+        peers = means[(kinds == kind) & usable]
+        if len(peers) >= 2:
+            medians[str(kind)] = float(np.median(peers))
     found = []
     for lay, value in zip(run.layers, means, strict=True):
-        peers = means[(kinds == lay.kind) & np.isfinite(means) & (means > 0)]
-        if not np.isfinite(value) or len(peers) < 2:
+        median = medians.get(lay.kind)
+        if median is None or not np.isfinite(value):
             continue
-        median = float(np.median(peers))
         ratio = value / median
         if VANISH_BELOW <= ratio <= EXPLODE_ABOVE:
             continue

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +14,7 @@ from gradflow.errors import GradflowError, unknown_name
 from gradflow.runfile.opening import in_child, open_hdf5
 from gradflow.runfile.schema import HDF5_SIGNATURE, OVERHEAD_COLUMNS, SCHEMA_VERSION, Event, Layer
 from gradflow.runfile.validate import (
+    BLOCK_BYTES,
     CheckedLayout,
     check_layout,
     check_rows,
@@ -32,9 +33,9 @@ class Run:
     """
 
     def __init__(self, path: Path, file: h5py.File, layout: CheckedLayout) -> None:
-        self.path = path
         self._f = file
         self._layout = layout
+        self.path = path
         self._datasets = layout.datasets
         self.attrs: dict[str, Any] = layout.attrs
         self.config: dict[str, Any] = layout.config
@@ -53,7 +54,7 @@ class Run:
         counts_ds = self._datasets["counts"]
         try:
             counts_ds.refresh()
-            counts = read_counts(self.path, counts_ds)
+            counts = read_counts(self._layout.chunks, counts_ds)
             for ds in self._datasets.values():
                 # Only growing datasets have extents to re-read; refreshing a fixed-size one
                 # (the name lists, written in place) fails in HDF5 once the writer wrote it.
@@ -62,23 +63,32 @@ class Run:
             check_rows(self.path, self.path.stat().st_size, self._datasets, counts)
             # A name is written before the first row that uses it is counted.
             layout = self._layout
-            layout.scalar_names = read_names(self.path, "scalars/names", self._datasets)
-            layout.metric_names = read_names(self.path, "epochs/metrics/names", self._datasets)
+            layout.scalar_names = read_names(layout.chunks, "scalars/names", self._datasets)
+            layout.metric_names = read_names(layout.chunks, "epochs/metrics/names", self._datasets)
         except (OSError, RuntimeError, KeyError, ValueError) as err:
             raise GradflowError(f"{self.path}: damaged run file ({_first_line(err)})") from err
         self.n_steps, self.n_epochs, self.n_events = counts
 
     def _read(self, key: str, rows: slice | None = None) -> np.ndarray:
-        """Rows of a checked dataset; HDF5's errors on damaged data as one line."""
+        """Rows of a checked dataset (deflated chunks checked first, see
+        :mod:`gradflow.runfile.inflate`); HDF5's errors on damaged data as one line."""
         try:
-            ds = self._datasets[key]
-            return np.asarray(ds[()] if rows is None else ds[rows])
+            return self._layout.chunks.read(key, self._datasets[key], rows)
         except (OSError, RuntimeError, ValueError) as err:
             raise GradflowError(
                 f"{self.path}: damaged run file (/{key}: {_first_line(err)})"
             ) from err
 
     # -- description ------------------------------------------------------------------------
+    @property
+    def path(self) -> Path:
+        """The file's name in messages (the one its chunk checks give too)."""
+        return self._layout.chunks.path
+
+    @path.setter
+    def path(self, value: Path) -> None:
+        self._layout.chunks.path = value
+
     @property
     def n_layers(self) -> int:
         return len(self.layers)
@@ -197,6 +207,22 @@ class Run:
             else np.zeros((0, ds.shape[1]), ds.dtype)
         )
         return data if layers is None else data[:, np.asarray(layers, dtype=np.int64)]
+
+    def stat_blocks(
+        self, probe: str, name: str, block_rows: int = 8192
+    ) -> Iterator[tuple[int, np.ndarray]]:
+        """Yield ``(first_row, block)`` pieces of a statistic, for runs too large for memory:
+        at most ``block_rows`` rows and :data:`~gradflow.runfile.validate.BLOCK_BYTES` each,
+        whole chunks of rows where that allows."""
+        key = self._key(probe, name)
+        ds = self._datasets[key]
+        n = self.n_epochs if probe == "epoch" else self.n_steps
+        block_rows = max(1, min(block_rows, BLOCK_BYTES // (ds.shape[1] * ds.dtype.itemsize or 1)))
+        chunk = ds.chunks[0] if ds.chunks else block_rows
+        if chunk <= block_rows:
+            block_rows = block_rows // chunk * chunk
+        for start in range(0, n, block_rows):
+            yield start, self._read(key, slice(start, min(n, start + block_rows)))
 
     # -- per-epoch data ---------------------------------------------------------------------
     @property

@@ -10,8 +10,10 @@ is used, :func:`~gradflow.runfile.opening.open_hdf5` and :func:`check_layout` ma
   many minutes, uninterruptibly);
 - it holds only the schema's own objects, reached by hard links and stored inside the file:
   no soft or external links, no external storage, no virtual datasets, no unknown filters;
-- every shape agrees with ``/counts`` and with the bytes the file holds, so that reading it
-  cannot allocate far more memory than the file's size suggests;
+- every shape agrees with ``/counts`` and with the bytes the file holds, and the tables
+  read whole fit :data:`TABLE_BYTES`, so that reading a file cannot take more memory than
+  :data:`READ_BUDGET_BYTES`; every chunk of deflated data is checked, before HDF5 reads it,
+  to inflate to no more than its declared size (:mod:`gradflow.runfile.inflate`);
 - attributes have the schema's types, ``schema_version`` is a supported int, ``config`` is
   a JSON object, names are UTF-8, and text is returned free of control characters.
 
@@ -32,17 +34,26 @@ import h5py
 import numpy as np
 
 from gradflow.errors import GradflowError
+from gradflow.runfile.inflate import ChunkCheck
 
+# The most memory that reading one run file's data takes (info, plot, report, serve,
+# open_run), in parts: the tables read whole (everything but per-layer statistics), one
+# chunk (HDF5 inflates a whole chunk to read one row of it, into a buffer it doubles), one
+# block of rows of a per-layer statistic, and its time bins (sums and counts, float64).
+READ_BUDGET_BYTES = 2**30
+TABLE_BYTES = READ_BUDGET_BYTES // 2
+MAX_CHUNK_BYTES = READ_BUDGET_BYTES // 16
+BLOCK_BYTES = READ_BUDGET_BYTES // 32
+BIN_BYTES = READ_BUDGET_BYTES // 16
 # Deflate expands at most 1032-fold; a little more for its headers.
 MAX_EXPANSION = 1100
 SLACK_BYTES = 64 * 1024  # unwritten fixed-size tables (names) read as fill values
-BUDGET_BYTES = 64 * 2**20  # beyond MAX_EXPANSION x the file size, over all datasets
-MAX_CHUNK_BYTES = 64 * 2**20  # HDF5 decompresses a whole chunk to read one row of it
 MAX_ATTR_BYTES = 16 * 2**20
 MAX_STRING_BYTES = 4096
 _ALLOWED_FILTERS = {h5py.h5z.FILTER_DEFLATE, h5py.h5z.FILTER_SHUFFLE, h5py.h5z.FILTER_FLETCHER32}
 _STEPS, _EPOCHS, _EVENTS = 0, 1, 2  # positions in /counts
 _STRINGS = ("gradflow_version", "created", "torch_version", "device")
+_NUMBERS = ("budget", "budget_reached")  # the overhead budget a run was recorded under
 _LAYER_FIELDS = {"name": "S", "kind": "S", "type": "S", "depth": "i", "n_params": "i", "shape": "S"}
 # Written since tied parameters are shown; files without it still read (no aliases).
 _LAYER_FIELDS_ALIASES = {**_LAYER_FIELDS, "aliases": "S"}
@@ -98,6 +109,7 @@ class CheckedLayout:
     layers: list[dict[str, Any]]
     counts: tuple[int, int, int]
     datasets: dict[str, h5py.Dataset]  # every dataset of the schema, by path
+    chunks: ChunkCheck  # every read of them goes through it
     probes: dict[str, list[str]]
     epoch_stats: list[str]
     scalar_names: list[str]
@@ -138,11 +150,12 @@ def check_layout(path: Path, f: h5py.File, max_version: int) -> CheckedLayout:
         )
     config = _config(path, attrs.get("config", "{}"))
     size = path.stat().st_size
+    chunks = ChunkCheck(path)
 
     counts_ds = _dataset(path, f, "counts")
     if counts_ds.shape != (3,) or counts_ds.dtype.kind not in "iu":
         raise _fail(path, "damaged run file (/counts is not 3 integers)")
-    counts = read_counts(path, counts_ds)
+    counts = read_counts(chunks, counts_ds)
 
     layers_ds = _dataset(path, f, "layers")
     has_aliases = "aliases" in (layers_ds.dtype.fields or {})
@@ -155,7 +168,7 @@ def check_layout(path: Path, f: h5py.File, max_version: int) -> CheckedLayout:
         datasets[name] = _dataset(path, f, name)
         _check_dtype(path, name, datasets[name], spec)
     _check_sizes(path, size, {"layers": layers_ds}, counts)  # before the table is read
-    layers = _layers(path, layers_ds)
+    layers = _layers(chunks, layers_ds)
     n_layers = len(layers)
 
     probes: dict[str, list[str]] = {}
@@ -177,8 +190,8 @@ def check_layout(path: Path, f: h5py.File, max_version: int) -> CheckedLayout:
             _check_dtype(path, name, datasets[name], spec)
     check_rows(path, size, datasets, counts)
 
-    scalar_names = read_names(path, "scalars/names", datasets)
-    metric_names = read_names(path, "epochs/metrics/names", datasets)
+    scalar_names = read_names(chunks, "scalars/names", datasets)
+    metric_names = read_names(chunks, "epochs/metrics/names", datasets)
     for table, names in (("scalars/values", scalar_names), ("epochs/metrics/values", metric_names)):
         width = datasets[table].shape[1]
         if width < len(names):
@@ -191,6 +204,7 @@ def check_layout(path: Path, f: h5py.File, max_version: int) -> CheckedLayout:
         layers=layers,
         counts=counts,
         datasets=datasets,
+        chunks=chunks,
         probes=probes,
         epoch_stats=epoch_stats,
         scalar_names=scalar_names,
@@ -198,11 +212,11 @@ def check_layout(path: Path, f: h5py.File, max_version: int) -> CheckedLayout:
     )
 
 
-def read_counts(path: Path, counts_ds: h5py.Dataset) -> tuple[int, int, int]:
+def read_counts(chunks: ChunkCheck, counts_ds: h5py.Dataset) -> tuple[int, int, int]:
     """The committed rows of steps, epochs and events in ``/counts``, checked non-negative."""
-    values = [int(v) for v in counts_ds[()]]
+    values = [int(v) for v in chunks.read("counts", counts_ds)]
     if any(v < 0 for v in values):
-        raise _fail(path, f"damaged run file (/counts holds negative rows: {values})")
+        raise _fail(chunks.path, f"damaged run file (/counts holds negative rows: {values})")
     return values[0], values[1], values[2]
 
 
@@ -228,6 +242,11 @@ def check_rows(
     _check_sizes(path, size, datasets, counts)
 
 
+def _per_layer(name: str) -> bool:
+    """Whether ``/name`` is a per-layer statistic (read in blocks of rows, never whole)."""
+    return name.startswith("stats/") or (name.startswith("epochs/") and name not in _FIXED)
+
+
 def _spec_of(name: str) -> _Spec:
     if name in _FIXED:
         return _FIXED[name]
@@ -244,7 +263,7 @@ def _check_sizes(
     datasets: Mapping[str, h5py.Dataset],
     counts: tuple[int, int, int],
 ) -> None:
-    total = 0
+    tables = 0
     for name, ds in datasets.items():
         spec = _spec_of(name)
         rows = ds.shape[0] if spec.counter is None else min(counts[spec.counter], ds.shape[0])
@@ -264,9 +283,13 @@ def _check_sizes(
             chunk = int(np.prod(ds.chunks, dtype=object)) * ds.dtype.itemsize
             if chunk > MAX_CHUNK_BYTES:
                 raise _fail(path, f"damaged run file (/{name}: chunks of {chunk} bytes)")
-        total += wanted
-    if total > MAX_EXPANSION * size + BUDGET_BYTES:
-        raise _fail(path, f"damaged run file ({total} bytes of data in a {size}-byte file)")
+        tables += 0 if _per_layer(name) else wanted
+    if tables > TABLE_BYTES:
+        raise _fail(
+            path,
+            f"refused: its tables hold {tables} bytes unpacked, more than gradflow reads "
+            f"of one file ({TABLE_BYTES} bytes)",
+        )
 
 
 def _attrs(path: Path, f: h5py.File) -> dict[str, Any]:
@@ -286,6 +309,9 @@ def _attrs(path: Path, f: h5py.File) -> dict[str, Any]:
     for name in _STRINGS:
         if name in out and not isinstance(out[name], str):
             raise _fail(path, f"damaged run file (attribute {name!r} is not text)")
+    for name in _NUMBERS:
+        if name in out and (isinstance(out[name], bool) or not isinstance(out[name], int | float)):
+            raise _fail(path, f"damaged run file (attribute {name!r} is not a number)")
     return out
 
 
@@ -334,10 +360,12 @@ def _dataset(path: Path, parent: h5py.Group, name: str) -> h5py.Dataset:
         raise _fail(path, f"refused: /{name} is a virtual dataset (data from other files)")
     if plist.get_external_count():
         raise _fail(path, f"refused: /{name} is stored in an external file")
-    for i in range(plist.get_nfilters()):
-        code = plist.get_filter(i)[0]
+    codes = [plist.get_filter(i)[0] for i in range(plist.get_nfilters())]
+    for code in codes:
         if code not in _ALLOWED_FILTERS:
             raise _fail(path, f"refused: /{name} uses HDF5 filter {code} (gzip only)")
+        if codes.count(code) > 1:
+            raise _fail(path, f"refused: /{name} applies HDF5 filter {code} twice")
     return h5py.Dataset(obj)
 
 
@@ -395,37 +423,59 @@ def _check_dtype(path: Path, name: str, ds: h5py.Dataset, spec: _Spec) -> None:
         raise _fail(path, f"damaged run file (/{name} holds {dtype}, not the schema's type)")
 
 
-def _text(path: Path, raw: bytes, what: str) -> str:
+def _texts(path: Path, values: list[bytes], what: str) -> list[str]:
+    """``values`` as text; ``what`` names the ``{i}``-th of them in the error."""
     try:
-        return printable(raw.decode())
+        return [printable(raw.decode()) for raw in values]
     except UnicodeDecodeError:
-        raise _fail(path, f"damaged run file ({what} is not UTF-8)") from None
+        i = next(i for i, raw in enumerate(values) if not _is_utf8(raw))
+        raise _fail(path, f"damaged run file ({what.format(i=i)} is not UTF-8)") from None
 
 
-def _layers(path: Path, ds: h5py.Dataset) -> list[dict[str, Any]]:
-    table = ds[()]
+def _is_utf8(raw: bytes) -> bool:
+    try:
+        raw.decode()
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+def _layers(chunks: ChunkCheck, ds: h5py.Dataset) -> list[dict[str, Any]]:
+    # Column by column: row by row, a table of 10^5 layers took seconds.
+    path = chunks.path
+    table = chunks.read("layers", ds)
     if len(table) == 0:
         raise _fail(path, "damaged run file (no layers)")
+    text = {
+        field: _texts(path, table[field].tolist(), f"the {field} of layer {{i}}")
+        for field in ("name", "kind", "type", "shape", "aliases")
+        if field in (table.dtype.fields or {})
+    }
+    aliases = text.get("aliases", [""] * len(table))
     return [
         {
-            "name": _text(path, bytes(r["name"]), f"the name of layer {i}"),
-            "kind": _text(path, bytes(r["kind"]), f"the kind of layer {i}"),
-            "type": _text(path, bytes(r["type"]), f"the type of layer {i}"),
-            "depth": int(r["depth"]),
-            "n_params": int(r["n_params"]),
-            "shape": _text(path, bytes(r["shape"]), f"the shape of layer {i}"),
-            "aliases": tuple(
-                a
-                for a in _text(path, bytes(r["aliases"]), f"the aliases of layer {i}").split(",")
-                if a
-            )
-            if "aliases" in (table.dtype.fields or {})
-            else (),
+            "name": name,
+            "kind": kind,
+            "type": module_type,
+            "depth": depth,
+            "n_params": n_params,
+            "shape": shape,
+            "aliases": tuple(a for a in alias.split(",") if a),
         }
-        for i, r in enumerate(table)
+        for name, kind, module_type, depth, n_params, shape, alias in zip(
+            text["name"],
+            text["kind"],
+            text["type"],
+            table["depth"].tolist(),
+            table["n_params"].tolist(),
+            text["shape"],
+            aliases,
+            strict=True,
+        )
     ]
 
 
-def read_names(path: Path, name: str, datasets: Mapping[str, h5py.Dataset]) -> list[str]:
+def read_names(chunks: ChunkCheck, name: str, datasets: Mapping[str, h5py.Dataset]) -> list[str]:
     """The non-empty entries of a name list (``/scalars/names``, ``/epochs/metrics/names``)."""
-    return [_text(path, bytes(v), f"a name in /{name}") for v in datasets[name][()] if v]
+    names = [bytes(v) for v in chunks.read(name, datasets[name]) if v]
+    return _texts(chunks.path, names, f"a name in /{name}")

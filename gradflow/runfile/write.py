@@ -450,10 +450,10 @@ def _copy_truncated(
     limit = int(run.steps[n_steps]) if n_steps < run.n_steps else np.iinfo(np.int64).max
     for name, obj in sorted(run._layout.datasets.items()):
         if name in _WHOLE:
-            dst.create_dataset(name, data=obj[()])
+            dst.create_dataset(name, data=run._read(name))
             continue
         if name == "events":
-            keep = [e for e in obj[: run.n_events] if e["step"] < limit]
+            keep = [e for e in run._read(name, slice(0, run.n_events)) if e["step"] < limit]
             ds = dst.create_dataset(
                 name, shape=(len(keep),), maxshape=(None,), dtype=obj.dtype, chunks=(64,)
             )
@@ -478,6 +478,6 @@ def _copy_truncated(
         block = max(1, _BLOCK_BYTES * n // max(nbytes, 1))
         for start in range(0, n, block):
             stop = min(n, start + block)
-            ds[start:stop] = obj[start:stop]
+            ds[start:stop] = run._read(name, slice(start, stop))
     n_events = len(dst["events"])
     dst["counts"][:] = np.array([n_steps, n_epochs, n_events], np.int64)
