@@ -29,6 +29,9 @@ PARAM = {
     "update_abs_max": lambda t: update(t).abs().max(),
     "weight_norm": lambda t: flat(t.weights).norm(),
     "grad_norm": lambda t: flat(t.grads).norm(),
+    "grad_update_cos": lambda t: (
+        torch.dot(flat(t.grads), update(t)) / (flat(t.grads).norm() * update(t).norm())
+    ),
     "grad_nonfinite": lambda t: (~torch.isfinite(flat(t.grads))).sum(),
 }
 ACTIVATION = {
