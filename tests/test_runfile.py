@@ -66,7 +66,8 @@ def _wait_for_line(proc: subprocess.Popen[str], want: str) -> None:
 
 
 def test_readable_while_being_written(tmp_path: Path) -> None:
-    proc, path = _start(tmp_path, steps=60, pause=0.05)
+    # 150 steps x 50 ms: still writing after the checks below, however loaded the machine.
+    proc, path = _start(tmp_path, steps=150, pause=0.05)
     try:
         _wait_for_line(proc, "10")
         seen = []
@@ -92,7 +93,7 @@ def test_readable_while_being_written(tmp_path: Path) -> None:
     finally:
         proc.kill()
     with open_run(path) as run:
-        assert run.n_steps == 60
+        assert run.n_steps == 150
 
 
 def test_sigkill_leaves_readable_file_losing_at_most_one_flush(tmp_path: Path) -> None:
