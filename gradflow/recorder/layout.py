@@ -47,6 +47,11 @@ class LayoutMixin(RecorderBase):
     def _ensure_layout(self) -> None:
         if self._layout_sent:
             return
+        if self._writes and self._resume is None and not self._overwrite and self.path.exists():
+            raise GradflowError(
+                f"{self.path}: file exists; pass overwrite=True to replace it, "
+                "or load_state_dict() before the first step to continue it"
+            )
         self._layout_sent = True
         for handle in self._order_handles:
             handle.remove()
