@@ -79,6 +79,8 @@ class LayoutMixin(RecorderBase):
                     "flush_seconds": self._flush[1],
                     "optimizer": ",".join(type(o).__name__ for o in self._optimizers),
                     "world_size": self.world_size,
+                    "schedule": self._schedule_desc,
+                    "recorded_probes": list(self.probes),
                     **(
                         {"budget": self._budget.budget, "budget_reached": float("nan")}
                         if self._budget is not None

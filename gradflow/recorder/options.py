@@ -15,7 +15,7 @@ from gradflow.budget import BudgetSchedule
 from gradflow.errors import GradflowError, unknown_name
 from gradflow.layers import LayerSpec
 from gradflow.probes import PROBES
-from gradflow.schedule import Schedule, as_schedule
+from gradflow.schedule import Schedule, as_schedule, describe
 
 LayerSelect = Sequence[str] | Callable[[str, nn.Module], bool] | None
 
@@ -152,18 +152,21 @@ def choose_schedule(
 
     Returns:
         The schedule, the budget schedule when there is one, and a description of the
-        schedule for the run file (``"every 5"``, ``"budget 0.02"``, ``"custom <name>"``).
+        schedule for the run file (``"every 5"``, ``"budget 0.02"``, see
+        :func:`~gradflow.schedule.describe`).
     """
     if budget is not None and every is not None:
         raise GradflowError("every and budget exclude each other: give one of them")
     if budget is not None:
         chosen = budget if isinstance(budget, BudgetSchedule) else BudgetSchedule(budget)
-        return chosen, chosen, f"budget {chosen.budget:g}"
+        per_epoch = chosen.steps_per_epoch
+        return (
+            chosen,
+            chosen,
+            f"budget {chosen.budget:g}" + (f", {per_epoch} steps per epoch" if per_epoch else ""),
+        )
     schedule = as_schedule(every)
-    if every is None or isinstance(every, int):
-        return schedule, None, f"every {every or 1}"
-    name = getattr(every, "__qualname__", type(every).__qualname__)
-    return schedule, None, f"custom {getattr(every, '__module__', '?')}.{name}"
+    return schedule, None, describe(schedule)
 
 
 def writing_role(write_rank: int, reduce_activations: bool) -> tuple[int, int, bool, bool]:
