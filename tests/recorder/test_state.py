@@ -102,10 +102,11 @@ def test_state_dict_resume_equals_an_uninterrupted_run(tmp_path: Path) -> None:
 
 
 def test_state_dict_mid_epoch_keeps_the_step_rows(tmp_path: Path) -> None:
-    """Saved within an epoch: the steps and their statistics continue exactly."""
+    """Saved within an epoch: the steps and their statistics continue exactly; that
+    epoch's update is measured from the resume on (float64 reference)."""
     model, opt = build()
     with Recorder(model, opt, tmp_path / "straight.h5", every=2) as rec:
-        train(rec, model, opt, 0, 7)
+        train(rec, model, opt, 0, 8)
     model, opt = build()
     with Recorder(model, opt, tmp_path / "run.h5", every=2) as rec:
         train(rec, model, opt, 0, 5)
@@ -120,7 +121,11 @@ def test_state_dict_mid_epoch_keeps_the_step_rows(tmp_path: Path) -> None:
     opt.load_state_dict(opt_state)
     with Recorder(model, opt, tmp_path / "run.h5", every=2) as rec:
         rec.load_state_dict(state)
-        train(rec, model, opt, 5, 7)
+        train(rec, model, opt, 5, 8)
+    first = [
+        (p.detach().double() - saved.double()).pow(2).sum()
+        for p, saved in zip(list(model.parameters())[:2], params[:2], strict=True)
+    ]
     with open_run(tmp_path / "run.h5") as a, open_run(tmp_path / "straight.h5") as b:
         np.testing.assert_array_equal(a.steps, [0, 2, 4, 6])
         np.testing.assert_array_equal(a.steps, b.steps)
@@ -129,6 +134,10 @@ def test_state_dict_mid_epoch_keeps_the_step_rows(tmp_path: Path) -> None:
             np.testing.assert_allclose(
                 a.stat("param", name), b.stat("param", name), rtol=1e-6, err_msg=name
             )
+        np.testing.assert_array_equal(a.epochs, [0, 1])
+        assert a.stat("epoch", "update_norm")[1, 0] == pytest.approx(
+            float(sum(first)) ** 0.5, rel=1e-5
+        )
 
 
 def saved_state(tmp_path: Path, **kwargs: Any) -> dict[str, Any]:
