@@ -79,6 +79,10 @@ def checked_state(
             + ("without" if saved is None else "with")
             + " a budget; give the Recorder the same every= or budget= as the saved one"
         )
+    if budget is not None and saved is not None:
+        missing = sorted(set(budget.state_dict()) - set(saved))
+        if missing:
+            raise GradflowError(f"not a Recorder state: no {missing[0]!r} in its budget")
     return step, epoch, saved
 
 
@@ -114,7 +118,7 @@ class StateMixin(RecorderBase):
         """
         if self._closed:
             raise GradflowError("load_state_dict() on a closed Recorder")
-        if self._layout_sent or self.step or self._rows.phase is not RowPhase.IDLE:
+        if self._layout_sent or self.step or self.epoch or self._rows.phase is not RowPhase.IDLE:
             raise GradflowError("load_state_dict() must come before the model's first step")
         step, epoch, budget_state = checked_state(state, self.path, self._budget)
         if self._budget is not None and budget_state is not None:

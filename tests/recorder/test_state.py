@@ -177,6 +177,8 @@ def test_a_state_needs_the_same_kind_of_schedule_and_an_unstarted_recorder(
     with Recorder(model, opt, tmp_path / "run.h5", budget=0.5) as rec:
         with pytest.raises(GradflowError, match="saved without a budget"):
             rec.load_state_dict(state)
+        with pytest.raises(GradflowError, match="no 'epoch_start' in its budget"):
+            rec.load_state_dict({**budget_state, "budget": {"budget": 0.5}})
         rec.load_state_dict(budget_state)
     model, opt = build()
     with Recorder(model, opt, tmp_path / "run.h5", overwrite=True) as rec:
