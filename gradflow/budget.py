@@ -89,6 +89,29 @@ class BudgetSchedule:
         thread's time)."""
         self._writer_seconds = writer_seconds
 
+    def state_dict(self) -> dict[str, Any]:
+        """Where the schedule stands between epochs, for a resumed run: the current epoch's
+        first step, the last epoch's length and the loss's running mean (the credit and
+        the cost per row are measured anew, as they depend on the process)."""
+        return {
+            "budget": self.budget,
+            "epoch_start": self._epoch_start,
+            "last_epoch_len": self._last_epoch_len,
+            "loss_mean": self._loss_mean,
+            "losses": self._losses,
+        }
+
+    def load_state_dict(self, state: dict[str, Any], step: int) -> None:
+        """Continue from :meth:`state_dict` at ``step`` (the first step not done yet): an
+        epoch starting there is forced, as it would have been without the interruption."""
+        self._epoch_start = int(state["epoch_start"])
+        self._last_epoch_len = state["last_epoch_len"]
+        self._loss_mean = state["loss_mean"]
+        self._losses = int(state["losses"])
+        self._forced = {self._epoch_start} if self._epoch_start >= step else set()
+        self._decided = {}
+        self._recorded = 0
+
     # -- what the recorder reports -----------------------------------------------------------
     def charge(self, seconds: float) -> None:
         """A recorded row's training-thread cost, measured when it went to the writer."""

@@ -1,4 +1,4 @@
-"""Schedules: ``step -> bool`` closures that pick the recorded optimizer steps."""
+"""Schedules: ``step -> bool`` callables that pick the recorded optimizer steps."""
 
 from __future__ import annotations
 
@@ -9,11 +9,45 @@ from gradflow.errors import GradflowError
 Schedule = Callable[[int], bool]
 
 
+class Described:
+    """A schedule of this module, with the description the run file stores for it."""
+
+    def __init__(self, pick: Schedule, description: str) -> None:
+        self._pick = pick
+        self.description = description
+
+    def __call__(self, step: int) -> bool:
+        return self._pick(step)
+
+    def __repr__(self) -> str:
+        return self.description
+
+
+def describe(schedule: Schedule) -> str:
+    """What the run file's ``schedule`` attribute says of ``schedule``: its description
+    (``every 5``, ``log_spaced(dense_until=10, per_decade=10)``), or ``custom`` and the
+    callable's qualified name.
+
+    Args:
+        schedule: a ``step -> bool`` callable.
+
+    Returns:
+        One line of text.
+    """
+    if isinstance(schedule, Described):
+        return schedule.description
+    name = getattr(schedule, "__qualname__", type(schedule).__qualname__)
+    return f"custom {getattr(schedule, '__module__', None) or '?'}.{name}"
+
+
 def every(n: int, start: int = 0) -> Schedule:
     """Record steps ``start, start + n, start + 2n, ...``."""
     if n < 1:
         raise GradflowError(f"every must be >= 1, got {n}")
-    return lambda step: step >= start and (step - start) % n == 0
+    return Described(
+        lambda step: step >= start and (step - start) % n == 0,
+        f"every {n}" + (f" from step {start}" if start else ""),
+    )
 
 
 def log_spaced(dense_until: int = 10, per_decade: int = 10) -> Schedule:
@@ -30,13 +64,17 @@ def log_spaced(dense_until: int = 10, per_decade: int = 10) -> Schedule:
             break
         picked.add(step)
         k += 1
-    return lambda step: step < dense_until or step in picked
+    return Described(
+        lambda step: step < dense_until or step in picked,
+        f"log_spaced(dense_until={dense_until}, per_decade={per_decade})",
+    )
 
 
 def at(steps: Iterable[int]) -> Schedule:
     """Record exactly the given steps."""
     chosen = frozenset(int(s) for s in steps)
-    return lambda step: step in chosen
+    shown = ", ".join(str(s) for s in sorted(chosen)[:8]) + (", ..." if len(chosen) > 8 else "")
+    return Described(lambda step: step in chosen, f"at {len(chosen)} steps ({shown})")
 
 
 def as_schedule(spec: int | Schedule | None) -> Schedule:
@@ -48,4 +86,4 @@ def as_schedule(spec: int | Schedule | None) -> Schedule:
     return every(spec) if isinstance(spec, int) else spec
 
 
-__all__ = ["Schedule", "as_schedule", "at", "every", "log_spaced"]
+__all__ = ["Described", "Schedule", "as_schedule", "at", "describe", "every", "log_spaced"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -217,3 +218,81 @@ def test_stat_takes_probe_and_name_or_the_whole_name(tmp_path: Path) -> None:
                 run.stat(bad)
         with pytest.raises(GradflowError, match=r"unknown statistic .*'param/grad_nrom'"):
             run.stat("param/grad_nrom")
+
+
+def _recorded(tmp_path: Path, name: str, **kwargs: object) -> Path:
+    import torch
+    from torch import nn
+
+    import gradflow
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(2, 3), nn.Tanh(), nn.Linear(3, 2))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    path = tmp_path / name
+    with gradflow.Recorder(model, opt, path, **kwargs):  # type: ignore[arg-type]
+        for _ in range(4):
+            opt.zero_grad()
+            model(torch.randn(3, 2)).sum().backward()
+            opt.step()
+    return path
+
+
+def _info_text(path: Path) -> str:
+    from rich.console import Console
+
+    from gradflow.plots.info import info_panel
+
+    console = Console(record=True, width=200)
+    with open_run(path) as run:
+        console.print(info_panel(run))
+    return console.export_text()
+
+
+def _custom(step: int) -> bool:
+    return step == 1
+
+
+@pytest.mark.parametrize(
+    "kwargs, schedule, steps",
+    [
+        ({}, "every 1", [0, 1, 2, 3]),
+        ({"every": 3}, "every 3", [0, 3]),
+        ({"every": "log"}, "log_spaced(dense_until=2, per_decade=1)", [0, 1, 2]),
+        ({"every": _custom}, "custom test_runfile._custom", [1]),
+        ({"budget": 0.5}, "budget 0.5", None),
+    ],
+)
+def test_the_run_file_stores_how_it_was_recorded(
+    tmp_path: Path, kwargs: dict, schedule: str, steps: list[int] | None
+) -> None:
+    from gradflow.schedule import log_spaced
+
+    if kwargs.get("every") == "log":
+        kwargs = {"every": log_spaced(dense_until=2, per_decade=1)}
+    probes = ["grad_output", "param"]
+    path = _recorded(tmp_path, "r.h5", probes=probes, **kwargs)
+    with open_run(path) as run:
+        assert run.schedule == schedule
+        assert run.recorded_probes == probes
+        if steps is not None:
+            np.testing.assert_array_equal(run.steps, steps)
+    shown = re.search(r"^schedule +(.*?) *$", _info_text(path), re.MULTILINE)
+    assert shown is not None and shown[1] == f"{schedule}; probes grad_output, param"
+
+
+def test_a_run_file_without_its_recording_attributes_still_reads(tmp_path: Path) -> None:
+    path = _recorded(tmp_path, "old.h5", every=2)
+    with h5py.File(path, "r+") as f:
+        assert f.attrs["schedule"] == "every 2"
+        del f.attrs["schedule"], f.attrs["recorded_probes"]
+    with open_run(path) as run:
+        assert (run.schedule, run.recorded_probes) == (None, None)
+        np.testing.assert_array_equal(run.steps, [0, 2])
+    text = _info_text(path)
+    assert "\nsteps " in text and "\nschedule " not in text
+    with h5py.File(path, "r+") as f:
+        f.attrs["recorded_probes"] = 7
+    with pytest.raises(GradflowError, match="'recorded_probes' is not a list of names") as err:
+        open_run(path)
+    assert "\n" not in str(err.value)

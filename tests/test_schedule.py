@@ -69,3 +69,19 @@ def test_bad_arguments_are_one_line_errors(make) -> None:
     with pytest.raises(GradflowError) as caught:
         make()
     assert "\n" not in str(caught.value)
+
+
+def test_each_schedule_describes_itself() -> None:
+    from gradflow.schedule import describe
+
+    assert describe(every(4)) == "every 4"
+    assert describe(every(3, start=2)) == "every 3 from step 2"
+    assert describe(log_spaced(dense_until=5, per_decade=3)) == (
+        "log_spaced(dense_until=5, per_decade=3)"
+    )
+    assert describe(at([9, 1, 1])) == "at 2 steps (1, 9)"
+    assert describe(at(range(20))) == "at 20 steps (0, 1, 2, 3, 4, 5, 6, 7, ...)"
+    assert (
+        describe(lambda step: True)
+        == "custom test_schedule.test_each_schedule_describes_itself.<locals>.<lambda>"
+    )

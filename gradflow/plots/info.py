@@ -75,6 +75,9 @@ def _facts(run: Run) -> Table:
     if len(config) > MAX_CONFIG_KEYS:
         grid.add_row("", f"... {len(config) - MAX_CONFIG_KEYS} more config entries")
     steps = run.steps
+    if run.schedule is not None or run.recorded_probes is not None:
+        recorded = f"probes {', '.join(run.recorded_probes or []) or 'none'}"
+        grid.add_row("schedule", Text(_cut(f"{run.schedule or '?'}; {recorded}", 400)))
     step_range = f" (steps {steps[0]}..{steps[-1]})" if len(steps) else ""
     grid.add_row("steps", f"{run.n_steps} recorded{step_range}")
     grid.add_row("epochs", f"{run.n_epochs} closed")

@@ -25,10 +25,12 @@ class RecorderBase:
     probes: tuple[str, ...]
     schedule: Schedule
     _budget: BudgetSchedule | None  # the schedule, when it keeps an overhead budget
+    _schedule_desc: str  # the schedule as the run file describes it
     step: int
     epoch: int
     rank: int
     world_size: int
+    _writes: bool  # this process writes the run file
     _optimizers: list[Any]  # torch optimizers, or optimizer-like objects measured around
     _writer: WriterThread | NullWriter
     _group: Any  # gradflow's own process group (for reduce_activations), or None
@@ -42,6 +44,8 @@ class RecorderBase:
     _step_probes: list[Probe]
     _call_probes: list[Probe]
     _active: bool  # the current step is recorded
+    _closed: bool
+    _inert: bool  # a rank that neither writes nor joins collectives: no hooks at all
     _log: CallLog  # layer calls since the last optimizer step
     _row_logs: list[CallLog]  # those of the row being measured, per step
     _rows: RowState
@@ -72,4 +76,5 @@ class RecorderBase:
         def _measure_before(self, index: int) -> None: ...
         def _close_step(self, *, carry: bool = False, split: int = 0) -> None: ...
         def _finalize_row(self) -> None: ...
+        def _end_row(self) -> None: ...
         def _wait_for_writer(self, doing: str, timeout: float = 60.0) -> None: ...

@@ -28,18 +28,22 @@ from gradflow.recorder.options import (
     LayerSelect,
     check_arguments,
     check_probes,
+    choose_schedule,
+    logged_values,
     optimizers_of,
     split_scalars,
+    writing_role,
 )
 from gradflow.recorder.rows import RowPhase, RowState
+from gradflow.recorder.state import StateMixin
 from gradflow.runfile import Event, WriteLock, check_writable
-from gradflow.schedule import Schedule, as_schedule
+from gradflow.schedule import Schedule
 from gradflow.writer import EpochItem, FileAttrs, NullWriter, WriterThread
 
 _OPEN: weakref.WeakKeyDictionary[nn.Module, Recorder] = weakref.WeakKeyDictionary()
 
 
-class Recorder(HooksMixin, MeasureMixin, LayoutMixin):
+class Recorder(HooksMixin, MeasureMixin, LayoutMixin, StateMixin):
     """Record per-layer gradient, update, activation and output-gradient statistics.
 
     Use as a context manager (or call :meth:`close`)::
@@ -113,7 +117,9 @@ class Recorder(HooksMixin, MeasureMixin, LayoutMixin):
         epoch_stats: record the per-epoch update ``|W_end - W_start|`` at :meth:`epoch_end`
             (keeps one more float32 copy of the parameters).
         resume: ``(step, epoch)`` to continue an existing run file from (rows at or after
-            ``step`` and epochs from ``epoch`` on are dropped, then appended anew).
+            ``step`` and epochs from ``epoch`` on are dropped, then appended anew); the
+            same as :meth:`load_state_dict` with a state of that step and epoch, which is
+            the way to resume from a checkpoint holding :meth:`state_dict`.
         write_rank: under ``torch.distributed``, the one rank that writes the file. Other
             ranks write nothing; they only join the collectives that sharded (DTensor/FSDP2)
             parameters or ``reduce_activations`` need, and are otherwise inert.
@@ -164,13 +170,7 @@ class Recorder(HooksMixin, MeasureMixin, LayoutMixin):
             },
         )
         self._optimizers = optimizers_of(optimizer)
-        if budget is not None and every is not None:
-            raise GradflowError("every and budget exclude each other: give one of them")
-        self._budget = (
-            budget if isinstance(budget, BudgetSchedule) or budget is None
-            else BudgetSchedule(budget)
-        )  # fmt: skip
-        self.schedule = self._budget or as_schedule(every)
+        self.schedule, self._budget, self._schedule_desc = choose_schedule(every, budget)
         self.path = Path(path)
         if model in _OPEN:
             other: Recorder = _OPEN[model]
@@ -178,25 +178,16 @@ class Recorder(HooksMixin, MeasureMixin, LayoutMixin):
                 f"this model already has an open Recorder writing {other.path}; "
                 "close it first (rec.close() or leave its with-block)"
             )
-        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-        self.rank = torch.distributed.get_rank() if distributed else 0
-        self.world_size = torch.distributed.get_world_size() if distributed else 1
-        if write_rank >= self.world_size:
-            raise GradflowError(f"write_rank {write_rank} is not a rank of {self.world_size}")
-        self._writes = self.rank == write_rank
-        self._reduce_activations = reduce_activations and self.world_size > 1
+        self.rank, self.world_size, self._writes, self._reduce_activations = writing_role(
+            write_rank, reduce_activations
+        )
         # gradflow's own collectives run in a group of their own, apart from the model's.
         self._group = torch.distributed.new_group() if self._reduce_activations else None
-        if self._writes and resume is None:
-            check_writable(self.path, overwrite=overwrite)
-        elif self._writes and not self.path.exists():
-            raise GradflowError(f"{self.path}: cannot resume, no such run file")
-        if self._writes:  # refused here, not at the first write, while another process writes it
-            WriteLock.acquire(self.path).release()
+        if self._writes:  # an existing file is refused at its creation: load_state_dict may come
+            check_writable(self.path, overwrite=True)
+            WriteLock.acquire(self.path).release()  # refused here while another process writes
         self.model = model
         self.optimizer = self._optimizers[0] if self._optimizers else None
-        self.step, self.epoch = resume if resume is not None else (0, 0)
-        self._resume = resume
         self._config = dict(config or {})
         self._overwrite = overwrite
         self._epoch_stats = epoch_stats
@@ -206,7 +197,7 @@ class Recorder(HooksMixin, MeasureMixin, LayoutMixin):
         self._probes: list[Probe] = [PROBES.get(name)() for name in self.probes]
         self._step_probes = [p for p in self._probes if p.scope == "step"]
         self._call_probes = [p for p in self._probes if p.scope == "call"]
-        self._active = self.schedule(self.step)
+        self._continue_at(resume)
         self._log = CallLog()  # layer calls since the last optimizer step
         self._row_logs: list[CallLog] = []  # those of the row being measured, per step
         self._rows = RowState()
@@ -270,17 +261,7 @@ class Recorder(HooksMixin, MeasureMixin, LayoutMixin):
             raise GradflowError("log() on a closed Recorder")
         if self._inert:
             return
-        values = {}
-        for name, value in scalars.items():
-            if isinstance(value, torch.Tensor):
-                if value.numel() != 1:
-                    raise GradflowError(
-                        f"log({name}=...) needs a scalar, got shape {tuple(value.shape)}"
-                    )
-                value = value.detach().reshape(())
-            else:
-                value = float(value)
-            values[name] = value
+        values = logged_values(scalars)
         self._rows.log(values, recorded=self._active)
         if self._budget is not None and "loss" in values:
             after = self.step + (self._rows.phase is RowPhase.STEPPING)

@@ -47,6 +47,11 @@ class LayoutMixin(RecorderBase):
     def _ensure_layout(self) -> None:
         if self._layout_sent:
             return
+        if self._writes and self._resume is None and not self._overwrite and self.path.exists():
+            raise GradflowError(
+                f"{self.path}: file exists; pass overwrite=True to replace it, "
+                "or load_state_dict() before the first step to continue it"
+            )
         self._layout_sent = True
         for handle in self._order_handles:
             handle.remove()
@@ -74,6 +79,8 @@ class LayoutMixin(RecorderBase):
                     "flush_seconds": self._flush[1],
                     "optimizer": ",".join(type(o).__name__ for o in self._optimizers),
                     "world_size": self.world_size,
+                    "schedule": self._schedule_desc,
+                    "recorded_probes": list(self.probes),
                     **(
                         {"budget": self._budget.budget, "budget_reached": float("nan")}
                         if self._budget is not None

@@ -11,9 +11,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from gradflow.budget import BudgetSchedule
 from gradflow.errors import GradflowError, unknown_name
 from gradflow.layers import LayerSpec
 from gradflow.probes import PROBES
+from gradflow.schedule import Schedule, as_schedule, describe
 
 LayerSelect = Sequence[str] | Callable[[str, nn.Module], bool] | None
 
@@ -137,6 +139,74 @@ def check_arguments(
             "layers must be a name prefix, a list of them, or a (name, module) -> bool "
             f"predicate, got {type(layers).__name__}"
         )
+
+
+def choose_schedule(
+    every: int | Schedule | None, budget: float | BudgetSchedule | None
+) -> tuple[Schedule, BudgetSchedule | None, str]:
+    """The recorded steps' schedule, from ``every`` or ``budget`` (one of them at most).
+
+    Args:
+        every: an int ``n``, a ``step -> bool`` callable, or None (every step).
+        budget: a share of the wall time, a :class:`BudgetSchedule`, or None.
+
+    Returns:
+        The schedule, the budget schedule when there is one, and a description of the
+        schedule for the run file (``"every 5"``, ``"budget 0.02"``, see
+        :func:`~gradflow.schedule.describe`).
+    """
+    if budget is not None and every is not None:
+        raise GradflowError("every and budget exclude each other: give one of them")
+    if budget is not None:
+        chosen = budget if isinstance(budget, BudgetSchedule) else BudgetSchedule(budget)
+        per_epoch = chosen.steps_per_epoch
+        return (
+            chosen,
+            chosen,
+            f"budget {chosen.budget:g}" + (f", {per_epoch} steps per epoch" if per_epoch else ""),
+        )
+    schedule = as_schedule(every)
+    return schedule, None, describe(schedule)
+
+
+def writing_role(write_rank: int, reduce_activations: bool) -> tuple[int, int, bool, bool]:
+    """This process's part under ``torch.distributed`` (rank 0 of 1 without it).
+
+    Args:
+        write_rank: the rank that writes the run file.
+        reduce_activations: whether activation reductions are summed over the ranks.
+
+    Returns:
+        ``(rank, world_size, writes, reduce_activations)``, the last False on one rank.
+    """
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    rank = torch.distributed.get_rank() if distributed else 0
+    world_size = torch.distributed.get_world_size() if distributed else 1
+    if write_rank >= world_size:
+        raise GradflowError(f"write_rank {write_rank} is not a rank of {world_size}")
+    return rank, world_size, rank == write_rank, reduce_activations and world_size > 1
+
+
+def logged_values(scalars: dict[str, Any]) -> dict[str, torch.Tensor | float]:
+    """The values given to ``log()``: one-element tensors (detached, not synced) or floats.
+
+    Args:
+        scalars: name -> a number or a one-element tensor.
+
+    Returns:
+        name -> a 0-d tensor or a float.
+    """
+    values: dict[str, torch.Tensor | float] = {}
+    for name, value in scalars.items():
+        if isinstance(value, torch.Tensor):
+            if value.numel() != 1:
+                raise GradflowError(
+                    f"log({name}=...) needs a scalar, got shape {tuple(value.shape)}"
+                )
+            values[name] = value.detach().reshape(())
+        else:
+            values[name] = float(value)
+    return values
 
 
 def split_scalars(values: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, float]]:

@@ -105,6 +105,20 @@ class Run:
             model = model.get("name")
         return printable(str(model)) if model else self.path.stem
 
+    @property
+    def schedule(self) -> str | None:
+        """How the recorded steps were chosen (``every 5``, ``budget 0.02``, see
+        :func:`gradflow.schedule.describe`); None in files written before it was stored."""
+        value = self.attrs.get("schedule")
+        return value if isinstance(value, str) else None
+
+    @property
+    def recorded_probes(self) -> list[str] | None:
+        """The probes the Recorder was given, in its order; None in files written before
+        they were stored."""
+        value = self.attrs.get("recorded_probes")
+        return list(value) if isinstance(value, list) else None
+
     def probes(self) -> dict[str, list[str]]:
         """Per-step statistics stored, by probe (``{"param": ["grad_norm", ...], ...}``)."""
         return {probe: list(names) for probe, names in self._layout.probes.items()}

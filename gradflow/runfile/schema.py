@@ -4,7 +4,9 @@ reader returns.
 Schema v1 (all paths absolute inside the file)::
 
     attrs            schema_version=1, gradflow_version, created (ISO 8601), config (JSON),
-                     torch_version, device, flush_every, flush_seconds
+                     torch_version, device, flush_every, flush_seconds, schedule (text:
+                     ``every 5``, ``budget 0.02``...), recorded_probes (names); files
+                     written before the last two were stored lack them
     /layers          compound [L]: name, kind, type, depth, n_params, shape (forward order)
     /steps           int64   [T]  optimizer step index (0-based) of each recorded row
     /epoch           int32   [T]  epoch the step belongs to

@@ -52,7 +52,7 @@ MAX_ATTR_BYTES = 16 * 2**20
 MAX_STRING_BYTES = 4096
 _ALLOWED_FILTERS = {h5py.h5z.FILTER_DEFLATE, h5py.h5z.FILTER_SHUFFLE, h5py.h5z.FILTER_FLETCHER32}
 _STEPS, _EPOCHS, _EVENTS = 0, 1, 2  # positions in /counts
-_STRINGS = ("gradflow_version", "created", "torch_version", "device")
+_STRINGS = ("gradflow_version", "created", "torch_version", "device", "schedule")
 _NUMBERS = ("budget", "budget_reached")  # the overhead budget a run was recorded under
 _LAYER_FIELDS = {"name": "S", "kind": "S", "type": "S", "depth": "i", "n_params": "i", "shape": "S"}
 # Written since tied parameters are shown; files without it still read (no aliases).
@@ -312,6 +312,9 @@ def _attrs(path: Path, f: h5py.File) -> dict[str, Any]:
     for name in _NUMBERS:
         if name in out and (isinstance(out[name], bool) or not isinstance(out[name], int | float)):
             raise _fail(path, f"damaged run file (attribute {name!r} is not a number)")
+    probes = out.get("recorded_probes", [])
+    if not (isinstance(probes, list) and all(isinstance(p, str) for p in probes)):
+        raise _fail(path, "damaged run file (attribute 'recorded_probes' is not a list of names)")
     return out
 
 
