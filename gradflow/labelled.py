@@ -1,4 +1,5 @@
-"""A run as a labelled ``xarray.Dataset`` (``Run.to_xarray()``), ready for netCDF.
+"""A run as a labelled ``xarray.Dataset`` (``Run.to_xarray()``), ready for netCDF, and as a
+long pandas table (``Run.to_dataframe()``).
 
 Variables, by the statistic's name with ``/`` written ``__`` (netCDF and HDF5 read ``/`` as
 a group separator; :func:`variable_name` and :func:`statistic_name` convert)::
@@ -141,3 +142,35 @@ def to_xarray(run: Run) -> Any:
             key = _UNSAFE.sub("_", f"{kind}{SEPARATOR}{name}")
             data[key] = (dim, values, {"long_name": f"{kind} {name}"})
     return xr.Dataset(data, coords=coords, attrs=_attrs(run))
+
+
+def to_dataframe(run: Run) -> Any:
+    """All per-step statistics of ``run`` in long format.
+
+    Args:
+        run: an open run file.
+
+    Returns:
+        a ``pandas.DataFrame`` with columns step, layer, probe, stat, value (one row per
+        recorded step, layer and statistic).
+    """
+    import pandas as pd
+
+    steps = run.steps
+    names = np.array(run.layer_names, dtype=object)
+    frames = [
+        pd.DataFrame(
+            {
+                "step": np.repeat(steps, run.n_layers),
+                "layer": np.tile(names, len(steps)),
+                "probe": probe,
+                "stat": stat,
+                "value": run.stat(probe, stat).reshape(-1),
+            }
+        )
+        for probe, stats in run.probes().items()
+        for stat in stats
+    ]
+    if not frames:
+        return pd.DataFrame(columns=["step", "layer", "probe", "stat", "value"])
+    return pd.concat(frames, ignore_index=True)

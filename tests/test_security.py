@@ -471,22 +471,29 @@ def _heap_free_space(data: bytes) -> int:
     raise AssertionError("no free space object in the global heap")
 
 
-def test_file_on_which_hdf5_loops_forever(good: Path, tmp_path: Path) -> None:
-    """One flipped byte in the global heap makes HDF5 loop forever reading the attributes
-    (plain mode, uninterruptible): the time-limited child answers instead."""
+def _looping(good: Path) -> bytes:
+    """``good``'s bytes with its global heap's free space declared 32 bytes smaller: HDF5
+    then walks zeroed bytes as objects of no size, forever (any shrink of 16 bytes or
+    more does, whatever the heap holds)."""
     data = bytearray(good.read_bytes())
-    data[_heap_free_space(bytes(data))] ^= 0xFF
+    at = _heap_free_space(bytes(data))
+    size = int.from_bytes(data[at : at + 8], "little")
+    data[at : at + 8] = (size - 32).to_bytes(8, "little")
+    return bytes(data)
+
+
+def test_file_on_which_hdf5_loops_forever(good: Path, tmp_path: Path) -> None:
+    """A wrong size in the global heap makes HDF5 loop forever reading the attributes
+    (plain mode, uninterruptible): the time-limited child answers instead."""
     path = tmp_path / "loops.h5"
-    path.write_bytes(bytes(data))
+    path.write_bytes(_looping(good))
     answer, seconds = outcome(path)
     assert "no answer within" in answer and seconds < LIMIT_S, (answer, seconds)
 
 
 def test_ctrl_c_stops_info_on_a_looping_file(good: Path, tmp_path: Path) -> None:
     psutil = pytest.importorskip("psutil")
-    data = bytearray(good.read_bytes())
-    data[_heap_free_space(bytes(data))] ^= 0xFF
-    (tmp_path / "loops.h5").write_bytes(bytes(data))
+    (tmp_path / "loops.h5").write_bytes(_looping(good))
     script = Path(sys.executable).with_name("gradflow")
     command = [str(script)] if script.exists() else [sys.executable, "-m", "gradflow.cli.main"]
     proc = subprocess.Popen(

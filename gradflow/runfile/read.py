@@ -279,29 +279,11 @@ class Run:
 
     # -- export -------------------------------------------------------------------------------
     def to_dataframe(self) -> Any:
-        """All per-step statistics in long format: step, layer, probe, stat, value."""
-        import pandas as pd
+        """All per-step statistics in long format: step, layer, probe, stat, value (see
+        :func:`gradflow.labelled.to_dataframe`)."""
+        from gradflow.labelled import to_dataframe
 
-        steps = self.steps
-        names = np.array(self.layer_names, dtype=object)
-        frames = []
-        for probe, stats in self.probes().items():
-            for stat in stats:
-                data = self.stat(probe, stat)
-                frames.append(
-                    pd.DataFrame(
-                        {
-                            "step": np.repeat(steps, self.n_layers),
-                            "layer": np.tile(names, len(steps)),
-                            "probe": probe,
-                            "stat": stat,
-                            "value": data.reshape(-1),
-                        }
-                    )
-                )
-        if not frames:
-            return pd.DataFrame(columns=["step", "layer", "probe", "stat", "value"])
-        return pd.concat(frames, ignore_index=True)
+        return to_dataframe(self)
 
     def to_xarray(self) -> Any:
         """The run as a labelled ``xarray.Dataset`` (see :mod:`gradflow.labelled`)."""
