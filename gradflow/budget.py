@@ -27,6 +27,7 @@ Which steps are recorded:
 
 from __future__ import annotations
 
+import functools
 import math
 import statistics
 import time
@@ -172,7 +173,7 @@ class BudgetSchedule:
         if self._charged == 0:
             return False  # the first row is not measured yet
         now = self._clock()
-        writer_s, writer_rows, _ = self._writer()
+        writer_s, writer_rows, last_commit = self._writer()
         then, writer_then = self._seen
         self._seen = (now, writer_s)
         self._credit += self.budget * (now - then) - (writer_s - writer_then)
@@ -181,14 +182,15 @@ class BudgetSchedule:
         # A median: one slow row (the first, a garbage collection) does not set the pace.
         per_train = statistics.median(self._recent)
         waiting = max(self._recorded - writer_rows, 0)  # rows the writer has not committed
-        owed = (self._recorded - self._charged) * per_train + self._commit(waiting, per_train)
-        row = per_train + self._commit(waiting + 1, per_train) - self._commit(waiting, per_train)
+        commit = functools.partial(self._commit, last=last_commit, per_train=per_train)
+        owed = (self._recorded - self._charged) * per_train + commit(waiting)
+        row = per_train + commit(waiting + 1) - commit(waiting)
         # Credit is not saved up beyond two rows: time the training spends elsewhere
         # (validation, a pause) does not pay for a burst of rows afterwards.
         self._credit = min(self._credit, owed + 2 * row)
         return self._credit - owed >= row
 
-    def _commit(self, rows: int, per_train: float) -> float:
+    def _commit(self, rows: int, last: tuple[float, int], per_train: float) -> float:
         """The estimated writer's cost of committing ``rows`` rows: as the last commit of
         rows cost, scaled up where more rows wait than it held. A commit costs mostly a
         fixed amount on a fast file system and per row on a slow one; scaling only up
@@ -196,7 +198,7 @@ class BudgetSchedule:
         where the opposite would overdraw the budget in the second."""
         if self._writer_seconds is None or rows == 0:
             return 0.0
-        seconds, committed = self._writer()[2]
+        seconds, committed = last
         if committed == 0:  # nothing committed yet (the writer commits the first row at once)
             return rows * per_train
         return seconds * max(1.0, rows / committed)
