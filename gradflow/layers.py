@@ -137,6 +137,8 @@ def order_by_first_call(layers: Sequence[LayerSpec], call_order: dict[str, int])
 def first_tensor(output: Any) -> torch.Tensor | None:
     """The first floating-point tensor in a module output (tensor, tuple, list, dict or
     dataclass, e.g. a transformers ``ModelOutput``)."""
+    if type(output) is torch.Tensor:  # the common case, without a generator (once per call)
+        return output if output.is_floating_point() else None
     return next(floating_tensors(output), None)
 
 

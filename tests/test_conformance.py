@@ -67,6 +67,29 @@ def test_grad_output_passes() -> None:
     check_probe("grad_output", GRAD_OUTPUT, steps=4)
 
 
+class SecondHalf(nn.Module):
+    """A layer whose output is the second output of a two-output autograd node (split):
+    the gradient is read from the node's pre-hook at that output's index."""
+
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(n, 2 * n, dtype=torch.float64) / n**0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x @ self.weight).chunk(2, dim=1)[1]
+
+
+def test_grad_output_of_a_multi_output_node_and_an_output_changed_in_place() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Linear(6, 16),
+        nn.ReLU(inplace=True),  # changes the first layer's output after its hook ran
+        SecondHalf(16),
+        nn.Linear(16, 3),
+    ).double()
+    check_probe("grad_output", GRAD_OUTPUT, model=model, steps=3)
+
+
 def test_a_wrong_reference_fails_naming_where() -> None:
     wrong = {**GRAD_OUTPUT, "rms": lambda t: 1.0001 * GRAD_OUTPUT["rms"](t)}
     with pytest.raises(AssertionError, match=r"grad_output/rms: step 0, layer '0': recorded .*"

@@ -107,10 +107,34 @@ __attribute__((target("avx"))) static float stream_copy_squares(const float *x, 
 }
 #endif
 
+#if GF_DISPATCH
+/* The sum of squares of n entries of x (a multiple of 32) in four independent vector
+   accumulators: one accumulator's chain of dependent adds kept the pass at 1.26x the
+   memory floor (gradients of 11 M parameters, 2-core AMD EPYC), four reach torch.sum's
+   read speed. */
+__attribute__((target("avx2,fma"))) static float fma_squares(const float *x, long n) {
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    for (long i = 0; i < n; i += 32) {
+        __m256 v0 = _mm256_loadu_ps(x + i), v1 = _mm256_loadu_ps(x + i + 8);
+        __m256 v2 = _mm256_loadu_ps(x + i + 16), v3 = _mm256_loadu_ps(x + i + 24);
+        a0 = _mm256_fmadd_ps(v0, v0, a0);
+        a1 = _mm256_fmadd_ps(v1, v1, a1);
+        a2 = _mm256_fmadd_ps(v2, v2, a2);
+        a3 = _mm256_fmadd_ps(v3, v3, a3);
+    }
+    float lanes[8], q = 0.0f;
+    _mm256_storeu_ps(lanes, _mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+    for (int k = 0; k < 8; ++k)
+        q += lanes[k];
+    return q;
+}
+#endif
+
 /* Sum of squares of x (copied to dst on the way when dst is not NULL). */
 GF_CLONES static double squares(const float *x, float *dst, long n) {
 #if GF_DISPATCH
     int stream = dst && __builtin_cpu_supports("avx");
+    int fma = !dst && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
 #endif
     double q = 0.0;
     for (long i0 = 0; i0 < n; i0 += BLOCK) {
@@ -130,9 +154,18 @@ GF_CLONES static double squares(const float *x, float *dst, long n) {
                 dst[i] = v;
                 bq += v * v;
             }
-        } else
-            for (long i = i0; i < i1; ++i)
+        } else {
+            long i = i0;
+#if GF_DISPATCH
+            if (fma) {
+                long m = (i1 - i) & ~31L;
+                bq += fma_squares(x + i, m);
+                i += m;
+            }
+#endif
+            for (; i < i1; ++i)
                 bq += x[i] * x[i];
+        }
         q += bq;
     }
     return q;

@@ -124,6 +124,7 @@ class CallProbe(Probe):
 
     def __init__(self) -> None:
         self.host = HostReducer(squares_only=self.columns == ("sum_sq",))
+        self._kernel_columns = self.columns in (CALL_COLUMNS, ("sum_sq",))
 
     def device_rows(self, device: torch.device) -> DeviceRows:
         """Rows of :attr:`columns` on an accelerator."""
@@ -131,16 +132,17 @@ class CallProbe(Probe):
 
     def reduce(self, x: torch.Tensor, log: CallLog, layer_id: int) -> None:
         """Append the kernels' reductions of ``x`` (one call of layer ``layer_id``) to ``log``."""
-        if self.columns not in (CALL_COLUMNS, ("sum_sq",)):
+        if not self._kernel_columns:
             raise GradflowError(
                 f"the {self.name} probe's columns {self.columns} are not the kernels': "
                 "compute them and call append()"
             )
         calls = log.rows_for(self, x)
-        if isinstance(calls.rows, HostRows):
-            self.host(x, calls.rows)
+        rows = calls.rows
+        if type(rows) is HostRows:
+            self.host(x, rows)
         else:
-            device_kernels.reduce_into(x, calls.rows)
+            device_kernels.reduce_into(x, rows)
         calls.ids.append(layer_id)
         calls.n.append(x.numel())
 

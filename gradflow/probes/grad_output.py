@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -25,32 +25,46 @@ class GradOutputProbe(CallProbe):
 
     def __init__(self) -> None:
         super().__init__()
-        self._hooks: dict[int, Callable[[torch.Tensor], None]] = {}
+        self._current: Callable[[], CallLog] | None = None
+        self._hooks: dict[tuple[int, int], Callable[..., None]] = {}
         self._no_grad_calls: dict[int, int] = {}
 
     def attach(self, attachment: Attachment) -> None:
-        current = attachment.current_log
-        assert current is not None, "the grad_output probe needs the recorder's call log"
-        self._hooks = {
-            lay.reg_index: grad_output_hook(self, current, lay.reg_index)
-            for lay in attachment.layers
-        }
+        assert attachment.current_log is not None, "the grad_output probe needs the call log"
+        self._current = attachment.current_log
+        self._hooks = {}
 
     def detach(self) -> None:
+        self._current = None
         self._hooks = {}
         self._no_grad_calls = {}
 
     def on_output(self, out: torch.Tensor, log: CallLog, layer_id: int, forward: bool) -> None:
         if forward:
             if out.requires_grad:
-                out.register_hook(self._hooks[layer_id])
+                self._watch(out, layer_id)
             else:
                 self._no_grad_calls[layer_id] = self._no_grad_calls.get(layer_id, 0) + 1
         elif out.requires_grad and self._no_grad_calls.get(layer_id):
             # Reentrant checkpointing ran this call without grad; its recomputation in
             # backward is what the output gradient flows through.
             self._no_grad_calls[layer_id] -= 1
-            out.register_hook(self._hooks[layer_id])
+            self._watch(out, layer_id)
+
+    def _watch(self, out: torch.Tensor, layer_id: int) -> None:
+        """Reduce the gradient w.r.t. ``out`` when backward reaches it: by a pre-hook on the
+        node that made ``out`` (half the cost of a tensor hook, the same gradient: the node's
+        gradient for that output, accumulated over every use of it), a tensor hook on a leaf."""
+        node = out.grad_fn
+        key = (layer_id, -1 if node is None else out.output_nr)
+        hook = self._hooks.get(key)
+        if hook is None:
+            assert self._current is not None, "the grad_output probe is not attached"
+            hook = self._hooks[key] = grad_output_hook(self, self._current, *key)
+        if node is None:
+            out.register_hook(hook)
+        else:
+            node.register_prehook(hook)
 
     def new_row(self) -> None:
         self._no_grad_calls = {}
@@ -62,17 +76,22 @@ class GradOutputProbe(CallProbe):
 
 
 def grad_output_hook(
-    probe: CallProbe, log: Callable[[], CallLog], layer_id: int
-) -> Callable[[torch.Tensor], None]:
-    """A tensor hook appending ``probe``'s reductions of the gradient w.r.t. a layer's
-    output to the log being written when it runs."""
+    probe: CallProbe, log: Callable[[], CallLog], layer_id: int, output_nr: int = -1
+) -> Callable[..., None]:
+    """A hook appending ``probe``'s reductions of the gradient w.r.t. a layer's output to
+    the log being written when it runs: a tensor hook (``output_nr`` -1), else a pre-hook
+    of the node that made the output, which reads the gradient of output ``output_nr``."""
 
-    def hook(grad: torch.Tensor) -> None:
+    def hook(grad: Any) -> None:
+        if output_nr >= 0:
+            grad = grad[output_nr]
+            if grad is None:  # no gradient flowed into this output of the node
+                return
         t0 = time.perf_counter()
         target = log()
         probe.reduce(grad, target, layer_id)
         target.hook_s += time.perf_counter() - t0
 
     # Eager even where backward is traced (compiled autograd): it reads host memory.
-    disabled: Callable[[torch.Tensor], None] = torch.compiler.disable(hook)
+    disabled: Callable[..., None] = torch.compiler.disable(hook)
     return disabled
