@@ -139,7 +139,7 @@ class CallProbe(Probe):
             )
         calls = log.rows_for(self, x)
         rows = calls.rows
-        if type(rows) is HostRows:
+        if isinstance(rows, HostRows):
             self.host(x, rows)
         else:
             device_kernels.reduce_into(x, rows)
