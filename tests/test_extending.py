@@ -257,6 +257,7 @@ def test_a_resumed_run_file_keeps_its_statistics(run_example: Example, tmp_path:
     # Registered after the file was made: resuming adds rows of the file's own statistics;
     # a file holding a statistic this process has not registered is refused in one line.
     from gradflow.errors import GradflowError
+    from gradflow.recorder.state import recorder_state
 
     path = tmp_path / "resumed.h5"
     record(path, ("param",), steps=2)
@@ -266,7 +267,8 @@ def test_a_resumed_run_file_keeps_its_statistics(run_example: Example, tmp_path:
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
 
     def resume() -> None:
-        with gradflow.Recorder(model, optimizer, path, probes=("param",), resume=(2, 0)) as rec:
+        with gradflow.Recorder(model, optimizer, path, probes=("param",)) as rec:
+            rec.load_state_dict(recorder_state(path, 2, 0, None))  # after the file's 2 steps
             optimizer.zero_grad()
             model(torch.randn(10, 6)).square().mean().backward()
             optimizer.step()

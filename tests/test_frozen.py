@@ -16,7 +16,7 @@ from torch import nn
 
 import gradflow
 from gradflow import Recorder, open_run
-from gradflow.plots import TimeWindow, diff_heatmap, gradient_heatmap
+from gradflow.plots import TimeWindow, depth_profile, diff_heatmap, gradient_heatmap
 from gradflow.recorder.hooks import Hook
 from gradflow.report import payload
 
@@ -197,6 +197,63 @@ def test_heat_maps_leave_out_layers_never_measured_in_the_drawn_range(
     n = len(NAMES) - len(drawn)
     layers, are = ("layers", "are") if n > 1 else ("layer", "is")
     assert note(fig) == f"{n} {layers} never measured in this range {are} not drawn"
+
+
+@pytest.mark.parametrize(
+    ("steps", "drawn"),
+    [(None, ["2", "4", "6"]), (TimeWindow("step", 0, 2), ["4", "6"]),
+     (TimeWindow("step", 4, 6), ["2", "4", "6"])],
+)  # fmt: skip
+def test_depth_profile_leaves_out_layers_never_measured_in_the_drawn_range(
+    frozen_run: Path, steps: TimeWindow | None, drawn: list[str]
+) -> None:
+    window = steps or TimeWindow("step")
+    lo, hi = window.start or 0, window.stop or STEPS
+    with open_run(frozen_run) as run:
+        fig = depth_profile([run], stat="param/grad_norm", window=window, all_layers=True)
+        values = run.stat("param", "grad_norm").astype(np.float64)
+    line = fig.axes[0].get_lines()[0]  # the profile; the stage marks are drawn after it
+    x, y = (np.asarray(v, np.float64) for v in line.get_data())
+    np.testing.assert_array_equal(x, np.arange(len(drawn)) + 0.5)
+    # The window's mean of each drawn layer over the steps that measured it.
+    columns = [NAMES.index(n) for n in drawn]
+    window_values = values[lo:hi][:, columns]
+    measured = np.isfinite(window_values)
+    expected = np.where(measured, window_values, 0).sum(0) / measured.sum(0)
+    np.testing.assert_allclose(y, expected, rtol=1e-6)
+    n = len(NAMES) - len(drawn)
+    layers, are = ("layers", "are") if n > 1 else ("layer", "is")
+    assert note(fig) == f"{n} {layers} never measured in this range {are} not drawn"
+
+
+def test_sweep_grid_leaves_out_layers_no_run_of_a_panel_measured(tmp_path: Path) -> None:
+    # Two seeds of each of two settings: layer "0" frozen throughout (both), "4" too (second).
+    frozen = {"0": UNFROZEN, "0 and 4": {**UNFROZEN, "4": set()}}
+    for label, unfrozen in frozen.items():
+        for seed in range(2):
+            path = tmp_path / f"{label.replace(' ', '-')}-s{seed}.h5"
+            record(path, unfrozen=unfrozen, config={"frozen": label, "seed": seed})
+    fig = gradflow.sweep(tmp_path, cache=False).heatmap_figure("param/grad_norm")
+    heat = {t.hovertemplate.split("<extra>")[1]: t for t in fig.data if t.type == "heatmap"}
+    assert sorted(heat) == ["0 (2 runs)</extra>", "0 and 4 (2 runs)</extra>"]
+    for label, unfrozen in frozen.items():
+        trace = heat[f"{label} (2 runs)</extra>"]
+        drawn = [n for n in NAMES if unfrozen[n]]
+        assert list(trace.y) == drawn
+        stack = []
+        for seed in range(2):
+            with open_run(tmp_path / f"{label.replace(' ', '-')}-s{seed}.h5") as run:
+                stack.append(run.stat("param", "grad_norm").astype(np.float64))
+        mean = np.mean(stack, axis=0)  # both seeds freeze alike: NaN at the same cells
+        columns = [NAMES.index(n) for n in drawn]
+        np.testing.assert_allclose(
+            np.asarray(trace.customdata, np.float64), mean[:, columns].T, rtol=1e-6, equal_nan=True
+        )
+    notes = fig.layout.title.text.split("; ")[1:]
+    assert sorted(notes) == [
+        "0 and 4: 2 layers never measured in this range are not drawn",
+        "0: 1 layer never measured in this range is not drawn",
+    ]
 
 
 def test_diff_heat_map_leaves_out_layers_never_measured_in_either_run(

@@ -661,7 +661,6 @@ def test_layer_names_probe_string_and_bad_arguments(tmp_path) -> None:
         ({"probes": 3}, "probes must be"),
         ({"probes": "params"}, "unknown probe 'params'"),
         ({"layers": 3}, "layers must be"),
-        ({"resume": (1,)}, "resume must be"),
         ({"write_rank": -1}, "write_rank"),
         ({"config": [1]}, "config must be a dict"),
         ({"scaler": object()}, "scaler must be"),

@@ -65,14 +65,22 @@ def epoch_stats(run: Run) -> dict[str, np.ndarray]:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """a, b: the same seed; other: seed 1, validated every 2nd epoch; resumed: 2 + 1 epochs."""
+    """a, b: the same seed; other: seed 1, validated every 2nd epoch; resumed: 2 + 1 epochs;
+    legacy: the same from a checkpoint without the recorder's state (as older versions
+    wrote them)."""
     root = tmp_path_factory.mktemp("runs")
-    paths = {name: root / f"{name}.h5" for name in ("a", "b", "other", "resumed")}
+    names = ("a", "b", "other", "resumed", "legacy")
+    paths = {name: root / f"{name}.h5" for name in names}
     run(paths["a"])
     run(paths["b"])
     run(paths["other"], seed=1, val_every=2)
     run(paths["resumed"], epochs=2)
     run(paths["resumed"], resume=True)
+    run(paths["legacy"], epochs=2)
+    payload = torch.load(checkpoint_path(paths["legacy"]), weights_only=True)
+    del payload["recorder"]
+    torch.save(payload, checkpoint_path(paths["legacy"]))
+    run(paths["legacy"], resume=True)
     return paths
 
 
@@ -90,8 +98,9 @@ def test_same_seed_repeats_exactly_and_another_seed_differs(runs: dict[str, Path
         assert not np.allclose(a.stat("param", "grad_norm"), c.stat("param", "grad_norm"))
 
 
-def test_resumed_run_equals_uninterrupted_run(runs: dict[str, Path]) -> None:
-    with open_run(runs["a"]) as straight, open_run(runs["resumed"]) as resumed:
+@pytest.mark.parametrize("name", ["resumed", "legacy"])
+def test_resumed_run_equals_uninterrupted_run(runs: dict[str, Path], name: str) -> None:
+    with open_run(runs["a"]) as straight, open_run(runs[name]) as resumed:
         np.testing.assert_array_equal(resumed.steps, np.arange(3 * STEPS))
         np.testing.assert_array_equal(resumed.epochs, [0, 1, 2])
         assert [(e.kind, e.step) for e in resumed.events] == [("resume", 2 * STEPS)]
@@ -100,8 +109,16 @@ def test_resumed_run_equals_uninterrupted_run(runs: dict[str, Path]) -> None:
         for key, values in epoch_stats(straight).items():
             np.testing.assert_allclose(epoch_stats(resumed)[key], values, rtol=1e-6, err_msg=key)
         np.testing.assert_allclose(resumed.loss, straight.loss, rtol=1e-6)
-    checkpoint = load_checkpoint(checkpoint_path(runs["resumed"]))
+    checkpoint = load_checkpoint(checkpoint_path(runs[name]))
     assert (checkpoint.epoch, checkpoint.step) == (3, 3 * STEPS)
+    # The recorder's state at the end of the last epoch: its next step, and its epoch.
+    assert checkpoint.recorder == {
+        "version": 1,
+        "path": str(runs[name].resolve()),
+        "step": 3 * STEPS,
+        "epoch": 3,
+        "budget": None,
+    }
 
 
 def test_run_file_has_epoch_metrics_and_statistics(runs: dict[str, Path]) -> None:

@@ -16,7 +16,9 @@ from typing import Any
 
 import torch
 
+from gradflow.budget import BudgetSchedule
 from gradflow.errors import GradflowError
+from gradflow.recorder.state import recorder_state
 from gradflow.runfile import printable
 from gradflow.safefile import atomic_write
 
@@ -36,7 +38,9 @@ NON_NEGATIVE = frozenset({"square_avg", "exp_avg_sq", "max_exp_avg_sq"})
 class Checkpoint:
     """What a run needs to continue exactly where it stopped.
 
-    ``epoch`` and ``step`` count the epochs and optimizer steps done. No random-number
+    ``epoch`` and ``step`` count the epochs and optimizer steps done; ``recorder`` is the
+    Recorder's :meth:`~gradflow.Recorder.state_dict` at that point (None in a checkpoint
+    written before checkpoints held it: see :func:`recorder_state_of`). No random-number
     state is stored: training crops and dropout draws are pure functions of
     ``(seed, epoch, step)`` (the loop reseeds torch's RNG at every epoch start).
     """
@@ -46,6 +50,7 @@ class Checkpoint:
     epoch: int
     step: int
     config: dict[str, Any]
+    recorder: dict[str, Any] | None = None
 
 
 def checkpoint_path(run_path: str | os.PathLike[str]) -> Path:
@@ -85,6 +90,7 @@ def save_checkpoint(path: Path, checkpoint: Checkpoint) -> None:
         "epoch": checkpoint.epoch,
         "step": checkpoint.step,
         "config": checkpoint.config,
+        "recorder": checkpoint.recorder,
     }
     try:
         with atomic_write(path) as file:
@@ -176,7 +182,30 @@ def load_checkpoint(
         epoch=payload["epoch"],
         step=payload["step"],
         config=payload["config"],
+        recorder=payload.get("recorder"),
     )
+
+
+def recorder_state_of(
+    checkpoint: Checkpoint, run_path: str | os.PathLike[str], budget: BudgetSchedule | None
+) -> dict[str, Any]:
+    """The Recorder state that a run resumed from ``checkpoint`` continues from.
+
+    Args:
+        checkpoint: the checkpoint of the run file ``run_path``.
+        run_path: the run file to continue.
+        budget: the budget schedule the resumed Recorder gets, if any.
+
+    Returns:
+        The state saved in the checkpoint, of ``run_path``: the checkpoint is the one named
+        after that run file and checked against its contents, so a moved or copied folder
+        resumes. A checkpoint written before checkpoints held the state gets that of its
+        step and epoch, the budget schedule (if any) starting afresh.
+    """
+    path = Path(run_path)
+    if checkpoint.recorder is None:
+        return recorder_state(path, checkpoint.step, checkpoint.epoch, budget)
+    return {**checkpoint.recorder, "path": str(path.resolve())}
 
 
 def _problem(payload: dict[Any, Any]) -> str:
@@ -198,6 +227,8 @@ def _problem(payload: dict[Any, Any]) -> str:
             return f"{key} is {value!r}, not a count"
     if not isinstance(payload["config"], dict):
         return "config is not a dict"
+    if not isinstance(payload.get("recorder"), dict | None):
+        return "recorder is not a Recorder state"
     return ""
 
 

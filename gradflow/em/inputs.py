@@ -4,7 +4,7 @@ paths, the model, a checkpoint and run file to resume, and the data."""
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +18,7 @@ from gradflow.em.checkpoint import (
     checkpoint_path,
     find_checkpoint,
     load_checkpoint,
+    recorder_state_of,
     size_limit,
 )
 from gradflow.em.config import N_VAL, RESUME_KEYS, TrainConfig
@@ -25,9 +26,10 @@ from gradflow.em.data import EMVolume, load_dataset, split
 from gradflow.em.data.augment import check_crop
 from gradflow.em.data.synthetic import synthetic_source
 from gradflow.em.ddp import World
-from gradflow.em.loop import build_optimizer, resolved_data
+from gradflow.em.loop import budget_schedule, build_optimizer, resolved_data
 from gradflow.em.models import FCN
 from gradflow.errors import GradflowError
+from gradflow.recorder.state import checked_state
 from gradflow.runfile import Run, check_writable, open_run
 from gradflow.schedule import as_schedule
 
@@ -97,7 +99,26 @@ def check_outputs(
     _check_state(where, checkpoint, model, config)
     with open_run(out) as run:
         _check_run_file(where, run, checkpoint, config, model)
-    return checkpoint
+    return replace(checkpoint, recorder=_recorder_state(where, checkpoint, out, config))
+
+
+def _recorder_state(
+    where: str, checkpoint: Checkpoint, out: Path, config: TrainConfig
+) -> dict[str, Any]:
+    """The Recorder state to continue ``out`` from (:func:`recorder_state_of`), at the
+    checkpoint's step and epoch."""
+    budget = budget_schedule(config)
+    state = recorder_state_of(checkpoint, out, budget)
+    try:
+        step, epoch, _ = checked_state(state, out, budget)
+    except GradflowError as err:
+        raise GradflowError(f"{where}: {err}") from None
+    if (step, epoch) != (checkpoint.step, checkpoint.epoch):
+        raise GradflowError(
+            f"{where}: its Recorder state is at step {step} of epoch {epoch}, the checkpoint "
+            f"at step {checkpoint.step} of epoch {checkpoint.epoch}"
+        )
+    return state
 
 
 def _check_state(where: str, checkpoint: Checkpoint, model: FCN, config: TrainConfig) -> None:

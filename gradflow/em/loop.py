@@ -6,8 +6,8 @@ from __future__ import annotations
 import math
 import signal
 import time
-from collections.abc import Callable
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, replace
 from functools import partial
 from pathlib import Path
@@ -271,8 +271,11 @@ class Trainer:
         self.val_seconds.append(time.perf_counter() - t0)
         return metrics
 
-    def checkpoint(self, path: Path, *, epochs_done: int) -> None:
-        """Rank 0 replaces the checkpoint; every rank waits for it."""
+    def checkpoint(
+        self, path: Path, *, epochs_done: int, recorder: dict[str, Any] | None
+    ) -> None:
+        """Rank 0 replaces the checkpoint (with the Recorder's state ``recorder``); every
+        rank waits for it."""
         if self.world.main:
             save_checkpoint(
                 path,
@@ -282,6 +285,7 @@ class Trainer:
                     epoch=epochs_done,
                     step=self.step,
                     config=asdict(replace(self.config, data=resolved_data(self.config.data))),
+                    recorder=recorder,
                 ),
             )
         if self.world.size > 1:
@@ -298,28 +302,43 @@ def _epoch_seed(seed: int, epoch: int, rank: int) -> int:
     return int(np.random.SeedSequence([seed, epoch, rank]).generate_state(1)[0])
 
 
+def budget_schedule(config: TrainConfig) -> BudgetSchedule | None:
+    """The Recorder's budget schedule where ``config`` gives a budget, else None."""
+    if config.budget is None:
+        return None
+    return BudgetSchedule(config.budget, steps_per_epoch=config.steps_per_epoch)
+
+
+@contextmanager
 def open_recorder(
-    trainer: Trainer, out: Path, run_config: dict[str, Any], *, force: bool, resumed: bool
-) -> AbstractContextManager[Recorder | None]:
-    """The Recorder on rank 0; the other ranks record nothing."""
+    trainer: Trainer,
+    out: Path,
+    run_config: dict[str, Any],
+    *,
+    force: bool,
+    state: dict[str, Any] | None,
+) -> Iterator[Recorder | None]:
+    """The Recorder on rank 0, continuing ``out`` from the Recorder state ``state`` where
+    there is one; the other ranks record nothing."""
     if not trainer.world.main:
-        return nullcontext(None)
+        yield None
+        return
     config = trainer.config
-    return Recorder(
+    with Recorder(
         trainer.model,
         trainer.optimizer,
         out,
         every=None if config.budget is not None else config.every,
-        budget=None
-        if config.budget is None
-        else BudgetSchedule(config.budget, steps_per_epoch=config.steps_per_epoch),
+        budget=budget_schedule(config),
         probes=config.probes,
         flush_every=config.flush_every,
         flush_seconds=config.flush_seconds,
         config=run_config,
         overwrite=force,
-        resume=(trainer.step, trainer.epoch) if resumed else None,
-    )
+    ) as rec:
+        if state is not None:
+            rec.load_state_dict(state)
+        yield rec
 
 
 def describe_run(config: TrainConfig, trainer: Trainer, source: str) -> dict[str, Any]:

@@ -141,7 +141,11 @@ def _train(
         run_config = describe_run(config, trainer, source)
         with (
             open_recorder(
-                trainer, out, run_config, force=force, resumed=checkpoint is not None
+                trainer,
+                out,
+                run_config,
+                force=force,
+                state=checkpoint.recorder if checkpoint is not None else None,
             ) as rec,
             ProgressDisplay(
                 progress if world.main else "off",
@@ -158,10 +162,11 @@ def _train(
                 if train_loss is None:
                     break
                 metrics = trainer.validate(epoch)
+                state = None
                 if rec is not None:
                     rec.epoch_end(train_loss=train_loss, **metrics, lr=trainer.lr)
-                    rec.flush()  # the run file holds this epoch before the checkpoint does
-                trainer.checkpoint(ckpt_file, epochs_done=epoch + 1)
+                    state = rec.state_dict()  # waits until the run file holds this epoch
+                trainer.checkpoint(ckpt_file, epochs_done=epoch + 1, recorder=state)
                 bar.note(epoch_line(epoch, train_loss, metrics))
     return summarize(out, config, trainer, source) if world.main else None
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import textwrap
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -13,10 +14,17 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from gradflow.errors import GradflowError, unknown_name
-from gradflow.plots.binning import load, window_rows
+from gradflow.plots.binning import LayerTime, load, window_rows
 from gradflow.plots.catalog import FIGURES, PlotWarning
-from gradflow.plots.selection import TimeWindow, select_layers
-from gradflow.plots.style import mark_layer_groups, run_colours, run_labels, stat_label, styled
+from gradflow.plots.selection import TimeWindow, left_out_note, measured_columns, select_layers
+from gradflow.plots.style import (
+    mark_layer_groups,
+    run_colours,
+    run_labels,
+    stat_label,
+    styled,
+    wrap_chars,
+)
 from gradflow.runfile import Run
 
 if TYPE_CHECKING:
@@ -179,12 +187,13 @@ def depth_profile(
     (:func:`seed_groups`) are drawn as their mean per layer with a band from the minimum to
     the maximum over the runs (``seaborn.lineplot``, errorbar ``("pi", 100)``). Runs of
     different depth share a relative depth axis; the stage boundaries drawn are those of the
-    first experiment.
+    first experiment. Layers that no run of an experiment measured in the window (frozen
+    throughout it) are not drawn; the note under the figure says how many.
     """
     return _depth_figure(
         runs,
         _depth_stats(runs, stat),
-        DepthOptions(window, layers, all_layers, profiles),
+        DepthOptions(window, layers, all_layers, profiles, measured_only=True),
         log=log,
         title=title,
     )
@@ -227,13 +236,16 @@ def shortcut_share(
 
 @dataclass(frozen=True)
 class DepthOptions:
-    """What the depth figures average and how they draw it."""
+    """What the depth figures average and how they draw it; ``measured_only``: leave out
+    the layers never measured (not for skip shares, which only some layers have by design:
+    their points stay at their layers' depth)."""
 
     window: TimeWindow | None = None
     layers: str | None = None
     all_layers: bool = False
     profiles: int = 1
     marker: str | None = None
+    measured_only: bool = False
 
 
 def _depth_figure(
@@ -249,8 +261,10 @@ def _depth_figure(
     fig = Figure(figsize=(8.5, 0.9 + 2.7 * len(stats)), layout="constrained")
     axes = fig.subplots(len(stats), 1, squeeze=False)[:, 0]
     relative = False
+    notes = []
     for ax, name in zip(axes, stats, strict=True):
-        relative = _depth_panel(ax, groups, name, options)
+        relative, left_out = _depth_panel(ax, groups, name, options)
+        notes += [note if len(stats) == 1 else f"{name}: {note}" for note in left_out]
         ax.set_ylabel(stat_label(name))
         if log:
             ax.set_yscale("log")
@@ -259,40 +273,61 @@ def _depth_figure(
     for ax in axes:  # a group may have no values in some panel (a model without short skips)
         for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
             legend.setdefault(label, handle)
+    note = "; ".join(notes)
     fig.legend(
-        legend.values(), legend.keys(), loc="outside lower center", ncols=min(2, len(legend))
+        legend.values(),
+        legend.keys(),
+        loc="outside lower center",
+        ncols=min(2, len(legend)),
+        title=textwrap.fill(note, wrap_chars(fig, "small")) if note else None,
+        title_fontsize="small",
     )
     if title:
         fig.suptitle(title)
     return fig
 
 
+def _group_data(
+    label: str, group: list[Run], stat: str, options: DepthOptions
+) -> tuple[list[LayerTime], int]:
+    """``stat`` of each run of one group, and how many layers that no run of it measured
+    were left out (with ``options.measured_only``)."""
+    loaded = [
+        load(
+            run,
+            stat,
+            select_layers(run, options.layers, options.all_layers),
+            options.window,
+            options.profiles,
+        )
+        for run in group
+    ]
+    n = len(loaded[0].layers)
+    if any(len(d.layers) != n for d in loaded):
+        raise GradflowError(f"the runs of {label} differ in their layers: draw them apart")
+    if not options.measured_only:
+        return loaded, 0
+    keep = measured_columns(np.concatenate([d.values for d in loaded]))
+    return [d.take(keep) for d in loaded], n - len(keep)
+
+
 def _depth_panel(
     ax: Axes, groups: list[tuple[str, list[Run]]], stat: str, options: DepthOptions
-) -> bool:
-    """Draw ``stat`` against depth per group into ``ax``; True where the groups differ in
-    depth and share a relative depth axis."""
+) -> tuple[bool, list[str]]:
+    """Draw ``stat`` against depth per group into ``ax``: True where the groups differ in
+    depth and share a relative depth axis, and the notes on layers left out."""
     import pandas as pd
     import seaborn as sns
 
-    data = [
-        [
-            load(
-                run,
-                stat,
-                select_layers(run, options.layers, options.all_layers),
-                options.window,
-                options.profiles,
-            )
-            for run in group
-        ]
-        for _, group in groups
-    ]
+    data, notes = [], []
+    for label, group in groups:
+        loaded, left_out = _group_data(label, group, stat, options)
+        data.append(loaded)
+        if note := left_out_note(left_out):
+            notes.append(note if len(groups) == 1 else f"{label}: {note}")
     relative = len({len(d.layers) for group in data for d in group}) > 1
     for (label, group), loaded, colour in zip(groups, data, run_colours(len(groups)), strict=True):
         n = len(loaded[0].layers)
-        if any(len(d.layers) != n for d in loaded):
-            raise GradflowError(f"the runs of {label} differ in their layers: draw them apart")
         x = (np.arange(n) + 0.5) / (n if relative else 1)
         spread = f" (mean, min–max of {len(group)} runs)" if len(group) > 1 else ""
         spans = loaded[0].spans
@@ -320,4 +355,4 @@ def _depth_panel(
     mark_layer_groups(ax, first.layers, "x", scale=1 / len(first.layers) if relative else 1.0)
     ax.grid(alpha=0.3, axis="y")
     ax.set_xlabel("")
-    return relative
+    return relative, notes

@@ -116,10 +116,6 @@ class Recorder(HooksMixin, MeasureMixin, LayoutMixin, StateMixin):
         overwrite: replace an existing file (default: refuse).
         epoch_stats: record the per-epoch update ``|W_end - W_start|`` at :meth:`epoch_end`
             (keeps one more float32 copy of the parameters).
-        resume: ``(step, epoch)`` to continue an existing run file from (rows at or after
-            ``step`` and epochs from ``epoch`` on are dropped, then appended anew); the
-            same as :meth:`load_state_dict` with a state of that step and epoch, which is
-            the way to resume from a checkpoint holding :meth:`state_dict`.
         write_rank: under ``torch.distributed``, the one rank that writes the file. Other
             ranks write nothing; they only join the collectives that sharded (DTensor/FSDP2)
             parameters or ``reduce_activations`` need, and are otherwise inert.
@@ -144,7 +140,6 @@ class Recorder(HooksMixin, MeasureMixin, LayoutMixin, StateMixin):
         config: dict[str, Any] | None = None,
         overwrite: bool = False,
         epoch_stats: bool = True,
-        resume: tuple[int, int] | None = None,
         write_rank: int = 0,
         reduce_activations: bool = False,
     ) -> None:
@@ -161,7 +156,6 @@ class Recorder(HooksMixin, MeasureMixin, LayoutMixin, StateMixin):
             flush_seconds=flush_seconds,
             scaler=scaler,
             config=config,
-            resume=resume,
             write_rank=write_rank,
             flags={
                 "overwrite": overwrite,
@@ -197,7 +191,9 @@ class Recorder(HooksMixin, MeasureMixin, LayoutMixin, StateMixin):
         self._probes: list[Probe] = [PROBES.get(name)() for name in self.probes]
         self._step_probes = [p for p in self._probes if p.scope == "step"]
         self._call_probes = [p for p in self._probes if p.scope == "call"]
-        self._continue_at(resume)
+        self._resume = None  # until load_state_dict() continues an existing file
+        self.step = self.epoch = 0
+        self._active = self.schedule(0)
         self._log = CallLog()  # layer calls since the last optimizer step
         self._row_logs: list[CallLog] = []  # those of the row being measured, per step
         self._rows = RowState()

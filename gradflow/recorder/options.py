@@ -99,7 +99,6 @@ def check_arguments(
     flush_seconds: Any,
     scaler: Any,
     config: Any,
-    resume: Any,
     write_rank: Any,
     flags: dict[str, Any],
 ) -> None:
@@ -123,12 +122,6 @@ def check_arguments(
         raise GradflowError(f"scaler must be a torch.amp.GradScaler, got {type(scaler).__name__}")
     if config is not None and not isinstance(config, dict):
         raise GradflowError(f"config must be a dict, got {type(config).__name__}")
-    if resume is not None and not (
-        isinstance(resume, (tuple, list))
-        and len(resume) == 2
-        and all(is_int(v) and v >= 0 for v in resume)
-    ):
-        raise GradflowError(f"resume must be (step, epoch), two integers >= 0, got {resume!r}")
     if not is_int(write_rank) or write_rank < 0:
         raise GradflowError(f"write_rank must be an integer >= 0, got {write_rank!r}")
     for name, value in flags.items():

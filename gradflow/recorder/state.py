@@ -121,14 +121,10 @@ class StateMixin(RecorderBase):
         if self._layout_sent or self.step or self.epoch or self._rows.phase is not RowPhase.IDLE:
             raise GradflowError("load_state_dict() must come before the model's first step")
         step, epoch, budget_state = checked_state(state, self.path, self._budget)
+        if self._writes and not self.path.exists():
+            raise GradflowError(f"{self.path}: cannot resume, no such run file")
         if self._budget is not None and budget_state is not None:
             self._budget.load_state_dict(budget_state, step)
-        self._continue_at((step, epoch))
-
-    def _continue_at(self, resume: tuple[int, int] | None) -> None:
-        """Start at step 0, or continue the existing run file at ``(step, epoch)``."""
-        if resume is not None and self._writes and not self.path.exists():
-            raise GradflowError(f"{self.path}: cannot resume, no such run file")
-        self._resume = resume
-        self.step, self.epoch = resume if resume is not None else (0, 0)
-        self._active = self.schedule(self.step)
+        self._resume = (step, epoch)
+        self.step, self.epoch = step, epoch
+        self._active = self.schedule(step)

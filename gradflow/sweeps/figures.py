@@ -16,6 +16,7 @@ from matplotlib.colors import to_hex
 
 from gradflow.plots.binning import LayerTime
 from gradflow.plots.interactive import HeatPanel, heatmap_spec
+from gradflow.plots.selection import left_out_note
 from gradflow.plots.style import run_colours, stat_label
 from gradflow.sweeps.scalars import SCALARS
 from gradflow.sweeps.structure import Structure, canonical, level_order
@@ -80,7 +81,9 @@ def heatmap_figure(
     summaries: Sequence[RunSummary], structure: Structure, stat: str, log: bool = True
 ) -> dict[str, Any] | None:
     """Small multiples of ``stat``: per factor combination, its runs' mean heat map, rows
-    by the first factor, one colour scale; None where no run holds ``stat``.
+    by the first factor, one colour scale; None where no run holds ``stat``. A panel
+    leaves out the layers none of its runs measured (frozen throughout); the title says
+    how many.
 
     Args:
         summaries: the runs' summaries.
@@ -91,21 +94,27 @@ def heatmap_figure(
     Returns:
         The plotly figure spec (see :func:`~gradflow.plots.interactive.heatmap_spec`), or None.
     """
-    panels = []
+    panels, left_out = [], []
     for cell in cells(summaries, structure.factors):
         held = [d for i in cell.members if (d := summaries[i].heat.get(stat)) is not None]
         if not held:
             continue
         mean, used = seed_mean(held)
+        measured, n = mean.measured()
         runs = (
             f"{used} runs" if used == len(cell.members) else f"{used} of {len(cell.members)} runs"
         )
-        panels.append(HeatPanel(f"{cell.label} ({runs})", mean))
+        panels.append(HeatPanel(f"{cell.label} ({runs})", measured))
+        if note := left_out_note(n):
+            left_out.append((cell.label, note))
     if not panels:
         return None
     rest = {tuple(canonical(v) for v in c.values[1:]) for c in cells(summaries, structure.factors)}
     columns = min(MAX_COLUMNS, len(rest) if len(structure.factors) > 1 else len(panels))
-    title = f"{stat_label(stat)} ({stat}), mean over the runs of each combination"
+    notes = [note if len(panels) == 1 else f"{label}: {note}" for label, note in left_out]
+    title = "; ".join(
+        [f"{stat_label(stat)} ({stat}), mean over the runs of each combination", *notes]
+    )
     return heatmap_spec(panels, stat, log=log, columns=columns, title=title, row_height=CELL_HEIGHT)
 
 

@@ -167,6 +167,19 @@ def test_a_bad_state_is_refused_in_one_line(tmp_path: Path, change: Any, message
         rec.load_state_dict(state)  # still possible after a refused one
 
 
+def test_the_state_of_a_missing_run_file_is_refused_and_nothing_resumes(tmp_path: Path) -> None:
+    state = saved_state(tmp_path)
+    (tmp_path / "run.h5").unlink()
+    model, opt = build()
+    with Recorder(model, opt, tmp_path / "run.h5") as rec:
+        with pytest.raises(GradflowError, match=r"run\.h5: cannot resume, no such run file$"):
+            rec.load_state_dict(state)
+        assert (rec.step, rec.epoch) == (0, 0)
+        train(rec, model, opt, 0, 1)  # a new run file, from step 0
+    with open_run(tmp_path / "run.h5") as run:
+        assert run.steps.tolist() == [0] and run.events == []
+
+
 def test_a_state_needs_the_same_kind_of_schedule_and_an_unstarted_recorder(
     tmp_path: Path,
 ) -> None:

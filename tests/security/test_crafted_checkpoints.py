@@ -121,6 +121,16 @@ EDITS: dict[str, tuple[Callable[[dict[str, Any]], None], str]] = {
     "state of a missing parameter": (
         lambda p: p["optimizer"]["state"].update({999: {}}), "parameter 999",
     ),
+    "recorder state of a later step": (
+        lambda p: p["recorder"].update(step=4),
+        "its Recorder state is at step 4 of epoch 1, the checkpoint at step 2 of epoch 1",
+    ),
+    "recorder state of another version": (
+        lambda p: p["recorder"].update(version=99), "Recorder state version 99",
+    ),
+    "recorder state with a budget": (
+        lambda p: p["recorder"].update(budget={"budget": 0.5}), "saved with a budget",
+    ),
 }  # fmt: skip
 
 
@@ -147,6 +157,14 @@ def test_what_torch_refuses_is_named_in_one_printable_line(recorded: Path, tmp_p
     _zip(checkpoint_path(run), [(n, d, len(d), zlib.crc32(d), False) for n, d in entries])
     message = _resume_refused(run, "unsupported GLOBAL os.\ufffd[2Jsystem")
     assert not any(ch < " " for ch in message), repr(message)
+
+
+def test_a_recorder_state_not_a_dict_is_refused(recorded: Path, tmp_path: Path) -> None:
+    run = _copy(recorded, tmp_path)
+    payload = _payload(recorded)
+    payload["recorder"] = [0, 2, 1]
+    torch.save(payload, checkpoint_path(run))
+    _resume_refused(run, "damaged checkpoint (recorder is not a Recorder state)")
 
 
 def test_the_untouched_checkpoint_resumes(recorded: Path, tmp_path: Path) -> None:
