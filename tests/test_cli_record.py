@@ -128,6 +128,25 @@ def test_resume_extends_a_run(capsys: pytest.CaptureFixture[str], em: Path, tmp_
         assert [(e.kind, e.step) for e in run.events] == [("resume", 2)]
 
 
+def test_resume_under_a_budget(capsys: pytest.CaptureFixture[str], em: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run.h5"
+    budget = [*TINY, "--steps-per-epoch", "6", "--budget", "0.05", "--data", em, "--out", out]
+    status, _, err = gradflow(capsys, "record", *budget)
+    assert status == 0, err
+    with open_run(out) as run:
+        first = run.steps
+    status, _, err = gradflow(capsys, "record", *budget, "--epochs", "2", "--resume")
+    assert status == 0, err
+    with open_run(out) as run:
+        steps = run.steps
+        assert run.attrs["budget"] == 0.05 and [(e.kind, e.step) for e in run.events] == [
+            ("resume", 6)
+        ]
+    np.testing.assert_array_equal(steps[steps < 6], first)
+    # Forced by the budget: step 0, each epoch's first and last step.
+    assert {0, 5, 6, 11} <= set(steps.tolist()) and np.all(np.diff(steps) > 0)
+
+
 def test_nonfinite_stops_with_exit_1_and_continue_does_not(
     capsys: pytest.CaptureFixture[str], em: Path, tmp_path: Path
 ) -> None:
