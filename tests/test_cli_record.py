@@ -128,7 +128,9 @@ def test_resume_extends_a_run(capsys: pytest.CaptureFixture[str], em: Path, tmp_
         assert [(e.kind, e.step) for e in run.events] == [("resume", 2)]
 
 
-def test_resume_under_a_budget(capsys: pytest.CaptureFixture[str], em: Path, tmp_path: Path) -> None:
+def test_resume_under_a_budget(
+    capsys: pytest.CaptureFixture[str], em: Path, tmp_path: Path
+) -> None:
     out = tmp_path / "run.h5"
     budget = [*TINY, "--steps-per-epoch", "6", "--budget", "0.05", "--data", em, "--out", out]
     status, _, err = gradflow(capsys, "record", *budget)
