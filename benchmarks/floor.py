@@ -42,7 +42,9 @@ from typing import Any
 import h5py
 import numpy as np
 import torch
-from common import Workload, environment, format_table, print_header, write_json
+from harness.env import environment, print_header
+from harness.report import format_table, write_json
+from harness.workloads import Workload
 from torch import nn
 
 MB = 1e6

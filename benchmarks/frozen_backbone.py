@@ -28,7 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from common import environment, format_table, print_header, summarize
+from harness.env import environment, print_header
+from harness.report import format_table, summarize
 from torch import nn
 
 import gradflow

@@ -40,24 +40,11 @@ from typing import Any
 from unittest import mock
 
 import torch
-from common import (
-    Session,
-    Summary,
-    Tool,
-    Trainer,
-    Variant,
-    Workload,
-    cpu_timer,
-    environment,
-    format_table,
-    paired_trials,
-    print_header,
-    ratio_headline,
-    recorder_variant,
-    stderr,
-    summarize,
-    write_json,
-)
+from harness.env import environment, print_header, stderr
+from harness.report import Summary, format_table, ratio_headline, summarize, write_json
+from harness.timing import Session, cpu_timer, paired_trials
+from harness.tools import Tool, Variant, recorder_variant
+from harness.workloads import Trainer, Workload
 
 from gradflow.names import DEFAULT_PROBES
 

@@ -20,7 +20,8 @@ from collections.abc import Callable
 from unittest import mock
 
 import torch
-from common import environment, format_table, print_header
+from harness.env import environment, print_header
+from harness.report import format_table
 
 from gradflow.em.models import create_model
 from gradflow.kernels import cpu as native

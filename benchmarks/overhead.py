@@ -36,29 +36,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from common import (
-    THIRD_PARTY,
-    GradflowTool,
-    Session,
-    Stepper,
-    Summary,
-    Tool,
-    Trainer,
-    Unavailable,
-    Variant,
-    Workload,
-    children_rss_mb,
-    environment,
-    format_table,
-    paired_trials,
-    peak_rss_mb,
-    print_header,
-    ratio_headline,
-    recorder_variant,
-    stderr,
-    summarize,
-    write_json,
-)
+from harness.env import environment, print_header, stderr
+from harness.process import children_rss_mb, peak_rss_mb
+from harness.report import Summary, format_table, ratio_headline, summarize, write_json
+from harness.timing import Session, paired_trials
+from harness.tools import GradflowTool, Stepper, Tool, Unavailable, Variant, recorder_variant
+from harness.workloads import THIRD_PARTY, Trainer, Workload
 from torch import nn
 
 from gradflow.names import DEFAULT_PROBES

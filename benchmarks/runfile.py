@@ -27,17 +27,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from common import (
-    GradflowTool,
-    MLPTrainer,
-    Session,
-    Tool,
-    dataset_bytes,
-    environment,
-    format_table,
-    print_header,
-    write_json,
-)
+from harness.env import environment, print_header
+from harness.process import dataset_bytes
+from harness.report import format_table, write_json
+from harness.timing import Session
+from harness.tools import GradflowTool, Tool
+from harness.workloads import MLPTrainer
 
 from gradflow import statistics
 from gradflow.names import DEFAULT_PROBES, EPOCH_STATS

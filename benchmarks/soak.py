@@ -24,18 +24,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common import (
-    GradflowTool,
-    MLPTrainer,
-    Tool,
-    count_hooks,
-    current_rss_mb,
-    dataset_bytes,
-    environment,
-    format_table,
-    print_header,
-    write_json,
-)
+from harness.env import environment, print_header
+from harness.process import count_hooks, current_rss_mb, dataset_bytes
+from harness.report import format_table, write_json
+from harness.tools import GradflowTool, Tool
+from harness.workloads import MLPTrainer
 
 from gradflow.names import DEFAULT_PROBES
 from gradflow.runfile import open_run

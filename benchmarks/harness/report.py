@@ -1,0 +1,90 @@
+"""Summaries, tables, headlines and JSON: how every script reports what it measured."""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Summary:
+    """Median, quartiles and range of a sample."""
+
+    n: int
+    median: float
+    q1: float
+    q3: float
+    lo: float
+    hi: float
+
+    def spread(self, fmt: str = ".3f") -> str:
+        return f"{self.lo:{fmt}}-{self.hi:{fmt}}"
+
+    def iqr(self, fmt: str = ".3f") -> str:
+        return f"{self.q1:{fmt}}-{self.q3:{fmt}}"
+
+    def as_dict(self) -> dict[str, float]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Summary:
+        return cls(**{k: data[k] for k in ("n", "median", "q1", "q3", "lo", "hi")})
+
+
+def summarize(values: Iterable[float]) -> Summary:
+    data = sorted(float(v) for v in values)
+    if not data:
+        nan = float("nan")
+        return Summary(0, nan, nan, nan, nan, nan)
+    if len(data) == 1:
+        v = data[0]
+        return Summary(1, v, v, v, v, v)
+    q1, _, q3 = statistics.quantiles(data, n=4, method="inclusive")
+    return Summary(len(data), statistics.median(data), q1, q3, data[0], data[-1])
+
+
+def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A fixed-width text table; the first column is left-aligned, the others right."""
+    cells = [[str(h) for h in headers], *[[str(c) for c in row] for row in rows]]
+    widths = [max(len(r[i]) for r in cells if i < len(r)) for i in range(len(headers))]
+
+    def line(row: Sequence[str]) -> str:
+        parts = [
+            cell.ljust(widths[i]) if i == 0 else cell.rjust(widths[i]) for i, cell in enumerate(row)
+        ]
+        return "  ".join(parts).rstrip()
+
+    rule = "  ".join("-" * w for w in widths)
+    return "\n".join([line(cells[0]), rule, *(line(r) for r in cells[1:])])
+
+
+def ratio_headline(summary: Summary, label: str) -> str:
+    """The headline every overhead script ends with (one per measured variant)."""
+    return (
+        f"recorder/plain step-time ratio: {summary.median:.3f} "
+        f"(median of {summary.n} pairs, spread {summary.spread()}) [{label}]"
+    )
+
+
+def write_json(path: str | os.PathLike[str] | None, data: Any) -> None:
+    if not path:
+        return
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(json.dumps(data, indent=2, default=_json_default) + "\n")
+    print(f"results written to {target}")
+
+
+def _json_default(value: Any) -> Any:
+    if hasattr(value, "__dataclass_fields__"):
+        return asdict(value)
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, float) and value != value:
+        return None
+    return str(value)
