@@ -15,13 +15,13 @@ Run: ``python benchmarks/kernels.py`` (``--models paper-resunet:64 fig3b-long-9:
 from __future__ import annotations
 
 import argparse
-import time
 from collections.abc import Callable
 from unittest import mock
 
 import torch
 from harness.env import environment, print_header
 from harness.report import format_table
+from harness.timing import interleaved_best
 
 from gradflow.em.models import create_model
 from gradflow.kernels import cpu as native
@@ -79,18 +79,12 @@ def timings(tensors: dict[str, list[torch.Tensor]], repeat: int) -> dict[str, fl
     with mock.patch("gradflow.probes.param.param_kernels", lambda sizes: None):
         torch_snapshot = Snapshot(params, cpu)
     cases = {
-        ("outputs", "C"): host(native=True),
-        ("outputs", "torch"): host(native=False),
-        ("params", "C"): param(Snapshot(params, cpu)),
-        ("params", "torch"): param(torch_snapshot),
+        "outputs C": host(native=True),
+        "outputs torch": host(native=False),
+        "params C": param(Snapshot(params, cpu)),
+        "params torch": param(torch_snapshot),
     }
-    best = dict.fromkeys(cases, float("inf"))
-    for _ in range(repeat):
-        for key, run in cases.items():
-            start = time.perf_counter()
-            run()
-            best[key] = min(best[key], time.perf_counter() - start)
-    return {f"{phase} {backend}": s for (phase, backend), s in best.items()}
+    return interleaved_best(cases, repeat)
 
 
 def main() -> None:

@@ -4,8 +4,11 @@ of single calls."""
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
+
+import torch
 
 from .tools import Stepper, Tool
 
@@ -87,3 +90,34 @@ def paired_trials(
             ratios = "  ".join(f"{s.name} {results[s.name].ratios[-1]:.3f}" for s in variants)
             progress(f"pair {i + 1}/{pairs}: {ratios}")
     return results
+
+
+def interleaved_best(
+    fns: Mapping[str, Callable[[], Any]], repeats: int, *, evict_mb: int = 0
+) -> dict[str, float]:
+    """Best seconds of each function over ``repeats``, the functions called in turn in every
+    repeat after one untimed round. The best, not the median: what the machine can do, in
+    the repeat least disturbed by other processes. ``evict_mb``: each call comes after
+    writing a buffer that large (untimed), so data comes from memory, as it does after an
+    optimizer step and a forward and backward pass, not from a cache warm from the previous
+    call.
+
+    Args:
+        fns: the calls to time, by name.
+        repeats: timed rounds.
+        evict_mb: MB written before each call (0: none).
+
+    Returns:
+        The best seconds per call, by name.
+    """
+    scratch = torch.empty(evict_mb * 2**20 // 4) if evict_mb else None
+    best = dict.fromkeys(fns, float("inf"))
+    for i in range(repeats + 1):
+        for name, fn in fns.items():
+            if scratch is not None:
+                scratch.fill_(float(i))
+            start = time.perf_counter()
+            fn()
+            if i:
+                best[name] = min(best[name], time.perf_counter() - start)
+    return best
