@@ -38,8 +38,8 @@ from typing import Any
 import torch
 from harness.env import environment, print_header, stderr
 from harness.process import children_rss_mb, peak_rss_mb
-from harness.report import Summary, format_table, ratio_headline, summarize, write_json
-from harness.timing import Session, paired_trials
+from harness.report import format_table, own_clock_line, ratio_headline, ratio_rows, write_json
+from harness.timing import Session, build_session, pair_results, paired_trials
 from harness.tools import GradflowTool, Stepper, Tool, Unavailable, Variant, recorder_variant
 from harness.workloads import THIRD_PARTY, Trainer, Workload
 from torch import nn
@@ -217,34 +217,6 @@ VARIANTS = {
 }
 
 
-def build_session(variant: Variant, workload: Workload, tmp: Path, warmup: int) -> Session:
-    """Build a trainer with the variant's tool and run the warm-up steps; a tool that is
-    missing or fails on this model raises :class:`Unavailable` with the reason."""
-    trainer = Trainer(workload)
-    try:
-        tool = variant.build(trainer, tmp)
-    except Unavailable:
-        raise
-    except Exception as err:
-        raise Unavailable(f"fails to attach: {type(err).__name__}: {_first_line(err)}") from err
-    session = Session(variant.name, trainer, tool)
-    try:
-        session.run(warmup)
-        tool.settle()
-    except Exception as err:
-        with contextlib.suppress(Exception):
-            tool.close()
-        raise Unavailable(
-            f"fails on {workload.model}: {type(err).__name__}: {_first_line(err)}"
-        ) from err
-    return session
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return (text.splitlines()[0] if text else "")[:160]
-
-
 # -- memory, one fresh process per variant --------------------------------------------------------
 def memory_child(args: argparse.Namespace, workload: Workload) -> None:
     """Run in a subprocess: build one variant, run the steps, print its peak RSS as JSON."""
@@ -305,6 +277,7 @@ def report(
 ) -> list[str]:
     """Print the table; returns the headline lines."""
     plain_mem = memory.get("plain", {}).get("peak_rss_mb")
+    first = ratio_rows(names, results, ms=False, digits=3)
     rows = []
     for name in names:
         label = VARIANTS[name].label
@@ -321,24 +294,9 @@ def report(
             child = mem.get("children_rss_mb")
             if child:
                 extra_s += f" (+{child:.0f} in child procs)"
-        r = results[name]
         if name == "plain":
-            t = r["seconds_per_step"]
-            rows.append([name, f"{t['median']:.4f}", "1", "-", "-", peak_s, "0", label])
-        else:
-            t, q = r["seconds_per_step"], r["ratio"]
-            rows.append(
-                [
-                    name,
-                    f"{t['median']:.4f}",
-                    f"{q['median']:.3f}",
-                    f"{q['q1']:.3f}-{q['q3']:.3f}",
-                    f"{q['lo']:.3f}-{q['hi']:.3f}",
-                    peak_s,
-                    extra_s,
-                    label,
-                ]
-            )
+            extra_s = "0"
+        rows.append([*first[name], peak_s, extra_s, label])
     headers = [
         "variant",
         "s/step",
@@ -358,21 +316,13 @@ def report(
     for name in names:
         own = results.get(name, {}).get("self_reported_ms")
         if own:
-            parts = ", ".join(f"{k} {v:.2f}" for k, v in own.items())
-            kernels = results[name].get("kernel_backend")
-            print(
-                f"{name}: the recorder's own timing per recorded step (ms): {parts}"
-                + (f" [{kernels} kernels]" if kernels else "")
-            )
+            print(own_clock_line(name, own, results[name].get("kernel_backend")))
     print()
 
     def headline(name: str) -> str:
-        label = f"{VARIANTS[name].label}, {workload.model}"
-        if name in results:
-            q = results[name]["ratio"]
-            return ratio_headline(Summary.from_dict(q), label)
         why = unavailable.get(name, "not run (not in --variants)")
-        return f"recorder/plain step-time ratio: n/a ({why}) [{label}]"
+        ratio = results.get(name, {}).get("ratio")
+        return ratio_headline(ratio, f"{VARIANTS[name].label}, {workload.model}", why)
 
     lines = [headline("param"), headline("all")]
     lines += [headline(name) for name in ("param-torch", "all-torch") if name in results]
@@ -476,14 +426,7 @@ def measure(
             deadline=deadline,
             progress=stderr,
         )
-        plain_times = [t for p in pairs.values() for t in p.baseline]
-        results["plain"] = {"seconds_per_step": summarize(plain_times).as_dict()}
-        for name, p in pairs.items():
-            results[name] = {
-                "seconds_per_step": summarize(p.variant).as_dict(),
-                "ratio": summarize(p.ratios).as_dict(),
-                "pairs": {"plain": p.baseline, "variant": p.variant},
-            }
+        results.update(pair_results(pairs))
         for name, session in sessions.items():
             session.tool.close()
             if isinstance(session.tool, GradflowTool):

@@ -3,14 +3,18 @@ of single calls."""
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from .tools import Stepper, Tool
+from .report import summarize
+from .tools import Stepper, Tool, Unavailable, Variant
+from .workloads import Trainer, Workload
 
 
 @dataclass
@@ -57,7 +61,7 @@ class Pairs:
 
 
 def paired_trials(
-    baseline: Session,
+    baseline: Session | Mapping[str, Session],
     variants: Sequence[Session],
     *,
     pairs: int,
@@ -69,7 +73,21 @@ def paired_trials(
     """Round ``i`` times, for every variant, ``steps`` baseline steps and ``steps`` variant
     steps back to back: baseline first in even rounds, variant first in odd ones. The
     variants' order rotates from round to round, so no variant always follows the same one.
-    Stops early (with fewer pairs) once ``deadline`` (``time.monotonic()``) has passed."""
+    Stops early (with fewer pairs) once ``deadline`` (``time.monotonic()``) has passed.
+
+    Args:
+        baseline: the session every variant is paired with, or one per variant's name.
+        variants: the sessions timed against it.
+        pairs: rounds.
+        steps: steps per trial.
+        timer: seconds per step of a trial (with ``last_wall``: the wall clock too).
+        deadline: stop adding rounds after this ``time.monotonic()``, once 2 are done.
+        progress: called with a line per round.
+
+    Returns:
+        Per variant's name, its pairs of seconds per step.
+    """
+    baselines = baseline if isinstance(baseline, Mapping) else {s.name: baseline for s in variants}
     results = {s.name: Pairs() for s in variants}
     n = len(variants)
     for i in range(pairs):
@@ -81,7 +99,7 @@ def paired_trials(
         for session in order:
             pair = results[session.name]
             for role in ("baseline", "variant") if i % 2 == 0 else ("variant", "baseline"):
-                seconds = timer(baseline if role == "baseline" else session, steps)
+                seconds = timer(baselines[session.name] if role == "baseline" else session, steps)
                 getattr(pair, role).append(seconds)
                 wall = getattr(timer, "last_wall", None)
                 if wall is not None:
@@ -90,6 +108,77 @@ def paired_trials(
             ratios = "  ".join(f"{s.name} {results[s.name].ratios[-1]:.3f}" for s in variants)
             progress(f"pair {i + 1}/{pairs}: {ratios}")
     return results
+
+
+def pair_results(pairs: Mapping[str, Pairs]) -> dict[str, dict[str, Any]]:
+    """Summaries of :func:`paired_trials`' pairs, as the scripts report them and write JSON.
+
+    Args:
+        pairs: per variant, its pairs with the (shared) baseline.
+
+    Returns:
+        ``plain``: the baseline's ``seconds_per_step`` over all pairs; per variant its
+        ``seconds_per_step``, ``ratio`` (and ``wall_ratio`` where the timer had a wall
+        clock) summaries and its ``pairs`` of seconds.
+    """
+    plain = [t for p in pairs.values() for t in p.baseline]
+    out: dict[str, dict[str, Any]] = {"plain": {"seconds_per_step": summarize(plain).as_dict()}}
+    for name, p in pairs.items():
+        seconds: dict[str, list[float]] = {"plain": p.baseline, "variant": p.variant}
+        out[name] = {
+            "seconds_per_step": summarize(p.variant).as_dict(),
+            "ratio": summarize(p.ratios).as_dict(),
+            "pairs": seconds,
+        }
+        if p.wall_ratios:
+            seconds |= {"wall_plain": p.wall_baseline, "wall_variant": p.wall_variant}
+            out[name]["wall_ratio"] = summarize(p.wall_ratios).as_dict()
+    return out
+
+
+def build_session(
+    variant: Variant, workload: Workload, folder: Path, warmup: int, kind: type[Session] = Session
+) -> Session:
+    """A trainer of ``workload`` with the variant's tool (files in ``folder``), after
+    ``warmup`` untimed steps.
+
+    Args:
+        variant: what watches training.
+        workload: what is trained.
+        folder: where the tool writes its files.
+        warmup: steps run (and the tool's background work drained) before any timing.
+        kind: the session class (a subclass may change how steps run).
+
+    Returns:
+        The session.
+
+    Raises:
+        Unavailable: the tool is missing, or fails on this model, with the reason.
+    """
+    trainer = Trainer(workload)
+    try:
+        tool = variant.build(trainer, folder)
+    except Unavailable:
+        raise
+    except Exception as err:
+        raise Unavailable(f"fails to attach: {type(err).__name__}: {first_line(err)}") from err
+    session = kind(variant.name, trainer, tool)
+    try:
+        session.run(warmup)
+        tool.settle()
+    except Exception as err:
+        with contextlib.suppress(Exception):
+            tool.close()
+        raise Unavailable(
+            f"fails on {workload.model}: {type(err).__name__}: {first_line(err)}"
+        ) from err
+    return session
+
+
+def first_line(err: BaseException) -> str:
+    """The first line of an error's message, at most 160 characters."""
+    text = str(err).strip()
+    return (text.splitlines()[0] if text else "")[:160]
 
 
 def interleaved_best(
