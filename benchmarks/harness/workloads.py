@@ -180,10 +180,19 @@ class Trainer:
 
 class MLPTrainer:
     """``n_layers`` Linear(width, width) layers in a row (+ ReLU if ``relu``), SGD, MSE, one
-    fixed random batch. Near-identity initial weights keep even 1000 layers finite."""
+    fixed random batch. Near-identity initial weights keep even 1000 layers finite. The first
+    ``frozen`` layers do not train (no gradients, not in the optimizer)."""
 
     def __init__(
-        self, n_layers: int, *, width: int = 16, batch: int = 8, relu: bool = False, seed: int = 0
+        self,
+        n_layers: int,
+        *,
+        width: int = 16,
+        batch: int = 8,
+        relu: bool = False,
+        frozen: int = 0,
+        lr: float = 1e-3,
+        seed: int = 0,
     ) -> None:
         torch.manual_seed(seed)
         blocks: list[nn.Module] = []
@@ -194,7 +203,10 @@ class MLPTrainer:
                 linear.bias.zero_()
             blocks += [linear, nn.ReLU()] if relu else [linear]
         self.model: nn.Module = nn.Sequential(*blocks)
-        self.optimizer: torch.optim.Optimizer = torch.optim.SGD(self.model.parameters(), lr=1e-3)
+        for block in blocks[: (2 if relu else 1) * frozen]:
+            block.requires_grad_(False)
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer: torch.optim.Optimizer = torch.optim.SGD(trainable, lr=lr)
         self.x = torch.randn(batch, width)
         self.y = torch.randn(batch, width)
         self.step_index = 0
