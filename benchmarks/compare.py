@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from harness.env import REPO, environment, print_header, stderr
+from harness.env import REPO, environment, print_header, script_parser, stderr
 from harness.report import format_table, summarize, write_json
 
 DEFAULT_WORKLOADS = "fig3b-long-9:96:4:10:3,paper-resunet:64:2:5:3,paper-resunet:256:2:2:2"
@@ -276,9 +276,7 @@ def table(
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    p = script_parser(__doc__)
     p.add_argument("--base", required=True, help="the base revision (any git revision)")
     p.add_argument(
         "--current", help="a revision to compare instead of the working tree (default: it)"
@@ -300,7 +298,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--quick", action="store_true", help=f"smoke test: {QUICK_ROUNDS} rounds of 1 short pair"
     )
-    p.add_argument("--json", help="write all results to this JSON file")
     return p.parse_args(argv)
 
 

@@ -35,7 +35,7 @@ from typing import Any
 import h5py
 import numpy as np
 import torch
-from harness.env import environment, print_header
+from harness.env import environment, print_header, script_parser
 from harness.report import format_table, write_json
 from harness.timing import interleaved_best
 from harness.tools import GradflowTool
@@ -143,16 +143,13 @@ def gradflow_passes(params: Sequence[torch.Tensor]) -> dict[str, Callable[[], An
 
 # -- the report -----------------------------------------------------------------------------------
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    p = script_parser(__doc__)
     p.add_argument("--model", default="paper-resunet")
     p.add_argument("--crop", type=int, default=64)
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--repeats", type=int, default=30, help="repeats per microbenchmark")
     p.add_argument("--steps", type=int, default=20, help="recorded steps that are measured")
     p.add_argument("--warmup", type=int, default=3, help="recorded steps not measured first")
-    p.add_argument("--json", help="write all results to this JSON file")
     return p.parse_args(argv)
 
 

@@ -40,7 +40,7 @@ from typing import Any
 from unittest import mock
 
 import torch
-from harness.env import environment, print_header, stderr
+from harness.env import add_trial_options, environment, print_header, script_parser, stderr
 from harness.report import format_table, own_clock_line, ratio_headline, ratio_rows, write_json
 from harness.timing import Session, build_session, cpu_timer, pair_results, paired_trials
 from harness.tools import Tool, Variant, recorder_variant
@@ -49,8 +49,13 @@ from harness.workloads import Workload
 from gradflow.names import DEFAULT_PROBES
 
 DEFAULT_MODELS = "paper-resunet:256:4,fig3b-long-9:256:4"
-FULL = {"models": DEFAULT_MODELS, "pairs": 20, "steps_per_trial": 10, "warmup": 5, "sync_steps": 5}
-QUICK = {"models": "paper-resunet:64:2,fig3b-long-9:32:2", "pairs": 2, "steps_per_trial": 2}
+FULL: dict[str, Any] = {"models": DEFAULT_MODELS, "pairs": 20, "steps_per_trial": 10}
+FULL |= {"warmup": 5, "sync_steps": 5}
+QUICK: dict[str, Any] = {
+    "models": "paper-resunet:64:2,fig3b-long-9:32:2",
+    "pairs": 2,
+    "steps_per_trial": 2,
+}
 QUICK |= {"warmup": 1, "sync_steps": 2}
 RATIO_GOAL = 1.01
 # CUDA runtime calls that block the calling host thread (cudaMemcpy* to pageable memory
@@ -501,20 +506,18 @@ def headlines(report: dict[str, Any], device: str) -> list[str]:
 
 
 def parse_args() -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    p = script_parser(__doc__, "default: $OUT/gpu_bench.json when OUT is set")
     p.add_argument("--device", default="cuda")
     p.add_argument("--quick", action="store_true", help="tiny settings to test the script")
     p.add_argument(
         "--models", help="comma-separated model:crop:batch (default: " + DEFAULT_MODELS + ")"
     )
-    p.add_argument("--pairs", type=int, help="paired rounds (default 20; 0 skips timing)")
-    p.add_argument("--steps-per-trial", type=int, help="default 10")
-    p.add_argument("--warmup", type=int, help="default 5")
+    # --pairs 0 skips timing.
+    add_trial_options(
+        p, pairs=FULL["pairs"], steps=FULL["steps_per_trial"], warmup=FULL["warmup"], fill=False
+    )
     p.add_argument("--sync-steps", type=int, help="steps per sync count or profile (default 5)")
     p.add_argument("--budget-s", type=float, default=420.0, help="whole run, seconds")
-    p.add_argument("--json", help="default: $OUT/gpu_bench.json when OUT is set")
     p.add_argument(
         "--variants",
         default=",".join(TIMED),

@@ -14,12 +14,11 @@ Run: ``python benchmarks/kernels.py`` (``--models paper-resunet:64 fig3b-long-9:
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Callable
 from unittest import mock
 
 import torch
-from harness.env import environment, print_header
+from harness.env import add_threads_option, environment, print_header, script_parser, set_threads
 from harness.report import format_table
 from harness.timing import interleaved_best
 
@@ -88,12 +87,12 @@ def timings(tensors: dict[str, list[torch.Tensor]], repeat: int) -> dict[str, fl
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = script_parser(__doc__, json_help=None)
     parser.add_argument("--models", nargs="+", default=["fig3b-long-9:96", "paper-resunet:64"])
     parser.add_argument("--repeat", type=int, default=12)
-    parser.add_argument("--threads", type=int, default=1)
+    add_threads_option(parser, 1)
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    set_threads(args)
     print_header("C kernels against torch operations, one recorded step", environment())
     print(f"kernels: {native.cpu_backend()}, torch threads: {args.threads}, best of {args.repeat}")
     rows = []

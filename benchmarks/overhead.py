@@ -36,7 +36,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from harness.env import environment, print_header, stderr
+from harness.env import (
+    add_threads_option,
+    add_trial_options,
+    environment,
+    print_header,
+    script_parser,
+    set_threads,
+    stderr,
+)
 from harness.process import children_rss_mb, peak_rss_mb
 from harness.report import format_table, own_clock_line, ratio_headline, ratio_rows, write_json
 from harness.timing import Session, build_session, pair_results, paired_trials
@@ -349,18 +357,14 @@ def report(
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    p = script_parser(__doc__)
     p.add_argument(
         "--model",
         default="fig3b-long-9",
         help="a gradflow zoo preset, resnet18 or gpt2-mini; several, comma-separated, are "
         "measured one after the other and compared side by side",
     )
-    p.add_argument("--pairs", type=int, default=20, help="paired rounds (default 20)")
-    p.add_argument("--steps-per-trial", type=int, default=10, help="steps per timed trial")
-    p.add_argument("--warmup", type=int, default=3, help="untimed steps per variant first")
+    add_trial_options(p, pairs=20, steps=10, warmup=3)
     p.add_argument(
         "--crop",
         type=int,
@@ -378,8 +382,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--max-minutes", type=float, help="stop adding pairs after this long (per model)"
     )
-    p.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's)")
-    p.add_argument("--json", help="write all results to this JSON file")
+    add_threads_option(p)
     p.add_argument("--memory-child", help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -476,8 +479,7 @@ def side_by_side(names: list[str], measured: dict[str, dict[str, Any]]) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_threads(args)
     models = [m for m in args.model.split(",") if m]
     if args.memory_child:
         memory_child(args, workload_for(models[0], args))

@@ -20,17 +20,16 @@ writer thread's own time per row.
 
 from __future__ import annotations
 
-import argparse
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from harness.env import environment, print_header
+from harness.env import environment, print_header, script_parser
 from harness.process import dataset_bytes
 from harness.report import format_table, write_json
-from harness.timing import Session
+from harness.timing import Session, cpu_timer
 from harness.tools import GradflowTool, Tool
 from harness.workloads import MLPTrainer
 
@@ -143,9 +142,7 @@ def record_mlp(path: Path, n_layers: int, n_steps: int) -> dict[str, Any]:
     mlp = MLPTrainer(n_layers)
     plain = Session("plain", mlp, Tool(mlp))
     plain.run(3)
-    start = time.perf_counter()
-    plain.run(n_steps)
-    plain_s = (time.perf_counter() - start) / n_steps
+    plain_s = cpu_timer(plain, n_steps)
     tool = GradflowTool(mlp, path, probes=DEFAULT_PROBES)
     recorded = Session("recorded", mlp, tool)
     start = time.perf_counter()
@@ -210,7 +207,7 @@ def print_recorder(m: dict[str, Any]) -> None:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = script_parser(__doc__)
     p.add_argument("--layers", type=int, default=1000)
     p.add_argument("--steps", type=int, default=2000, help="rows streamed through RunWriter")
     p.add_argument(
@@ -220,7 +217,6 @@ def main() -> None:
         "flush_seconds=5 commits fewer rows when steps are slow (default 100,10)",
     )
     p.add_argument("--recorder-steps", type=int, default=100, help="0 skips part 2")
-    p.add_argument("--json", help="write all results to this JSON file")
     args = p.parse_args()
     env = environment()
     print_header("gradflow run file: size and write throughput", env)

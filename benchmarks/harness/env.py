@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import datetime as _dt
 import os
 import platform
@@ -89,3 +90,59 @@ def print_header(title: str, env: dict[str, Any]) -> None:
 
 def stderr(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
+
+
+def script_parser(
+    doc: str | None, json_help: str | None = "write all results to this JSON file"
+) -> argparse.ArgumentParser:
+    """The argument parser of a benchmark script.
+
+    Args:
+        doc: the script's docstring (its first line describes the script in ``--help``).
+        json_help: the help of ``--json OUT``; None: no ``--json``.
+
+    Returns:
+        The parser, with ``--json`` unless ``json_help`` is None.
+    """
+    p = argparse.ArgumentParser(
+        description=doc.splitlines()[0] if doc else None,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    if json_help is not None:
+        p.add_argument("--json", help=json_help)
+    return p
+
+
+def add_trial_options(
+    p: argparse.ArgumentParser, *, pairs: int, steps: int, warmup: int, fill: bool = True
+) -> None:
+    """``--pairs``, ``--steps-per-trial`` and ``--warmup`` of paired timing.
+
+    Args:
+        p: the parser.
+        pairs: paired rounds by default.
+        steps: steps per timed trial by default.
+        warmup: untimed steps per variant by default.
+        fill: the defaults are the options' values; False: they are None, for a script that
+            fills them in from a set of defaults of its own (the help still shows these).
+    """
+    for flag, default, what in (
+        ("--pairs", pairs, "paired rounds"),
+        ("--steps-per-trial", steps, "steps per timed trial"),
+        ("--warmup", warmup, "untimed steps per variant first"),
+    ):
+        p.add_argument(
+            flag, type=int, default=default if fill else None, help=f"{what} (default {default})"
+        )
+
+
+def add_threads_option(p: argparse.ArgumentParser, default: int | None = None) -> None:
+    """``--threads``: :func:`torch.set_num_threads` (see :func:`set_threads`)."""
+    shown = "torch's" if default is None else str(default)
+    p.add_argument("--threads", type=int, default=default, help=f"torch threads (default {shown})")
+
+
+def set_threads(args: argparse.Namespace) -> None:
+    """Applies ``--threads`` where it was given."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
