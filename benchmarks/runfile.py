@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 from harness.env import environment, print_header, script_parser
 from harness.process import dataset_bytes
-from harness.report import format_table, write_json
+from harness.report import format_table, own_clock_line, write_json
 from harness.timing import Session, cpu_timer
 from harness.tools import GradflowTool, Tool
 from harness.workloads import MLPTrainer
@@ -197,8 +197,7 @@ def print_recorder(m: dict[str, Any]) -> None:
     )
     own = m["self_reported_ms_per_row"]
     if own:
-        parts = ", ".join(f"{k} {v:.2f}" for k, v in own.items())
-        print(f"the recorder's own timing per row (ms): {parts}")
+        print(own_clock_line("recorder", own))
     if m["writer_values_per_s"]:
         print(
             f"writer thread, host statistics only (HDF5 I/O is part 1): "
