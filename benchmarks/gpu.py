@@ -42,7 +42,7 @@ from unittest import mock
 import torch
 from harness.env import add_trial_options, environment, print_header, script_parser, stderr
 from harness.report import format_table, own_clock_line, ratio_headline, ratio_rows, write_json
-from harness.timing import Session, build_session, cpu_timer, pair_results, paired_trials
+from harness.timing import CudaTimer, Session, build_session, cpu_timer, pair_results, paired_trials
 from harness.tools import Tool, Variant, recorder_variant
 from harness.workloads import Workload
 
@@ -98,25 +98,6 @@ class TorchReductions(Session):
 
 
 # -- timing ---------------------------------------------------------------------------------------
-class CudaTimer:
-    """Seconds per step between CUDA events around the steps; ``last_wall``: the wall
-    clock of the same trial, until the GPU finished and the writer took every row."""
-
-    last_wall: float | None = None
-
-    def __call__(self, session: Session, steps: int) -> float:
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        start.record()
-        session.run(steps)
-        end.record()
-        session.tool.settle()
-        end.synchronize()
-        self.last_wall = (time.perf_counter() - t0) / steps
-        return start.elapsed_time(end) / 1e3 / steps
-
-
 def time_variants(
     sessions: dict[str, Session], args: argparse.Namespace, deadline: float
 ) -> dict[str, Any]:

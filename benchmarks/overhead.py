@@ -24,9 +24,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib.metadata
-import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -45,7 +43,7 @@ from harness.env import (
     set_threads,
     stderr,
 )
-from harness.process import children_rss_mb, peak_rss_mb
+from harness.process import peak_of, report_to_parent, run_child
 from harness.report import format_table, own_clock_line, ratio_headline, ratio_rows, write_json
 from harness.timing import Session, build_session, pair_results, paired_trials
 from harness.tools import GradflowTool, Stepper, Tool, Unavailable, Variant, recorder_variant
@@ -63,7 +61,6 @@ MODEL_DEFAULTS = {
     "resnet18": (64, 4),
     "gpt2-mini": (64, 4),
 }
-MEMORY_TAG = "@@memory "
 
 
 # -- the comparison tools -------------------------------------------------------------------------
@@ -227,52 +224,23 @@ VARIANTS = {
 
 # -- memory, one fresh process per variant --------------------------------------------------------
 def memory_child(args: argparse.Namespace, workload: Workload) -> None:
-    """Run in a subprocess: build one variant, run the steps, print its peak RSS as JSON."""
+    """Run in a subprocess: build one variant, run the steps, report its peak RSS."""
     result: dict[str, Any] = {"variant": args.memory_child}
     with tempfile.TemporaryDirectory(prefix="gradflow-mem-") as tmp:
         try:
             session = build_session(VARIANTS[args.memory_child], workload, Path(tmp), args.warmup)
-            session.run(args.memory_steps)
-            session.tool.settle()
-            result["peak_rss_mb"] = peak_rss_mb()
-            result["children_rss_mb"] = children_rss_mb()
-            session.tool.close()
+            result |= peak_of(session, args.memory_steps)
         except Unavailable as err:
             result["unavailable"] = str(err)
-    print(MEMORY_TAG + json.dumps(result), flush=True)
+    report_to_parent(result)
 
 
 def measure_memory(name: str, args: argparse.Namespace, workload: Workload) -> dict[str, Any]:
-    cmd = [
-        sys.executable,
-        str(Path(__file__).resolve()),
-        "--memory-child",
-        name,
-        "--model",
-        workload.model,
-        "--crop",
-        str(workload.crop),
-        "--batch",
-        str(workload.batch),
-        "--warmup",
-        str(args.warmup),
-        "--memory-steps",
-        str(args.memory_steps),
-    ]
-    try:
-        # Not the parent's WANDB_* (its WANDB_SERVICE would make the child reuse the
-        # parent's wandb service process instead of starting, and counting, its own).
-        env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
-        proc = subprocess.run(
-            cmd, capture_output=True, text=True, timeout=args.memory_timeout, env=env
-        )
-    except subprocess.TimeoutExpired:
-        return {"error": f"timed out after {args.memory_timeout} s"}
-    for line in reversed(proc.stdout.splitlines()):
-        if line.startswith(MEMORY_TAG):
-            return dict(json.loads(line[len(MEMORY_TAG) :]))
-    tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-    return {"error": f"subprocess exited {proc.returncode}: {tail[:160]}"}
+    """Peak RSS of variant ``name`` on ``workload``, measured in a fresh process."""
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--memory-child", name]
+    cmd += ["--model", workload.model, "--crop", str(workload.crop), "--batch", str(workload.batch)]
+    cmd += ["--warmup", str(args.warmup), "--memory-steps", str(args.memory_steps)]
+    return run_child(cmd, args.memory_timeout)
 
 
 # -- the report -----------------------------------------------------------------------------------

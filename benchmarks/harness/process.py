@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import json
 import os
 import resource
+import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+
+from .timing import Session
 
 
 def peak_rss_mb() -> float:
@@ -108,3 +113,54 @@ def count_hooks(model: nn.Module, optimizer: torch.optim.Optimizer | None = None
         if name.startswith("_global_") and name.endswith("hooks"):
             n += len(getattr(glob, name))
     return n
+
+
+# -- measurements in a fresh process ------------------------------------------------------------
+CHILD_TAG = "@@result "
+
+
+def peak_of(session: Session, steps: int) -> dict[str, float | None]:
+    """Run ``steps`` more steps of ``session`` (its background work drained), then close its
+    tool.
+
+    Args:
+        session: a session built and warmed up in this (fresh) process.
+        steps: steps to run.
+
+    Returns:
+        ``peak_rss_mb`` of this process and ``children_rss_mb`` of its child processes.
+    """
+    session.run(steps)
+    session.tool.settle()
+    out = {"peak_rss_mb": peak_rss_mb(), "children_rss_mb": children_rss_mb()}
+    session.tool.close()
+    return out
+
+
+def report_to_parent(result: dict[str, Any]) -> None:
+    """Print ``result`` as the tagged JSON line that :func:`run_child` reads."""
+    print(CHILD_TAG + json.dumps(result), flush=True)
+
+
+def run_child(cmd: Sequence[str], timeout: float) -> dict[str, Any]:
+    """Run ``cmd`` (a script that ends with :func:`report_to_parent`) in a fresh process.
+
+    Args:
+        cmd: the command line.
+        timeout: seconds before it is stopped.
+
+    Returns:
+        The child's result, or ``{"error": why}``.
+    """
+    # Not the parent's WANDB_* (its WANDB_SERVICE would make the child reuse the parent's
+    # wandb service process instead of starting, and counting, its own).
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    try:
+        proc = subprocess.run(list(cmd), capture_output=True, text=True, timeout=timeout, env=env)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout:g} s"}
+    for line in reversed(proc.stdout.splitlines()):
+        if line.startswith(CHILD_TAG):
+            return dict(json.loads(line[len(CHILD_TAG) :]))
+    tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+    return {"error": f"subprocess exited {proc.returncode}: {tail[:160]}"}

@@ -41,6 +41,25 @@ def cpu_timer(session: Session, steps: int) -> float:
     return (time.perf_counter() - start) / steps
 
 
+class CudaTimer:
+    """Seconds per step between CUDA events around the steps; ``last_wall``: the wall
+    clock of the same trial, until the GPU finished and the writer took every row."""
+
+    last_wall: float | None = None
+
+    def __call__(self, session: Session, steps: int) -> float:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        start.record()
+        session.run(steps)
+        end.record()
+        session.tool.settle()
+        end.synchronize()
+        self.last_wall = (time.perf_counter() - t0) / steps
+        return start.elapsed_time(end) / 1e3 / steps
+
+
 @dataclass
 class Pairs:
     """Per-pair seconds per step of the baseline and of one variant, measured back to back
