@@ -24,7 +24,6 @@ measures, on this machine:
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import tempfile
 import time
@@ -36,7 +35,7 @@ import h5py
 import numpy as np
 import torch
 from harness.env import environment, print_header, script_parser
-from harness.report import format_table, write_json
+from harness.report import format_table, summarize, write_json
 from harness.timing import interleaved_best
 from harness.tools import GradflowTool
 from harness.workloads import Trainer, Workload
@@ -111,10 +110,10 @@ def recorder_clock(workload: Workload, steps: int, warmup: int) -> dict[str, Any
             rows = np.asarray(f["overhead"][warmup:], dtype=np.float64)
             backend = f.attrs.get("kernel_backend")
     out: dict[str, Any] = {
-        f"{c}_ms": 1e3 * float(np.median(rows[:, i])) for i, c in enumerate(columns)
+        f"{c}_ms": 1e3 * summarize(rows[:, i]).median for i, c in enumerate(columns)
     }
     out["stats_ms_all"] = [round(1e3 * v, 3) for v in rows[:, columns.index("stats")]]
-    out["step_ms"] = 1e3 * statistics.median(step_s[warmup:])
+    out["step_ms"] = 1e3 * summarize(step_s[warmup:]).median
     out["kernel_backend"] = None if backend is None else str(backend)
     out["steps"] = len(rows)
     return out
