@@ -14,8 +14,9 @@ RESUNET_STEPS ?= 5
 STACK_PAIRS ?= 10
 export MPLBACKEND ?= Agg
 
-BENCH_FILES := benchmarks/common.py benchmarks/overhead.py benchmarks/runfile.py benchmarks/compare.py \
-	benchmarks/floor.py benchmarks/kernels.py benchmarks/gpu.py benchmarks/soak.py
+BENCH_FILES := benchmarks/harness/*.py benchmarks/overhead.py benchmarks/runfile.py benchmarks/compare.py \
+	benchmarks/floor.py benchmarks/kernels.py benchmarks/gpu.py benchmarks/soak.py \
+	benchmarks/frozen_backbone.py benchmarks/plot_speed.py benchmarks/startup.py benchmarks/sweep_speed.py
 
 .PHONY: help test lint bench bench-overhead bench-resunet bench-runfile bench-plot bench-soak \
 	bench-stacks bench-budget bench-gpu-dry bench-gpu bench-summary

@@ -4,7 +4,7 @@ Runs ``benchmarks/overhead.py`` of a base revision (a ``git worktree`` outside t
 repository, made once and reused) and of the current working tree, alternating in rounds
 (base then current in even rounds, current then base in odd ones), every run a separate
 subprocess started in that version's own checkout with ``PYTHONPATH`` set to it, so that it
-imports that version's gradflow and ``benchmarks/common.py``. Each run reports, per variant,
+imports that version's gradflow and benchmark helpers. Each run reports, per variant,
 the median of its paired ratios ``variant s/step / plain s/step``; the table gives, per
 workload and variant, the median over rounds of those per-run medians (min-max over
 rounds) for each side, and current/base.
@@ -29,7 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from common import REPO, environment, format_table, print_header, stderr, summarize, write_json
+from harness.env import REPO, environment, print_header, script_parser, stderr
+from harness.report import format_table, summarize, write_json
 
 DEFAULT_WORKLOADS = "fig3b-long-9:96:4:10:3,paper-resunet:64:2:5:3,paper-resunet:256:2:2:2"
 QUICK_WORKLOADS = "fig3b-long-9:96:4:2:1,paper-resunet:64:2:2:1,paper-resunet:256:2:1:1"
@@ -275,9 +276,7 @@ def table(
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    p = script_parser(__doc__)
     p.add_argument("--base", required=True, help="the base revision (any git revision)")
     p.add_argument(
         "--current", help="a revision to compare instead of the working tree (default: it)"
@@ -299,7 +298,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--quick", action="store_true", help=f"smoke test: {QUICK_ROUNDS} rounds of 1 short pair"
     )
-    p.add_argument("--json", help="write all results to this JSON file")
     return p.parse_args(argv)
 
 

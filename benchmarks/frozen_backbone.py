@@ -22,13 +22,15 @@ from __future__ import annotations
 
 import sys
 import tempfile
-import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from common import environment, format_table, print_header, summarize
+from harness.env import environment, print_header
+from harness.report import format_table, summarize
+from harness.timing import Session, paired_trials
+from harness.tools import GradflowTool, Tool
+from harness.workloads import MLPTrainer
 from torch import nn
 
 import gradflow
@@ -38,60 +40,23 @@ N_FROZEN = 18
 WARMUP = 5
 
 
-def model(frozen: int) -> nn.Sequential:
+def trainer(frozen: int) -> MLPTrainer:
     """The MLP with its first ``frozen`` linear layers frozen."""
-    torch.manual_seed(0)
-    layers: list[nn.Module] = []
-    for _ in range(N_LAYERS):
-        layers += [nn.Linear(256, 256), nn.ReLU()]
-    net = nn.Sequential(*layers)
-    for layer in list(net)[: 2 * frozen]:
-        layer.requires_grad_(False)
-    return net
+    return MLPTrainer(N_LAYERS, width=256, batch=64, relu=True, frozen=frozen, lr=1e-4)
 
 
-@dataclass
-class Trainer:
-    """One model and its optimizer, training on one fixed batch."""
-
-    net: nn.Sequential
-    opt: torch.optim.Optimizer = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.opt = torch.optim.SGD([p for p in self.net.parameters() if p.requires_grad], lr=1e-4)
-        gen = torch.Generator().manual_seed(1)
-        self.x = torch.randn(64, 256, generator=gen)
-        self.y = torch.randn(64, 256, generator=gen)
-
-    def seconds_per_step(self, steps: int) -> float:
-        start = time.perf_counter()
-        for _ in range(steps):
-            self.opt.zero_grad()
-            nn.functional.mse_loss(self.net(self.x), self.y).backward()
-            self.opt.step()
-        return (time.perf_counter() - start) / steps
-
-
-@dataclass
-class Variant:
-    """A recorded trainer and the plain trainer of the same model it is timed against."""
-
-    name: str
-    plain: Trainer
-    recorded: Trainer
-    recorder: gradflow.Recorder
-    extra_ms: list[float] = field(default_factory=list)
-    ratios: list[float] = field(default_factory=list)
-
-
-def variant(
+def sessions(
     name: str, frozen: int, path: Path, select: Callable[[str, nn.Module], bool] | None = None
-) -> Variant:
-    recorded = Trainer(model(frozen))
-    rec = gradflow.Recorder(
-        recorded.net, recorded.opt, path, every=1, probes="param", layers=select
-    )
-    return Variant(name, Trainer(model(frozen)), recorded, rec)
+) -> tuple[Session, Session, GradflowTool]:
+    """The plain model, the recorded one timed against it (after the warm-up steps), and
+    its recorder."""
+    plain, recorded = trainer(frozen), trainer(frozen)
+    tool = GradflowTool(recorded, path, probes=("param",), layers=select)
+    pair = (Session(name, plain, Tool(plain)), Session(name, recorded, tool))
+    for session in pair:
+        session.run(WARMUP)
+        session.tool.settle()
+    return (*pair, tool)
 
 
 def main() -> None:
@@ -102,39 +67,33 @@ def main() -> None:
     print_header(f"frozen backbone: {pairs} pairs of {steps} steps per variant", env)
     trainable = {str(2 * i) for i in range(N_FROZEN, N_LAYERS)}
     with tempfile.TemporaryDirectory() as tmp:
-        variants = [
-            variant("frozen", N_FROZEN, Path(tmp) / "frozen.h5"),
-            variant(
+        built = [
+            sessions("frozen", N_FROZEN, Path(tmp) / "frozen.h5"),
+            sessions(
                 "frozen, layers=",
                 N_FROZEN,
                 Path(tmp) / "selected.h5",
                 lambda name, module: name in trainable,
             ),
-            variant("trainable", 0, Path(tmp) / "trainable.h5"),
+            sessions("trainable", 0, Path(tmp) / "trainable.h5"),
         ]
-        for v in variants:
-            v.plain.seconds_per_step(WARMUP)
-            v.recorded.seconds_per_step(WARMUP)
-        for i in range(pairs):
-            for v in variants[i % 3 :] + variants[: i % 3]:
-                order = (v.plain, v.recorded) if i % 2 == 0 else (v.recorded, v.plain)
-                times = {id(t): t.seconds_per_step(steps) for t in order}
-                plain, recorded = times[id(v.plain)], times[id(v.recorded)]
-                v.extra_ms.append((recorded - plain) * 1e3)
-                v.ratios.append(recorded / plain)
+        plain = {p.name: p for p, _, _ in built}
+        timed = paired_trials(plain, [r for _, r, _ in built], pairs=pairs, steps=steps)
         rows = []
-        for v in variants:
-            v.recorder.close()
-            with gradflow.open_run(v.recorder.path) as run:
-                layers, n_rows = run.n_layers, run.n_steps
-                parts = run.overhead
+        for _, session, tool in built:
+            tool.close()
+            own = tool.self_reported() or {}
+            with gradflow.open_run(tool.path) as run:
+                layers = run.n_layers
             # The recorder's own time in the training thread (hooks, reductions, copy).
-            own_ms = sum(parts[k] for k in ("hooks", "stats", "copy")) / n_rows * 1e3
-            size = v.recorder.path.stat().st_size
-            extra, ratio = summarize(v.extra_ms), summarize(v.ratios)
+            own_ms = sum(own.get(k, 0.0) for k in ("hooks", "stats", "copy"))
+            size = tool.path.stat().st_size
+            p = timed[session.name]
+            extra = summarize(1e3 * (v - b) for b, v in zip(p.baseline, p.variant, strict=True))
+            ratio = summarize(p.ratios)
             rows.append([
-                v.name, layers, f"{extra.median:.3f}", extra.iqr(), f"{ratio.median:.3f}",
-                ratio.iqr(), f"{own_ms:.3f}", f"{size / n_rows:.0f}",
+                session.name, layers, f"{extra.median:.3f}", extra.iqr(), f"{ratio.median:.3f}",
+                ratio.iqr(), f"{own_ms:.3f}", f"{size / max(own.get('rows', 1.0), 1.0):.0f}",
             ])  # fmt: skip
     print(
         format_table(

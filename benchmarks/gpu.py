@@ -40,30 +40,22 @@ from typing import Any
 from unittest import mock
 
 import torch
-from common import (
-    Session,
-    Summary,
-    Tool,
-    Trainer,
-    Variant,
-    Workload,
-    cpu_timer,
-    environment,
-    format_table,
-    paired_trials,
-    print_header,
-    ratio_headline,
-    recorder_variant,
-    stderr,
-    summarize,
-    write_json,
-)
+from harness.env import add_trial_options, environment, print_header, script_parser, stderr
+from harness.report import format_table, own_clock_line, ratio_headline, ratio_rows, write_json
+from harness.timing import CudaTimer, Session, build_session, cpu_timer, pair_results, paired_trials
+from harness.tools import Tool, Variant, recorder_variant
+from harness.workloads import Workload
 
 from gradflow.names import DEFAULT_PROBES
 
 DEFAULT_MODELS = "paper-resunet:256:4,fig3b-long-9:256:4"
-FULL = {"models": DEFAULT_MODELS, "pairs": 20, "steps_per_trial": 10, "warmup": 5, "sync_steps": 5}
-QUICK = {"models": "paper-resunet:64:2,fig3b-long-9:32:2", "pairs": 2, "steps_per_trial": 2}
+FULL: dict[str, Any] = {"models": DEFAULT_MODELS, "pairs": 20, "steps_per_trial": 10}
+FULL |= {"warmup": 5, "sync_steps": 5}
+QUICK: dict[str, Any] = {
+    "models": "paper-resunet:64:2,fig3b-long-9:32:2",
+    "pairs": 2,
+    "steps_per_trial": 2,
+}
 QUICK |= {"warmup": 1, "sync_steps": 2}
 RATIO_GOAL = 1.01
 # CUDA runtime calls that block the calling host thread (cudaMemcpy* to pageable memory
@@ -106,25 +98,6 @@ class TorchReductions(Session):
 
 
 # -- timing ---------------------------------------------------------------------------------------
-class CudaTimer:
-    """Seconds per step between CUDA events around the steps; ``last_wall``: the wall
-    clock of the same trial, until the GPU finished and the writer took every row."""
-
-    last_wall: float | None = None
-
-    def __call__(self, session: Session, steps: int) -> float:
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        start.record()
-        session.run(steps)
-        end.record()
-        session.tool.settle()
-        end.synchronize()
-        self.last_wall = (time.perf_counter() - t0) / steps
-        return start.elapsed_time(end) / 1e3 / steps
-
-
 def time_variants(
     sessions: dict[str, Session], args: argparse.Namespace, deadline: float
 ) -> dict[str, Any]:
@@ -140,24 +113,7 @@ def time_variants(
         deadline=deadline,
         progress=stderr,
     )
-    out: dict[str, Any] = {
-        "timer": "cuda events" if cuda else "wall clock (no CUDA)",
-        "plain_s_per_step": summarize(t for p in pairs.values() for t in p.baseline).as_dict(),
-    }
-    for name, p in pairs.items():
-        out[name] = {
-            "s_per_step": summarize(p.variant).as_dict(),
-            "ratio": summarize(p.ratios).as_dict(),
-            "pairs": {
-                "plain": p.baseline,
-                "variant": p.variant,
-                "wall_plain": p.wall_baseline,
-                "wall_variant": p.wall_variant,
-            },
-        }
-        if p.wall_ratios:
-            out[name]["wall_ratio"] = summarize(p.wall_ratios).as_dict()
-    return out
+    return {"timer": "cuda events" if cuda else "wall clock (no CUDA)", **pair_results(pairs)}
 
 
 def peak_memory(sessions: dict[str, Session], steps: int) -> dict[str, float]:
@@ -368,18 +324,6 @@ def _device_us(event: Any) -> float:
 
 
 # -- one model ------------------------------------------------------------------------------------
-def build(variant: Variant, workload: Workload, tmp: Path, warmup: int) -> Session:
-    trainer = Trainer(workload)
-    folder = tmp / workload.model
-    folder.mkdir(exist_ok=True)
-    tool = variant.build(trainer, folder)
-    kind = TorchReductions if variant.name == "all-torch" else Session
-    session = kind(variant.name, trainer, tool)
-    session.run(warmup)
-    tool.settle()
-    return session
-
-
 def run_model(
     workload: Workload, args: argparse.Namespace, tmp: Path, deadline: float, report: dict
 ) -> None:
@@ -388,9 +332,12 @@ def run_model(
     print(f"== {workload.describe()}")
     sessions: dict[str, Session] = {}
     table = VARIANTS
+    folder = tmp / workload.model
+    folder.mkdir(exist_ok=True)
     for name in ("plain", *args.variants, "unrecorded"):
         try:
-            sessions[name] = build(table[name], workload, tmp, args.warmup)
+            kind = TorchReductions if name == "all-torch" else Session
+            sessions[name] = build_session(table[name], workload, folder, args.warmup, kind)
         except Exception as err:
             result["errors"][name] = f"{type(err).__name__}: {err}"
             print(f"could not build {name}: {type(err).__name__}: {err}")
@@ -454,8 +401,7 @@ def run_model(
         own = getattr(session.tool, "self_reported", lambda: None)()
         if own:
             result.setdefault("self_reported_ms", {})[session.name] = own
-            parts = ", ".join(f"{k} {v:.2f}" for k, v in own.items())
-            print(f"{session.name}: the recorder's own clock per recorded step (ms): {parts}")
+            print(own_clock_line(session.name, own))
     sessions.clear()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -499,24 +445,11 @@ def print_syncs(syncs: dict[str, Any]) -> None:
 
 
 def print_timing(timing: dict[str, Any], table: dict[str, Variant]) -> None:
-    plain = timing["plain_s_per_step"]
-    rows = [["plain", f"{1e3 * plain['median']:.2f}", "1", "-", "-", "-", table["plain"].label]]
-    for name in TIMED:
-        if name not in timing:
-            continue
-        t, q = timing[name]["s_per_step"], timing[name]["ratio"]
+    first = ratio_rows(("plain", *TIMED), timing, ms=True, digits=4)
+    rows = []
+    for name, cells in first.items():
         wall = timing[name].get("wall_ratio")
-        rows.append(
-            [
-                name,
-                f"{1e3 * t['median']:.2f}",
-                f"{q['median']:.4f}",
-                f"{q['q1']:.4f}-{q['q3']:.4f}",
-                f"{q['lo']:.4f}-{q['hi']:.4f}",
-                f"{wall['median']:.4f}" if wall else "-",
-                table[name].label,
-            ]
-        )
+        rows.append([*cells, f"{wall['median']:.4f}" if wall else "-", table[name].label])
     print(f"step time ({timing['timer']}), ratio = median of per-pair ratios to plain")
     headers = ["variant", "ms/step", "ratio", "ratio IQR", "ratio min-max", "wall ratio", "what"]
     print(format_table(headers, rows))
@@ -534,14 +467,10 @@ def headlines(report: dict[str, Any], device: str) -> list[str]:
         where = f"{model}, batch {w.batch} x {w.crop}x{w.crop}, {device}"
         timing = result.get("timing", {})
         for name, label in labels.items():
-            if name in timing:
-                q = timing[name]["ratio"]
-                s = Summary.from_dict(q)
-                goal = f", goal <= {RATIO_GOAL}" if name == "param" else ""
-                lines.append(ratio_headline(s, f"gradflow {label}, {where}{goal}"))
-            else:
-                why = result["errors"].get(name) or result["errors"].get("timing") or "not run"
-                lines.append(f"recorder/plain step-time ratio: n/a ({why}) [{label}, {where}]")
+            ratio = timing.get(name, {}).get("ratio")
+            goal = f", goal <= {RATIO_GOAL}" if name == "param" else ""
+            why = result["errors"].get(name) or result["errors"].get("timing") or "not run"
+            lines.append(ratio_headline(ratio, f"gradflow {label}, {where}{goal}", why))
         syncs = result.get("syncs", {})
         parts = []
         for name in ("plain", "unrecorded", "param", "all"):
@@ -558,20 +487,18 @@ def headlines(report: dict[str, Any], device: str) -> list[str]:
 
 
 def parse_args() -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    p = script_parser(__doc__, "default: $OUT/gpu_bench.json when OUT is set")
     p.add_argument("--device", default="cuda")
     p.add_argument("--quick", action="store_true", help="tiny settings to test the script")
     p.add_argument(
         "--models", help="comma-separated model:crop:batch (default: " + DEFAULT_MODELS + ")"
     )
-    p.add_argument("--pairs", type=int, help="paired rounds (default 20; 0 skips timing)")
-    p.add_argument("--steps-per-trial", type=int, help="default 10")
-    p.add_argument("--warmup", type=int, help="default 5")
+    # --pairs 0 skips timing.
+    add_trial_options(
+        p, pairs=FULL["pairs"], steps=FULL["steps_per_trial"], warmup=FULL["warmup"], fill=False
+    )
     p.add_argument("--sync-steps", type=int, help="steps per sync count or profile (default 5)")
     p.add_argument("--budget-s", type=float, default=420.0, help="whole run, seconds")
-    p.add_argument("--json", help="default: $OUT/gpu_bench.json when OUT is set")
     p.add_argument(
         "--variants",
         default=",".join(TIMED),

@@ -14,13 +14,13 @@ Run: ``python benchmarks/kernels.py`` (``--models paper-resunet:64 fig3b-long-9:
 
 from __future__ import annotations
 
-import argparse
-import time
 from collections.abc import Callable
 from unittest import mock
 
 import torch
-from common import environment, format_table, print_header
+from harness.env import add_threads_option, environment, print_header, script_parser, set_threads
+from harness.report import format_table
+from harness.timing import interleaved_best
 
 from gradflow.em.models import create_model
 from gradflow.kernels import cpu as native
@@ -78,27 +78,21 @@ def timings(tensors: dict[str, list[torch.Tensor]], repeat: int) -> dict[str, fl
     with mock.patch("gradflow.probes.param.param_kernels", lambda sizes: None):
         torch_snapshot = Snapshot(params, cpu)
     cases = {
-        ("outputs", "C"): host(native=True),
-        ("outputs", "torch"): host(native=False),
-        ("params", "C"): param(Snapshot(params, cpu)),
-        ("params", "torch"): param(torch_snapshot),
+        "outputs C": host(native=True),
+        "outputs torch": host(native=False),
+        "params C": param(Snapshot(params, cpu)),
+        "params torch": param(torch_snapshot),
     }
-    best = dict.fromkeys(cases, float("inf"))
-    for _ in range(repeat):
-        for key, run in cases.items():
-            start = time.perf_counter()
-            run()
-            best[key] = min(best[key], time.perf_counter() - start)
-    return {f"{phase} {backend}": s for (phase, backend), s in best.items()}
+    return interleaved_best(cases, repeat)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = script_parser(__doc__, json_help=None)
     parser.add_argument("--models", nargs="+", default=["fig3b-long-9:96", "paper-resunet:64"])
     parser.add_argument("--repeat", type=int, default=12)
-    parser.add_argument("--threads", type=int, default=1)
+    add_threads_option(parser, 1)
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    set_threads(args)
     print_header("C kernels against torch operations, one recorded step", environment())
     print(f"kernels: {native.cpu_backend()}, torch threads: {args.threads}, best of {args.repeat}")
     rows = []

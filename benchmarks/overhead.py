@@ -24,9 +24,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib.metadata
-import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -36,29 +34,20 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from common import (
-    THIRD_PARTY,
-    GradflowTool,
-    Session,
-    Stepper,
-    Summary,
-    Tool,
-    Trainer,
-    Unavailable,
-    Variant,
-    Workload,
-    children_rss_mb,
+from harness.env import (
+    add_threads_option,
+    add_trial_options,
     environment,
-    format_table,
-    paired_trials,
-    peak_rss_mb,
     print_header,
-    ratio_headline,
-    recorder_variant,
+    script_parser,
+    set_threads,
     stderr,
-    summarize,
-    write_json,
 )
+from harness.process import peak_of, report_to_parent, run_child
+from harness.report import format_table, own_clock_line, ratio_headline, ratio_rows, write_json
+from harness.timing import Session, build_session, pair_results, paired_trials
+from harness.tools import GradflowTool, Stepper, Tool, Unavailable, Variant, recorder_variant
+from harness.workloads import THIRD_PARTY, Trainer, Workload
 from torch import nn
 
 from gradflow.names import DEFAULT_PROBES
@@ -72,7 +61,6 @@ MODEL_DEFAULTS = {
     "resnet18": (64, 4),
     "gpt2-mini": (64, 4),
 }
-MEMORY_TAG = "@@memory "
 
 
 # -- the comparison tools -------------------------------------------------------------------------
@@ -234,82 +222,25 @@ VARIANTS = {
 }
 
 
-def build_session(variant: Variant, workload: Workload, tmp: Path, warmup: int) -> Session:
-    """Build a trainer with the variant's tool and run the warm-up steps; a tool that is
-    missing or fails on this model raises :class:`Unavailable` with the reason."""
-    trainer = Trainer(workload)
-    try:
-        tool = variant.build(trainer, tmp)
-    except Unavailable:
-        raise
-    except Exception as err:
-        raise Unavailable(f"fails to attach: {type(err).__name__}: {_first_line(err)}") from err
-    session = Session(variant.name, trainer, tool)
-    try:
-        session.run(warmup)
-        tool.settle()
-    except Exception as err:
-        with contextlib.suppress(Exception):
-            tool.close()
-        raise Unavailable(
-            f"fails on {workload.model}: {type(err).__name__}: {_first_line(err)}"
-        ) from err
-    return session
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return (text.splitlines()[0] if text else "")[:160]
-
-
 # -- memory, one fresh process per variant --------------------------------------------------------
 def memory_child(args: argparse.Namespace, workload: Workload) -> None:
-    """Run in a subprocess: build one variant, run the steps, print its peak RSS as JSON."""
+    """Run in a subprocess: build one variant, run the steps, report its peak RSS."""
     result: dict[str, Any] = {"variant": args.memory_child}
     with tempfile.TemporaryDirectory(prefix="gradflow-mem-") as tmp:
         try:
             session = build_session(VARIANTS[args.memory_child], workload, Path(tmp), args.warmup)
-            session.run(args.memory_steps)
-            session.tool.settle()
-            result["peak_rss_mb"] = peak_rss_mb()
-            result["children_rss_mb"] = children_rss_mb()
-            session.tool.close()
+            result |= peak_of(session, args.memory_steps)
         except Unavailable as err:
             result["unavailable"] = str(err)
-    print(MEMORY_TAG + json.dumps(result), flush=True)
+    report_to_parent(result)
 
 
 def measure_memory(name: str, args: argparse.Namespace, workload: Workload) -> dict[str, Any]:
-    cmd = [
-        sys.executable,
-        str(Path(__file__).resolve()),
-        "--memory-child",
-        name,
-        "--model",
-        workload.model,
-        "--crop",
-        str(workload.crop),
-        "--batch",
-        str(workload.batch),
-        "--warmup",
-        str(args.warmup),
-        "--memory-steps",
-        str(args.memory_steps),
-    ]
-    try:
-        # Not the parent's WANDB_* (its WANDB_SERVICE would make the child reuse the
-        # parent's wandb service process instead of starting, and counting, its own).
-        env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
-        proc = subprocess.run(
-            cmd, capture_output=True, text=True, timeout=args.memory_timeout, env=env
-        )
-    except subprocess.TimeoutExpired:
-        return {"error": f"timed out after {args.memory_timeout} s"}
-    for line in reversed(proc.stdout.splitlines()):
-        if line.startswith(MEMORY_TAG):
-            return dict(json.loads(line[len(MEMORY_TAG) :]))
-    tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-    return {"error": f"subprocess exited {proc.returncode}: {tail[:160]}"}
+    """Peak RSS of variant ``name`` on ``workload``, measured in a fresh process."""
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--memory-child", name]
+    cmd += ["--model", workload.model, "--crop", str(workload.crop), "--batch", str(workload.batch)]
+    cmd += ["--warmup", str(args.warmup), "--memory-steps", str(args.memory_steps)]
+    return run_child(cmd, args.memory_timeout)
 
 
 # -- the report -----------------------------------------------------------------------------------
@@ -322,6 +253,7 @@ def report(
 ) -> list[str]:
     """Print the table; returns the headline lines."""
     plain_mem = memory.get("plain", {}).get("peak_rss_mb")
+    first = ratio_rows(names, results, ms=False, digits=3)
     rows = []
     for name in names:
         label = VARIANTS[name].label
@@ -338,24 +270,9 @@ def report(
             child = mem.get("children_rss_mb")
             if child:
                 extra_s += f" (+{child:.0f} in child procs)"
-        r = results[name]
         if name == "plain":
-            t = r["seconds_per_step"]
-            rows.append([name, f"{t['median']:.4f}", "1", "-", "-", peak_s, "0", label])
-        else:
-            t, q = r["seconds_per_step"], r["ratio"]
-            rows.append(
-                [
-                    name,
-                    f"{t['median']:.4f}",
-                    f"{q['median']:.3f}",
-                    f"{q['q1']:.3f}-{q['q3']:.3f}",
-                    f"{q['lo']:.3f}-{q['hi']:.3f}",
-                    peak_s,
-                    extra_s,
-                    label,
-                ]
-            )
+            extra_s = "0"
+        rows.append([*first[name], peak_s, extra_s, label])
     headers = [
         "variant",
         "s/step",
@@ -375,21 +292,13 @@ def report(
     for name in names:
         own = results.get(name, {}).get("self_reported_ms")
         if own:
-            parts = ", ".join(f"{k} {v:.2f}" for k, v in own.items())
-            kernels = results[name].get("kernel_backend")
-            print(
-                f"{name}: the recorder's own timing per recorded step (ms): {parts}"
-                + (f" [{kernels} kernels]" if kernels else "")
-            )
+            print(own_clock_line(name, own, results[name].get("kernel_backend")))
     print()
 
     def headline(name: str) -> str:
-        label = f"{VARIANTS[name].label}, {workload.model}"
-        if name in results:
-            q = results[name]["ratio"]
-            return ratio_headline(Summary.from_dict(q), label)
         why = unavailable.get(name, "not run (not in --variants)")
-        return f"recorder/plain step-time ratio: n/a ({why}) [{label}]"
+        ratio = results.get(name, {}).get("ratio")
+        return ratio_headline(ratio, f"{VARIANTS[name].label}, {workload.model}", why)
 
     lines = [headline("param"), headline("all")]
     lines += [headline(name) for name in ("param-torch", "all-torch") if name in results]
@@ -416,18 +325,14 @@ def report(
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    p = script_parser(__doc__)
     p.add_argument(
         "--model",
         default="fig3b-long-9",
         help="a gradflow zoo preset, resnet18 or gpt2-mini; several, comma-separated, are "
         "measured one after the other and compared side by side",
     )
-    p.add_argument("--pairs", type=int, default=20, help="paired rounds (default 20)")
-    p.add_argument("--steps-per-trial", type=int, default=10, help="steps per timed trial")
-    p.add_argument("--warmup", type=int, default=3, help="untimed steps per variant first")
+    add_trial_options(p, pairs=20, steps=10, warmup=3)
     p.add_argument(
         "--crop",
         type=int,
@@ -445,8 +350,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--max-minutes", type=float, help="stop adding pairs after this long (per model)"
     )
-    p.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's)")
-    p.add_argument("--json", help="write all results to this JSON file")
+    add_threads_option(p)
     p.add_argument("--memory-child", help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -493,14 +397,7 @@ def measure(
             deadline=deadline,
             progress=stderr,
         )
-        plain_times = [t for p in pairs.values() for t in p.baseline]
-        results["plain"] = {"seconds_per_step": summarize(plain_times).as_dict()}
-        for name, p in pairs.items():
-            results[name] = {
-                "seconds_per_step": summarize(p.variant).as_dict(),
-                "ratio": summarize(p.ratios).as_dict(),
-                "pairs": {"plain": p.baseline, "variant": p.variant},
-            }
+        results.update(pair_results(pairs))
         for name, session in sessions.items():
             session.tool.close()
             if isinstance(session.tool, GradflowTool):
@@ -550,8 +447,7 @@ def side_by_side(names: list[str], measured: dict[str, dict[str, Any]]) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_threads(args)
     models = [m for m in args.model.split(",") if m]
     if args.memory_child:
         memory_child(args, workload_for(models[0], args))

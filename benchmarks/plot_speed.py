@@ -7,7 +7,6 @@ directory and times ``updates-heatmap`` (step mode) and ``gradient-heatmap`` fro
 
 from __future__ import annotations
 
-import argparse
 import sys
 import tempfile
 import time
@@ -15,6 +14,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
+from harness.env import environment, print_header, script_parser
 from runfiles import SyntheticRun, conv_stack
 
 from gradflow.plots import TimeWindow, save
@@ -53,9 +53,10 @@ def render_seconds(figure: str, path: Path, out: Path, repeat: int, **options: o
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = script_parser(__doc__, json_help=None)
     parser.add_argument("--repeat", type=int, default=2)
     args = parser.parse_args()
+    print_header("gradflow plots: heat-map rendering time from large run files", environment())
     worst: dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix="gradflow-plot-speed-") as tmp:
         for n_layers, n_steps in SIZES:

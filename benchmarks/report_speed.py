@@ -12,7 +12,6 @@ Run: ``python benchmarks/report_speed.py``.
 
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
 import sys
@@ -25,6 +24,7 @@ import psutil
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 import chromium
+from harness.env import environment, print_header, script_parser
 from runfiles import SyntheticRun, conv_stack
 
 from gradflow.report import build_report
@@ -104,12 +104,13 @@ def ready_seconds(html: Path, loads: int) -> list[tuple[float, float]]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = script_parser(__doc__, json_help=None)
     parser.add_argument("--layers", type=int, default=1000)
     parser.add_argument("--steps", type=int, default=100_000)
     parser.add_argument("--steps-per-epoch", type=int, default=1000)
     parser.add_argument("--loads", type=int, default=3, help="page loads to time")
     args = parser.parse_args()
+    print_header("gradflow report: size and page-load time of a large run's report", environment())
     with tempfile.TemporaryDirectory(prefix="gradflow-report-speed-") as tmp:
         run = Path(tmp) / "large.h5"
         written = write(run, args.layers, args.steps, args.steps_per_epoch)

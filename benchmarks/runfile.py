@@ -20,24 +20,18 @@ writer thread's own time per row.
 
 from __future__ import annotations
 
-import argparse
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from common import (
-    GradflowTool,
-    MLPTrainer,
-    Session,
-    Tool,
-    dataset_bytes,
-    environment,
-    format_table,
-    print_header,
-    write_json,
-)
+from harness.env import environment, print_header, script_parser
+from harness.process import dataset_bytes
+from harness.report import format_table, own_clock_line, write_json
+from harness.timing import Session, cpu_timer
+from harness.tools import GradflowTool, Tool
+from harness.workloads import MLPTrainer
 
 from gradflow import statistics
 from gradflow.names import DEFAULT_PROBES, EPOCH_STATS
@@ -148,9 +142,7 @@ def record_mlp(path: Path, n_layers: int, n_steps: int) -> dict[str, Any]:
     mlp = MLPTrainer(n_layers)
     plain = Session("plain", mlp, Tool(mlp))
     plain.run(3)
-    start = time.perf_counter()
-    plain.run(n_steps)
-    plain_s = (time.perf_counter() - start) / n_steps
+    plain_s = cpu_timer(plain, n_steps)
     tool = GradflowTool(mlp, path, probes=DEFAULT_PROBES)
     recorded = Session("recorded", mlp, tool)
     start = time.perf_counter()
@@ -205,8 +197,7 @@ def print_recorder(m: dict[str, Any]) -> None:
     )
     own = m["self_reported_ms_per_row"]
     if own:
-        parts = ", ".join(f"{k} {v:.2f}" for k, v in own.items())
-        print(f"the recorder's own timing per row (ms): {parts}")
+        print(own_clock_line("recorder", own))
     if m["writer_values_per_s"]:
         print(
             f"writer thread, host statistics only (HDF5 I/O is part 1): "
@@ -215,7 +206,7 @@ def print_recorder(m: dict[str, Any]) -> None:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = script_parser(__doc__)
     p.add_argument("--layers", type=int, default=1000)
     p.add_argument("--steps", type=int, default=2000, help="rows streamed through RunWriter")
     p.add_argument(
@@ -225,7 +216,6 @@ def main() -> None:
         "flush_seconds=5 commits fewer rows when steps are slow (default 100,10)",
     )
     p.add_argument("--recorder-steps", type=int, default=100, help="0 skips part 2")
-    p.add_argument("--json", help="write all results to this JSON file")
     args = p.parse_args()
     env = environment()
     print_header("gradflow run file: size and write throughput", env)

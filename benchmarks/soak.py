@@ -15,7 +15,6 @@ within 25 % of the first half's).
 
 from __future__ import annotations
 
-import argparse
 import gc
 import os
 import tempfile
@@ -24,18 +23,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common import (
-    GradflowTool,
-    MLPTrainer,
-    Tool,
-    count_hooks,
-    current_rss_mb,
-    dataset_bytes,
-    environment,
-    format_table,
-    print_header,
-    write_json,
-)
+from harness.env import environment, print_header, script_parser
+from harness.process import count_hooks, current_rss_mb, dataset_bytes
+from harness.report import format_table, write_json
+from harness.tools import GradflowTool, Tool
+from harness.workloads import MLPTrainer
 
 from gradflow.names import DEFAULT_PROBES
 from gradflow.runfile import open_run
@@ -65,7 +57,7 @@ def sample(step: int, trainer: MLPTrainer, path: Path, started: float) -> dict[s
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = script_parser(__doc__)
     p.add_argument("--steps", type=int, default=10_000)
     p.add_argument("--sample-every", type=int, default=1000)
     p.add_argument("--epoch-every", type=int, default=1000)
@@ -73,7 +65,6 @@ def main() -> None:
     p.add_argument("--width", type=int, default=256)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--probes", default=",".join(DEFAULT_PROBES))
-    p.add_argument("--json", help="write all results to this JSON file")
     args = p.parse_args()
     env = environment()
     print_header("gradflow soak: memory, hooks and file growth over a long run", env)

@@ -11,7 +11,6 @@ one thread, and on a quiet machine its wall time is close to its CPU time. Targe
 
 from __future__ import annotations
 
-import argparse
 import os
 import resource
 import shutil
@@ -24,6 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
+from harness.env import environment, print_header, script_parser
 from runfiles import write_run
 
 TARGETS_S = {"gradflow --help": 0.5, "gradflow info RUN": 1.0}
@@ -52,9 +52,10 @@ def seconds(argv: list[str], runs: int) -> tuple[list[float], list[float]]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = script_parser(__doc__, json_help=None)
     parser.add_argument("--runs", type=int, default=10)
     args = parser.parse_args()
+    print_header("gradflow start-up: wall time of whole processes", environment())
     gradflow = gradflow_command()
     with tempfile.TemporaryDirectory(prefix="gradflow-startup-") as tmp:
         run = write_run(Path(tmp) / "run.h5", epochs=4, steps_per_epoch=50)

@@ -11,7 +11,6 @@ Run: ``python benchmarks/sweep_speed.py [--runs 320]``.
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import os
 import sys
@@ -21,6 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
+from harness.env import environment, print_header, script_parser
 from runfiles import fcn_layers, write_run
 
 STEP_STATS = {"param": ["grad_norm", "update_abs_mean"], "grad_output": ["norm"]}
@@ -47,9 +47,10 @@ def write_runs(folder: Path, n: int) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = script_parser(__doc__, json_help=None)
     parser.add_argument("--runs", type=int, default=320, help="run files (default 320)")
     args = parser.parse_args()
+    print_header("gradflow sweep: summaries and page of hundreds of runs", environment())
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         os.environ["GRADFLOW_CACHE_DIR"] = str(root / "cache")

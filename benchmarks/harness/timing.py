@@ -1,0 +1,231 @@
+"""Timing: interleaved, paired trials of training steps, and the best of interleaved repeats
+of single calls."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .report import summarize
+from .tools import Stepper, Tool, Unavailable, Variant
+from .workloads import Trainer, Workload
+
+
+@dataclass
+class Session:
+    """A trainer and the tool watching it."""
+
+    name: str
+    trainer: Stepper
+    tool: Tool
+
+    def run(self, steps: int) -> None:
+        for _ in range(steps):
+            self.trainer.step(self.tool)
+
+
+Timer = Callable[[Session, int], float]
+
+
+def cpu_timer(session: Session, steps: int) -> float:
+    """Wall seconds per step over ``steps`` steps, background work included."""
+    start = time.perf_counter()
+    session.run(steps)
+    session.tool.settle()
+    return (time.perf_counter() - start) / steps
+
+
+class CudaTimer:
+    """Seconds per step between CUDA events around the steps; ``last_wall``: the wall
+    clock of the same trial, until the GPU finished and the writer took every row."""
+
+    last_wall: float | None = None
+
+    def __call__(self, session: Session, steps: int) -> float:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        start.record()
+        session.run(steps)
+        end.record()
+        session.tool.settle()
+        end.synchronize()
+        self.last_wall = (time.perf_counter() - t0) / steps
+        return start.elapsed_time(end) / 1e3 / steps
+
+
+@dataclass
+class Pairs:
+    """Per-pair seconds per step of the baseline and of one variant, measured back to back
+    (``wall_*``: the wall clock of the same trials, when the timer has a ``last_wall``)."""
+
+    baseline: list[float] = field(default_factory=list)
+    variant: list[float] = field(default_factory=list)
+    wall_baseline: list[float] = field(default_factory=list)
+    wall_variant: list[float] = field(default_factory=list)
+
+    @property
+    def ratios(self) -> list[float]:
+        return [v / b for b, v in zip(self.baseline, self.variant, strict=True)]
+
+    @property
+    def wall_ratios(self) -> list[float]:
+        return [v / b for b, v in zip(self.wall_baseline, self.wall_variant, strict=True)]
+
+
+def paired_trials(
+    baseline: Session | Mapping[str, Session],
+    variants: Sequence[Session],
+    *,
+    pairs: int,
+    steps: int,
+    timer: Timer = cpu_timer,
+    deadline: float | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, Pairs]:
+    """Round ``i`` times, for every variant, ``steps`` baseline steps and ``steps`` variant
+    steps back to back: baseline first in even rounds, variant first in odd ones. The
+    variants' order rotates from round to round, so no variant always follows the same one.
+    Stops early (with fewer pairs) once ``deadline`` (``time.monotonic()``) has passed.
+
+    Args:
+        baseline: the session every variant is paired with, or one per variant's name.
+        variants: the sessions timed against it.
+        pairs: rounds.
+        steps: steps per trial.
+        timer: seconds per step of a trial (with ``last_wall``: the wall clock too).
+        deadline: stop adding rounds after this ``time.monotonic()``, once 2 are done.
+        progress: called with a line per round.
+
+    Returns:
+        Per variant's name, its pairs of seconds per step.
+    """
+    baselines = baseline if isinstance(baseline, Mapping) else {s.name: baseline for s in variants}
+    results = {s.name: Pairs() for s in variants}
+    n = len(variants)
+    for i in range(pairs):
+        if deadline is not None and time.monotonic() > deadline and i >= 2:
+            if progress:
+                progress(f"time budget reached: stopping after {i} pairs")
+            break
+        order = [variants[(i + j) % n] for j in range(n)]
+        for session in order:
+            pair = results[session.name]
+            for role in ("baseline", "variant") if i % 2 == 0 else ("variant", "baseline"):
+                seconds = timer(baselines[session.name] if role == "baseline" else session, steps)
+                getattr(pair, role).append(seconds)
+                wall = getattr(timer, "last_wall", None)
+                if wall is not None:
+                    getattr(pair, f"wall_{role}").append(wall)
+        if progress:
+            ratios = "  ".join(f"{s.name} {results[s.name].ratios[-1]:.3f}" for s in variants)
+            progress(f"pair {i + 1}/{pairs}: {ratios}")
+    return results
+
+
+def pair_results(pairs: Mapping[str, Pairs]) -> dict[str, dict[str, Any]]:
+    """Summaries of :func:`paired_trials`' pairs, as the scripts report them and write JSON.
+
+    Args:
+        pairs: per variant, its pairs with the (shared) baseline.
+
+    Returns:
+        ``plain``: the baseline's ``seconds_per_step`` over all pairs; per variant its
+        ``seconds_per_step``, ``ratio`` (and ``wall_ratio`` where the timer had a wall
+        clock) summaries and its ``pairs`` of seconds.
+    """
+    plain = [t for p in pairs.values() for t in p.baseline]
+    out: dict[str, dict[str, Any]] = {"plain": {"seconds_per_step": summarize(plain).as_dict()}}
+    for name, p in pairs.items():
+        seconds: dict[str, list[float]] = {"plain": p.baseline, "variant": p.variant}
+        out[name] = {
+            "seconds_per_step": summarize(p.variant).as_dict(),
+            "ratio": summarize(p.ratios).as_dict(),
+            "pairs": seconds,
+        }
+        if p.wall_ratios:
+            seconds |= {"wall_plain": p.wall_baseline, "wall_variant": p.wall_variant}
+            out[name]["wall_ratio"] = summarize(p.wall_ratios).as_dict()
+    return out
+
+
+def build_session(
+    variant: Variant, workload: Workload, folder: Path, warmup: int, kind: type[Session] = Session
+) -> Session:
+    """A trainer of ``workload`` with the variant's tool (files in ``folder``), after
+    ``warmup`` untimed steps.
+
+    Args:
+        variant: what watches training.
+        workload: what is trained.
+        folder: where the tool writes its files.
+        warmup: steps run (and the tool's background work drained) before any timing.
+        kind: the session class (a subclass may change how steps run).
+
+    Returns:
+        The session.
+
+    Raises:
+        Unavailable: the tool is missing, or fails on this model, with the reason.
+    """
+    trainer = Trainer(workload)
+    try:
+        tool = variant.build(trainer, folder)
+    except Unavailable:
+        raise
+    except Exception as err:
+        raise Unavailable(f"fails to attach: {type(err).__name__}: {first_line(err)}") from err
+    session = kind(variant.name, trainer, tool)
+    try:
+        session.run(warmup)
+        tool.settle()
+    except Exception as err:
+        with contextlib.suppress(Exception):
+            tool.close()
+        raise Unavailable(
+            f"fails on {workload.model}: {type(err).__name__}: {first_line(err)}"
+        ) from err
+    return session
+
+
+def first_line(err: BaseException) -> str:
+    """The first line of an error's message, at most 160 characters."""
+    text = str(err).strip()
+    return (text.splitlines()[0] if text else "")[:160]
+
+
+def interleaved_best(
+    fns: Mapping[str, Callable[[], Any]], repeats: int, *, evict_mb: int = 0
+) -> dict[str, float]:
+    """Best seconds of each function over ``repeats``, the functions called in turn in every
+    repeat after one untimed round. The best, not the median: what the machine can do, in
+    the repeat least disturbed by other processes. ``evict_mb``: each call comes after
+    writing a buffer that large (untimed), so data comes from memory, as it does after an
+    optimizer step and a forward and backward pass, not from a cache warm from the previous
+    call.
+
+    Args:
+        fns: the calls to time, by name.
+        repeats: timed rounds.
+        evict_mb: MB written before each call (0: none).
+
+    Returns:
+        The best seconds per call, by name.
+    """
+    scratch = torch.empty(evict_mb * 2**20 // 4) if evict_mb else None
+    best = dict.fromkeys(fns, float("inf"))
+    for i in range(repeats + 1):
+        for name, fn in fns.items():
+            if scratch is not None:
+                scratch.fill_(float(i))
+            start = time.perf_counter()
+            fn()
+            if i:
+                best[name] = min(best[name], time.perf_counter() - start)
+    return best

@@ -1,0 +1,162 @@
+"""What watches a training step (plain training, the gradflow recorder, other tools) and the
+named variants built from them."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+
+class Unavailable(Exception):
+    """A variant that cannot run here (tool not installed, or it fails on this model)."""
+
+
+class Stepper(Protocol):
+    """What a tool watches: a model, its optimizer, and one training step at a time."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    step_index: int
+
+    def step(self, tool: Tool) -> torch.Tensor: ...
+
+
+class Tool:
+    """Something watching a training step; the base class watches nothing (plain training)."""
+
+    def __init__(self, trainer: Stepper) -> None:
+        self.trainer = trainer
+
+    def backward(self, out: torch.Tensor, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def after_step(self, loss: torch.Tensor) -> None:
+        """Per-step logging, after ``optimizer.step()``."""
+
+    def settle(self) -> None:
+        """Wait for work the tool queued in the background (called inside the timed trial)."""
+
+    def close(self) -> None:
+        """Detach from the model and release files."""
+
+
+class GradflowTool(Tool):
+    """The gradflow Recorder, used as documented: ``rec.log(loss=loss)`` after each step.
+    ``native=False``: its CPU statistics by torch operations, as with ``GRADFLOW_NATIVE=0``."""
+
+    def __init__(
+        self,
+        trainer: Stepper,
+        path: Path,
+        *,
+        every: int | None = 1,
+        probes: Sequence[str] = ("param",),
+        native: bool = True,
+        **options: Any,
+    ) -> None:
+        super().__init__(trainer)
+        from gradflow import Recorder
+
+        self.path = path
+        with contextlib.nullcontext() if native else torch_kernels():
+            self.recorder = Recorder(
+                trainer.model,
+                trainer.optimizer,
+                path,
+                every=every,
+                probes=tuple(probes),
+                overwrite=True,
+                **options,
+            )
+            if not native:
+                trainer.step(self)  # the statistics pick their kernels at the first step
+
+    def after_step(self, loss: torch.Tensor) -> None:
+        self.recorder.log(loss=loss)
+
+    def settle(self) -> None:
+        # No public "wait for the writer" API: wait until the writer thread has taken every
+        # queued row, so its work is charged to this trial and not to the next one.
+        queue = getattr(getattr(self.recorder, "_writer", None), "queue", None)
+        deadline = time.monotonic() + 30.0
+        while queue is not None and not queue.empty() and time.monotonic() < deadline:
+            time.sleep(0.0005)
+
+    def close(self) -> None:
+        self.recorder.close()
+
+    def self_reported(self) -> dict[str, float] | None:
+        """The recorder's own per-recorded-step timing from the closed run file (ms)."""
+        from gradflow.runfile import open_run
+
+        try:
+            with open_run(self.path) as run:
+                n = max(run.n_steps, 1)
+                out = {k: 1e3 * v / n for k, v in run.overhead.items() if k != "wall"}
+                out["rows"] = float(run.n_steps)
+                if "budget_reached" in run.attrs:
+                    out["budget_reached"] = float(run.attrs["budget_reached"])
+                return out
+        except Exception:
+            return None
+
+    def kernel_backend(self) -> str | None:
+        """The kernels the recorder used, as stored in the closed run file."""
+        from gradflow.runfile import open_run
+
+        try:
+            with open_run(self.path) as run:
+                backend = run.attrs.get("kernel_backend")
+                return None if backend is None else str(backend)
+        except Exception:
+            return None
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A named way of watching training: ``build(trainer, folder)`` attaches the tool
+    (writing any files into ``folder``) or raises :class:`Unavailable`."""
+
+    name: str
+    label: str
+    build: Callable[[Stepper, Path], Tool]
+
+
+def recorder_variant(
+    name: str,
+    label: str,
+    every: int | None,
+    probes: Sequence[str],
+    native: bool = True,
+    budget: float | None = None,
+) -> Variant:
+    """A variant recording with gradflow into ``<folder>/<name>.h5`` (every ``every``-th
+    step, or under an overhead ``budget``)."""
+    options = {} if budget is None else {"budget": budget}
+    return Variant(
+        name,
+        label,
+        lambda t, folder: GradflowTool(
+            t, folder / f"{name}.h5", every=every, probes=probes, native=native, **options
+        ),
+    )
+
+
+@contextlib.contextmanager
+def torch_kernels() -> Iterator[None]:
+    """Recorders that pick their CPU kernels inside this block use torch operations, as the
+    whole process does with ``GRADFLOW_NATIVE=0``. gradflow decides that once per process:
+    the decision is stood in for inside the block, and the process's own stays as it was."""
+    from unittest import mock
+
+    from gradflow.kernels import cpu as native
+
+    with mock.patch.object(native, "_library", lambda: native._Loaded(None, "torch")):
+        yield
