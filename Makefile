@@ -16,7 +16,8 @@ export MPLBACKEND ?= Agg
 
 BENCH_FILES := benchmarks/harness/*.py benchmarks/overhead.py benchmarks/runfile.py benchmarks/compare.py \
 	benchmarks/floor.py benchmarks/kernels.py benchmarks/gpu.py benchmarks/soak.py \
-	benchmarks/frozen_backbone.py benchmarks/plot_speed.py benchmarks/startup.py benchmarks/sweep_speed.py
+	benchmarks/frozen_backbone.py benchmarks/plot_speed.py benchmarks/startup.py benchmarks/sweep_speed.py \
+	benchmarks/report_speed.py
 
 .PHONY: help test lint bench bench-overhead bench-resunet bench-runfile bench-plot bench-soak \
 	bench-stacks bench-budget bench-gpu-dry bench-gpu bench-summary

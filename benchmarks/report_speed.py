@@ -17,7 +17,9 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import psutil
 
@@ -71,6 +73,11 @@ def chromium_cpu_seconds() -> dict[int, float]:
     return seconds
 
 
+def collect(errors: list[str]) -> Callable[[Any], None]:
+    """A page-error handler appending each error's text to ``errors``."""
+    return lambda exc: errors.append(str(exc))
+
+
 def ready_seconds(html: Path, loads: int) -> list[tuple[float, float]]:
     """Per fresh page load: seconds from navigation start to an interactive page, and the
     CPU seconds all of Chromium's processes used meanwhile (what the page costs, whatever
@@ -86,7 +93,7 @@ def ready_seconds(html: Path, loads: int) -> list[tuple[float, float]]:
         for _ in range(loads):
             page = browser.new_page(viewport={"width": 1400, "height": 900})
             errors: list[str] = []
-            page.on("pageerror", lambda exc, errors=errors: errors.append(str(exc)))
+            page.on("pageerror", collect(errors))
             cpu = chromium_cpu_seconds()
             page.goto(html.as_uri(), timeout=120_000)
             deadline = time.monotonic() + 120
