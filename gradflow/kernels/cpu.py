@@ -55,6 +55,8 @@ FALLBACK_COST = (
 )
 
 ReduceInto = Callable[[int, int, int], None]
+# Entries below which a per-call reduction keeps the GIL (256 KB: ~20 us of reading).
+HOLD_GIL_BELOW = 1 << 16
 
 
 class _Loaded(NamedTuple):
@@ -248,15 +250,30 @@ def _reduce(library: ctypes.CDLL, x: torch.Tensor) -> list[float]:
     return out.tolist()
 
 
-def kernel(squares_only: bool = False) -> ReduceInto | None:
+def kernel(squares_only: bool = False, hold_gil: bool = False) -> ReduceInto | None:
     """``reduce(address, n, out)``: the ``[sum, sum_sq, nonzero, nonfinite]`` columns of the
     ``n`` float32 entries at ``address``, written as four doubles at ``out`` (only
     ``sum_sq``, as one double, if ``squares_only``); ``None`` where the kernels are
-    unavailable. A raw call: the callers pass addresses they own."""
+    unavailable. A raw call: the callers pass addresses they own. ``hold_gil``: the call
+    keeps the GIL (for small tensors: handing the GIL to a waiting writer thread and
+    taking it back cost ~8 us a call, more than the reduction)."""
     library = _library().library
     if library is None:
         return None
+    if hold_gil:
+        library = _holding_gil(library)
     return library.gradflow_squares_f32 if squares_only else library.gradflow_reduce_f32
+
+
+@functools.cache
+def _holding_gil(library: ctypes.CDLL) -> ctypes.PyDLL:
+    """The per-call kernels of the loaded ``library`` as functions that keep the GIL."""
+    held = ctypes.PyDLL(library._name, handle=library._handle)
+    for name in ("gradflow_reduce_f32", "gradflow_squares_f32"):
+        function = getattr(held, name)
+        function.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_void_p]
+        function.restype = None
+    return held
 
 
 def _pointers(tensors: Sequence[torch.Tensor | None]) -> np.ndarray:
@@ -395,6 +412,7 @@ class HostReducer:
         self.squares_only = squares_only
         self.native = native
         self._kernel: ReduceInto | None = None
+        self._held: ReduceInto | None = None  # the same kernel, keeping the GIL
         self._resolved = False
         self._scratch = torch.empty(0)
         self._slices: dict[int, torch.Tensor] = {}
@@ -403,6 +421,7 @@ class HostReducer:
         # Loaded (or built into the user cache) at the first CPU call, never for accelerator runs.
         if self.native:
             self._kernel = kernel(squares_only=self.squares_only)
+            self._held = kernel(squares_only=self.squares_only, hold_gil=True)
         self._resolved = True
         return self._kernel
 
@@ -411,7 +430,12 @@ class HostReducer:
         i = rows.claim()
         reduce = self._kernel if self._resolved else self._resolve()
         if reduce is not None and x.dtype is torch.float32 and x.is_contiguous():
-            reduce(x.data_ptr(), x.numel(), rows.address + rows.stride * i)
+            n = x.numel()
+            # Tensors this small take microseconds: the GIL stays; larger ones let the
+            # writer thread run meanwhile.
+            if n < HOLD_GIL_BELOW and self._held is not None:
+                reduce = self._held
+            reduce(x.data_ptr(), n, rows.address + rows.stride * i)
         elif self.squares_only:
             rows.array[i, 0] = float(sum_of_squares(x.detach()))
         else:

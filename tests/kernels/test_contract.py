@@ -30,7 +30,7 @@ from torch import nn
 from gradflow.kernels import CALL_COLUMNS, DELTA_COLUMNS, reference
 from gradflow.kernels import cpu as native
 from gradflow.kernels import triton as fused
-from gradflow.kernels.cpu import ParamKernels
+from gradflow.kernels.cpu import ParamKernels, _holding_gil
 from gradflow.kernels.device import DeviceRows, reduce_into
 from gradflow.probes import ActivationProbe, CallLog, GradOutputProbe, Snapshot
 from gradflow.probes.grad_output import grad_output_hook
@@ -152,10 +152,11 @@ def library(backend: str, libraries: dict[str, ctypes.CDLL | str]) -> ctypes.CDL
 def use_kernels(monkeypatch: pytest.MonkeyPatch, lib: ctypes.CDLL | None) -> None:
     """Make the probes use ``lib`` (``None``: torch operations)."""
 
-    def kernel(squares_only: bool = False) -> Callable[..., None] | None:
+    def kernel(squares_only: bool = False, hold_gil: bool = False) -> Callable[..., None] | None:
         if lib is None:
             return None
-        return lib.gradflow_squares_f32 if squares_only else lib.gradflow_reduce_f32
+        held = _holding_gil(lib) if hold_gil else lib
+        return held.gradflow_squares_f32 if squares_only else held.gradflow_reduce_f32
 
     monkeypatch.setattr("gradflow.kernels.cpu.kernel", kernel)
     monkeypatch.setattr(

@@ -354,7 +354,7 @@ def test_recorded_statistics_agree_with_and_without_the_native_kernel(
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
         path = tmp_path / f"native{native}.h5"
         if not native:
-            monkeypatch.setattr("gradflow.kernels.cpu.kernel", lambda squares_only=False: None)
+            monkeypatch.setattr("gradflow.kernels.cpu.kernel", lambda **options: None)
             monkeypatch.setattr("gradflow.probes.param.param_kernels", lambda sizes: None)
         with Recorder(model, opt, path) as rec:
             for _ in range(2):
