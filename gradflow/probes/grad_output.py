@@ -9,6 +9,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
+from gradflow.eager import eager
 from gradflow.probes.base import Attachment, Check, register
 from gradflow.probes.calls import CallLog, CallProbe
 
@@ -93,5 +94,4 @@ def grad_output_hook(
         target.hook_s += time.perf_counter() - t0
 
     # Eager even where backward is traced (compiled autograd): it reads host memory.
-    disabled: Callable[..., None] = torch.compiler.disable(hook)
-    return disabled
+    return eager(hook)

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from gradflow.eager import eager
 from gradflow.layers import eager_name, first_tensor, floating_tensors
 from gradflow.recorder.base import RecorderBase
 from gradflow.recorder.options import hooked, unwrap_optimizer
@@ -170,7 +171,7 @@ class HooksMixin(RecorderBase):
         if self._active and module.training:
             self._layer_output(layer_id, output)
 
-    @torch.compiler.disable
+    @eager
     def _layer_output(self, layer_id: int, output: Any) -> None:
         self._rows.layer_called = True
         out = first_tensor(output)
