@@ -15,9 +15,9 @@ STACK_PAIRS ?= 10
 export MPLBACKEND ?= Agg
 
 BENCH_FILES := benchmarks/harness/*.py benchmarks/overhead.py benchmarks/runfile.py benchmarks/compare.py \
-	benchmarks/floor.py benchmarks/kernels.py benchmarks/gpu.py benchmarks/soak.py \
+	benchmarks/floor.py benchmarks/kernel_speed.py benchmarks/gpu.py benchmarks/soak.py \
 	benchmarks/frozen_backbone.py benchmarks/plot_speed.py benchmarks/startup.py benchmarks/sweep_speed.py \
-	benchmarks/report_speed.py
+	benchmarks/report_speed.py benchmarks/call_cost.py benchmarks/budget_runs.py
 
 .PHONY: help test lint bench bench-overhead bench-resunet bench-runfile bench-plot bench-soak \
 	bench-stacks bench-budget bench-gpu-dry bench-gpu bench-summary
@@ -28,7 +28,8 @@ help:
 	@echo "make bench   the CPU benchmarks (about 13 min on a quiet 2-core machine),"
 	@echo "             output and JSON in $(RESULTS)/"
 	@echo "make bench-stacks    fig3b-long-9, resnet18, gpt2-mini side by side, C kernels on/off"
-	@echo "make bench-budget    all probes every step vs under budgets of 1 % and 5 %"
+	@echo "make bench-budget    all probes every step vs under budgets of 1 % and 5 %,"
+	@echo "                     interleaved pairs and whole runs (budget_runs.py)"
 	@echo "make bench-gpu-dry   benchmarks/gpu.py --device cpu --quick (checks the GPU script)"
 	@echo "make bench-gpu       on a CUDA machine: CUDA tests + paper-resunet GPU overhead"
 	@echo "make bench-compare BASE=<rev>   overhead rows of <rev> and the working tree,"
@@ -66,6 +67,8 @@ bench-budget: | $(RESULTS)
 	$(PYTHON) benchmarks/overhead.py --model fig3b-long-9,resnet18,gpt2-mini,paper-resunet \
 		--pairs $(STACK_PAIRS) --variants all,budget-1pc,budget-5pc --no-memory \
 		--json $(RESULTS)/overhead_budget.json | tee $(RESULTS)/overhead_budget.txt
+	$(PYTHON) benchmarks/budget_runs.py --model fig3b-long-9 --budgets 0.01,0.05 --steps 120 \
+		--rounds 2 --json $(RESULTS)/budget_runs_fig3b.json | tee $(RESULTS)/budget_runs_fig3b.txt
 
 # wandb.watch and TensorBoard histograms cost seconds per step on 11 M parameters: left out;
 # so is every-10th-step recording (shown on fig3b), whose 5-step trials would differ.

@@ -383,8 +383,10 @@ def measure(
             except Unavailable as err:
                 unavailable[name] = str(err)
                 stderr(f"{workload.model} {name}: unavailable: {err}")
-        if "plain" not in sessions:
-            sys.exit(f"plain training fails: {unavailable.get('plain')}")
+        if "plain" not in sessions:  # the other workloads still run
+            line = f"{workload.model}: not run: plain training fails: {unavailable.get('plain')}"
+            print(line + "\n")
+            return {"workload": workload, "unavailable": unavailable, "headlines": [line]}, [line]
         model = sessions["plain"].trainer.model
         n_params = sum(p.numel() for p in model.parameters())
         print(f"model:    {n_params / 1e3:.0f} k parameters, {n_layers(model)} layers")
@@ -434,6 +436,8 @@ def side_by_side(names: list[str], measured: dict[str, dict[str, Any]]) -> None:
     variants = [n for n in names if n != "plain"]
     rows = []
     for model, data in measured.items():
+        if "results" not in data:
+            continue
         row = [model, f"{data['parameters'] / 1e6:.2f} M", str(data["layers"])]
         row.append(f"{data['results']['plain']['seconds_per_step']['median']:.4f}")
         for name in variants:

@@ -9,7 +9,7 @@ and repeated, the reductions a recorded step makes on the CPU, timed as the best
 - parameter statistics (gradients, weights with their snapshot copy, update), through
   :class:`gradflow.probes.Snapshot` with the kernels and with its torch path.
 
-Run: ``python benchmarks/kernels.py`` (``--models paper-resunet:64 fig3b-long-9:96``).
+Run: ``python benchmarks/kernel_speed.py`` (``--models paper-resunet:64 fig3b-long-9:96``).
 """
 
 from __future__ import annotations
