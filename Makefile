@@ -102,7 +102,7 @@ bench-gpu-dry:
 # GRADFLOW_TRITON=1: "all" with the opt-in Triton kernel, "all-torch" without it.
 bench-gpu:
 	OUT=$${OUT:-device-out} SMOKE=0 BENCH_S=300 GRADFLOW_TRITON=1 \
-		GPU_ARGS="--models paper-resunet:256:4 --pairs 60" bash benchmarks/device_session.sh
+		GPU_ARGS="--models paper-resunet:256:4 --pairs 60" bash benchmarks/cuda_checks.sh
 
 # Before/after on one machine in one sitting: overhead.py of BASE (a git worktree in the temp
 # directory) and of the working tree, in alternating rounds; not part of `make bench`.

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from harness.env import environment, print_header
 from harness.report import format_table, summarize
-from harness.timing import Session, paired_trials
+from harness.timing import Rig, paired_trials
 from harness.tools import GradflowTool, Tool
 from harness.workloads import MLPTrainer
 from torch import nn
@@ -45,17 +45,17 @@ def trainer(frozen: int) -> MLPTrainer:
     return MLPTrainer(N_LAYERS, width=256, batch=64, relu=True, frozen=frozen, lr=1e-4)
 
 
-def sessions(
+def rigs(
     name: str, frozen: int, path: Path, select: Callable[[str, nn.Module], bool] | None = None
-) -> tuple[Session, Session, GradflowTool]:
+) -> tuple[Rig, Rig, GradflowTool]:
     """The plain model, the recorded one timed against it (after the warm-up steps), and
     its recorder."""
     plain, recorded = trainer(frozen), trainer(frozen)
     tool = GradflowTool(recorded, path, probes=("param",), layers=select)
-    pair = (Session(name, plain, Tool(plain)), Session(name, recorded, tool))
-    for session in pair:
-        session.run(WARMUP)
-        session.tool.settle()
+    pair = (Rig(name, plain, Tool(plain)), Rig(name, recorded, tool))
+    for rig in pair:
+        rig.run(WARMUP)
+        rig.tool.settle()
     return (*pair, tool)
 
 
@@ -68,19 +68,19 @@ def main() -> None:
     trainable = {str(2 * i) for i in range(N_FROZEN, N_LAYERS)}
     with tempfile.TemporaryDirectory() as tmp:
         built = [
-            sessions("frozen", N_FROZEN, Path(tmp) / "frozen.h5"),
-            sessions(
+            rigs("frozen", N_FROZEN, Path(tmp) / "frozen.h5"),
+            rigs(
                 "frozen, layers=",
                 N_FROZEN,
                 Path(tmp) / "selected.h5",
                 lambda name, module: name in trainable,
             ),
-            sessions("trainable", 0, Path(tmp) / "trainable.h5"),
+            rigs("trainable", 0, Path(tmp) / "trainable.h5"),
         ]
         plain = {p.name: p for p, _, _ in built}
         timed = paired_trials(plain, [r for _, r, _ in built], pairs=pairs, steps=steps)
         rows = []
-        for _, session, tool in built:
+        for _, rig, tool in built:
             tool.close()
             own = tool.self_reported() or {}
             with gradflow.open_run(tool.path) as run:
@@ -88,11 +88,11 @@ def main() -> None:
             # The recorder's own time in the training thread (hooks, reductions, copy).
             own_ms = sum(own.get(k, 0.0) for k in ("hooks", "stats", "copy"))
             size = tool.path.stat().st_size
-            p = timed[session.name]
+            p = timed[rig.name]
             extra = summarize(1e3 * (v - b) for b, v in zip(p.baseline, p.variant, strict=True))
             ratio = summarize(p.ratios)
             rows.append([
-                session.name, layers, f"{extra.median:.3f}", extra.iqr(), f"{ratio.median:.3f}",
+                rig.name, layers, f"{extra.median:.3f}", extra.iqr(), f"{ratio.median:.3f}",
                 ratio.iqr(), f"{own_ms:.3f}", f"{size / max(own.get('rows', 1.0), 1.0):.0f}",
             ])  # fmt: skip
     print(

@@ -42,7 +42,7 @@ from unittest import mock
 import torch
 from harness.env import add_trial_options, environment, print_header, script_parser, stderr
 from harness.report import format_table, own_clock_line, ratio_headline, ratio_rows, write_json
-from harness.timing import CudaTimer, Session, build_session, cpu_timer, pair_results, paired_trials
+from harness.timing import CudaTimer, Rig, build_rig, cpu_timer, pair_results, paired_trials
 from harness.tools import Tool, Variant, recorder_variant
 from harness.workloads import Workload
 
@@ -88,7 +88,7 @@ VARIANTS = {
 TIMED = ("param", "all", "all-torch")
 
 
-class TorchReductions(Session):
+class TorchReductions(Rig):
     """Steps with the accelerator path's torch reductions of layer outputs instead of the
     fused Triton kernel (:mod:`gradflow.kernels.triton`): the kernel's own effect, side by side."""
 
@@ -99,13 +99,13 @@ class TorchReductions(Session):
 
 # -- timing ---------------------------------------------------------------------------------------
 def time_variants(
-    sessions: dict[str, Session], args: argparse.Namespace, deadline: float
+    rigs: dict[str, Rig], args: argparse.Namespace, deadline: float
 ) -> dict[str, Any]:
     cuda = args.device.startswith("cuda")
     timer: Any = CudaTimer() if cuda else cpu_timer
-    others = [sessions[n] for n in TIMED if n in sessions]
+    others = [rigs[n] for n in TIMED if n in rigs]
     pairs = paired_trials(
-        sessions["plain"],
+        rigs["plain"],
         others,
         pairs=args.pairs,
         steps=args.steps_per_trial,
@@ -116,14 +116,14 @@ def time_variants(
     return {"timer": "cuda events" if cuda else "wall clock (no CUDA)", **pair_results(pairs)}
 
 
-def peak_memory(sessions: dict[str, Session], steps: int) -> dict[str, float]:
-    """Peak GPU memory (MB) while each variant runs ``steps`` steps (all sessions resident)."""
+def peak_memory(rigs: dict[str, Rig], steps: int) -> dict[str, float]:
+    """Peak GPU memory (MB) while each variant runs ``steps`` steps (all rigs resident)."""
     peaks = {}
-    for name, session in sessions.items():
+    for name, rig in rigs.items():
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-        session.run(steps)
-        session.tool.settle()
+        rig.run(steps)
+        rig.tool.settle()
         torch.cuda.synchronize()
         peaks[name] = torch.cuda.max_memory_allocated() / 2**20
     return peaks
@@ -158,7 +158,7 @@ def sync_warnings() -> Iterator[list[tuple[str, str]]]:
             torch.cuda.set_sync_debug_mode("default")
 
 
-def count_syncs(session: Session, steps: int) -> dict[str, Any]:
+def count_syncs(rig: Rig, steps: int) -> dict[str, Any]:
     """Synchronising operations per step: sync debug mode warnings (by thread) and the
     profiler's blocking CUDA runtime calls (training thread and others)."""
     out: dict[str, Any] = {"steps": steps}
@@ -166,8 +166,8 @@ def count_syncs(session: Session, steps: int) -> dict[str, Any]:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
         with sync_warnings() as records:
-            session.run(steps)
-            session.tool.settle()
+            rig.run(steps)
+            rig.tool.settle()
             time.sleep(0.05)  # let the writer thread finish its last item
         # The text of torch's warn_or_error_on_sync(); the one-time "debug mode is a
         # prototype" notice is not a sync.
@@ -187,8 +187,8 @@ def count_syncs(session: Session, steps: int) -> dict[str, Any]:
             activities.append(ProfilerActivity.CUDA)
         main_tid = threading.get_native_id()
         with profile(activities=activities) as prof:
-            session.run(steps)
-            session.tool.settle()
+            rig.run(steps)
+            rig.tool.settle()
         events = [e for e in prof.events() if e.name in BLOCKING_CALLS]
         # Label threads only when the profiler's thread ids are the OS ones we know.
         known = any(getattr(e, "thread", None) == main_tid for e in prof.events())
@@ -210,9 +210,9 @@ def count_syncs(session: Session, steps: int) -> dict[str, Any]:
     return out
 
 
-def phase_state(session: Session) -> str:
+def phase_state(rig: Rig) -> str:
     """How the recorder's parameter-statistics phases run: replayed CUDA graphs or eager."""
-    probe = getattr(getattr(session.tool, "recorder", None), "_param_probe", None)
+    probe = getattr(getattr(rig.tool, "recorder", None), "_param_probe", None)
     phases = getattr(getattr(probe, "snapshot", None), "_phases", {})
     states = []
     for name, phase in phases.items():
@@ -246,7 +246,7 @@ def non_blocking_copy_pinned(device: str) -> bool | str:
         return f"failed: {type(err).__name__}: {err}"
 
 
-def profile_steps(sessions: dict[str, Session], steps: int) -> dict[str, Any]:
+def profile_steps(rigs: dict[str, Rig], steps: int) -> dict[str, Any]:
     """Where a step's time goes: the profiler's CPU and GPU totals per step for every
     variant, and for the recorders the top Python functions (cProfile) by own time."""
     import cProfile
@@ -260,12 +260,12 @@ def profile_steps(sessions: dict[str, Session], steps: int) -> dict[str, Any]:
     if torch.cuda.is_available():
         activities.append(ProfilerActivity.CUDA)
     out: dict[str, Any] = {}
-    for name, session in sessions.items():
+    for name, rig in rigs.items():
         sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
         sync()
         t0 = time.perf_counter()
         with profile(activities=activities) as prof:
-            session.run(steps)
+            rig.run(steps)
             sync()
         wall = (time.perf_counter() - t0) / steps
         averages = prof.key_averages()
@@ -303,8 +303,8 @@ def profile_steps(sessions: dict[str, Session], steps: int) -> dict[str, Any]:
         if name in ("param", "all"):
             prof_py = cProfile.Profile()
             prof_py.enable()
-            session.run(steps)
-            session.tool.settle()
+            rig.run(steps)
+            rig.tool.settle()
             sync()
             prof_py.disable()
             text = io.StringIO()
@@ -330,43 +330,43 @@ def run_model(
     result: dict[str, Any] = {"workload": workload, "errors": {}}
     report["models"][workload.model] = result
     print(f"== {workload.describe()}")
-    sessions: dict[str, Session] = {}
+    rigs: dict[str, Rig] = {}
     table = VARIANTS
     folder = tmp / workload.model
     folder.mkdir(exist_ok=True)
     for name in ("plain", *args.variants, "unrecorded"):
         try:
-            kind = TorchReductions if name == "all-torch" else Session
-            sessions[name] = build_session(table[name], workload, folder, args.warmup, kind)
+            kind = TorchReductions if name == "all-torch" else Rig
+            rigs[name] = build_rig(table[name], workload, folder, args.warmup, kind)
         except Exception as err:
             result["errors"][name] = f"{type(err).__name__}: {err}"
             print(f"could not build {name}: {type(err).__name__}: {err}")
             if args.verbose:
                 traceback.print_exc()
-    if "plain" not in sessions:
+    if "plain" not in rigs:
         return
-    result["n_params"] = sum(p.numel() for p in sessions["plain"].trainer.model.parameters())
+    result["n_params"] = sum(p.numel() for p in rigs["plain"].trainer.model.parameters())
 
     syncs: dict[str, Any] = {}
     for name in ("plain", "unrecorded", "param", "all"):
-        if name in sessions:
+        if name in rigs:
             try:
-                syncs[name] = count_syncs(sessions[name], args.sync_steps)
+                syncs[name] = count_syncs(rigs[name], args.sync_steps)
             except Exception as err:
                 syncs[name] = f"failed: {type(err).__name__}: {err}"
     result["syncs"] = syncs
     print_syncs(syncs)
-    if "param" in sessions:
-        result["param_phases"] = phase_state(sessions["param"])
+    if "param" in rigs:
+        result["param_phases"] = phase_state(rigs["param"])
         print(f"parameter statistics phases (CUDA graphs): {result['param_phases']}")
-    unrecorded = sessions.pop("unrecorded", None)
+    unrecorded = rigs.pop("unrecorded", None)
     if unrecorded is not None:
         unrecorded.tool.close()
     write_json(args.json, report)
 
     if args.profile:
         try:
-            result["profile"] = profile_steps(sessions, args.sync_steps)
+            result["profile"] = profile_steps(rigs, args.sync_steps)
         except Exception as err:
             result["errors"]["profile"] = f"{type(err).__name__}: {err}"
             print(f"profiling failed: {type(err).__name__}: {err}")
@@ -374,7 +374,7 @@ def run_model(
 
     if args.pairs > 0:
         try:
-            result["timing"] = time_variants(sessions, args, deadline)
+            result["timing"] = time_variants(rigs, args, deadline)
             print_timing(result["timing"], table)
         except Exception as err:
             result["errors"]["timing"] = f"{type(err).__name__}: {err}"
@@ -384,7 +384,7 @@ def run_model(
 
     if torch.cuda.is_available():
         try:
-            peaks = peak_memory(sessions, 2)
+            peaks = peak_memory(rigs, 2)
             result["peak_gpu_mb"] = peaks
             print(
                 "peak GPU memory (MB, all variants' models resident): "
@@ -392,17 +392,17 @@ def run_model(
             )
         except Exception as err:
             result["errors"]["memory"] = f"{type(err).__name__}: {err}"
-    for session in sessions.values():
+    for rig in rigs.values():
         try:
-            session.tool.close()
+            rig.tool.close()
         except Exception as err:
-            result["errors"][f"close {session.name}"] = f"{type(err).__name__}: {err}"
-            print(f"closing {session.name} failed: {err}")
-        own = getattr(session.tool, "self_reported", lambda: None)()
+            result["errors"][f"close {rig.name}"] = f"{type(err).__name__}: {err}"
+            print(f"closing {rig.name} failed: {err}")
+        own = getattr(rig.tool, "self_reported", lambda: None)()
         if own:
-            result.setdefault("self_reported_ms", {})[session.name] = own
-            print(own_clock_line(session.name, own))
-    sessions.clear()
+            result.setdefault("self_reported_ms", {})[rig.name] = own
+            print(own_clock_line(rig.name, own))
+    rigs.clear()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     print()

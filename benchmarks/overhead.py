@@ -45,7 +45,7 @@ from harness.env import (
 )
 from harness.process import peak_of, report_to_parent, run_child
 from harness.report import format_table, own_clock_line, ratio_headline, ratio_rows, write_json
-from harness.timing import Session, build_session, pair_results, paired_trials
+from harness.timing import Rig, build_rig, pair_results, paired_trials
 from harness.tools import GradflowTool, Stepper, Tool, Unavailable, Variant, recorder_variant
 from harness.workloads import THIRD_PARTY, Trainer, Workload
 from torch import nn
@@ -228,8 +228,8 @@ def memory_child(args: argparse.Namespace, workload: Workload) -> None:
     result: dict[str, Any] = {"variant": args.memory_child}
     with tempfile.TemporaryDirectory(prefix="gradflow-mem-") as tmp:
         try:
-            session = build_session(VARIANTS[args.memory_child], workload, Path(tmp), args.warmup)
-            result |= peak_of(session, args.memory_steps)
+            rig = build_rig(VARIANTS[args.memory_child], workload, Path(tmp), args.warmup)
+            result |= peak_of(rig, args.memory_steps)
         except Unavailable as err:
             result["unavailable"] = str(err)
     report_to_parent(result)
@@ -376,23 +376,23 @@ def measure(
     unavailable: dict[str, str] = {}
     results: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="gradflow-overhead-") as tmp:
-        sessions: dict[str, Session] = {}
+        rigs: dict[str, Rig] = {}
         for name in names:
             try:
-                sessions[name] = build_session(VARIANTS[name], workload, Path(tmp), args.warmup)
+                rigs[name] = build_rig(VARIANTS[name], workload, Path(tmp), args.warmup)
             except Unavailable as err:
                 unavailable[name] = str(err)
                 stderr(f"{workload.model} {name}: unavailable: {err}")
-        if "plain" not in sessions:  # the other workloads still run
+        if "plain" not in rigs:  # the other workloads still run
             line = f"{workload.model}: not run: plain training fails: {unavailable.get('plain')}"
             print(line + "\n")
             return {"workload": workload, "unavailable": unavailable, "headlines": [line]}, [line]
-        model = sessions["plain"].trainer.model
+        model = rigs["plain"].trainer.model
         n_params = sum(p.numel() for p in model.parameters())
         print(f"model:    {n_params / 1e3:.0f} k parameters, {n_layers(model)} layers")
-        others = [sessions[n] for n in names if n in sessions and n != "plain"]
+        others = [rigs[n] for n in names if n in rigs and n != "plain"]
         pairs = paired_trials(
-            sessions["plain"],
+            rigs["plain"],
             others,
             pairs=args.pairs,
             steps=args.steps_per_trial,
@@ -400,12 +400,12 @@ def measure(
             progress=stderr,
         )
         results.update(pair_results(pairs))
-        for name, session in sessions.items():
-            session.tool.close()
-            if isinstance(session.tool, GradflowTool):
-                results[name]["self_reported_ms"] = session.tool.self_reported()
-                results[name]["kernel_backend"] = session.tool.kernel_backend()
-        sessions.clear()
+        for name, rig in rigs.items():
+            rig.tool.close()
+            if isinstance(rig.tool, GradflowTool):
+                results[name]["self_reported_ms"] = rig.tool.self_reported()
+                results[name]["kernel_backend"] = rig.tool.kernel_backend()
+        rigs.clear()
     timing_s = time.monotonic() - started
 
     memory: dict[str, dict[str, Any]] = {}

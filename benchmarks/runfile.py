@@ -29,7 +29,7 @@ import numpy as np
 from harness.env import environment, print_header, script_parser
 from harness.process import dataset_bytes
 from harness.report import format_table, own_clock_line, write_json
-from harness.timing import Session, cpu_timer
+from harness.timing import Rig, cpu_timer
 from harness.tools import GradflowTool, Tool
 from harness.workloads import MLPTrainer
 
@@ -140,11 +140,11 @@ def stream_runwriter(path: Path, n_layers: int, n_steps: int, block: int) -> dic
 # -- part 2: a Recorder on a deep MLP -------------------------------------------------------------
 def record_mlp(path: Path, n_layers: int, n_steps: int) -> dict[str, Any]:
     mlp = MLPTrainer(n_layers)
-    plain = Session("plain", mlp, Tool(mlp))
+    plain = Rig("plain", mlp, Tool(mlp))
     plain.run(3)
     plain_s = cpu_timer(plain, n_steps)
     tool = GradflowTool(mlp, path, probes=DEFAULT_PROBES)
-    recorded = Session("recorded", mlp, tool)
+    recorded = Rig("recorded", mlp, tool)
     start = time.perf_counter()
     recorded.run(n_steps)
     tool.close()

@@ -168,6 +168,17 @@ def test_layers_chooses_frozen_layers_too(tmp_path) -> None:
         assert np.isnan(grad[:2, 0]).all() and np.isfinite(grad[2]).all()
 
 
+def bounds(window: TimeWindow) -> tuple[int, int]:
+    """The steps [lo, hi) of ``window`` in a run of STEPS steps."""
+    return window.start or 0, window.stop or STEPS
+
+
+def left_out_note(n: int) -> str:
+    """The line under a figure that leaves out ``n`` layers never measured."""
+    layers, are = ("layers", "are") if n > 1 else ("layer", "is")
+    return f"{n} {layers} never measured in this range {are} not drawn"
+
+
 @pytest.fixture(scope="module")
 def frozen_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("frozen") / "frozen.h5"
@@ -184,7 +195,7 @@ def test_heat_maps_leave_out_layers_never_measured_in_the_drawn_range(
     frozen_run: Path, steps: TimeWindow | None, drawn: list[str]
 ) -> None:
     window = steps or TimeWindow("step")
-    lo, hi = window.start or 0, window.stop or STEPS
+    lo, hi = bounds(window)
     # The layers unfrozen at some step of the window, from the schedule, not the run file.
     assert [n for n in NAMES if UNFROZEN[n] & set(range(lo, hi))] == drawn
     with open_run(frozen_run) as run:
@@ -194,9 +205,7 @@ def test_heat_maps_leave_out_layers_never_measured_in_the_drawn_range(
     assert mesh.shape[0] == len(drawn)  # rows: layers, columns: steps
     columns = [NAMES.index(n) for n in drawn]
     np.testing.assert_allclose(np.ma.getdata(mesh).T, values[lo:hi][:, columns], equal_nan=True)
-    n = len(NAMES) - len(drawn)
-    layers, are = ("layers", "are") if n > 1 else ("layer", "is")
-    assert note(fig) == f"{n} {layers} never measured in this range {are} not drawn"
+    assert note(fig) == left_out_note(len(NAMES) - len(drawn))
 
 
 @pytest.mark.parametrize(
@@ -208,7 +217,7 @@ def test_depth_profile_leaves_out_layers_never_measured_in_the_drawn_range(
     frozen_run: Path, steps: TimeWindow | None, drawn: list[str]
 ) -> None:
     window = steps or TimeWindow("step")
-    lo, hi = window.start or 0, window.stop or STEPS
+    lo, hi = bounds(window)
     with open_run(frozen_run) as run:
         fig = depth_profile([run], stat="param/grad_norm", window=window, all_layers=True)
         values = run.stat("param", "grad_norm").astype(np.float64)
@@ -221,9 +230,7 @@ def test_depth_profile_leaves_out_layers_never_measured_in_the_drawn_range(
     measured = np.isfinite(window_values)
     expected = np.where(measured, window_values, 0).sum(0) / measured.sum(0)
     np.testing.assert_allclose(y, expected, rtol=1e-6)
-    n = len(NAMES) - len(drawn)
-    layers, are = ("layers", "are") if n > 1 else ("layer", "is")
-    assert note(fig) == f"{n} {layers} never measured in this range {are} not drawn"
+    assert note(fig) == left_out_note(len(NAMES) - len(drawn))
 
 
 def test_sweep_grid_leaves_out_layers_no_run_of_a_panel_measured(tmp_path: Path) -> None:

@@ -8,7 +8,7 @@
   fixed random batch; an MLP), so every script times the same training step;
 - :mod:`.tools`: what watches a training step (:class:`~.tools.Tool`;
   :class:`~.tools.GradflowTool` is the recorder) and the named variants built from them;
-- :mod:`.timing`: sessions (a trainer and its tool), the wall-clock and CUDA-event timers,
+- :mod:`.timing`: rigs (a trainer and its tool), the wall-clock and CUDA-event timers,
   interleaved, paired trials (:func:`~.timing.paired_trials`) and their summaries, and the
   best of interleaved repeats of single calls (:func:`~.timing.interleaved_best`);
 - :mod:`.process`: resident memory (peak RSS measured in a fresh process too), hooks

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .timing import Session
+from .timing import Rig
 
 
 def peak_rss_mb() -> float:
@@ -119,21 +119,21 @@ def count_hooks(model: nn.Module, optimizer: torch.optim.Optimizer | None = None
 CHILD_TAG = "@@result "
 
 
-def peak_of(session: Session, steps: int) -> dict[str, float | None]:
-    """Run ``steps`` more steps of ``session`` (its background work drained), then close its
+def peak_of(rig: Rig, steps: int) -> dict[str, float | None]:
+    """Run ``steps`` more steps of ``rig`` (its background work drained), then close its
     tool.
 
     Args:
-        session: a session built and warmed up in this (fresh) process.
+        rig: a rig built and warmed up in this (fresh) process.
         steps: steps to run.
 
     Returns:
         ``peak_rss_mb`` of this process and ``children_rss_mb`` of its child processes.
     """
-    session.run(steps)
-    session.tool.settle()
+    rig.run(steps)
+    rig.tool.settle()
     out = {"peak_rss_mb": peak_rss_mb(), "children_rss_mb": children_rss_mb()}
-    session.tool.close()
+    rig.tool.close()
     return out
 
 

@@ -18,7 +18,7 @@ from .workloads import Trainer, Workload
 
 
 @dataclass
-class Session:
+class Rig:
     """A trainer and the tool watching it."""
 
     name: str
@@ -30,14 +30,14 @@ class Session:
             self.trainer.step(self.tool)
 
 
-Timer = Callable[[Session, int], float]
+Timer = Callable[[Rig, int], float]
 
 
-def cpu_timer(session: Session, steps: int) -> float:
+def cpu_timer(rig: Rig, steps: int) -> float:
     """Wall seconds per step over ``steps`` steps, background work included."""
     start = time.perf_counter()
-    session.run(steps)
-    session.tool.settle()
+    rig.run(steps)
+    rig.tool.settle()
     return (time.perf_counter() - start) / steps
 
 
@@ -47,14 +47,14 @@ class CudaTimer:
 
     last_wall: float | None = None
 
-    def __call__(self, session: Session, steps: int) -> float:
+    def __call__(self, rig: Rig, steps: int) -> float:
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         torch.cuda.synchronize()
         t0 = time.perf_counter()
         start.record()
-        session.run(steps)
+        rig.run(steps)
         end.record()
-        session.tool.settle()
+        rig.tool.settle()
         end.synchronize()
         self.last_wall = (time.perf_counter() - t0) / steps
         return start.elapsed_time(end) / 1e3 / steps
@@ -80,8 +80,8 @@ class Pairs:
 
 
 def paired_trials(
-    baseline: Session | Mapping[str, Session],
-    variants: Sequence[Session],
+    baseline: Rig | Mapping[str, Rig],
+    variants: Sequence[Rig],
     *,
     pairs: int,
     steps: int,
@@ -95,8 +95,8 @@ def paired_trials(
     Stops early (with fewer pairs) once ``deadline`` (``time.monotonic()``) has passed.
 
     Args:
-        baseline: the session every variant is paired with, or one per variant's name.
-        variants: the sessions timed against it.
+        baseline: the rig every variant is paired with, or one per variant's name.
+        variants: the rigs timed against it.
         pairs: rounds.
         steps: steps per trial.
         timer: seconds per step of a trial (with ``last_wall``: the wall clock too).
@@ -115,10 +115,10 @@ def paired_trials(
                 progress(f"time budget reached: stopping after {i} pairs")
             break
         order = [variants[(i + j) % n] for j in range(n)]
-        for session in order:
-            pair = results[session.name]
+        for rig in order:
+            pair = results[rig.name]
             for role in ("baseline", "variant") if i % 2 == 0 else ("variant", "baseline"):
-                seconds = timer(baselines[session.name] if role == "baseline" else session, steps)
+                seconds = timer(baselines[rig.name] if role == "baseline" else rig, steps)
                 getattr(pair, role).append(seconds)
                 wall = getattr(timer, "last_wall", None)
                 if wall is not None:
@@ -155,9 +155,9 @@ def pair_results(pairs: Mapping[str, Pairs]) -> dict[str, dict[str, Any]]:
     return out
 
 
-def build_session(
-    variant: Variant, workload: Workload, folder: Path, warmup: int, kind: type[Session] = Session
-) -> Session:
+def build_rig(
+    variant: Variant, workload: Workload, folder: Path, warmup: int, kind: type[Rig] = Rig
+) -> Rig:
     """A trainer of ``workload`` with the variant's tool (files in ``folder``), after
     ``warmup`` untimed steps.
 
@@ -166,10 +166,10 @@ def build_session(
         workload: what is trained.
         folder: where the tool writes its files.
         warmup: steps run (and the tool's background work drained) before any timing.
-        kind: the session class (a subclass may change how steps run).
+        kind: the rig class (a subclass may change how steps run).
 
     Returns:
-        The session.
+        The rig.
 
     Raises:
         Unavailable: the tool is missing, or fails on this model, with the reason.
@@ -181,9 +181,9 @@ def build_session(
         raise
     except Exception as err:
         raise Unavailable(f"fails to attach: {type(err).__name__}: {first_line(err)}") from err
-    session = kind(variant.name, trainer, tool)
+    rig = kind(variant.name, trainer, tool)
     try:
-        session.run(warmup)
+        rig.run(warmup)
         tool.settle()
     except Exception as err:
         with contextlib.suppress(Exception):
@@ -191,7 +191,7 @@ def build_session(
         raise Unavailable(
             f"fails on {workload.model}: {type(err).__name__}: {first_line(err)}"
         ) from err
-    return session
+    return rig
 
 
 def first_line(err: BaseException) -> str:

@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# Everything gradflow checks on a CUDA machine, in one unattended call (< 7 minutes):
+# Everything gradflow checks on a CUDA machine, in one run (< 7 minutes):
 # the CUDA variants of the recorder's reference tests, `gradflow record`/`plot` on CUDA,
 # the GPU overhead/sync benchmark, and (SCIENCE=1) the skip-connection grid at GPU scale.
 # Run from the repository root; for SCIENCE=1 copy the ISBI slices to .isbi (git-ignored):
 #   mkdir -p .isbi && cp -r ../shared/data/isbi2012/train .isbi/
-#   bash benchmarks/device_session.sh      # results under $OUT (default: device-out/)
+#   bash benchmarks/cuda_checks.sh      # results under $OUT (default: device-out/)
 # SMOKE=0 skips the record/plot smoke run; BENCH_S sets the benchmark's budget (seconds).
 # The benchmark times plain, param, all (fused Triton kernel for layer outputs) and
 # all-torch (the same with torch reductions), interleaved.
@@ -19,7 +19,7 @@ git log -1 --format='commit %h %cd' 2>/dev/null || true
 python -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | tail -2
 
 echo "== CUDA tests"
-timeout 120 python -m pytest -q -p no:cacheprovider tests/test_recorder.py -k cuda -rs \
+timeout 120 python -m pytest -q -p no:cacheprovider tests/recorder/test_recorder.py tests/kernels -k cuda -rs \
     2>&1 | tee "$OUT/cuda_tests.txt" | tail -15
 
 if [ "${SMOKE:-1}" = 1 ]; then
