@@ -150,7 +150,7 @@ def _build(folder: Path, flags: Sequence[str]) -> Path:
 def build_cached(folder: Path, flags: Sequence[str] = ()) -> tuple[Path | None, str]:
     """The cached library in ``folder``, compiled first if missing; ``(None, why)`` where
     that fails or ``folder`` is not safe (:func:`unsafe_folder`). The compiler runs in
-    its own session, without input and with a timeout, into a temporary file that is
+    its own process group, without input and with a timeout, into a temporary file that is
     renamed into place: processes building at once each leave a complete library, and
     none ever loads a partial one."""
     try:
