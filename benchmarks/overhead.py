@@ -7,6 +7,9 @@ even rounds, the variant first in odd ones; the variants' order rotates), after 
 steps that are not timed. A variant's ratio is the median over rounds of
 ``variant s/step / plain s/step`` of its pairs; the spread is the min-max of those ratios.
 Peak resident memory is measured per variant in a fresh subprocess running the same steps.
+A budgeted variant (``budget-1pc``, ``budget-5pc``) keeps its budget against a clock that
+runs only while its own rig trains, so the time the other variants train between its
+trials is not counted as its wall time.
 
     python benchmarks/overhead.py --model fig3b-long-9            # CPU, batch 4, 96x96
     python benchmarks/overhead.py --model paper-resunet --pairs 10  # CPU, batch 2, 64x64

@@ -3,9 +3,13 @@ cost stays within a fraction of the training's wall time.
 
 The cost is what the run file's ``/overhead`` columns hold: the training thread's time in
 hooks, statistics and copies (charged when a recorded row is handed to the writer) and the
-writer thread's time (read from the writer, file writes included). Decisions are made
-before a step runs, so the cost of rows not yet measured is estimated from those measured
-(a running mean per recorded row).
+writer thread's time (read from the writer, file writes included). Recording also costs
+the training time off those clocks (torch calling the hooks, memory traffic, the writer
+thread holding the GIL): the schedule times every step and, once it has seen a few
+recorded and unrecorded ones, charges a row the larger of its clocks' cost and the
+difference of the median wall times of recorded and unrecorded steps (its clocks' cost
+scaled up by their ratio). Decisions are made before a step runs, so the cost of rows not
+yet measured is estimated from those measured (a median over the last rows).
 
 Which steps are recorded:
 
@@ -72,6 +76,9 @@ class BudgetSchedule:
         self._writer_seconds: Callable[[], tuple[float, int, tuple[float, int]]] | None = None
         self._train_s = 0.0  # training-thread cost of the rows charged so far
         self._recent: deque[float] = deque(maxlen=16)  # the last rows' training-thread costs
+        # Wall seconds of the last recorded and unrecorded steps (from one decision to the next).
+        self._walls: dict[bool, deque[float]] = {True: deque(maxlen=16), False: deque(maxlen=16)}
+        self._last_call: float | None = None
         self._charged = 0  # rows charged
         self._credit = 0.0  # seconds the recorder may still spend
         self._seen = (self._t0, 0.0)  # the clock and the writer's seconds when last updated
@@ -115,12 +122,26 @@ class BudgetSchedule:
 
     # -- what the recorder reports -----------------------------------------------------------
     def charge(self, seconds: float) -> None:
-        """A recorded row's training-thread cost, measured when it went to the writer."""
-        self._train_s += seconds
-        self._credit -= seconds
+        """A recorded row's training-thread cost, measured when it went to the writer
+        (charged scaled by :meth:`scale`)."""
         if self._charged:  # the first row's cost includes one-time setup: not an estimate
             self._recent.append(seconds)
         self._charged += 1
+        cost = seconds * self.scale()
+        self._train_s += cost
+        self._credit -= cost
+
+    def scale(self) -> float:
+        """How much more a recorded step costs the training than the recorder's clocks
+        see: the difference of the median wall times of the last recorded and unrecorded
+        steps over the median clocked cost of the last rows (1 until four of each are
+        timed; at most 5, so one slow stretch cannot stop the recording)."""
+        recorded, plain = self._walls[True], self._walls[False]
+        if len(recorded) < 4 or len(plain) < 4 or not self._recent:
+            return 1.0
+        clocked = statistics.median(self._recent)
+        excess = statistics.median(recorded) - statistics.median(plain)
+        return min(max(excess / clocked, 1.0), 5.0) if clocked > 0 else 1.0
 
     def epoch_end(self, next_step: int) -> bool:
         """An epoch closed before ``next_step``: that step (the next epoch's first) is
@@ -152,6 +173,11 @@ class BudgetSchedule:
         """Whether to record ``step`` (called once, before the step runs)."""
         if step in self._decided:
             return self._decided[step]
+        now = self._clock()
+        if self._last_call is not None and step - 1 in self._decided:
+            # The previous step ran since its decision (as finally taken: maybe forced).
+            self._walls[self._decided[step - 1]].append(now - self._last_call)
+        self._last_call = now
         if self._pending_loss is not None:
             host, ready = self._pending_loss
             if ready is None or ready.query():
@@ -163,7 +189,8 @@ class BudgetSchedule:
         return record
 
     def reached(self) -> float:
-        """The measured cost so far as a share of the wall time since the start."""
+        """The cost so far as charged (the writer's seconds, the training thread's scaled
+        by :meth:`scale`) as a share of the wall time since the start."""
         writer_s, _, _ = self._writer()
         wall = self._clock() - self._t0
         return (self._train_s + writer_s) / wall if wall > 0 else 0.0
@@ -180,7 +207,7 @@ class BudgetSchedule:
         if not self._recent:  # nothing to estimate from: one more row once the debt is paid
             return self._recorded == self._charged and self._credit >= 0
         # A median: one slow row (the first, a garbage collection) does not set the pace.
-        per_train = statistics.median(self._recent)
+        per_train = statistics.median(self._recent) * self.scale()
         waiting = max(self._recorded - writer_rows, 0)  # rows the writer has not committed
         commit = functools.partial(self._commit, last=last_commit, per_train=per_train)
         owed = (self._recorded - self._charged) * per_train + commit(waiting)

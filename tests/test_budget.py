@@ -60,6 +60,38 @@ def test_the_controller_spends_the_budget_evenly_and_follows_the_step_time() -> 
     assert spent <= 0.05 * clock.now + 0.002  # within the budget plus one row
 
 
+def test_a_row_costs_what_recorded_steps_take_longer_where_the_clocks_see_less() -> None:
+    # A recorded step takes 6 ms longer, of which the recorder's clocks see 2 ms (the rest:
+    # hook dispatch, memory traffic). Charged at its clocks' cost the budget would afford
+    # f * 6 = 0.05 * (10 + f * 6) -> 8.8 % of the steps at 2.6x the budget's real spend.
+    clock = Clock()
+    budget = BudgetSchedule(0.05, clock=clock)
+    chosen = []
+    for step in range(3000):
+        clock.now += 0.010
+        if budget(step):
+            chosen.append(step)
+            clock.now += 0.006
+            budget.charge(0.002)
+    assert budget.scale() == pytest.approx(3.0)
+    spent = 0.006 * len(chosen)
+    # Within the budget, but for what the clocks missed of the rows before the scale was
+    # known (four recorded steps timed, and the first row's charge).
+    assert spent <= 0.05 * clock.now + 5 * 0.004
+    assert len(chosen) / 3000 == pytest.approx(0.05 * 0.010 / (0.006 * 0.95), rel=0.05)
+    assert budget.reached() == pytest.approx(spent / clock.now, rel=0.05)
+
+
+def test_the_scale_is_one_until_steps_are_timed_and_never_below_one() -> None:
+    clock = Clock()
+    budget = BudgetSchedule(0.05, clock=clock)
+    assert budget.scale() == 1.0
+    # Recorded steps no slower than unrecorded ones (a noisy machine): the clocks' cost stands.
+    chosen = simulate(budget, clock, range(400), 0.010, 0.0)
+    budget.charge(0.001)
+    assert len(chosen) > 8 and budget.scale() == 1.0
+
+
 def test_credit_is_not_saved_up_over_a_pause() -> None:
     clock = Clock()
     budget = BudgetSchedule(0.1, clock=clock)

@@ -26,8 +26,15 @@ class Rig:
     tool: Tool
 
     def run(self, steps: int) -> None:
-        for _ in range(steps):
-            self.trainer.step(self.tool)
+        clock = self.tool.clock
+        if clock is not None:
+            clock.resume()
+        try:
+            for _ in range(steps):
+                self.trainer.step(self.tool)
+        finally:
+            if clock is not None:
+                clock.pause()
 
 
 Timer = Callable[[Rig, int], float]

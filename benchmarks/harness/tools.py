@@ -28,8 +28,33 @@ class Stepper(Protocol):
     def step(self, tool: Tool) -> torch.Tensor: ...
 
 
+class OwnClock:
+    """A clock that runs only while its rig trains (:meth:`resume` .. :meth:`pause`): a
+    budgeted Recorder timed against it sees the wall time of its own training, not that of
+    the variants interleaved with it."""
+
+    def __init__(self) -> None:
+        self._elapsed = 0.0
+        self._since: float | None = None
+
+    def resume(self) -> None:
+        self._since = time.perf_counter()
+
+    def pause(self) -> None:
+        if self._since is not None:
+            self._elapsed += time.perf_counter() - self._since
+            self._since = None
+
+    def __call__(self) -> float:
+        running = 0.0 if self._since is None else time.perf_counter() - self._since
+        return self._elapsed + running
+
+
 class Tool:
-    """Something watching a training step; the base class watches nothing (plain training)."""
+    """Something watching a training step; the base class watches nothing (plain training).
+    ``clock``: the tool's own clock, run while its rig trains (None: it needs none)."""
+
+    clock: OwnClock | None = None
 
     def __init__(self, trainer: Stepper) -> None:
         self.trainer = trainer
@@ -138,15 +163,23 @@ def recorder_variant(
     budget: float | None = None,
 ) -> Variant:
     """A variant recording with gradflow into ``<folder>/<name>.h5`` (every ``every``-th
-    step, or under an overhead ``budget``)."""
-    options = {} if budget is None else {"budget": budget}
-    return Variant(
-        name,
-        label,
-        lambda t, folder: GradflowTool(
-            t, folder / f"{name}.h5", every=every, probes=probes, native=native, **options
-        ),
-    )
+    step, or under an overhead ``budget``, timed against the rig's :class:`OwnClock`)."""
+
+    def build(trainer: Stepper, folder: Path) -> Tool:
+        from gradflow.budget import BudgetSchedule
+
+        clock = options = None
+        if budget is not None:
+            clock = OwnClock()
+            options = {"budget": BudgetSchedule(budget, clock=clock)}
+        tool = GradflowTool(
+            trainer, folder / f"{name}.h5", every=every, probes=probes, native=native,
+            **(options or {}),
+        )  # fmt: skip
+        tool.clock = clock
+        return tool
+
+    return Variant(name, label, build)
 
 
 @contextlib.contextmanager
