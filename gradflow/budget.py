@@ -174,8 +174,9 @@ class BudgetSchedule:
         if step in self._decided:
             return self._decided[step]
         now = self._clock()
-        if self._last_call is not None and step - 1 in self._decided:
-            # The previous step ran since its decision (as finally taken: maybe forced).
+        # The previous step ran since its decision (as finally taken: maybe forced); not
+        # timed across an epoch's end, where validation would count as its cost.
+        if self._last_call is not None and step - 1 in self._decided and step != self._epoch_start:
             self._walls[self._decided[step - 1]].append(now - self._last_call)
         self._last_call = now
         if self._pending_loss is not None:

@@ -92,6 +92,21 @@ def test_the_scale_is_one_until_steps_are_timed_and_never_below_one() -> None:
     assert len(chosen) > 8 and budget.scale() == 1.0
 
 
+def test_the_time_between_epochs_is_not_a_recorded_step_s_cost() -> None:
+    # Epochs of 20 steps; 0.5 s of validation after each epoch's last step (recorded: forced).
+    clock = Clock()
+    budget = BudgetSchedule(0.05, steps_per_epoch=20, clock=clock)
+    for step in range(200):
+        clock.now += 0.010
+        if budget(step):
+            clock.now += 0.002
+            budget.charge(0.002)
+        if (step + 1) % 20 == 0:
+            clock.now += 0.5
+            budget.epoch_end(step + 1)
+    assert budget.scale() == pytest.approx(1.0)
+
+
 def test_credit_is_not_saved_up_over_a_pause() -> None:
     clock = Clock()
     budget = BudgetSchedule(0.1, clock=clock)
