@@ -30,16 +30,22 @@ class Clock:
 
 
 def simulate(
-    schedule: BudgetSchedule, clock: Clock, steps: range, step_s: float, row_s: float
+    schedule: BudgetSchedule,
+    clock: Clock,
+    steps: range,
+    step_s: float,
+    row_s: float,
+    clocked_s: float | None = None,
 ) -> list[int]:
-    """Steps of ``step_s`` seconds; a recorded one costs ``row_s`` more, charged at once."""
+    """Steps of ``step_s`` seconds; a recorded one costs ``row_s`` more, of which the
+    recorder's clocks see ``clocked_s`` (all of it by default), charged at once."""
     chosen = []
     for step in steps:
         clock.now += step_s
         if schedule(step):
             chosen.append(step)
             clock.now += row_s
-            schedule.charge(row_s)
+            schedule.charge(row_s if clocked_s is None else clocked_s)
     return chosen
 
 
@@ -66,13 +72,7 @@ def test_a_row_costs_what_recorded_steps_take_longer_where_the_clocks_see_less()
     # f * 6 = 0.05 * (10 + f * 6) -> 8.8 % of the steps at 2.6x the budget's real spend.
     clock = Clock()
     budget = BudgetSchedule(0.05, clock=clock)
-    chosen = []
-    for step in range(3000):
-        clock.now += 0.010
-        if budget(step):
-            chosen.append(step)
-            clock.now += 0.006
-            budget.charge(0.002)
+    chosen = simulate(budget, clock, range(3000), 0.010, 0.006, clocked_s=0.002)
     assert budget.scale() == pytest.approx(3.0)
     spent = 0.006 * len(chosen)
     # Within the budget, but for what the clocks missed of the rows before the scale was
