@@ -170,9 +170,12 @@ class BudgetSchedule:
 
     # -- the schedule ------------------------------------------------------------------------
     def __call__(self, step: int) -> bool:
-        """Whether to record ``step`` (called once, before the step runs)."""
+        """Whether to record ``step`` (decided once, before the step runs; asked again,
+        e.g. by an integration after the step, the decision stands)."""
         if step in self._decided:
             return self._decided[step]
+        if self._decided and step < max(self._decided):
+            return False  # decided long ago and forgotten: only the last two are kept
         now = self._clock()
         # The previous step ran since its decision (as finally taken: maybe forced); not
         # timed across an epoch's end, where validation would count as its cost.
@@ -185,7 +188,7 @@ class BudgetSchedule:
                 self._pending_loss = None
                 self._judge(float(host), step)
         record = step in self._forced or step == self._epoch_last() or self._affordable()
-        self._decided = {step: record}
+        self._decided = {s: r for s, r in self._decided.items() if s == step - 1} | {step: record}
         self._recorded += record
         return record
 

@@ -135,6 +135,33 @@ def test_forced_steps_are_epoch_ends_and_the_step_after_a_bad_loss() -> None:
     assert chosen == [0, 9, 10, 14, 19, 20, 28, 29, 30, 39]
 
 
+def test_asking_again_for_the_step_that_just_ran_changes_nothing() -> None:
+    # The Lightning, ignite and transformers integrations ask the schedule whether the step
+    # that just ran was recorded: the answer is the decision taken, and the next epoch's
+    # first step is still forced (it was not before: the question re-decided the step).
+    def run(ask_again: bool) -> tuple[list[int], list[bool]]:
+        clock = Clock()
+        budget = BudgetSchedule(0.001, steps_per_epoch=10, clock=clock)
+        chosen, answers = [], []
+        record = budget(0)
+        for step in range(30):
+            clock.now += 0.01
+            if record:
+                chosen.append(step)
+                budget.charge(0.01)
+            record = budget(step + 1)  # decided as this step's row closes (the Recorder)
+            if ask_again:
+                answers.append(budget(step))
+            if (step + 1) % 10 == 0:
+                record |= budget.epoch_end(step + 1)
+        return chosen, answers
+
+    plain, _ = run(ask_again=False)
+    chosen, answers = run(ask_again=True)
+    assert plain == chosen == [0, 9, 10, 19, 20, 29]
+    assert [s for s, on in enumerate(answers) if on] == chosen
+
+
 def test_without_steps_per_epoch_the_last_step_is_predicted_from_the_previous_epoch() -> None:
     clock = Clock()
     budget = BudgetSchedule(0.001, clock=clock)
