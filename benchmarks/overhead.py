@@ -275,13 +275,17 @@ def report(
                 extra_s += f" (+{child:.0f} in child procs)"
         if name == "plain":
             extra_s = "0"
-        rows.append([*first[name], peak_s, extra_s, label])
+        cpu = results[name].get("cpu_ratio")
+        cpu_s = [f"{cpu['median']:.3f}", f"{cpu['q1']:.3f}-{cpu['q3']:.3f}"] if cpu else ["1", "-"]
+        rows.append([*first[name], *cpu_s, peak_s, extra_s, label])
     headers = [
         "variant",
         "s/step",
         "ratio",
         "ratio IQR",
         "ratio min-max",
+        "CPU ratio",
+        "CPU IQR",
         "peak RSS MB",
         "extra RSS MB",
         "what",
@@ -289,8 +293,10 @@ def report(
     print(format_table(headers, rows))
     print(
         "ratio: median over pairs of (variant s/step) / (plain s/step), each pair measured "
-        "back to back;\ns/step: median over that variant's trials; RSS: a fresh process per "
-        "variant, same steps."
+        "back to back;\nCPU ratio: the same of the CPU seconds the process spent per step (every "
+        "thread; a recorder's writer thread\ncharged to its own variant), which other processes "
+        "taking the cores do not change;\ns/step: median over that variant's trials; RSS: a "
+        "fresh process per variant, same steps."
     )
     for name in names:
         own = results.get(name, {}).get("self_reported_ms")
@@ -303,7 +309,13 @@ def report(
         ratio = results.get(name, {}).get("ratio")
         return ratio_headline(ratio, f"{VARIANTS[name].label}, {workload.model}", why)
 
-    lines = [headline("param"), headline("all")]
+    def cpu_headline(name: str) -> str:
+        ratio = results.get(name, {}).get("cpu_ratio")
+        label = f"{VARIANTS[name].label}, {workload.model}"
+        return ratio_headline(ratio, label, unavailable.get(name, "not run"), "CPU-time")
+
+    lines = [headline("param"), headline("all"), cpu_headline("param"), cpu_headline("all")]
+    lines += [cpu_headline(n) for n in ("budget-1pc", "budget-5pc") if n in results]
     lines += [headline(name) for name in ("param-torch", "all-torch") if name in results]
     if "wandb" in results and "param" in results:
         wandb_over = results["wandb"]["ratio"]["median"] - 1
@@ -444,11 +456,13 @@ def side_by_side(names: list[str], measured: dict[str, dict[str, Any]]) -> None:
         row = [model, f"{data['parameters'] / 1e6:.2f} M", str(data["layers"])]
         row.append(f"{data['results']['plain']['seconds_per_step']['median']:.4f}")
         for name in variants:
-            q = data["results"].get(name, {}).get("ratio")
-            row.append(f"{q['median']:.3f} ({q['q1']:.3f}-{q['q3']:.3f})" if q else "n/a")
+            for key in ("ratio", "cpu_ratio"):
+                q = data["results"].get(name, {}).get(key)
+                row.append(f"{q['median']:.3f} ({q['q1']:.3f}-{q['q3']:.3f})" if q else "n/a")
         rows.append(row)
-    print("side by side: median ratio to plain (IQR) per model")
-    print(format_table(["model", "params", "layers", "plain s/step", *variants], rows))
+    print("side by side: median ratio to plain (IQR) per model, of wall time and of CPU time")
+    columns = [f"{name}{kind}" for name in variants for kind in ("", " CPU")]
+    print(format_table(["model", "params", "layers", "plain s/step", *columns], rows))
     print()
 
 

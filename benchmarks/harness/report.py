@@ -63,7 +63,9 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     return "\n".join([line(cells[0]), rule, *(line(r) for r in cells[1:])])
 
 
-def ratio_headline(ratio: Mapping[str, Any] | None, label: str, why: str = "not run") -> str:
+def ratio_headline(
+    ratio: Mapping[str, Any] | None, label: str, why: str = "not run", measure: str = "step-time"
+) -> str:
     """The headline every overhead script ends with (one per variant).
 
     Args:
@@ -71,15 +73,16 @@ def ratio_headline(ratio: Mapping[str, Any] | None, label: str, why: str = "not 
             where it was not measured.
         label: what the variant is, on which workload.
         why: the reason given where ``ratio`` is None.
+        measure: what the ratio compares (``step-time``, ``CPU-time``).
 
     Returns:
         ``recorder/plain step-time ratio: R (median of N pairs, spread a-b) [label]``.
     """
     if ratio is None:
-        return f"recorder/plain step-time ratio: n/a ({why}) [{label}]"
+        return f"recorder/plain {measure} ratio: n/a ({why}) [{label}]"
     summary = Summary.from_dict(dict(ratio))
     return (
-        f"recorder/plain step-time ratio: {summary.median:.3f} "
+        f"recorder/plain {measure} ratio: {summary.median:.3f} "
         f"(median of {summary.n} pairs, spread {summary.spread()}) [{label}]"
     )
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -76,10 +76,24 @@ class Pairs:
     variant: list[float] = field(default_factory=list)
     wall_baseline: list[float] = field(default_factory=list)
     wall_variant: list[float] = field(default_factory=list)
+    cpu_baseline: list[float] = field(default_factory=list)
+    cpu_variant: list[float] = field(default_factory=list)
+    background_baseline: float = 0.0  # CPU s/step of the tool's own background threads
+    background_variant: float = 0.0
 
     @property
     def ratios(self) -> list[float]:
         return [v / b for b, v in zip(self.baseline, self.variant, strict=True)]
+
+    @property
+    def cpu_ratios(self) -> list[float]:
+        """Per pair, the CPU seconds a variant step cost the process over a baseline step's:
+        the trials' CPU time (every thread, less the tools' background threads) plus each
+        tool's background CPU time per step, averaged over all its trials."""
+        return [
+            (v + self.background_variant) / (b + self.background_baseline)
+            for b, v in zip(self.cpu_baseline, self.cpu_variant, strict=True)
+        ]
 
     @property
     def wall_ratios(self) -> list[float]:
@@ -115,6 +129,8 @@ def paired_trials(
     """
     baselines = baseline if isinstance(baseline, Mapping) else {s.name: baseline for s in variants}
     results = {s.name: Pairs() for s in variants}
+    rigs = {id(r): r for r in [*baselines.values(), *variants]}
+    background = BackgroundCpu(rigs.values())
     n = len(variants)
     for i in range(pairs):
         if deadline is not None and time.monotonic() > deadline and i >= 2:
@@ -125,15 +141,47 @@ def paired_trials(
         for rig in order:
             pair = results[rig.name]
             for role in ("baseline", "variant") if i % 2 == 0 else ("variant", "baseline"):
-                seconds = timer(baselines[rig.name] if role == "baseline" else rig, steps)
+                timed = baselines[rig.name] if role == "baseline" else rig
+                cpu0, bg0 = time.process_time(), background.total()
+                seconds = timer(timed, steps)
+                cpu = time.process_time() - cpu0 - (background.total() - bg0)
+                background.steps[id(timed)] += steps
                 getattr(pair, role).append(seconds)
+                getattr(pair, f"cpu_{role}").append(cpu / steps)
                 wall = getattr(timer, "last_wall", None)
                 if wall is not None:
                     getattr(pair, f"wall_{role}").append(wall)
         if progress:
             ratios = "  ".join(f"{s.name} {results[s.name].ratios[-1]:.3f}" for s in variants)
             progress(f"pair {i + 1}/{pairs}: {ratios}")
+    per_step = background.per_step()
+    for rig in variants:
+        results[rig.name].background_baseline = per_step[id(baselines[rig.name])]
+        results[rig.name].background_variant = per_step[id(rig)]
     return results
+
+
+class BackgroundCpu:
+    """The CPU time of the rigs' background threads (a recorder's writer), which work for
+    one rig while another's trial runs: kept out of every trial's CPU time, and charged to
+    its own rig per step over all its trials."""
+
+    def __init__(self, rigs: Iterable[Rig]) -> None:
+        self.rigs = list(rigs)
+        self.start = {id(r): r.tool.background_cpu() for r in self.rigs}
+        self.steps = dict.fromkeys(self.start, 0)
+
+    def total(self) -> float:
+        return sum(r.tool.background_cpu() for r in self.rigs)
+
+    def per_step(self) -> dict[int, float]:
+        """Per rig, background CPU seconds per timed step, once its queued work is done."""
+        out = {}
+        for rig in self.rigs:
+            rig.tool.flush()
+            used = rig.tool.background_cpu() - self.start[id(rig)]
+            out[id(rig)] = used / max(self.steps[id(rig)], 1)
+        return out
 
 
 def pair_results(pairs: Mapping[str, Pairs]) -> dict[str, dict[str, Any]]:
@@ -156,6 +204,10 @@ def pair_results(pairs: Mapping[str, Pairs]) -> dict[str, dict[str, Any]]:
             "ratio": summarize(p.ratios).as_dict(),
             "pairs": seconds,
         }
+        if p.cpu_ratios:
+            seconds |= {"cpu_plain": p.cpu_baseline, "cpu_variant": p.cpu_variant}
+            out[name]["cpu_ratio"] = summarize(p.cpu_ratios).as_dict()
+            out[name]["background_cpu_per_step"] = p.background_variant
         if p.wall_ratios:
             seconds |= {"wall_plain": p.wall_baseline, "wall_variant": p.wall_variant}
             out[name]["wall_ratio"] = summarize(p.wall_ratios).as_dict()

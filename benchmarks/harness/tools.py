@@ -4,6 +4,7 @@ named variants built from them."""
 from __future__ import annotations
 
 import contextlib
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -12,6 +13,17 @@ from typing import Any, Protocol
 
 import torch
 from torch import nn
+
+
+def thread_cpu(thread: threading.Thread) -> float:
+    """CPU seconds a live thread has used (0.0 for one not running)."""
+    ident = thread.ident
+    if ident is None or not thread.is_alive():
+        return 0.0
+    try:
+        return time.clock_gettime(time.pthread_getcpuclockid(ident))
+    except (AttributeError, OSError):  # no per-thread CPU clocks here
+        return 0.0
 
 
 class Unavailable(Exception):
@@ -68,6 +80,13 @@ class Tool:
     def settle(self) -> None:
         """Wait for work the tool queued in the background (called inside the timed trial)."""
 
+    def flush(self) -> None:
+        """Finish every piece of background work queued so far (after the timed trials)."""
+
+    def background_cpu(self) -> float:
+        """CPU seconds used so far by the tool's own background threads (0.0: none)."""
+        return 0.0
+
     def close(self) -> None:
         """Detach from the model and release files."""
 
@@ -113,6 +132,13 @@ class GradflowTool(Tool):
         deadline = time.monotonic() + 30.0
         while queue is not None and not queue.empty() and time.monotonic() < deadline:
             time.sleep(0.0005)
+
+    def flush(self) -> None:
+        self.recorder.flush()
+
+    def background_cpu(self) -> float:
+        writer = getattr(self.recorder, "_writer", None)
+        return thread_cpu(writer) if isinstance(writer, threading.Thread) else 0.0
 
     def close(self) -> None:
         self.recorder.close()
