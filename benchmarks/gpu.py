@@ -43,7 +43,7 @@ import torch
 from harness.env import add_trial_options, environment, print_header, script_parser, stderr
 from harness.report import format_table, own_clock_line, ratio_headline, ratio_rows, write_json
 from harness.timing import CudaTimer, Rig, build_rig, cpu_timer, pair_results, paired_trials
-from harness.tools import Tool, Variant, recorder_variant
+from harness.tools import Tool, Variant, interleaved, recorder_variant
 from harness.workloads import Workload
 
 from gradflow.names import DEFAULT_PROBES
@@ -337,7 +337,9 @@ def run_model(
     for name in ("plain", *args.variants, "unrecorded"):
         try:
             kind = TorchReductions if name == "all-torch" else Rig
-            rigs[name] = build_rig(table[name], workload, folder, args.warmup, kind)
+            # A round runs a trial of each variant and one of plain training per variant.
+            with interleaved(2 * (len(args.variants) + 1)):
+                rigs[name] = build_rig(table[name], workload, folder, args.warmup, kind)
         except Exception as err:
             result["errors"][name] = f"{type(err).__name__}: {err}"
             print(f"could not build {name}: {type(err).__name__}: {err}")

@@ -9,7 +9,12 @@ steps that are not timed. A variant's ratio is the median over rounds of
 Peak resident memory is measured per variant in a fresh subprocess running the same steps.
 A budgeted variant (``budget-1pc``, ``budget-5pc``) keeps its budget against a clock that
 runs only while its own rig trains, so the time the other variants train between its
-trials is not counted as its wall time.
+trials is not counted as its wall time. For the same reason each Recorder's writer commits
+after ``flush_seconds`` times the number of trials in a round (as many of its own steps as
+when training alone), and the warm-up (32 steps) covers its first, smaller commits. Each
+pair also compares CPU time: that of every thread of the process during the trial, with a
+recorder's writer thread charged to its own variant (its CPU time over all the variant's
+trials, per step).
 
     python benchmarks/overhead.py --model fig3b-long-9            # CPU, batch 4, 96x96
     python benchmarks/overhead.py --model paper-resunet --pairs 10  # CPU, batch 2, 64x64
@@ -49,7 +54,15 @@ from harness.env import (
 from harness.process import peak_of, report_to_parent, run_child
 from harness.report import format_table, own_clock_line, ratio_headline, ratio_rows, write_json
 from harness.timing import Rig, build_rig, pair_results, paired_trials
-from harness.tools import GradflowTool, Stepper, Tool, Unavailable, Variant, recorder_variant
+from harness.tools import (
+    GradflowTool,
+    Stepper,
+    Tool,
+    Unavailable,
+    Variant,
+    interleaved,
+    recorder_variant,
+)
 from harness.workloads import THIRD_PARTY, Trainer, Workload
 from torch import nn
 
@@ -57,6 +70,9 @@ from gradflow.names import DEFAULT_PROBES
 
 # Per model: (crop, batch) that keep a CPU step well under a second.
 # For gpt2-mini the "crop" is the sequence length.
+# Warm-up steps per variant: past a recorder's first commits of 1, 2, 4, 8 and 16 rows, so that
+# the timed steps pay commits at the rate of a run's steady state.
+WARMUP = 32
 MODEL_DEFAULTS = {
     "fig3b-long-9": (96, 4),
     "paper-resunet": (64, 2),
@@ -347,7 +363,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="a gradflow zoo preset, resnet18 or gpt2-mini; several, comma-separated, are "
         "measured one after the other and compared side by side",
     )
-    add_trial_options(p, pairs=20, steps=10, warmup=3)
+    add_trial_options(p, pairs=20, steps=10, warmup=WARMUP)
     p.add_argument(
         "--crop",
         type=int,
@@ -394,7 +410,9 @@ def measure(
         rigs: dict[str, Rig] = {}
         for name in names:
             try:
-                rigs[name] = build_rig(VARIANTS[name], workload, Path(tmp), args.warmup)
+                # A round runs a trial of each variant and one of plain training per variant.
+                with interleaved(2 * (len(names) - 1)):
+                    rigs[name] = build_rig(VARIANTS[name], workload, Path(tmp), args.warmup)
             except Unavailable as err:
                 unavailable[name] = str(err)
                 stderr(f"{workload.model} {name}: unavailable: {err}")

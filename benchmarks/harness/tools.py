@@ -4,6 +4,7 @@ named variants built from them."""
 from __future__ import annotations
 
 import contextlib
+import inspect
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -91,6 +92,24 @@ class Tool:
         """Detach from the model and release files."""
 
 
+# Set by :func:`interleaved`: how many rigs' steps share the wall clock.
+_SHARE = {"rigs": 1}
+
+
+@contextlib.contextmanager
+def interleaved(rigs: int) -> Iterator[None]:
+    """Recorders made inside this block train one step in ``rigs`` of wall time (their
+    trials interleaved with those of others): their writers commit after ``rigs`` times the
+    Recorder's ``flush_seconds``, i.e. after as many of their own steps as when training
+    alone, so that a benchmark charges commits at the rate a real run pays them."""
+    before = _SHARE["rigs"]
+    _SHARE["rigs"] = rigs
+    try:
+        yield
+    finally:
+        _SHARE["rigs"] = before
+
+
 class GradflowTool(Tool):
     """The gradflow Recorder, used as documented: ``rec.log(loss=loss)`` after each step.
     ``native=False``: its CPU statistics by torch operations, as with ``GRADFLOW_NATIVE=0``."""
@@ -109,6 +128,9 @@ class GradflowTool(Tool):
         from gradflow import Recorder
 
         self.path = path
+        if "flush_seconds" not in options:
+            default = inspect.signature(Recorder).parameters["flush_seconds"].default
+            options["flush_seconds"] = default * _SHARE["rigs"]
         with contextlib.nullcontext() if native else torch_kernels():
             self.recorder = Recorder(
                 trainer.model,
