@@ -20,7 +20,7 @@ BENCH_FILES := benchmarks/harness/*.py benchmarks/overhead.py benchmarks/runfile
 	benchmarks/report_speed.py benchmarks/call_cost.py benchmarks/budget_runs.py
 
 .PHONY: help test lint bench bench-overhead bench-resunet bench-runfile bench-plot bench-soak \
-	bench-stacks bench-budget bench-gpu-dry bench-gpu bench-summary
+	bench-stacks bench-targets bench-budget bench-gpu-dry bench-gpu bench-summary
 
 help:
 	@echo "make test    pytest"
@@ -28,8 +28,9 @@ help:
 	@echo "make bench   the CPU benchmarks (about 13 min on a quiet 2-core machine),"
 	@echo "             output and JSON in $(RESULTS)/"
 	@echo "make bench-stacks    fig3b-long-9, resnet18, gpt2-mini side by side, C kernels on/off"
-	@echo "make bench-budget    all probes every step vs under budgets of 1 % and 5 %,"
-	@echo "                     interleaved pairs and whole runs (budget_runs.py)"
+	@echo "make bench-targets   param and all probes every step, all probes under budgets"
+	@echo "                     of 1 % and 5 %: four workloads, 60 single-step pairs each"
+	@echo "make bench-budget    bench-targets, then whole runs under budgets (budget_runs.py)"
 	@echo "make bench-gpu-dry   benchmarks/gpu.py --device cpu --quick (checks the GPU script)"
 	@echo "make bench-gpu       on a CUDA machine: CUDA tests + paper-resunet GPU overhead"
 	@echo "make bench-compare BASE=<rev>   overhead rows of <rev> and the working tree,"
@@ -62,11 +63,15 @@ bench-stacks: | $(RESULTS)
 		--variants param,all,param-torch,all-torch --no-memory \
 		--json $(RESULTS)/overhead_stacks.json | tee $(RESULTS)/overhead_stacks.txt
 
-# All probes every step next to all probes under overhead budgets of 1 % and 5 %.
-bench-budget: | $(RESULTS)
+# Parameter statistics and all probes every step, and all probes under overhead budgets of
+# 1 % and 5 %, on four workloads: 60 pairs of single steps each.
+bench-targets: | $(RESULTS)
 	$(PYTHON) benchmarks/overhead.py --model fig3b-long-9,resnet18,gpt2-mini,paper-resunet \
-		--pairs $(STACK_PAIRS) --variants all,budget-1pc,budget-5pc --no-memory \
-		--json $(RESULTS)/overhead_budget.json | tee $(RESULTS)/overhead_budget.txt
+		--pairs 60 --steps-per-trial 1 --variants param,all,budget-1pc,budget-5pc --no-memory \
+		--json $(RESULTS)/overhead_targets.json | tee $(RESULTS)/overhead_targets.txt
+
+# The same, then whole runs under budgets of 1 % and 5 %, each in a fresh process.
+bench-budget: bench-targets
 	$(PYTHON) benchmarks/budget_runs.py --model fig3b-long-9 --budgets 0.01,0.05 --steps 120 \
 		--rounds 2 --json $(RESULTS)/budget_runs_fig3b.json | tee $(RESULTS)/budget_runs_fig3b.txt
 
