@@ -75,7 +75,7 @@ def timings(tensors: dict[str, list[torch.Tensor]], repeat: int) -> dict[str, fl
         return run
 
     cpu = torch.device("cpu")
-    with mock.patch("gradflow.probes.param.param_kernels", lambda sizes: None):
+    with mock.patch("gradflow.probes.snapshot.param_kernels", lambda sizes: None):
         torch_snapshot = Snapshot(params, cpu)
     cases = {
         "outputs C": host(native=True),

@@ -22,7 +22,8 @@ trials, per step).
     python benchmarks/overhead.py --model fig3b-long-9,resnet18,gpt2-mini \
         --variants param,all,param-torch,all-torch --no-memory      # side by side
 
-``resnet18`` (a ResNet-18-like CNN in pure torch) and ``gpt2-mini`` (GPT-2 from a
+``resnet18`` (a ResNet-18-like CNN in pure torch; ``resnet18-cl`` the same in channels-last
+layout, as CPU training often runs convolutions) and ``gpt2-mini`` (GPT-2 from a
 transformers config) are third-party workloads next to the zoo's FCNs; the ``-torch``
 variants record with the C kernels off (``GRADFLOW_NATIVE=0``), to show what they save.
 """
@@ -78,6 +79,7 @@ MODEL_DEFAULTS = {
     "paper-resunet": (64, 2),
     "tiny": (32, 4),
     "resnet18": (64, 4),
+    "resnet18-cl": (64, 4),
     "gpt2-mini": (64, 4),
 }
 
@@ -360,8 +362,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--model",
         default="fig3b-long-9",
-        help="a gradflow zoo preset, resnet18 or gpt2-mini; several, comma-separated, are "
-        "measured one after the other and compared side by side",
+        help="a gradflow zoo preset, resnet18, resnet18-cl or gpt2-mini; several, "
+        "comma-separated, are measured one after the other and compared side by side",
     )
     add_trial_options(p, pairs=20, steps=10, warmup=WARMUP)
     p.add_argument(

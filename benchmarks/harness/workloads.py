@@ -98,6 +98,12 @@ def _resnet18(workload: Workload, gen: torch.Generator) -> Task:
     return resnet18_like(10), x, y, nn.CrossEntropyLoss()
 
 
+def _resnet18_channels_last(workload: Workload, gen: torch.Generator) -> Task:
+    model, x, y, loss = _resnet18(workload, gen)
+    layout = torch.channels_last
+    return model.to(memory_format=layout), x.to(memory_format=layout), y, loss  # type: ignore[call-overload]
+
+
 GPT2_MINI: dict[str, Any] = {"n_layer": 6, "n_embd": 256, "n_head": 4, "vocab_size": 4096}
 
 
@@ -128,6 +134,13 @@ THIRD_PARTY = {
             "10-class cross-entropy"
         ),
         _resnet18,
+    ),
+    "resnet18-cl": ThirdParty(
+        lambda w: (
+            f"ResNet-18-like CNN (pure torch) in channels-last layout, batch {w.batch} x "
+            f"3x{w.crop}x{w.crop}, 10-class cross-entropy"
+        ),
+        _resnet18_channels_last,
     ),
     "gpt2-mini": ThirdParty(
         lambda w: (

@@ -384,6 +384,15 @@ class HostRows:
         return torch.from_numpy(self.rows.reshape(-1).copy())
 
 
+def dense(x: torch.Tensor) -> bool:
+    """Whether ``x`` fills one block of memory in a channels-last order (as convolutions on
+    the CPU often produce): the call reductions do not depend on the order of the entries,
+    so the kernels read such a tensor in place, as a contiguous one."""
+    if x.dim() == 4:
+        return x.is_contiguous(memory_format=torch.channels_last)
+    return x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d)
+
+
 def _accumulator(dtype: torch.dtype) -> torch.dtype | None:
     """The dtype to reduce ``dtype`` in: float32 for half types (whose sums overflow)."""
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else None
@@ -429,7 +438,7 @@ class HostReducer:
         """Fill a new row of ``rows``."""
         i = rows.claim()
         reduce = self._kernel if self._resolved else self._resolve()
-        if reduce is not None and x.dtype is torch.float32 and x.is_contiguous():
+        if reduce is not None and x.dtype is torch.float32 and (x.is_contiguous() or dense(x)):
             n = x.numel()
             # Tensors this small take microseconds: the GIL stays; larger ones let the
             # writer thread run meanwhile.

@@ -1,7 +1,7 @@
 """Reductions on accelerators by torch operations: per layer call without a host sync
 (rows written in place on the device), and :class:`Replayed`, which replays a fixed
 sequence of device work as one CUDA graph (the parameter reductions, see
-:class:`gradflow.probes.param.Snapshot`)."""
+:class:`gradflow.probes.snapshot.Snapshot`)."""
 
 from __future__ import annotations
 

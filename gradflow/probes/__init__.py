@@ -8,8 +8,9 @@ from gradflow.probes.activation import ActivationProbe
 from gradflow.probes.base import PROBES, Attachment, Block, Check, LayerMap, Probe, register
 from gradflow.probes.calls import CallLog, CallProbe
 from gradflow.probes.grad_output import GradOutputProbe
-from gradflow.probes.param import ParamProbe, ParamReductions, Snapshot
+from gradflow.probes.param import ParamProbe, ParamReductions
 from gradflow.probes.skip import SkipProbe
+from gradflow.probes.snapshot import Snapshot
 
 __all__ = [
     "PROBES",

@@ -15,7 +15,7 @@ from gradflow.errors import GradflowError
 from gradflow.kernels import kernel_backend
 from gradflow.layers import LayerSpec, discover_layers, order_by_first_call
 from gradflow.probes import Attachment, Block, CallLog, LayerMap, ParamReductions, Snapshot
-from gradflow.probes.param import local
+from gradflow.probes.snapshot import local
 from gradflow.recorder.base import RecorderBase
 from gradflow.recorder.options import LayerSelect, recorded_layers
 from gradflow.runfile import Event

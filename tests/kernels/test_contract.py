@@ -160,7 +160,7 @@ def use_kernels(monkeypatch: pytest.MonkeyPatch, lib: ctypes.CDLL | None) -> Non
 
     monkeypatch.setattr("gradflow.kernels.cpu.kernel", kernel)
     monkeypatch.setattr(
-        "gradflow.probes.param.param_kernels",
+        "gradflow.probes.snapshot.param_kernels",
         lambda sizes: None if lib is None else ParamKernels(lib, sizes),
     )
 

@@ -342,6 +342,39 @@ def test_host_rows_grow_past_their_capacity_and_keep_every_call(native: bool) ->
     assert log.calls["grad_output"].n == [x.numel() for x in xs]
 
 
+@pytest.mark.parametrize(
+    "shape, layout",
+    [((3, 5, 7, 9), torch.channels_last), ((2, 3, 4, 5, 6), torch.channels_last_3d)],
+    ids=["channels_last", "channels_last_3d"],
+)
+def test_channels_last_tensors_are_reduced_in_place_by_the_kernels(
+    shape: tuple[int, ...], layout: torch.memory_format, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Convolutions on the CPU often give channels-last outputs and gradients: dense, but not
+    # contiguous. The call reductions do not depend on the order of the entries, so the
+    # kernels read them in place; the torch operations (3-30x slower) must not run.
+    if cpu.kernel() is None:
+        pytest.skip("no C compiler here: the native kernel is unavailable")
+
+    def refused(*args: object) -> None:
+        raise AssertionError("reduced by torch operations")
+
+    monkeypatch.setattr(cpu.HostReducer, "torch_reductions", refused)
+    monkeypatch.setattr(cpu, "sum_of_squares", refused)
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(shape, generator=gen).contiguous(memory_format=layout)
+    x[0, 1, 1] = 0.0
+    assert not x.is_contiguous()
+    probe, gprobe, log = ActivationProbe(), GradOutputProbe(), CallLog()
+    probe.reduce(x, log, 0)
+    grad_output_hook(gprobe, lambda: log, 0)(3 * x)
+    act, gout = (t.numpy() for t in log.tensors(["activation", "grad_output"]))
+    v = x.double().numpy()
+    np.testing.assert_allclose(act[:2], [v.sum(), (v * v).sum()], rtol=1e-6)
+    assert act[2] == np.count_nonzero(v) and act[3] == 0
+    np.testing.assert_allclose(gout, [(9 * v * v).sum()], rtol=1e-6)
+
+
 def test_recorded_statistics_agree_with_and_without_the_native_kernel(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -355,7 +388,7 @@ def test_recorded_statistics_agree_with_and_without_the_native_kernel(
         path = tmp_path / f"native{native}.h5"
         if not native:
             monkeypatch.setattr("gradflow.kernels.cpu.kernel", lambda **options: None)
-            monkeypatch.setattr("gradflow.probes.param.param_kernels", lambda sizes: None)
+            monkeypatch.setattr("gradflow.probes.snapshot.param_kernels", lambda sizes: None)
         with Recorder(model, opt, path) as rec:
             for _ in range(2):
                 opt.zero_grad()

@@ -48,7 +48,7 @@ def test_cuda_graph_replays_equal_eager_reductions() -> None:
 
 def test_device_path_nonfinite_counts_match_numpy(monkeypatch: pytest.MonkeyPatch) -> None:
     # The counting path used on accelerators (no host branch), checked here on the CPU.
-    monkeypatch.setattr("gradflow.probes.param.param_kernels", lambda sizes: None)
+    monkeypatch.setattr("gradflow.probes.snapshot.param_kernels", lambda sizes: None)
     params = [
         nn.Parameter(torch.randn(3, 4)),
         nn.Parameter(torch.randn(5)),

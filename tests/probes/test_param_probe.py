@@ -20,7 +20,7 @@ import pytest
 import torch
 from torch import nn
 
-import gradflow.probes.param as param_module
+import gradflow.probes.snapshot as snapshot_module
 from gradflow.layers import LayerSpec, discover_layers
 from gradflow.probes import Attachment, Block, LayerMap, ParamProbe, ParamReductions
 from gradflow.probes.param import COLUMNS, WIDTH, reduce_per_layer
@@ -185,7 +185,7 @@ BACKENDS = ["float32", "float32-torch", "float64"]
 
 def _setup(backend: str, monkeypatch: pytest.MonkeyPatch) -> tuple[Net, list[LayerSpec], float]:
     if backend == "float32-torch":  # the Snapshot's torch reductions, as on accelerators
-        monkeypatch.setattr(param_module, "param_kernels", lambda sizes: None)
+        monkeypatch.setattr(snapshot_module, "param_kernels", lambda sizes: None)
     torch.manual_seed(0)
     model = Net().to(torch.float64 if backend == "float64" else torch.float32)
     return model, discover_layers(model), 1e-12 if backend == "float64" else 1e-5
