@@ -261,6 +261,7 @@ def measure_memory(name: str, args: argparse.Namespace, workload: Workload) -> d
     cmd = [sys.executable, str(Path(__file__).resolve()), "--memory-child", name]
     cmd += ["--model", workload.model, "--crop", str(workload.crop), "--batch", str(workload.batch)]
     cmd += ["--warmup", str(args.warmup), "--memory-steps", str(args.memory_steps)]
+    cmd += ["--autocast"] if workload.autocast else []
     return run_child(cmd, args.memory_timeout)
 
 
@@ -373,6 +374,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--batch", type=int, help="batch size (default: 2 paper-resunet, 4 others)")
     p.add_argument(
+        "--autocast", action="store_true", help="forward under torch.autocast (CPU: bfloat16)"
+    )
+    p.add_argument(
         "--variants",
         default=",".join(VARIANTS),
         help=f"comma-separated subset of {','.join(VARIANTS)} (plain is always run)",
@@ -390,7 +394,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def workload_for(model: str, args: argparse.Namespace) -> Workload:
     crop, batch = MODEL_DEFAULTS.get(model, (64, 2))
-    return Workload(model=model, crop=args.crop or crop, batch=args.batch or batch)
+    return Workload(
+        model=model, crop=args.crop or crop, batch=args.batch or batch, autocast=args.autocast
+    )
 
 
 def n_layers(model: nn.Module) -> int:

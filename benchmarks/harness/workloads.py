@@ -25,13 +25,16 @@ class Workload:
     device: str = "cpu"
     lr: float = 1e-4
     seed: int = 0
+    autocast: bool = False  # forward under torch.autocast (bfloat16 on the CPU)
 
     def describe(self) -> str:
+        cast = ", autocast bfloat16" if self.autocast else ""
         if self.model in THIRD_PARTY:
-            return f"{self.model}, {THIRD_PARTY[self.model].describe(self)}, RMSprop, {self.device}"
+            what = THIRD_PARTY[self.model].describe(self)
+            return f"{self.model}, {what}, RMSprop{cast}, {self.device}"
         return (
             f"{self.model}, batch {self.batch} x {self.crop}x{self.crop}, RMSprop, "
-            f"BCE-with-logits, random inputs, {self.device}"
+            f"BCE-with-logits, random inputs{cast}, {self.device}"
         )
 
 
@@ -182,8 +185,9 @@ class Trainer:
 
     def step(self, tool: Tool) -> torch.Tensor:
         self.optimizer.zero_grad(set_to_none=True)
-        out = self.model(self.x)
-        loss = self.loss_fn(out, self.y)
+        with torch.autocast(self.x.device.type, enabled=self.workload.autocast):
+            out = self.model(self.x)
+        loss = self.loss_fn(out.float() if isinstance(out, torch.Tensor) else out, self.y)
         tool.backward(out, loss)
         self.optimizer.step()
         tool.after_step(loss)

@@ -176,6 +176,42 @@ void gradflow_squares_f32(const float *x, long n, double *out) {
     out[0] = squares(x, 0, n);
 }
 
+/* bfloat16 entries (CPU autocast's layer outputs and their gradients) are the upper 16 bits
+   of float32 ones: widened WIDE at a time into a buffer that stays in cache, each run then
+   reduced as float32 (its sums in double) and the runs' sums added. */
+#define WIDE 8192
+
+GF_CLONES static void widen_bf16(const uint16_t *h, float *f, long n) {
+    for (long i = 0; i < n; ++i) {
+        uint32_t bits = (uint32_t)h[i] << 16;
+        memcpy(f + i, &bits, sizeof bits);
+    }
+}
+
+void gradflow_reduce_bf16(const uint16_t *x, long n, double *out) {
+    float wide[WIDE];
+    double part[4];
+    out[0] = out[1] = out[2] = out[3] = 0.0;
+    for (long i0 = 0; i0 < n; i0 += WIDE) {
+        long m = n - i0 < WIDE ? n - i0 : WIDE;
+        widen_bf16(x + i0, wide, m);
+        gradflow_reduce_f32(wide, m, part);
+        for (int k = 0; k < 4; ++k)
+            out[k] += part[k];
+    }
+}
+
+void gradflow_squares_bf16(const uint16_t *x, long n, double *out) {
+    float wide[WIDE];
+    double q = 0.0;
+    for (long i0 = 0; i0 < n; i0 += WIDE) {
+        long m = n - i0 < WIDE ? n - i0 : WIDE;
+        widen_bf16(x + i0, wide, m);
+        q += squares(wide, 0, m);
+    }
+    out[0] = q;
+}
+
 /* d = x - y: sum d^2, sum |d|, sum g d and max |d| (NaN where d has a NaN) into
    out[0..3][t]; sum g d is 0 where g is NULL (no gradient). */
 GF_CLONES static void delta(const float *x, const float *y, const float *g, long n,

@@ -55,6 +55,9 @@ FALLBACK_COST = (
 )
 
 ReduceInto = Callable[[int, int, int], None]
+# The dtypes the per-call kernels read, by their names' suffix, and those kernels.
+KERNEL_DTYPES = {torch.float32: "f32", torch.bfloat16: "bf16"}
+CALL_KERNELS = [f"gradflow_{k}_{d}" for k in ("reduce", "squares") for d in KERNEL_DTYPES.values()]
 # Entries below which a per-call reduction keeps the GIL (256 KB: ~20 us of reading).
 HOLD_GIL_BELOW = 1 << 16
 
@@ -167,10 +170,10 @@ def load(path: Path) -> ctypes.CDLL | None:
     if library is None:
         return None
     try:
-        library.gradflow_reduce_f32.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_void_p]
-        library.gradflow_reduce_f32.restype = None
-        library.gradflow_squares_f32.argtypes = library.gradflow_reduce_f32.argtypes
-        library.gradflow_squares_f32.restype = None
+        for name in CALL_KERNELS:
+            function = getattr(library, name)
+            function.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_void_p]
+            function.restype = None
         library.gradflow_params.argtypes = [ctypes.c_int, ctypes.c_long] + [ctypes.c_void_p] * 4
         library.gradflow_params.restype = None
         library.gradflow_source_digest.argtypes = []
@@ -250,26 +253,29 @@ def _reduce(library: ctypes.CDLL, x: torch.Tensor) -> list[float]:
     return out.tolist()
 
 
-def kernel(squares_only: bool = False, hold_gil: bool = False) -> ReduceInto | None:
+def kernel(
+    squares_only: bool = False, hold_gil: bool = False, dtype: torch.dtype = torch.float32
+) -> ReduceInto | None:
     """``reduce(address, n, out)``: the ``[sum, sum_sq, nonzero, nonfinite]`` columns of the
-    ``n`` float32 entries at ``address``, written as four doubles at ``out`` (only
-    ``sum_sq``, as one double, if ``squares_only``); ``None`` where the kernels are
-    unavailable. A raw call: the callers pass addresses they own. ``hold_gil``: the call
-    keeps the GIL (for small tensors: handing the GIL to a waiting writer thread and
+    ``n`` entries of ``dtype`` (float32 or bfloat16) at ``address``, written as four doubles
+    at ``out`` (only ``sum_sq``, as one double, if ``squares_only``); ``None`` where the
+    kernels are unavailable. A raw call: the callers pass addresses they own. ``hold_gil``:
+    the call keeps the GIL (for small tensors: handing the GIL to a waiting writer thread and
     taking it back cost ~8 us a call, more than the reduction)."""
     library = _library().library
     if library is None:
         return None
     if hold_gil:
         library = _holding_gil(library)
-    return library.gradflow_squares_f32 if squares_only else library.gradflow_reduce_f32
+    kind = "squares" if squares_only else "reduce"
+    return getattr(library, f"gradflow_{kind}_{KERNEL_DTYPES[dtype]}")
 
 
 @functools.cache
 def _holding_gil(library: ctypes.CDLL) -> ctypes.PyDLL:
     """The per-call kernels of the loaded ``library`` as functions that keep the GIL."""
     held = ctypes.PyDLL(library._name, handle=library._handle)
-    for name in ("gradflow_reduce_f32", "gradflow_squares_f32"):
+    for name in CALL_KERNELS:
         function = getattr(held, name)
         function.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_void_p]
         function.restype = None
@@ -412,16 +418,17 @@ def sum_of_squares(x: torch.Tensor) -> torch.Tensor:
 
 class HostReducer:
     """Writes :data:`~gradflow.kernels.CALL_COLUMNS` (or only ``sum_sq``, for
-    ``squares_only``) of CPU tensors into :class:`HostRows`: contiguous float32 tensors
-    through the one-pass C kernels (one call, no Python objects made), others through a
-    few torch operations each. Hooks call this hundreds of times per step, hence the lean
-    code."""
+    ``squares_only``) of CPU tensors into :class:`HostRows`: dense float32 and bfloat16
+    tensors through the one-pass C kernels (one call, no Python objects made), others
+    through a few torch operations each. Hooks call this hundreds of times per step, hence
+    the lean code."""
 
     def __init__(self, squares_only: bool = False, native: bool = True) -> None:
         self.squares_only = squares_only
         self.native = native
         self._kernel: ReduceInto | None = None
         self._held: ReduceInto | None = None  # the same kernel, keeping the GIL
+        self._bf16: tuple[ReduceInto | None, ReduceInto | None] = (None, None)  # the same pair
         self._resolved = False
         self._scratch = torch.empty(0)
         self._slices: dict[int, torch.Tensor] = {}
@@ -431,6 +438,10 @@ class HostReducer:
         if self.native:
             self._kernel = kernel(squares_only=self.squares_only)
             self._held = kernel(squares_only=self.squares_only, hold_gil=True)
+            self._bf16 = (
+                kernel(squares_only=self.squares_only, dtype=torch.bfloat16),
+                kernel(squares_only=self.squares_only, hold_gil=True, dtype=torch.bfloat16),
+            )
         self._resolved = True
         return self._kernel
 
@@ -438,12 +449,21 @@ class HostReducer:
         """Fill a new row of ``rows``."""
         i = rows.claim()
         reduce = self._kernel if self._resolved else self._resolve()
-        if reduce is not None and x.dtype is torch.float32 and (x.is_contiguous() or dense(x)):
+        dtype = x.dtype
+        if (
+            reduce is not None
+            and (dtype is torch.float32 or dtype is torch.bfloat16)
+            and (x.is_contiguous() or dense(x))
+        ):
+            held = self._held
+            if dtype is torch.bfloat16:
+                reduce, held = self._bf16
             n = x.numel()
             # Tensors this small take microseconds: the GIL stays; larger ones let the
             # writer thread run meanwhile.
-            if n < HOLD_GIL_BELOW and self._held is not None:
-                reduce = self._held
+            if n < HOLD_GIL_BELOW and held is not None:
+                reduce = held
+            assert reduce is not None  # loaded from one library with the float32 kernels
             reduce(x.data_ptr(), n, rows.address + rows.stride * i)
         elif self.squares_only:
             rows.array[i, 0] = float(sum_of_squares(x.detach()))

@@ -342,17 +342,26 @@ def test_host_rows_grow_past_their_capacity_and_keep_every_call(native: bool) ->
     assert log.calls["grad_output"].n == [x.numel() for x in xs]
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
 @pytest.mark.parametrize(
     "shape, layout",
-    [((3, 5, 7, 9), torch.channels_last), ((2, 3, 4, 5, 6), torch.channels_last_3d)],
-    ids=["channels_last", "channels_last_3d"],
+    [
+        ((3, 5, 7, 9), torch.channels_last),
+        ((2, 3, 4, 5, 6), torch.channels_last_3d),
+        ((5, 4001), torch.contiguous_format),  # past the bfloat16 kernel's 8192-entry runs
+    ],
+    ids=["channels_last", "channels_last_3d", "contiguous"],
 )
-def test_channels_last_tensors_are_reduced_in_place_by_the_kernels(
-    shape: tuple[int, ...], layout: torch.memory_format, monkeypatch: pytest.MonkeyPatch
+def test_dense_tensors_are_reduced_in_place_by_the_kernels(
+    shape: tuple[int, ...],
+    layout: torch.memory_format,
+    dtype: torch.dtype,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    # Convolutions on the CPU often give channels-last outputs and gradients: dense, but not
-    # contiguous. The call reductions do not depend on the order of the entries, so the
-    # kernels read them in place; the torch operations (3-30x slower) must not run.
+    # Convolutions on the CPU often give channels-last outputs and gradients (dense, not
+    # contiguous), and CPU autocast bfloat16 ones. The call reductions do not depend on the
+    # order of the entries, so the kernels read them in place; the torch operations (3-30x
+    # slower) must not run.
     if cpu.kernel() is None:
         pytest.skip("no C compiler here: the native kernel is unavailable")
 
@@ -362,9 +371,9 @@ def test_channels_last_tensors_are_reduced_in_place_by_the_kernels(
     monkeypatch.setattr(cpu.HostReducer, "torch_reductions", refused)
     monkeypatch.setattr(cpu, "sum_of_squares", refused)
     gen = torch.Generator().manual_seed(5)
-    x = torch.randn(shape, generator=gen).contiguous(memory_format=layout)
-    x[0, 1, 1] = 0.0
-    assert not x.is_contiguous()
+    x = torch.randn(shape, generator=gen).to(dtype).contiguous(memory_format=layout)
+    x[0, 1] = 0.0
+    assert x.is_contiguous() == (layout == torch.contiguous_format)
     probe, gprobe, log = ActivationProbe(), GradOutputProbe(), CallLog()
     probe.reduce(x, log, 0)
     grad_output_hook(gprobe, lambda: log, 0)(3 * x)
@@ -372,7 +381,7 @@ def test_channels_last_tensors_are_reduced_in_place_by_the_kernels(
     v = x.double().numpy()
     np.testing.assert_allclose(act[:2], [v.sum(), (v * v).sum()], rtol=1e-6)
     assert act[2] == np.count_nonzero(v) and act[3] == 0
-    np.testing.assert_allclose(gout, [(9 * v * v).sum()], rtol=1e-6)
+    np.testing.assert_allclose(gout, [(3 * x).double().square().sum().item()], rtol=1e-6)
 
 
 def test_recorded_statistics_agree_with_and_without_the_native_kernel(
