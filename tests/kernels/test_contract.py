@@ -30,7 +30,7 @@ from torch import nn
 from gradflow.kernels import CALL_COLUMNS, DELTA_COLUMNS, reference
 from gradflow.kernels import cpu as native
 from gradflow.kernels import triton as fused
-from gradflow.kernels.cpu import ParamKernels, _holding_gil
+from gradflow.kernels.cpu import KERNEL_DTYPES, ParamKernels, _holding_gil
 from gradflow.kernels.device import DeviceRows, reduce_into
 from gradflow.probes import ActivationProbe, CallLog, GradOutputProbe, Snapshot
 from gradflow.probes.grad_output import grad_output_hook
@@ -86,6 +86,20 @@ INPUTS: dict[str, Callable[[], torch.Tensor]] = {
     "fp16": lambda: (randn(999, 8) * 300).half(),
     # A sum of squares beyond float16's largest value (65504)
     "fp16-3d": lambda: (torch.randn(4, 64, 32, generator=generator(5)) * 30).half(),
+    # bfloat16 (CPU autocast): over several of the kernel's 8192-entry runs, far from zero,
+    # non-finite entries beyond the first run
+    "bf16": lambda: (randn(20_001, 30) * 50).bfloat16(),
+    "bf16-mean-1e3-std": lambda: (randn(17_000, 31) + 1000).bfloat16(),
+    "bf16-nan-inf": lambda: with_values(randn(9001, 32), {8193: NAN, 2: -INF}).bfloat16(),
+    # channels-last (CPU convolutions): dense, not contiguous
+    "channels-last": lambda: (torch.randn(3, 16, 20, 20, generator=generator(6)) + 2).contiguous(
+        memory_format=torch.channels_last
+    ),
+    "channels-last-bf16": lambda: (
+        torch.randn(2, 8, 4, 4, 4, generator=generator(7))
+        .bfloat16()
+        .contiguous(memory_format=torch.channels_last_3d)
+    ),
     "strided": lambda: randn(33 * 65, 9).view(33, 65).t(),
     "transposed-3d": lambda: torch.randn(16, 12, 10, generator=generator(5)).transpose(0, 2),
 }
@@ -152,11 +166,14 @@ def library(backend: str, libraries: dict[str, ctypes.CDLL | str]) -> ctypes.CDL
 def use_kernels(monkeypatch: pytest.MonkeyPatch, lib: ctypes.CDLL | None) -> None:
     """Make the probes use ``lib`` (``None``: torch operations)."""
 
-    def kernel(squares_only: bool = False, hold_gil: bool = False) -> Callable[..., None] | None:
+    def kernel(
+        squares_only: bool = False, hold_gil: bool = False, dtype: torch.dtype = torch.float32
+    ) -> Callable[..., None] | None:
         if lib is None:
             return None
         held = _holding_gil(lib) if hold_gil else lib
-        return held.gradflow_squares_f32 if squares_only else held.gradflow_reduce_f32
+        kind = "squares" if squares_only else "reduce"
+        return getattr(held, f"gradflow_{kind}_{KERNEL_DTYPES[dtype]}")  # type: ignore[no-any-return]
 
     monkeypatch.setattr("gradflow.kernels.cpu.kernel", kernel)
     monkeypatch.setattr(
