@@ -1,4 +1,5 @@
-/* One-pass reductions of float32 tensors for gradflow's CPU probes.
+/* One-pass reductions of float32 tensors (and bfloat16 ones per layer call) for gradflow's
+   CPU probes.
 
    A plain shared library, loaded with ctypes by gradflow/kernels/cpu.py: built at install time
    as an optional setuptools extension (setup.py), else once into a per-user cache.

@@ -1,4 +1,5 @@
-"""CPU reductions: one-pass C kernels for float32 tensors (``_cpu.c``), torch otherwise.
+"""CPU reductions: one-pass C kernels for dense float32 tensors, and bfloat16 layer outputs
+and output gradients (``_cpu.c``), torch otherwise.
 
 On the CPU, recording activations and output gradients is bound by passes over memory
 and by per-operation dispatch: sum, sum of squares and zero count take four torch
