@@ -5,7 +5,7 @@ and repeated, the reductions a recorded step makes on the CPU, timed as the best
 ``--repeat`` rounds (robust on a busy machine):
 
 - layer outputs ``[sum, sum of squares, zeros, non-finite]`` and output-gradient sums of
-  squares, through :class:`gradflow.probes.HostReducer` with the kernels and without;
+  squares, through :class:`gradflow.kernels.host.HostReducer` with the kernels and without;
 - parameter statistics (gradients, weights with their snapshot copy, update), through
   :class:`gradflow.probes.Snapshot` with the kernels and with its torch path.
 
@@ -24,7 +24,7 @@ from harness.timing import interleaved_best
 
 from gradflow.em.models import create_model
 from gradflow.kernels import cpu as native
-from gradflow.kernels.cpu import HostReducer, HostRows
+from gradflow.kernels.host import HostReducer, HostRows
 from gradflow.probes import Snapshot
 
 

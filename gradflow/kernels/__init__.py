@@ -13,9 +13,11 @@ The probes never compute a statistic on the device, only these reductions (float
   maximum comes last: every other column is a sum.
 
 Backends: :mod:`~gradflow.kernels.reference` (plain float64 torch on any device: the oracle
-the contract test holds every other backend to), :mod:`~gradflow.kernels.cpu` (C kernels,
-torch on the host where they are missing), :mod:`~gradflow.kernels.device` (torch on
-accelerators; parameter reductions replayed as CUDA graphs on CUDA) and
+the contract test holds every other backend to), :mod:`~gradflow.kernels.cpu` (the C
+kernels: built, loaded, and the parameter passes) with :mod:`~gradflow.kernels.host`
+(per-call reductions on the host: the C kernels, torch where they are missing),
+:mod:`~gradflow.kernels.device` (torch on accelerators; parameter reductions replayed as
+CUDA graphs on CUDA) and
 :mod:`~gradflow.kernels.triton` (one fused kernel per layer output on CUDA, opt-in).
 """
 

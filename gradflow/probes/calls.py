@@ -14,8 +14,8 @@ import torch
 from gradflow.errors import GradflowError
 from gradflow.kernels import CALL_COLUMNS
 from gradflow.kernels import device as device_kernels
-from gradflow.kernels.cpu import HostReducer, HostRows
 from gradflow.kernels.device import DeviceRows
+from gradflow.kernels.host import HostReducer, HostRows
 from gradflow.probes.base import Block, LayerMap, Probe
 
 

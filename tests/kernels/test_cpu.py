@@ -1,6 +1,6 @@
 """How the C kernels are delivered (the install-time extension, the per-user cached build,
 torch operations with one warning, ``GRADFLOW_NATIVE``), the kernels' own edge cases
-(:class:`~gradflow.kernels.cpu.ParamKernels`, :class:`~gradflow.kernels.cpu.HostRows`), and
+(:class:`~gradflow.kernels.cpu.ParamKernels`, :class:`~gradflow.kernels.host.HostRows`), and
 recorded statistics with and without them. Their numbers against the float64 oracle:
 tests/kernels/test_contract.py.
 """
@@ -27,7 +27,7 @@ from torch import nn
 
 from gradflow.cli.main import main
 from gradflow.errors import GradflowWarning
-from gradflow.kernels import cpu
+from gradflow.kernels import cpu, host
 from gradflow.probes import ActivationProbe, CallLog, GradOutputProbe
 from gradflow.probes.grad_output import grad_output_hook
 from gradflow.recorder import Recorder
@@ -322,8 +322,8 @@ def test_host_rows_grow_past_their_capacity_and_keep_every_call(native: bool) ->
     if native and cpu.kernel() is None:
         pytest.skip("no C compiler here: the native kernel is unavailable")
     probe, gprobe, log = ActivationProbe(), GradOutputProbe(), CallLog()
-    probe.host = cpu.HostReducer(native=native)
-    gprobe.host = cpu.HostReducer(squares_only=True, native=native)
+    probe.host = host.HostReducer(native=native)
+    gprobe.host = host.HostReducer(squares_only=True, native=native)
     gen = torch.Generator().manual_seed(3)
     xs = [torch.randn(1 + 37 * i, generator=gen) for i in range(150)]
     hooks = [grad_output_hook(gprobe, lambda: log, i) for i in range(150)]
@@ -368,8 +368,8 @@ def test_dense_tensors_are_reduced_in_place_by_the_kernels(
     def refused(*args: object) -> None:
         raise AssertionError("reduced by torch operations")
 
-    monkeypatch.setattr(cpu.HostReducer, "torch_reductions", refused)
-    monkeypatch.setattr(cpu, "sum_of_squares", refused)
+    monkeypatch.setattr(host.HostReducer, "torch_reductions", refused)
+    monkeypatch.setattr(host, "sum_of_squares", refused)
     gen = torch.Generator().manual_seed(5)
     x = torch.randn(shape, generator=gen).to(dtype).contiguous(memory_format=layout)
     x[0, 1] = 0.0
