@@ -12,6 +12,7 @@ from runfiles import write_slices
 from sweeps import write_ablation
 
 from gradflow.em.data import load_dataset
+from gradflow.kernels import prehook
 
 
 @pytest.fixture(scope="module")
@@ -26,10 +27,13 @@ def one_thread() -> Iterator[None]:
 
 @pytest.fixture(scope="session", autouse=True)
 def private_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
-    """The synthetic-volume cache of every test (and of the processes it starts) in a
-    temporary folder, never the user's."""
+    """The cache of every test (and of the processes it starts: synthetic volumes, built
+    kernels and hooks) in a temporary folder, never the user's. The C++ output-gradient
+    hooks are built into it first, so that every recording takes the same path from its
+    first step (a build in the background would switch paths at some step)."""
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("GRADFLOW_CACHE_DIR", str(tmp_path_factory.mktemp("gradflow-cache")))
+        prehook.squares_sink(wait=True)
         yield
 
 

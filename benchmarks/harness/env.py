@@ -69,6 +69,12 @@ def environment(device: str = "cpu") -> dict[str, Any]:
         env["loadavg_1m"] = round(load[0], 2)
     except OSError:
         pass
+    if device.startswith("cpu"):
+        from gradflow.kernels import prehook
+
+        # Built (or loaded) before any timing: a build in the background takes a core.
+        built = prehook.squares_sink(wait=True) is not None
+        env["grad_output_hooks"] = "c++" if built else f"python ({prehook.why_not()})"
     if device.startswith("cuda") and torch.cuda.is_available():
         props = torch.cuda.get_device_properties(torch.device(device))
         env["gpu"] = props.name
@@ -85,6 +91,8 @@ def print_header(title: str, env: dict[str, Any]) -> None:
     if "gpu" in env:
         print(f"gpu     {env['gpu']} ({env['gpu_memory_gb']} GB), CUDA {env['cuda']}")
     print(f"torch   {env['torch']}   python {env['python']}   git {env['git_commit']}")
+    if "grad_output_hooks" in env:
+        print(f"hooks   output gradients reduced by {env['grad_output_hooks']} pre-hooks")
     print()
 
 

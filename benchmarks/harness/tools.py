@@ -238,6 +238,10 @@ def torch_kernels() -> Iterator[None]:
     from unittest import mock
 
     from gradflow.kernels import cpu as native
+    from gradflow.kernels import prehook
 
-    with mock.patch.object(native, "_library", lambda: native._Loaded(None, "torch")):
+    with (
+        mock.patch.object(native, "_library", lambda: native._Loaded(None, "torch")),
+        mock.patch.object(prehook, "squares_sink", lambda wait=False: None),
+    ):
         yield

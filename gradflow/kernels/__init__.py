@@ -19,6 +19,9 @@ kernels: built, loaded, and the parameter passes) with :mod:`~gradflow.kernels.h
 :mod:`~gradflow.kernels.device` (torch on accelerators; parameter reductions replayed as
 CUDA graphs on CUDA) and
 :mod:`~gradflow.kernels.triton` (one fused kernel per layer output on CUDA, opt-in).
+:mod:`~gradflow.kernels.prehook` reduces output gradients on the CPU inside C++ autograd
+pre-hooks, with the C kernels; :mod:`~gradflow.kernels.cached_build` compiles both native
+libraries into the per-user cache.
 """
 
 from __future__ import annotations

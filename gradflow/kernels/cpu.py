@@ -25,13 +25,8 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
 import importlib.machinery
 import os
-import platform
-import shlex
-import shutil
-import subprocess
 import tempfile
 import warnings
 from collections.abc import Callable, Sequence
@@ -44,10 +39,10 @@ import torch
 from gradflow.errors import GradflowWarning
 from gradflow.kernels import DELTA_COLUMNS
 from gradflow.kernels._cbuild import CFLAGS, SHARED, SOURCE, digest_macro, source_digest
-from gradflow.usercache import cache_dir, open_library, unsafe_folder
+from gradflow.kernels.cached_build import Failed, Refused, build, compiler
+from gradflow.usercache import cache_dir, open_library
 
 HERE = Path(__file__).parent
-COMPILE_TIMEOUT_S = 120
 # What the torch fallback costs per recorded step, measured on a 2-core x86-64 machine
 # (README, "How it stays cheap").
 FALLBACK_COST = (
@@ -75,88 +70,22 @@ def extension_path() -> Path | None:
     return None
 
 
-def cache_key(source: bytes, command: Sequence[str]) -> str:
-    """The cached library's key: any change of source, compiler, flags or machine type
-    gives another file."""
-    digest = hashlib.sha256(source)
-    for part in (*command, platform.machine()):
-        digest.update(b"\0" + part.encode())
-    return digest.hexdigest()[:24]
-
-
-class _Refused(Exception):
-    """This folder cannot hold the kernels; a private one can."""
-
-
-class _Failed(Exception):
-    """No folder can: no compiler, no source, or the compiler fails."""
-
-
 def _build(folder: Path, flags: Sequence[str]) -> Path:
     """The library in ``folder``, compiled first if missing (see :func:`build_cached`)."""
-    named = os.environ.get("CC") or "cc"
-    try:
-        compiler = shlex.split(named)
-    except ValueError:
-        compiler = []
-    found = shutil.which(compiler[0]) if compiler else None
-    if found is None:
-        raise _Failed(f"no C compiler: {named} not found")
+    command = compiler("CC", "cc", "C")
     source = HERE / SOURCE
     if not source.is_file():
-        raise _Failed(f"{source} is missing (reinstall gradflow)")
+        raise Failed(f"{source} is missing (reinstall gradflow)")
     macro = "-D{}={}".format(*digest_macro(source))
-    command = [found, *compiler[1:], *CFLAGS, *SHARED, macro, *flags]
-    target = folder / f"kernels-{cache_key(source.read_bytes(), command)}.so"
-    try:
-        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
-    except OSError as err:
-        raise _Refused(f"cannot use the cache directory {folder}: {err.strerror or err}") from None
-    unsafe = unsafe_folder(folder)
-    if unsafe:
-        raise _Refused(unsafe)
-    if os.path.lexists(target):
-        return target  # load() checks what it is
-    try:
-        fd, partial = tempfile.mkstemp(dir=folder, prefix=".build-", suffix=".so")
-        os.close(fd)
-    except OSError as err:
-        raise _Refused(f"cannot use the cache directory {folder}: {err.strerror or err}") from None
-    try:
-        subprocess.run(
-            [*command, str(source), "-o", partial],
-            check=True,
-            capture_output=True,
-            stdin=subprocess.DEVNULL,
-            cwd=folder,
-            timeout=COMPILE_TIMEOUT_S,
-            start_new_session=True,
-        )
-        os.replace(partial, target)
-    except subprocess.CalledProcessError as err:
-        last = (err.stderr or b"").decode(errors="replace").strip().splitlines()[-1:]
-        raise _Failed(
-            f"{found} failed: {last[0] if last else f'status {err.returncode}'}"
-        ) from None
-    except subprocess.TimeoutExpired:
-        raise _Failed(f"{found} took more than {COMPILE_TIMEOUT_S} s") from None
-    except OSError as err:
-        raise _Failed(f"{found} could not run: {err.strerror or err}") from None
-    finally:
-        if os.path.exists(partial):
-            os.unlink(partial)
-    return target
+    return build(folder, [*command, *CFLAGS, *SHARED, macro, *flags], source, "kernels")
 
 
 def build_cached(folder: Path, flags: Sequence[str] = ()) -> tuple[Path | None, str]:
     """The cached library in ``folder``, compiled first if missing; ``(None, why)`` where
-    that fails or ``folder`` is not safe (:func:`unsafe_folder`). The compiler runs in
-    its own process group, without input and with a timeout, into a temporary file that is
-    renamed into place: processes building at once each leave a complete library, and
-    none ever loads a partial one."""
+    that fails or ``folder`` is not safe (see :func:`gradflow.kernels.cached_build.build`)."""
     try:
         return _build(folder, flags), ""
-    except (_Refused, _Failed) as err:
+    except (Refused, Failed) as err:
         return None, str(err)
 
 
@@ -199,9 +128,9 @@ def cached_kernels(folder: Path, flags: Sequence[str] = ()) -> tuple[_Loaded, st
         if library is not None:
             return _Loaded(library, "c-cached"), ""
         why = f"{path} is not a library only you can write, does not load or gives wrong numbers"
-    except _Refused as err:
+    except Refused as err:
         why = str(err)
-    except _Failed as err:
+    except Failed as err:
         return _Loaded(None, "torch"), str(err)
     with tempfile.TemporaryDirectory(prefix="gradflow-build-") as private:
         built, failed = build_cached(Path(private), flags)

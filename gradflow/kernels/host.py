@@ -38,6 +38,17 @@ class HostRows:
         self.n = n + 1
         return n
 
+    def extend(self, values: np.ndarray) -> None:
+        """Append ``values`` (``[rows x width]``) as new rows."""
+        n = self.n + len(values)
+        if n > len(self.array):
+            grown = np.empty((max(n, 2 * len(self.array)), self.width))
+            grown[: self.n] = self.array[: self.n]
+            self.array = grown
+            self.address = grown.ctypes.data
+        self.array[self.n : n] = values
+        self.n = n
+
     @property
     def rows(self) -> np.ndarray:
         return self.array[: self.n]

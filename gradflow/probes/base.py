@@ -120,6 +120,10 @@ class Probe:
     def new_row(self) -> None:
         """The layer calls logged so far belong to a closed row."""
 
+    def collect(self, log: CallLog) -> None:
+        """Move the calls measured outside Python since the last collect (by native hooks)
+        into ``log``, which the recorder is about to retire."""
+
     # -- on the host (the writer thread) --------------------------------------------------------
     @classmethod
     def unpack(

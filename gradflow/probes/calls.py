@@ -18,6 +18,8 @@ from gradflow.kernels.device import DeviceRows
 from gradflow.kernels.host import HostReducer, HostRows
 from gradflow.probes.base import Block, LayerMap, Probe
 
+_HOST = torch.empty(0)  # stands for any CPU tensor in rows_for
+
 
 class CallRows:
     """One call probe's rows in one log: the layer of each call, its size, its columns."""
@@ -58,6 +60,19 @@ class CallLog:
             )
         return rows
 
+    def extend(
+        self, probe: CallProbe, values: np.ndarray, layer_ids: list[int], sizes: list[int]
+    ) -> None:
+        """Append calls of CPU tensors measured elsewhere (``values``: float64 ``[calls x
+        columns]``) to ``probe``'s rows."""
+        if not layer_ids:
+            return
+        calls = self.rows_for(probe, _HOST)
+        assert isinstance(calls.rows, HostRows)
+        calls.rows.extend(values)
+        calls.ids += layer_ids
+        calls.n += sizes
+
     def blocks(self, order: Sequence[str]) -> dict[str, Block]:
         """Each logged probe's block, in ``order`` (that of :meth:`tensors`)."""
         out = {}
@@ -75,17 +90,23 @@ class CallLog:
         return [self.calls[name].tensor() for name in order if name in self.calls]
 
     def all_reduce(self, world_size: int, order: Sequence[str], group: Any = None) -> CallLog:
-        """The same calls with reductions summed over all ranks (identical call patterns)."""
+        """The same calls with reductions summed over all ranks (identical calls on every
+        rank, which may have logged them in another order: each probe's calls are put in
+        the order of their layers, a layer's calls in the order they came)."""
         import torch.distributed as dist
 
         out = CallLog(hook_s=self.hook_s)
+        parts = []
         for name in order:
             rows = self.calls.get(name)
             if rows is not None:
                 summed = out.calls[name] = CallRows(rows.rows)
-                summed.ids = rows.ids
-                summed.n = [n * world_size for n in rows.n]
-        parts = self.tensors(order)
+                by_layer = sorted(range(len(rows.ids)), key=rows.ids.__getitem__)
+                summed.ids = [rows.ids[i] for i in by_layer]
+                summed.n = [rows.n[i] * world_size for i in by_layer]
+                flat = rows.tensor()
+                index = torch.tensor(by_layer, device=flat.device)
+                parts.append(flat.view(len(by_layer), -1)[index].reshape(-1))
         if parts:  # one collective for everything, in float64 (exact for counts)
             out.reduced = torch.cat(parts)
             dist.all_reduce(out.reduced, group=group)

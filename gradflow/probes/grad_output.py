@@ -10,15 +10,19 @@ import numpy as np
 import torch
 
 from gradflow.eager import eager
+from gradflow.kernels import prehook
+from gradflow.kernels.prehook import SquaresSink
 from gradflow.probes.base import Attachment, Check, register
 from gradflow.probes.calls import CallLog, CallProbe
 
 
 @register
 class GradOutputProbe(CallProbe):
-    """Sum of squares of dL/d(output) of each layer call, by a tensor hook on the output;
-    with a GradScaler, that of the unscaled loss. Under reentrant activation checkpointing
-    the output gradient flows through the call recomputed in backward: measured there."""
+    """Sum of squares of dL/d(output) of each layer call, by a pre-hook on the node that
+    made the output (in C++ on the CPU where :mod:`gradflow.kernels.prehook` is built, else
+    in Python), a tensor hook on a leaf; with a GradScaler, that of the unscaled loss.
+    Under reentrant activation checkpointing the output gradient flows through the call
+    recomputed in backward: measured there."""
 
     name = "grad_output"
     columns = ("sum_sq",)
@@ -29,6 +33,8 @@ class GradOutputProbe(CallProbe):
         self._current: Callable[[], CallLog] | None = None
         self._hooks: dict[tuple[int, int], Callable[..., None]] = {}
         self._no_grad_calls: dict[int, int] = {}
+        self._sink: SquaresSink | None = None  # the C++ hooks' rows, once built
+        self._native = True  # C++ hooks built, being built, or not asked for yet
 
     def attach(self, attachment: Attachment) -> None:
         assert attachment.current_log is not None, "the grad_output probe needs the call log"
@@ -39,6 +45,9 @@ class GradOutputProbe(CallProbe):
         self._current = None
         self._hooks = {}
         self._no_grad_calls = {}
+        if self._sink is not None:
+            self._sink.close()
+        self._sink, self._native = None, True
 
     def on_output(self, out: torch.Tensor, log: CallLog, layer_id: int, forward: bool) -> None:
         if forward:
@@ -55,7 +64,16 @@ class GradOutputProbe(CallProbe):
     def _watch(self, out: torch.Tensor, layer_id: int) -> None:
         """Reduce the gradient w.r.t. ``out`` when backward reaches it: by a pre-hook on the
         node that made ``out`` (half the cost of a tensor hook, the same gradient: the node's
-        gradient for that output, accumulated over every use of it), a tensor hook on a leaf."""
+        gradient for that output, accumulated over every use of it), a tensor hook on a leaf.
+        On the CPU the pre-hook is the C++ one where it is built (not under compiled
+        autograd, which takes only Python hooks)."""
+        if self._native and out.is_cpu and not prehook.compiled_autograd():
+            sink = self._sink
+            if sink is None:
+                sink = self._sink = prehook.squares_sink()
+                self._native = sink is not None or prehook.building()
+            if sink is not None and sink.watch(out, layer_id) == 1:
+                return
         node = out.grad_fn
         key = (layer_id, -1 if node is None else out.output_nr)
         hook = self._hooks.get(key)
@@ -69,6 +87,12 @@ class GradOutputProbe(CallProbe):
 
     def new_row(self) -> None:
         self._no_grad_calls = {}
+
+    def collect(self, log: CallLog) -> None:
+        if self._sink is not None:
+            sums, layers, sizes, seconds = self._sink.take()
+            log.extend(self, sums[:, None], layers.tolist(), sizes.tolist())
+            log.hook_s += seconds
 
     @classmethod
     def nonfinite(cls, reductions: Mapping[str, np.ndarray]) -> list[Check]:

@@ -48,10 +48,18 @@ class MeasureMixin(RecorderBase):
             self._stats_s += time.perf_counter() - t0
         self._rows.skipped |= skipped
         if self._active:
-            self._row_logs.append(self._log)
-            self._log = CallLog()
+            self._row_logs.append(self._retire_log())
         if self._rows.complete(len(self._optimizers)):
             self._close_step()
+
+    def _retire_log(self) -> CallLog:
+        """The call log being written, with the calls native hooks measured since the last
+        retired one (:meth:`Probe.collect`); a new log takes its place."""
+        log = self._log
+        for probe in self._call_probes:
+            probe.collect(log)
+        self._log = CallLog()
+        return log
 
     def _end_row(self) -> None:
         """Close a row some optimizers have not stepped in, then hand over any closed row."""
@@ -64,7 +72,7 @@ class MeasureMixin(RecorderBase):
         optimizer step stay for the next row; ``split``: see :meth:`RowState.close`)."""
         row = None
         if self._active:
-            logs = self._row_logs if carry else [*self._row_logs, self._log]
+            logs = self._row_logs if carry else [*self._row_logs, self._retire_log()]
             log = CallLog.merged(logs, self.probes)
             if (
                 self._layer_handles

@@ -27,7 +27,7 @@ from torch import nn
 
 from gradflow.cli.main import main
 from gradflow.errors import GradflowWarning
-from gradflow.kernels import cpu, host
+from gradflow.kernels import cached_build, cpu, host
 from gradflow.probes import ActivationProbe, CallLog, GradOutputProbe
 from gradflow.probes.grad_output import grad_output_hook
 from gradflow.recorder import Recorder
@@ -121,11 +121,11 @@ def test_cache_key_follows_source_compiler_and_flags(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     command = ["/usr/bin/cc", "-O3"]
-    key = cpu.cache_key(b"int x;", command)
-    assert key == cpu.cache_key(b"int x;", list(command))
-    assert key != cpu.cache_key(b"int y;", command)
-    assert key != cpu.cache_key(b"int x;", [*command, "-DGRADFLOW_PORTABLE"])
-    assert key != cpu.cache_key(b"int x;", ["/opt/cc", "-O3"])
+    key = cached_build.cache_key(b"int x;", command)
+    assert key == cached_build.cache_key(b"int x;", list(command))
+    assert key != cached_build.cache_key(b"int y;", command)
+    assert key != cached_build.cache_key(b"int x;", [*command, "-DGRADFLOW_PORTABLE"])
+    assert key != cached_build.cache_key(b"int x;", ["/opt/cc", "-O3"])
     cache = tmp_path / "cache"
     first, _ = cpu.build_cached(cache, PORTABLE)
     # An edited source (here: one comment more) is built anew, under another name.
