@@ -236,6 +236,13 @@ VARIANTS = {
         recorder_variant(
             "all-torch", "gradflow all probes, C kernels off", 1, DEFAULT_PROBES, False
         ),
+        recorder_variant(
+            "all-python-hooks",
+            "gradflow all probes, output gradients by Python hooks",
+            1,
+            DEFAULT_PROBES,
+            python_hooks=True,
+        ),
         Variant("wandb", 'wandb.watch(log="all", log_freq=1), offline', WandbWatch),
         Variant("tensorboard", "TensorBoard add_histogram, weights + grads", TensorBoardHistograms),
         Variant("cockpit", "Cockpit GradNorm+UpdateSize+Distance+Loss", CockpitQuantities),

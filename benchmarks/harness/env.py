@@ -69,9 +69,11 @@ def environment(device: str = "cpu") -> dict[str, Any]:
         env["loadavg_1m"] = round(load[0], 2)
     except OSError:
         pass
-    if device.startswith("cpu"):
+    try:  # gradflow versions before the C++ hooks (PYTHONPATH, compare.py) have none
         from gradflow.kernels import prehook
-
+    except ImportError:
+        prehook = None  # type: ignore[assignment]
+    if device.startswith("cpu") and prehook is not None:
         # Built (or loaded) before any timing: a build in the background takes a core.
         built = prehook.squares_sink(wait=True) is not None
         env["grad_output_hooks"] = "c++" if built else f"python ({prehook.why_not()})"

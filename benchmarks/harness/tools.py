@@ -112,7 +112,8 @@ def interleaved(rigs: int) -> Iterator[None]:
 
 class GradflowTool(Tool):
     """The gradflow Recorder, used as documented: ``rec.log(loss=loss)`` after each step.
-    ``native=False``: its CPU statistics by torch operations, as with ``GRADFLOW_NATIVE=0``."""
+    ``native=False``: its CPU statistics by torch operations, as with ``GRADFLOW_NATIVE=0``;
+    ``python_hooks``: the C kernels, but output gradients read by Python pre-hooks."""
 
     def __init__(
         self,
@@ -122,6 +123,7 @@ class GradflowTool(Tool):
         every: int | None = 1,
         probes: Sequence[str] = ("param",),
         native: bool = True,
+        python_hooks: bool = False,
         **options: Any,
     ) -> None:
         super().__init__(trainer)
@@ -131,7 +133,12 @@ class GradflowTool(Tool):
         if "flush_seconds" not in options:
             default = inspect.signature(Recorder).parameters["flush_seconds"].default
             options["flush_seconds"] = default * _SHARE["rigs"]
-        with contextlib.nullcontext() if native else torch_kernels():
+        picking: contextlib.AbstractContextManager[None] = contextlib.nullcontext()
+        if not native:
+            picking = torch_kernels()
+        elif python_hooks:
+            picking = without_cxx_hooks()
+        with picking:
             self.recorder = Recorder(
                 trainer.model,
                 trainer.optimizer,
@@ -141,7 +148,7 @@ class GradflowTool(Tool):
                 overwrite=True,
                 **options,
             )
-            if not native:
+            if not native or python_hooks:
                 trainer.step(self)  # the statistics pick their kernels at the first step
 
     def after_step(self, loss: torch.Tensor) -> None:
@@ -209,9 +216,11 @@ def recorder_variant(
     probes: Sequence[str],
     native: bool = True,
     budget: float | None = None,
+    python_hooks: bool = False,
 ) -> Variant:
     """A variant recording with gradflow into ``<folder>/<name>.h5`` (every ``every``-th
-    step, or under an overhead ``budget``, timed against the rig's :class:`OwnClock`)."""
+    step, or under an overhead ``budget``, timed against the rig's :class:`OwnClock`;
+    ``native`` and ``python_hooks`` as for :class:`GradflowTool`)."""
 
     def build(trainer: Stepper, folder: Path) -> Tool:
         from gradflow.budget import BudgetSchedule
@@ -222,7 +231,7 @@ def recorder_variant(
             options = {"budget": BudgetSchedule(budget, clock=clock)}
         tool = GradflowTool(
             trainer, folder / f"{name}.h5", every=every, probes=probes, native=native,
-            **(options or {}),
+            python_hooks=python_hooks, **(options or {}),
         )  # fmt: skip
         tool.clock = clock
         return tool
@@ -238,10 +247,21 @@ def torch_kernels() -> Iterator[None]:
     from unittest import mock
 
     from gradflow.kernels import cpu as native
-    from gradflow.kernels import prehook
 
     with (
         mock.patch.object(native, "_library", lambda: native._Loaded(None, "torch")),
-        mock.patch.object(prehook, "squares_sink", lambda wait=False: None),
+        without_cxx_hooks(),
     ):
+        yield
+
+
+@contextlib.contextmanager
+def without_cxx_hooks() -> Iterator[None]:
+    """Recorders whose output-gradient probe picks its hooks inside this block use Python
+    pre-hooks (the C++ ones stand as unavailable inside it)."""
+    from unittest import mock
+
+    from gradflow.kernels import prehook
+
+    with mock.patch.object(prehook, "squares_sink", lambda wait=False: None):
         yield
