@@ -3,13 +3,14 @@ that made each layer output reduces the output gradient without the GIL and with
 Python call, into a :class:`SquaresSink` that the probe empties once per recorded step.
 
 The library is compiled against the installed torch (its headers, its libraries, its C++
-ABI), so it is never built at install time: the first CPU recording of a process starts
-building it in a background thread, into gradflow's per-user cache
-(:func:`gradflow.usercache.cache_dir`, under the checks of
-:mod:`gradflow.kernels.cached_build`), and records through Python hooks until it is ready;
-later processes load it from there. Where the cache is not safe, no C++ compiler or no
-Python headers are found, or the library disagrees with plain arithmetic, the Python hooks
-stay (the same numbers, ~25 us more per layer call). ``GRADFLOW_NATIVE=0`` chooses them.
+ABI), so it is never built at install time: the first CPU recording of a process loads it
+from gradflow's per-user cache (:func:`gradflow.usercache.cache_dir`, under the checks of
+:mod:`gradflow.kernels.cached_build`); where it is not there, a process that has recorded
+for :data:`BUILD_AFTER_S` seconds builds it there in a background thread, and records
+through Python hooks until it is loaded. Where the cache is not safe, no C++ compiler or
+no Python headers are found, or the library disagrees with plain arithmetic, the Python
+hooks stay (the same numbers; about 2 % of fig3b-long-9's step more, README "Benchmarks").
+``GRADFLOW_NATIVE=0`` chooses them.
 """
 
 from __future__ import annotations
@@ -86,7 +87,7 @@ class SquaresSink:
 
     def __init__(self, functions: ctypes.PyDLL) -> None:
         self._f = functions
-        self.watch_call = functions.gradflow_watch
+        self._watch = functions.gradflow_watch
         pointers = [_kernel_address(dtype) for dtype in (torch.float32, torch.bfloat16)]
         self._handle = functions.gradflow_sink_new(*pointers)
 
@@ -100,7 +101,7 @@ class SquaresSink:
         Returns:
             1 where hooked, 0 where ``tensor`` has no node (a leaf), -1 where torch refused.
         """
-        result: int = self.watch_call(tensor, self._handle, layer_id)
+        result: int = self._watch(tensor, self._handle, layer_id)
         return result
 
     def take(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
@@ -148,16 +149,22 @@ def load(path: Path) -> ctypes.PyDLL | None:
         return None
     sink = SquaresSink(functions)
     weights = torch.tensor([1.0, 2.0, 3.0])
-    for dtype in (torch.float32, torch.bfloat16, torch.float64):
-        x = torch.tensor([1.0, -2.0, 3.0], dtype=dtype, requires_grad=True)
-        y = x * 2
-        if sink.watch(y, 7) != 1 or sink.watch(x, 8) != 0:
+    # Loaded from inside a forward hook: its own graph, whatever the training's modes.
+    with torch.enable_grad(), torch.autocast("cpu", enabled=False):
+        try:
+            for dtype in (torch.float32, torch.bfloat16, torch.float64):
+                x = torch.tensor([1.0, -2.0, 3.0], dtype=dtype, requires_grad=True)
+                y = x * 2
+                if sink.watch(y, 7) != 1 or sink.watch(x, 8) != 0:
+                    return None
+                (y * weights.to(dtype)).sum().backward()
+                sums, layers, sizes, _ = sink.take()
+                if sums.tolist() != [14.0] or layers.tolist() != [7] or sizes.tolist() != [3]:
+                    return None
+        except RuntimeError:
             return None
-        (y * weights.to(dtype)).sum().backward()
-        sums, layers, sizes, _ = sink.take()
-        if sums.tolist() != [14.0] or layers.tolist() != [7] or sizes.tolist() != [3]:
-            return None
-    sink.close()
+        finally:
+            sink.close()
     return functions
 
 
@@ -187,7 +194,10 @@ class _Build:
         with self.lock:
             if self.asked is None:
                 self.asked = now
-                self._load_cached()
+                try:
+                    self._load_cached()
+                except Exception as err:  # never an error in the caller's training step
+                    self._finish(None, f"{type(err).__name__}: {err}")
             start = not (self.started or self.done.is_set()) and (
                 wait or now - self.asked >= BUILD_AFTER_S
             )

@@ -284,3 +284,11 @@ def test_the_build_starts_only_after_recording_a_while(
     build.ask()
     assert build.started and build.done.wait(10)
     assert built == [tmp_path / "empty"] and build.why == "x"
+
+
+def test_an_error_while_loading_leaves_the_python_hooks(monkeypatch: pytest.MonkeyPatch) -> None:
+    build = prehook._Build()
+    monkeypatch.setattr(build, "_load_cached", lambda: 1 / 0)
+    build.ask()  # inside a forward hook: never an error in the training step
+    assert build.done.is_set() and build.functions is None
+    assert build.why.startswith("ZeroDivisionError")
