@@ -1,7 +1,8 @@
-"""The folder of gradflow's per-user cache (built C kernels, synthetic EM volumes), and
-the checks that make loading code from it safe: a library is loaded only from a folder
-no other user can write to (:func:`unsafe_folder`), only if it is a regular file of this
-user that only they can write, checked on the open file (:func:`open_library`).
+"""The folder of gradflow's per-user cache (built C kernels and C++ hooks, synthetic EM
+volumes), and the checks that make loading code from it safe: a library is loaded only
+from a folder no other user can write to (:func:`unsafe_folder`), only if it is a regular
+file of this user that only they can write, checked on the open file
+(:func:`open_library`).
 """
 
 from __future__ import annotations
