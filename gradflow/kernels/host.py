@@ -33,8 +33,7 @@ class HostRows:
         """The index of a new row (to be filled by the caller)."""
         n = self.n
         if n == len(self.array):
-            self.array = np.concatenate([self.array, np.empty_like(self.array)])
-            self.address = self.array.ctypes.data
+            self._grow(n + 1)
         self.n = n + 1
         return n
 
@@ -42,12 +41,16 @@ class HostRows:
         """Append ``values`` (``[rows x width]``) as new rows."""
         n = self.n + len(values)
         if n > len(self.array):
-            grown = np.empty((max(n, 2 * len(self.array)), self.width))
-            grown[: self.n] = self.array[: self.n]
-            self.array = grown
-            self.address = grown.ctypes.data
+            self._grow(n)
         self.array[self.n : n] = values
         self.n = n
+
+    def _grow(self, rows: int) -> None:
+        """Room for at least ``rows`` rows, doubling the capacity at least."""
+        grown = np.empty((max(rows, 2 * len(self.array)), self.width))
+        grown[: self.n] = self.array[: self.n]
+        self.array = grown
+        self.address = grown.ctypes.data
 
     @property
     def rows(self) -> np.ndarray:

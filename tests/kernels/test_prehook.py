@@ -259,7 +259,7 @@ def test_gradflow_native_0_chooses_the_python_hooks(monkeypatch: pytest.MonkeyPa
 
 
 def test_a_built_library_is_loaded_at_the_first_call(sink: prehook.SquaresSink) -> None:
-    build = prehook._Build()  # the session's cache holds the library (conftest)
+    build = prehook._Build()  # the cache folder of every test holds it: conftest builds it first
     build.ask()
     assert build.done.is_set() and build.functions is not None and not build.started
 
